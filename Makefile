@@ -1,0 +1,34 @@
+# dynvit: `make demo` sets up and runs the embedded experiment; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint format demo clean
+
+install: $(STAMP)
+
+# uv installs the torch/timm stack in seconds and hard-links from its cache on re-creation.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(UV) || $(PY) -m pip install -q uv
+	$(UV) pip install -q --python $(PY) -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: install
+	$(PY) -m dynvit.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,65 @@
+"""Images per second in eval mode, measured the way papers report it."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dynvit.measure.flops import model_input_size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(
+    model: nn.Module,
+    batch_size: int = 64,
+    img_size: int | Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> float:
+    """Median images/s of ``repeats`` timed forward passes after ``warmup`` untimed ones.
+
+    The model runs in eval mode under ``torch.inference_mode``; half types run under autocast with
+    float32 weights, as mixed-precision users run it. CUDA work is synchronised before each clock
+    read. The model's mode and device are restored afterwards.
+
+    Args:
+        img_size: Input resolution; by default the model's own.
+        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+    """
+    device = torch.device(device)
+    size = model_input_size(model) if img_size is None else img_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    in_chans = getattr(model.patch_embed, "in_chans", None) or 3
+    was_training, old_device = model.training, next(model.parameters()).device
+    model.eval().to(device)
+    x = torch.randn(batch_size, in_chans, *size, device=device)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype in (torch.float16, torch.bfloat16)
+        else contextlib.nullcontext()
+    )
+    times = []
+    try:
+        with torch.inference_mode(), autocast:
+            for _ in range(warmup):
+                model(x)
+            _sync(device)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training).to(old_device)
+    return batch_size / statistics.median(times)

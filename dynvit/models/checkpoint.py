@@ -1,0 +1,123 @@
+"""Load the checkpoint files users have: released DynamicViT/DeiT/timm weights and our Lightning runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+# Lightning modules of this toolkit keep the network under these attribute names.
+_LIGHTNING_PREFIXES = ("student.", "model.")
+# Keys a teacher checkpoint lacks when it is loaded into a student: the fresh keep predictors.
+_PREDICTOR_PREFIX = "score_predictor."
+
+
+class LoadReport(NamedTuple):
+    """What :func:`load_checkpoint` did: keys left at their init, keys ignored, keys reset on purpose."""
+
+    missing: list[str]
+    unexpected: list[str]
+    reset: list[str]
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights in ``path`` (``.safetensors``, ``.pth``/``.pth.tar`` or Lightning ``.ckpt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints may pickle hyper-parameters (e.g. a config namespace); still local files.
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and "pytorch-lightning_version" in obj:
+        sd = obj["state_dict"]
+        prefix = max(_LIGHTNING_PREFIXES, key=lambda p: sum(k.startswith(p) for k in sd))
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatch(f"{path} holds no state dict (expected a dict of tensors or {{'model': ...}})")
+    # DataParallel/DDP wrappers prefix every key.
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False) -> LoadReport:
+    """Load weights from ``path`` into ``model``.
+
+    Reads released DynamicViT checkpoints, DeiT/timm checkpoints (``{"model": sd}`` or a plain state
+    dict, ``.pth``/``.pth.tar``/``.safetensors``) and Lightning ``.ckpt`` files of this toolkit. A
+    teacher checkpoint loads into a student: the keep predictors it lacks keep their fresh init.
+
+    Args:
+        strict: Raise :class:`CheckpointMismatch` listing missing/unexpected keys and shape clashes.
+            Otherwise load what fits and report the rest.
+        reset_head: Keep the model's own (fresh) classifier head when the checkpoint's has another
+            class count, e.g. to fine-tune on a new dataset. Without it, that clash is an error.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    reset = []
+    head_keys = [k for k in sd if k.startswith("head.") and k in own and sd[k].shape != own[k].shape]
+    if head_keys and reset_head:
+        reset = head_keys
+        sd = {k: v for k, v in sd.items() if k not in head_keys}
+    clashes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in sd and k not in reset]
+    unexpected = [k for k in sd if k not in own]
+    hard_missing = [k for k in missing if not k.startswith(_PREDICTOR_PREFIX)]
+    if clashes or (strict and (hard_missing or unexpected)):
+        problems = []
+        if clashes:
+            problems.append("shape clashes:\n  " + "\n  ".join(clashes))
+            if head_keys and not reset_head:
+                problems.append("the classifier head has another class count: pass reset_head=True for a new head")
+        if strict and hard_missing:
+            problems.append(f"missing keys ({len(hard_missing)}): {_short(hard_missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        raise CheckpointMismatch(f"checkpoint {path} does not fit {type(model).__name__}:\n" + "\n".join(problems))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return LoadReport(missing, unexpected, reset)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", … (+{len(keys) - n})" if len(keys) > n else "")

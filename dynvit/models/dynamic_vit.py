@@ -1,0 +1,245 @@
+"""DynamicViT: a timm ``VisionTransformer`` that learns to drop patch tokens (Rao et al., 2021).
+
+Training keeps every token and masks dropped ones inside attention (shapes fixed, decisions
+sampled with straight-through Gumbel-softmax). Evaluation ranks tokens by their keep score and
+gathers the top ``int(N * keep_ratio ** s)`` at stage ``s``, so later blocks really run on fewer
+tokens. The keep decision itself is made in :class:`~dynvit.models.predictor.KeepPredictor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from dynvit.models.masked_attention import make_block_maskable
+from dynvit.models.predictor import KeepPredictor
+
+
+class StudentOutput(NamedTuple):
+    """What a student returns in training mode.
+
+    Attributes:
+        logits: Class logits (B, num_classes).
+        tokens: Patch tokens after the final norm (B, N, C), for token distillation.
+        mask: Keep mask after the last stage (B, N), detached: which final tokens to distil.
+        decisions: Keep decisions of every stage, each (B, N), differentiable (for the ratio loss).
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    decisions: list[torch.Tensor]
+
+
+def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
+    """Patch tokens kept at each stage: ``int(N * keep_ratio ** s)``, relative to the original N.
+
+    The float expression is the reference one on purpose (``int`` truncates, ``ρ**s`` is a float
+    power), so released checkpoints see the token counts they were trained and reported with.
+    """
+    return [int(num_patches * keep_ratio ** (s + 1)) for s in range(num_stages)]
+
+
+def validate_pruning(keep_ratio: float, pruning_loc: Sequence[int], depth: int, num_patches: int) -> None:
+    """Raise ``ValueError`` naming the fix when a pruning setup cannot work on this backbone."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    locs = list(pruning_loc)
+    if not locs:
+        raise ValueError("pruning_loc is empty: give at least one block index, e.g. (3, 6, 9)")
+    if any(b <= a for a, b in zip(locs, locs[1:], strict=False)):
+        raise ValueError(f"pruning_loc must be strictly increasing, got {tuple(locs)}")
+    if locs[0] < 0 or locs[-1] >= depth:
+        raise ValueError(f"pruning_loc {tuple(locs)} must index blocks 0..{depth - 1} of this {depth}-block model")
+    counts = keep_counts(num_patches, keep_ratio, len(locs))
+    if counts[-1] < 1:
+        raise ValueError(
+            f"keep_ratio {keep_ratio} keeps {counts[-1]} of {num_patches} patch tokens at stage "
+            f"{len(locs)}: raise keep_ratio or use fewer pruning locations"
+        )
+
+
+def init_predictor(module: nn.Module) -> None:
+    """The ViT initialisation the reference applies to its predictors too."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Batched ``x[b, index[b]]`` for tokens x (B, N, C) and indices (B, K): one kernel, no loop."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class TokenPruning(nn.Module):
+    """The DynamicViT stage loop over ``self.blocks``, shared by every pruned backbone.
+
+    A host model sets ``blocks`` (blocks that accept ``keep=`` masks), ``num_prefix_tokens`` and
+    calls :meth:`init_pruning`; then :meth:`run_blocks` takes the embedded tokens through the blocks.
+    """
+
+    blocks: nn.Sequential
+    num_prefix_tokens: int
+    score_predictor: nn.ModuleList
+
+    def init_pruning(self, embed_dim: int, num_patches: int, keep_ratio: float, pruning_loc: Sequence[int]) -> None:
+        validate_pruning(keep_ratio, pruning_loc, len(self.blocks), num_patches)
+        self.num_patches = num_patches
+        self.pruning_loc = tuple(pruning_loc)
+        self._keep_ratio = float(keep_ratio)
+        self.score_predictor = nn.ModuleList([KeepPredictor(embed_dim) for _ in self.pruning_loc])
+        init_predictor(self.score_predictor)
+
+    @property
+    def keep_ratio(self) -> float:
+        """Base keep ratio ρ; stage s keeps ``int(N * ρ**s)`` tokens. Settable to evaluate another ρ."""
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        validate_pruning(value, self.pruning_loc, len(self.blocks), self.num_patches)
+        self._keep_ratio = float(value)
+
+    @property
+    def stage_keep_ratios(self) -> list[float]:
+        """Targets of the ratio loss: ρ, ρ², ρ³, …"""
+        return [self._keep_ratio ** (s + 1) for s in range(len(self.pruning_loc))]
+
+    @property
+    def stage_keep_counts(self) -> list[int]:
+        return keep_counts(self.num_patches, self._keep_ratio, len(self.pruning_loc))
+
+    def run_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Masked (training) or gathered (eval) pass through the blocks.
+
+        Returns the tokens and, per stage, the keep mask (B, N) in training or the kept original
+        patch indices (B, K_s) in eval.
+        """
+        return self._run_masked(x) if self.training else self._run_gathered(x)
+
+    def _run_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        B, p = x.shape[0], self.num_prefix_tokens
+        prefix = x.new_ones(B, p)
+        decision = x.new_ones(B, x.shape[1] - p)
+        keep, decisions, stage = None, [], 0
+        for i, block in enumerate(self.blocks):
+            if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
+                scores = self.score_predictor[stage](x[:, p:], decision.unsqueeze(-1))
+                # Hard 0/1 forward, soft gradient: the straight-through estimator of the paper.
+                decision = F.gumbel_softmax(scores, hard=True)[..., 0] * decision
+                decisions.append(decision)
+                keep = torch.cat([prefix, decision], dim=1)
+                stage += 1
+            x = block(x) if keep is None else block(x, keep=keep)
+        return x, decisions
+
+    def _run_gathered(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        B, p = x.shape[0], self.num_prefix_tokens
+        patch_index = torch.arange(x.shape[1] - p, device=x.device).expand(B, -1)
+        kept, stage = [], 0
+        for i, block in enumerate(self.blocks):
+            if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
+                patches = x[:, p:]
+                # After a gather every remaining token is kept, so the context is a plain mean.
+                scores = self.score_predictor[stage](patches, patches.new_ones(B, patches.shape[1], 1))
+                top = torch.topk(scores[..., 0], self.stage_keep_counts[stage], dim=1).indices
+                x = torch.cat([x[:, :p], gather_tokens(patches, top)], dim=1)
+                patch_index = torch.gather(patch_index, 1, top)
+                kept.append(patch_index)
+                stage += 1
+            x = block(x)
+        return x, kept
+
+    def kept_masks(self, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Turn per-stage kept indices into boolean masks (B, N) over the original patch grid."""
+        masks = []
+        for index in kept:
+            mask = torch.zeros(index.shape[0], self.num_patches, dtype=torch.bool, device=index.device)
+            masks.append(mask.scatter_(1, index, True))
+        return masks
+
+
+class DynamicViT(TokenPruning, VisionTransformer):
+    """A timm ``VisionTransformer`` with DynamicViT keep predictors before ``pruning_loc`` blocks.
+
+    Build one with :func:`dynvit.create_student` or convert an existing timm ViT (pretrained or not)
+    in place with :meth:`from_vit`. ``train()`` mode returns a :class:`StudentOutput`; ``eval()``
+    mode returns logits from the pruned forward.
+    """
+
+    @classmethod
+    def from_vit(
+        cls, vit: VisionTransformer, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9)
+    ) -> DynamicViT:
+        """Turn a timm ``VisionTransformer`` into a DynamicViT in place (weights kept) and return it."""
+        check_prunable(vit)
+        validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
+        for block in vit.blocks:
+            make_block_maskable(block)
+        vit.__class__ = cls
+        vit.init_pruning(vit.embed_dim, vit.patch_embed.num_patches, keep_ratio, pruning_loc)
+        return vit.to(vit.cls_token.device)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        expected = tuple(self.patch_embed.img_size)
+        if x.ndim != 4 or tuple(x.shape[-2:]) != expected:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} does not fit this model: it expects (B, "
+                f"{self.patch_embed.proj.in_channels}, {expected[0]}, {expected[1]}) images; resize the "
+                f"data or build the model with img_size={tuple(x.shape[-2:])}"
+            )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, class token and position embedding: the tokens the blocks see."""
+        self.check_input(x)
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm; in eval only the kept ones remain."""
+        x, _ = self.run_blocks(self.embed(x))
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> StudentOutput | torch.Tensor:
+        if not self.training:
+            return self.forward_head(self.forward_features(x))
+        x, decisions = self.run_blocks(self.embed(x))
+        x = self.norm(x)
+        return StudentOutput(
+            logits=self.forward_head(x),
+            tokens=x[:, self.num_prefix_tokens :],
+            mask=decisions[-1].detach(),
+            decisions=decisions,
+        )
+
+    @torch.no_grad()
+    def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits plus, per stage, the boolean keep mask (B, N) over the original patch grid."""
+        x, kept = self._run_gathered(self.embed(x))
+        return self.forward_head(self.norm(x)), self.kept_masks(kept)
+
+
+def check_prunable(model: nn.Module) -> None:
+    """Raise ``TypeError`` unless ``model`` is a timm ViT whose prediction comes from its class token."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"{type(model).__name__} is not a timm VisionTransformer; DynamicViT needs a ViT such as "
+            "deit_small_patch16_224 or vit_base_patch16_224"
+        )
+    if model.cls_token is None or model.global_pool != "token" or model.attn_pool is not None:
+        raise TypeError(
+            "DynamicViT needs a ViT that classifies from its class token (class_token=True, "
+            f"global_pool='token'); this one has class_token={model.cls_token is not None}, "
+            f"global_pool={model.global_pool!r}"
+        )
+    if getattr(model, "dynamic_img_size", False):
+        raise TypeError("DynamicViT keeps a fixed token count per stage: build the ViT with dynamic_img_size=False")

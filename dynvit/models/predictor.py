@@ -1,0 +1,40 @@
+"""The keep predictor: where DynamicViT decides which patch tokens to keep."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KeepPredictor(nn.Module):
+    """Scores every patch token with log-probabilities of (keep, drop).
+
+    Each token's score sees its own features (the first half of the hidden channels) and a global
+    context: the mean of the second half over the tokens still kept. Parameter names follow the
+    released DynamicViT checkpoints (``in_conv.{0,1}``, ``out_conv.{0,2,4}``) so they load as they are.
+
+    Args:
+        embed_dim: Token width C of the backbone.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(embed_dim, embed_dim // 2),
+            nn.GELU(),
+            nn.Linear(embed_dim // 2, embed_dim // 4),
+            nn.GELU(),
+            nn.Linear(embed_dim // 4, 2),
+            nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Args: patch tokens ``x`` (B, N, C) and the current keep mask (B, N, 1). Returns (B, N, 2)."""
+        h = self.in_conv(x)
+        half = h.shape[-1] // 2
+        local, context = h[..., :half], h[..., half:]
+        # The clamp keeps a stage whose tokens were all dropped finite (the mean of nothing is 0 here).
+        kept = mask.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        context = (context * mask).sum(dim=1, keepdim=True) / kept
+        return self.out_conv(torch.cat([local, context.expand_as(local)], dim=-1))
