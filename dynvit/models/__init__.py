@@ -1,6 +1,13 @@
 """Models: the DynamicViT student on timm, its parts, and how to build and load them."""
 
-from dynvit.models.checkpoint import CheckpointMismatch, LoadReport, load_checkpoint, read_state_dict
+from dynvit.models.checkpoint import (
+    CheckpointMismatch,
+    LoadReport,
+    load_checkpoint,
+    load_weights,
+    read_state_dict,
+    save_atomic,
+)
 from dynvit.models.dynamic_vit import DynamicViT, StudentOutput, TokenPruning, keep_counts, validate_pruning
 from dynvit.models.factory import create_student, create_teacher, default_pruning_loc, forward_with_tokens
 from dynvit.models.masked_attention import MaskedAttention, MaskedBlock, masked_softmax
@@ -21,7 +28,9 @@ __all__ = [
     "forward_with_tokens",
     "keep_counts",
     "load_checkpoint",
+    "load_weights",
     "masked_softmax",
     "read_state_dict",
+    "save_atomic",
     "validate_pruning",
 ]

@@ -75,7 +75,18 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, res
         reset_head: Keep the model's own (fresh) classifier head when the checkpoint's has another
             class count, e.g. to fine-tune on a new dataset. Without it, that clash is an error.
     """
-    sd = read_state_dict(path)
+    return load_weights(model, read_state_dict(path), strict=strict, reset_head=reset_head, source=str(path))
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    reset_head: bool = False,
+    source: str = "state dict",
+) -> LoadReport:
+    """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
+    sd = dict(state_dict)
     own = model.state_dict()
     reset = []
     head_keys = [k for k in sd if k.startswith("head.") and k in own and sd[k].shape != own[k].shape]
@@ -100,7 +111,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, res
             problems.append(f"missing keys ({len(hard_missing)}): {_short(hard_missing)}")
         if strict and unexpected:
             problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        raise CheckpointMismatch(f"checkpoint {path} does not fit {type(model).__name__}:\n" + "\n".join(problems))
+        raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}:\n" + "\n".join(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return LoadReport(missing, unexpected, reset)
 
