@@ -8,7 +8,6 @@ from math import prod
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 
@@ -42,9 +41,11 @@ def count_flops(model: nn.Module, img_size: int | Sequence[int] | None = None) -
     was_training = model.training
     model.eval()
     try:
-        # fvcore traces with torch.jit, which recent torch flags as deprecated on every call.
+        # fvcore scripts and traces with torch.jit, which recent torch flags as deprecated on every call.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            from fvcore.nn import FlopCountAnalysis
+
             analysis = FlopCountAnalysis(model, x)
             analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

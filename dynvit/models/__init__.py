@@ -8,6 +8,7 @@ from dynvit.models.checkpoint import (
     read_state_dict,
     save_atomic,
 )
+from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_vit import DynamicViT, StudentOutput, TokenPruning, keep_counts, validate_pruning
 from dynvit.models.factory import create_student, create_teacher, default_pruning_loc, forward_with_tokens
 from dynvit.models.masked_attention import MaskedAttention, MaskedBlock, masked_softmax
@@ -15,6 +16,7 @@ from dynvit.models.predictor import KeepPredictor
 
 __all__ = [
     "CheckpointMismatch",
+    "ConvStemPatchEmbed",
     "DynamicViT",
     "KeepPredictor",
     "LoadReport",

@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-# Lightning modules of this toolkit keep the network under these attribute names.
-_LIGHTNING_PREFIXES = ("student.", "model.")
+# Lightning modules of this toolkit keep the trained network as ``self.net``.
+_LIGHTNING_PREFIXES = ("net.",)
 # Keys a teacher checkpoint lacks when it is loaded into a student: the fresh keep predictors.
 _PREDICTOR_PREFIX = "score_predictor."
 

@@ -1,0 +1,73 @@
+"""``python cli.py {fit,validate,test,predict} --config experiments/<name>.yaml`` on LightningCLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dynvit.loggers import WandbOptions, default_loggers
+
+DEFAULT_RUN_DIR = "runs/default"
+
+
+class DynViTCLI(LightningCLI):
+    """LightningCLI with dynvit's defaults.
+
+    - model and data classes are chosen by ``class_path`` in the YAML;
+    - the DataModule's ``num_classes``, ``img_size`` and ``in_chans`` are linked into the model;
+    - checkpoints of the best ``val/top1`` and the last epoch go to ``<default_root_dir>/checkpoints``
+      (Lightning writes them through a temporary file, so a crash never leaves half a checkpoint;
+      ``--ckpt_path last`` resumes);
+    - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", LightningModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="step")]})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/top1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.default_root_dir": DEFAULT_RUN_DIR,
+            }
+        )
+        parser.add_class_arguments(WandbOptions, "wandb")
+        for name in ("num_classes", "img_size", "in_chans"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(trainer_cfg.get("default_root_dir") or DEFAULT_RUN_DIR)
+        checkpoint = self._get(self.config_init, "checkpoint")
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = str(run_dir / "checkpoints")
+        # `logger: true` (the default) means "dynvit's loggers"; any explicit choice is the user's.
+        if trainer_cfg.get("logger") in (None, True):
+            wandb = self._get(self.config_init, "wandb")
+            options = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**dict(wandb))
+            kwargs["logger"] = default_loggers(run_dir, options)
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    DynViTCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

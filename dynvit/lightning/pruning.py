@@ -1,0 +1,156 @@
+"""DynamicViT training: a pruned student distilled from its frozen, unpruned teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from dynvit.lightning.base import ImageClassification
+from dynvit.losses import DynamicViTLoss
+from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
+
+_TEACHER = "teacher."
+
+
+class DynamicViTModule(ImageClassification):
+    """The DynamicViT student plus a frozen teacher; the student starts from the teacher's weights.
+
+    The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written
+    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load).
+
+    Args:
+        model_name: The backbone of teacher and student (timm name or a registered seed backbone).
+        keep_ratio: Base keep ratio ρ; stage s keeps ``int(N * ρ**s)`` patch tokens at inference.
+        pruning_loc: Blocks before which tokens are pruned; None uses the backbone's default.
+        teacher_checkpoint: Weights of the trained teacher (DeiT/timm/Lightning ``.ckpt``).
+        pretrained: Take the teacher from timm's pretrained weights instead.
+        student_checkpoint: Optional DynamicViT weights to start the student from (else the teacher's).
+        ratio_weight, distill_weight, token_weight: Loss weights (2.0, 0.5, 0.5); token_weight=0 switches
+            token distillation off.
+        backbone_lr_scale: Backbone learning rate relative to the predictors' ``lr`` (0.01).
+        Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "deit_small_patch16_224",
+        num_classes: int = 1000,
+        img_size: int = 224,
+        in_chans: int = 3,
+        keep_ratio: float = 0.7,
+        pruning_loc: Sequence[int] | None = None,
+        teacher_checkpoint: str | Path | None = None,
+        pretrained: bool = False,
+        student_checkpoint: str | Path | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        ratio_weight: float = 2.0,
+        distill_weight: float = 0.5,
+        token_weight: float = 0.5,
+        lr: float = 1e-3,
+        backbone_lr_scale: float = 0.01,
+        lr_base_batch_size: int | None = 1024,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            lr,
+            lr_base_batch_size,
+            weight_decay,
+            warmup_epochs,
+            min_lr_ratio,
+            label_smoothing,
+            mixup,
+            cutmix,
+        )
+        self.save_hyperparameters()
+        build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        self.teacher = create_teacher(model_name, pretrained=pretrained, checkpoint=teacher_checkpoint, **build)
+        self.teacher.requires_grad_(False).eval()
+        self.net = create_student(model_name, keep_ratio=keep_ratio, pruning_loc=pruning_loc, **build)
+        if student_checkpoint is not None:
+            load_checkpoint(self.net, student_checkpoint)
+        else:
+            load_weights(self.net, self.teacher.state_dict(), source="the teacher")
+        self.loss = DynamicViTLoss(ratio_weight, distill_weight, token_weight, label_smoothing)
+        self.val_recall = nn.ModuleList(MeanMetric() for _ in self.net.pruning_loc)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.net
+
+    def lr_scales(self) -> Mapping[str, float]:
+        return {"score_predictor.": 1.0, "": self.hparams.backbone_lr_scale}
+
+    def train(self, mode: bool = True) -> DynamicViTModule:
+        # Lightning flips the whole module to train mode each epoch; the teacher must stay in eval
+        # (no dropout, no drop-path) to be the fixed target the method distils from.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y = self.training_inputs(batch)
+        with torch.no_grad():
+            teacher_logits, teacher_tokens = forward_with_tokens(self.teacher, x)
+        out = self.net(x)
+        terms = self.loss(
+            out,
+            y,
+            self.net.stage_keep_ratios,
+            teacher_logits,
+            teacher_tokens,
+            token_mode=getattr(self.net, "token_distill", "mse"),
+        )
+        logged = terms._asdict()
+        self.check_finite(terms.total, logged)
+        self.log("train/loss", logged.pop("total"), prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in logged.items()})
+        for s, (decision, target) in enumerate(zip(out.decisions, self.net.stage_keep_ratios, strict=True)):
+            self.log(f"train/keep_rate_s{s + 1}", decision.mean())
+            self.log(f"train/keep_target_s{s + 1}", target)
+        return terms.total
+
+    def _eval_step(self, batch: tuple, stage: str) -> None:
+        x, y, *rest = batch
+        logits, masks = self.net.predict_with_masks(x)
+        self.evaluate(logits, y, stage)
+        if rest and stage == "val":
+            self.log_recall(masks, rest[0])
+
+    def log_recall(self, masks: list[torch.Tensor], target: torch.Tensor) -> None:
+        """Share of the object's patches (``target`` (B, N) bool) still kept after each stage."""
+        target = target.bool()
+        has_object = target.any(dim=1)
+        for s, (mask, metric) in enumerate(zip(masks, self.val_recall, strict=True)):
+            recall = (mask & target).sum(dim=1) / target.sum(dim=1).clamp_min(1)
+            metric.update(recall[has_object])
+            self.log(f"val/recall_s{s + 1}", metric, sync_dist=True)
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # The teacher is rebuilt from its own checkpoint; storing it in every student checkpoint would
+    # double their size for nothing.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(_TEACHER)]:
+            del sd[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
