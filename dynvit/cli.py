@@ -1,7 +1,8 @@
-"""``python cli.py {fit,validate,test,predict} --config experiments/<name>.yaml`` on LightningCLI."""
+"""``python cli.py {fit,validate,test,predict,benchmark,sweep} --config experiments/<name>.yaml`` on LightningCLI."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,20 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dynvit.loggers import WandbOptions, default_loggers
+from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
+from dynvit.sweep import (
+    SweepResult,
+    check_parameters,
+    check_points_parse,
+    fit_config_text,
+    fit_point,
+    grid,
+    load_sweep,
+    prepare_folder,
+    run_sweep,
+    teacher_row,
+)
+from dynvit.trainer import DynViTTrainer
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -22,7 +37,9 @@ class DynViTCLI(LightningCLI):
     - checkpoints of the best ``val/top1`` and the last epoch go to ``<default_root_dir>/checkpoints``
       (Lightning writes them through a temporary file, so a crash never leaves half a checkpoint;
       ``--ckpt_path last`` resumes);
-    - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``.
+    - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``;
+    - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
+    - ``benchmark`` and ``sweep`` subcommands (see :class:`~dynvit.trainer.DynViTTrainer`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -31,12 +48,20 @@ class DynViTCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("trainer_class", DynViTTrainer)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="step")]})
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "benchmark": {"model", "datamodule"}, "sweep": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Measurement callbacks on by default, configurable as `--flops.*` / `--throughput.*`.
+        parser.add_lightning_class_args(FlopsCallback, "flops")
+        parser.add_lightning_class_args(ThroughputCallback, "throughput")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/top1",
@@ -63,6 +88,30 @@ class DynViTCLI(LightningCLI):
             options = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**dict(wandb))
             kwargs["logger"] = default_loggers(run_dir, options)
         return super().instantiate_trainer(**kwargs)
+
+    def sweep(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        sweep: str = "experiments/sweep_keep_ratio.yaml",
+        out: str | None = None,
+    ) -> SweepResult:
+        """``cli.py sweep`` (arguments declared by ``DynViTTrainer.sweep``): check the sweep against this
+        config, then train the grid's unfinished points one by one and write the summary."""
+        spec = load_sweep(sweep)
+        check_parameters(spec, self.config["sweep"], networks(model)[0])
+        folder = Path(out) if out else Path(self.trainer.default_root_dir) / spec.path.stem
+        text = fit_config_text(self._parser("sweep"), self.config["sweep"], self._subcommand_method_arguments["sweep"])
+        config_path = prepare_folder(folder, text)
+        check_points_parse(self._parser("fit"), config_path, grid(spec))
+        self.sweep_result = run_sweep(
+            spec,
+            folder,
+            config_path,
+            fit=partial(fit_point, type(self)),
+            teacher=lambda: teacher_row(model, datamodule, self.trainer),
+        )
+        return self.sweep_result
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,6 +1,27 @@
 """Measurement: pure functions (FLOPs, throughput, kept-token recall) and the callbacks that log them."""
 
+from dynvit.measure.callbacks import (
+    FlopsCallback,
+    KeptTokensCallback,
+    ThroughputCallback,
+    kept_tokens_grid,
+    parse_dtype,
+    to_display,
+)
 from dynvit.measure.flops import count_flops, count_params
+from dynvit.measure.recall import kept_token_recall, stage_recall
 from dynvit.measure.throughput import measure_throughput
 
-__all__ = ["count_flops", "count_params", "measure_throughput"]
+__all__ = [
+    "FlopsCallback",
+    "KeptTokensCallback",
+    "ThroughputCallback",
+    "count_flops",
+    "count_params",
+    "kept_token_recall",
+    "kept_tokens_grid",
+    "measure_throughput",
+    "parse_dtype",
+    "stage_recall",
+    "to_display",
+]

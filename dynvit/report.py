@@ -1,0 +1,162 @@
+"""Cost/accuracy tables of pruned models: rows, a printed table, CSV/JSON files and a trade-off figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ResultRow:
+    """One model at one operating point.
+
+    Attributes:
+        method: ``teacher`` for the unpruned model, else the reduction method (``dynamicvit``, …).
+        keep_ratio: Base keep ratio ρ (1.0 for the teacher).
+        gflops: fvcore GFLOPs of one image.
+        params_m: Parameters in millions.
+        images_per_s: Eval-mode throughput (None when not measured).
+        speedup: ``images_per_s`` ÷ the teacher's, measured alongside (None without a teacher).
+        top1: Validation top-1 as a fraction (None without data).
+        recall: Per pruning stage, the share of the object's patches still kept (data with patch masks).
+        run: Where the row comes from (a sweep point's folder), if anywhere.
+    """
+
+    method: str
+    keep_ratio: float
+    gflops: float
+    params_m: float
+    images_per_s: float | None = None
+    speedup: float | None = None
+    top1: float | None = None
+    recall: list[float] = field(default_factory=list)
+    run: str | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """A flat record: ``recall`` becomes ``recall_s1``, ``recall_s2``, …"""
+        record = asdict(self)
+        recall = record.pop("recall")
+        record.update({f"recall_s{s + 1}": r for s, r in enumerate(recall)})
+        return record
+
+    @classmethod
+    def from_flat(cls, record: dict[str, Any]) -> ResultRow:
+        record = dict(record)
+        stages = sorted((k for k in record if k.startswith("recall_s")), key=lambda k: int(k.removeprefix("recall_s")))
+        recall = [record.pop(k) for k in stages]
+        return cls(**record, recall=[r for r in recall if r is not None])
+
+
+def records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
+    """Flat records with the same columns for every row (recall columns of the deepest model)."""
+    flat = [row.flat() for row in rows]
+    columns: dict[str, None] = {}
+    for record in flat:
+        columns.update(dict.fromkeys(record))
+    return [{c: record.get(c) for c in columns} for record in flat]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if kind == "percent":
+        return f"{100 * value:.2f}"
+    if kind == "ratio":
+        return f"{value:.2f}×"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: Sequence[ResultRow]) -> str:
+    """A Markdown table: method, ρ, GFLOPs, params, images/s, speedup, top-1 %, recall % per stage."""
+    recs = records(rows)
+    columns = [
+        ("method", "method", "text"),
+        ("run", "run", "text"),
+        ("keep_ratio", "ρ", "float"),
+        ("gflops", "GFLOPs", "float"),
+        ("params_m", "params (M)", "float"),
+        ("images_per_s", "images/s", "float"),
+        ("speedup", "speedup", "ratio"),
+        ("top1", "top-1 %", "percent"),
+    ]
+    columns += [(k, f"recall s{k.removeprefix('recall_s')} %", "percent") for k in recs[0] if k.startswith("recall_s")]
+    keep = [c for c in columns if any(r[c[0]] is not None for r in recs)]  # columns nothing was measured for go
+    lines = ["| " + " | ".join(title for _, title, _ in keep) + " |", "|" + "|".join("---" for _ in keep) + "|"]
+    for rec in recs:
+        lines.append("| " + " | ".join(_fmt(rec[key], kind) for key, _, kind in keep) + " |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None = None) -> Path:
+    """Left: top-1 against GFLOPs (GFLOPs against ρ without accuracy); right: speedup against ρ.
+
+    The teacher is a star; each method a line through its keep ratios, labelled with ρ.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    has_top1 = any(r.top1 is not None for r in rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    methods = sorted({r.method for r in rows if r.method != "teacher"})
+    for method in methods:
+        pts = sorted((r for r in rows if r.method == method), key=lambda r: r.keep_ratio)
+        if has_top1:
+            xs, ys = [r.gflops for r in pts], [100 * r.top1 if r.top1 is not None else math.nan for r in pts]
+        else:
+            xs, ys = [r.keep_ratio for r in pts], [r.gflops for r in pts]
+        left.plot(xs, ys, "o-", label=method)
+        for r, x, y in zip(pts, xs, ys, strict=True):
+            left.annotate(f"ρ={r.keep_ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        speed = [(r.keep_ratio, r.speedup) for r in pts if r.speedup is not None]
+        if speed:
+            right.plot(*zip(*speed, strict=True), "o-", label=method)
+    for teacher in (r for r in rows if r.method == "teacher"):
+        if has_top1 and teacher.top1 is not None:
+            left.plot([teacher.gflops], [100 * teacher.top1], "k*", markersize=12, label="teacher")
+        elif not has_top1:
+            left.plot([1.0], [teacher.gflops], "k*", markersize=12, label="teacher")
+        right.plot([1.0], [1.0], "k*", markersize=12, label="teacher")
+    right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    if has_top1:
+        left.set(xlabel="GFLOPs per image", ylabel="validation top-1 (%)", title="accuracy vs cost")
+    else:
+        left.set(xlabel="keep ratio ρ", ylabel="GFLOPs per image", title="cost vs keep ratio")
+    right.set(xlabel="keep ratio ρ", ylabel="speedup over the teacher (images/s)", title="speedup vs keep ratio")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "results", title: str | None = None
+) -> dict[str, Path]:
+    """Write ``<stem>.csv``, ``<stem>.json`` and ``tradeoff.png`` into ``out_dir``; return their paths."""
+    if not rows:
+        raise ValueError("no results to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = records(rows)
+    paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "figure": out / "tradeoff.png"}
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(recs[0]))
+        writer.writeheader()
+        writer.writerows(recs)
+    paths["json"].write_text(json.dumps(recs, indent=2) + "\n")
+    plot_tradeoff(rows, paths["figure"], title)
+    return paths

@@ -1,0 +1,318 @@
+"""Keep-ratio sweeps: a W&B grid sweep file run locally, one training run per point, then a summary.
+
+The same file drives ``wandb sweep``/``wandb agent`` (online, W&B schedules the runs) and
+``python cli.py sweep`` (here, no server): every point is the ``fit`` W&B's agent would start,
+``fit --config <config> --<key>=<value> …``. Runs happen one after another in this process, so the
+config is parsed, checked and built once, no interpreter start-up is paid per point, and the
+first error stops the sweep with its traceback.
+
+Layout of a sweep folder::
+
+    config.yaml            the fit config every point starts from (rerunning with another is an error)
+    teacher.json           the teacher row, measured once
+    keep_ratio_0.7/        one run: checkpoints/, csv/, wandb/, and done.json when it has finished
+    summary.csv/.json, tradeoff.png
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+
+from dynvit.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point
+from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
+from dynvit.measure.flops import count_flops, count_params
+from dynvit.report import ResultRow, format_table, write_report
+
+DONE = "done.json"
+TEACHER = "teacher.json"
+CONFIG = "config.yaml"
+
+
+@dataclass
+class SweepSpec:
+    """The parts of a W&B sweep file a local grid run uses.
+
+    Attributes:
+        path: The file.
+        parameters: Config key → the values to try, in file order.
+        name: The sweep's ``name`` (used as the W&B group), if the file gives one.
+    """
+
+    path: Path
+    parameters: dict[str, list[Any]]
+    name: str | None = None
+
+
+class SweepError(ValueError):
+    """A sweep file or a sweep folder that cannot be run as asked."""
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a W&B sweep file for a local grid run.
+
+    It must be a mapping with ``method: grid`` and ``parameters`` whose entries each give
+    ``values: [...]`` (or a single ``value:``), as ``wandb sweep`` expects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SweepError(f"{path} is not a W&B sweep file: expected a mapping with method, parameters, command")
+    method = data.get("method")
+    if method != "grid":
+        raise SweepError(
+            f"{path}: method is {method!r}; a local sweep runs every point, so it needs `method: grid` "
+            "(random/bayes sweeps need W&B's server: `wandb sweep` + `wandb agent`)"
+        )
+    params = data.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise SweepError(f"{path}: `parameters` must map config keys to {{values: [...]}}, got {params!r}")
+    parameters: dict[str, list[Any]] = {}
+    for key, entry in params.items():
+        if isinstance(entry, dict) and isinstance(entry.get("values"), list) and entry["values"]:
+            parameters[str(key)] = list(entry["values"])
+        elif isinstance(entry, dict) and "value" in entry:
+            parameters[str(key)] = [entry["value"]]
+        else:
+            raise SweepError(
+                f"{path}: parameter {key!r} must give `values: [...]` (a non-empty list) or `value: x` for a "
+                f"grid sweep, got {entry!r}"
+            )
+    command = data.get("command")
+    if command is not None and not (isinstance(command, list) and all(isinstance(c, str) for c in command)):
+        raise SweepError(f"{path}: `command` must be a list of strings (W&B's format), got {command!r}")
+    return SweepSpec(path=path, parameters=parameters, name=data.get("name"))
+
+
+def grid(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every combination of the parameters' values, the first parameter varying slowest."""
+    keys = list(spec.parameters)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*spec.parameters.values())]
+
+
+def point_args(point: dict[str, Any]) -> list[str]:
+    """``--key=value`` for each parameter: what W&B's ``${args}`` expands to."""
+    return [f"--{key}={value}" for key, value in point.items()]
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A folder and run name: ``keep_ratio_0.7`` (last part of each key), ``__`` between parameters."""
+    parts = [f"{key.rsplit('.', 1)[-1]}_{value}" for key, value in point.items()]
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", "__".join(parts))
+
+
+def check_parameters(spec: SweepSpec, config: Namespace, student: torch.nn.Module | None = None) -> None:
+    """Raise :class:`SweepError` unless every parameter is a key of ``config`` and every keep ratio
+    is in (0, 1] (and, given the ``student``, fits it: at least one token left at every stage)."""
+    keys = [str(k) for k in config.keys()]  # noqa: SIM118 (dotted leaf keys, not top-level ones)
+    for key, values in spec.parameters.items():
+        if key not in config:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise SweepError(f"{spec.path}: parameter {key!r} is not a key of the config{hint}")
+        if key.rsplit(".", 1)[-1] != "keep_ratio":
+            continue
+        try:
+            ratios = check_ratios(values)
+        except (TypeError, ValueError) as e:
+            raise SweepError(f"{spec.path}: parameter {key!r}: {e}") from e
+        if student is not None and hasattr(student, "keep_ratio"):
+            set_ratio, original = dynamicvit_at(student), student.keep_ratio
+            try:
+                for ratio in ratios:
+                    set_ratio(ratio)
+            except ValueError as e:
+                raise SweepError(f"{spec.path}: parameter {key!r}: {e}") from e
+            finally:
+                set_ratio(original)
+
+
+def check_points_parse(parser: ArgumentParser, config_path: Path, points: Sequence[dict[str, Any]]) -> None:
+    """Parse every point's ``fit`` arguments now, so a value of the wrong type fails before training."""
+    exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+    try:
+        for point in points:
+            try:
+                parser.parse_args([f"--config={config_path}", *point_args(point)])
+            except Exception as e:  # jsonargparse raises ArgumentError with the offending key
+                raise SweepError(f"sweep point {point} does not parse: {e}") from e
+    finally:
+        parser.exit_on_error = exit_on_error
+
+
+def _write_json_atomic(data: Any, path: Path) -> None:
+    """Write through a temporary file and rename, so a marker is either complete or absent."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fit_config_text(parser: ArgumentParser, config: Namespace, drop: Sequence[str]) -> str:
+    """The parsed config as ``fit`` YAML: ``config`` dumped by its subcommand ``parser``, less the keys in
+    ``drop`` (the sweep subcommand's own arguments)."""
+    data = yaml.safe_load(parser.dump(config, skip_none=False))
+    for key in drop:
+        data.pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def prepare_folder(out: Path, config_text: str) -> Path:
+    """Create the sweep folder with ``config.yaml``; refuse one that holds a sweep of another config."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG
+    if path.is_file() and path.read_text() != config_text:
+        raise SweepError(
+            f"{out} holds a sweep of another config ({path} differs from this one): pass another --out, or "
+            "delete the folder to start over"
+        )
+    path.write_text(config_text)
+    return path
+
+
+def teacher_row(
+    module: L.LightningModule, datamodule: L.LightningDataModule | None, trainer: L.Trainer
+) -> ResultRow | None:
+    """The teacher measured once, as the ``fit`` runs would (their throughput settings and device)."""
+    _, teacher = networks(module)
+    if teacher is None:
+        return None
+    speed = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputCallback)), None)
+    settings = SpeedSettings(device=trainer.strategy.root_device, dtype=precision_dtype(trainer.precision))
+    if speed is not None:
+        settings.batch_size, settings.warmup, settings.repeats = speed.batch_size, speed.warmup, speed.repeats
+        settings.dtype = speed.dtype or settings.dtype
+    loader = None
+    if datamodule is not None:
+        datamodule.prepare_data()
+        datamodule.setup("validate")
+        loader = datamodule.val_dataloader()
+    row = measure_point(teacher, "teacher", 1.0, settings, loader)
+    row.speedup = 1.0
+    return row
+
+
+def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> ResultRow:
+    """A finished run's row: cost of its network, its throughput callback's numbers, its last validation."""
+    net, _ = networks(module)
+    speed = next((cb.metrics for cb in trainer.callbacks if isinstance(cb, ThroughputCallback)), {})
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    stages = itertools.takewhile(lambda s: f"val/recall_s{s}" in metrics, itertools.count(1))
+    recall = [metrics[f"val/recall_s{s}"] for s in stages]
+    return ResultRow(
+        method=getattr(net, "method", type(net).__name__.lower()),
+        keep_ratio=float(getattr(net, "keep_ratio", 1.0)),
+        gflops=count_flops(net),
+        params_m=count_params(net),
+        images_per_s=speed.get("throughput/images_per_s"),
+        speedup=speed.get("throughput/speedup"),
+        top1=metrics.get("val/top1"),
+        recall=recall,
+        run=run,
+    )
+
+
+def fit_point(
+    cli_class: Callable[..., Any], config_path: Path, point: dict[str, Any], run_dir: Path, group: str
+) -> ResultRow:
+    """Train one point in this process (resuming from its ``last.ckpt`` if there is one) and return its row."""
+    args = [
+        "fit",
+        f"--config={config_path}",
+        *point_args(point),
+        f"--trainer.default_root_dir={run_dir}",
+        f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
+        f"--wandb.group={group}",
+        f"--wandb.name={run_dir.name}",
+    ]
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        args.append("--ckpt_path=last")
+    with warnings.catch_warnings():
+        # The sweep's own command line is in sys.argv; the point's arguments are passed explicitly on purpose.
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        cli = cli_class(args=args)
+    try:
+        if cli.trainer.interrupted:
+            raise RuntimeError(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
+        if "val/top1" not in cli.trainer.callback_metrics:
+            # Resumed from a run that had already trained to the end: fit did no validation.
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        return point_row(cli.trainer, cli.model, run_dir.name)
+    finally:
+        import wandb
+
+        # One W&B run per point: close this one before the next point opens its own.
+        if wandb.run is not None:
+            wandb.finish()
+
+
+class SweepResult(NamedTuple):
+    """What :func:`run_sweep` did: the summary rows, the points it trained now, the files it wrote."""
+
+    rows: list[ResultRow]
+    trained: list[str]
+    paths: dict[str, Path]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: Path,
+    config_path: Path,
+    fit: Callable[[Path, dict[str, Any], Path, str], ResultRow],
+    teacher: Callable[[], ResultRow | None],
+) -> SweepResult:
+    """Run the grid's unfinished points one by one, then write the summary.
+
+    Args:
+        spec: The checked sweep.
+        out: The sweep folder (see :func:`prepare_folder`).
+        config_path: The fit config every point starts from.
+        fit: Trains one point: ``fit(config_path, point, run_dir, group) -> row``.
+        teacher: Measures the teacher row (called once; cached in ``teacher.json``).
+    """
+    group = spec.name or out.name
+    teacher_file = out / TEACHER
+    if teacher_file.is_file():
+        cached = json.loads(teacher_file.read_text())
+        top = ResultRow.from_flat(cached) if cached else None
+    else:
+        top = teacher()
+        _write_json_atomic(top.flat() if top else None, teacher_file)
+    rows = [top] if top else []
+    trained = []
+    for point in grid(spec):
+        run_dir = out / point_name(point)
+        done = run_dir / DONE
+        if not done.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            row = fit(config_path, point, run_dir, group)
+            _write_json_atomic(row.flat(), done)
+            trained.append(run_dir.name)
+        rows.append(ResultRow.from_flat(json.loads(done.read_text())))
+    paths = write_report(rows, out, stem="summary", title=f"sweep {group}")
+    print(format_table(rows))
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+    return SweepResult(rows, trained, paths)

@@ -1,0 +1,101 @@
+"""Lightning's Trainer with the methods behind ``cli.py benchmark`` and ``cli.py sweep``.
+
+LightningCLI builds each subcommand's arguments from the Trainer method of the same name, so the
+two extra subcommands are declared here and read the same ``--config`` as ``fit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from dynvit.benchmark import DEFAULT_RATIOS, SpeedSettings, benchmark, check_ratios, dynamicvit_at
+from dynvit.measure.callbacks import Dtype, networks, parse_dtype
+from dynvit.models import load_checkpoint
+from dynvit.report import ResultRow, format_table, write_report
+
+
+class DynViTTrainer(L.Trainer):
+    """A ``lightning.Trainer`` that can also benchmark a pruned model and declare a keep-ratio sweep."""
+
+    def benchmark(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        ratios: Sequence[float] = DEFAULT_RATIOS,
+        out: str | None = None,
+        batch_size: int = 64,
+        dtype: Dtype = "fp32",
+        device: str | None = None,
+        warmup: int = 3,
+        repeats: int = 10,
+        accuracy: bool = True,
+    ) -> list[ResultRow]:
+        """Cost, speed and accuracy of one set of weights at several keep ratios, and of the teacher.
+
+        The student's ``keep_ratio`` is set to each ratio in turn; the weights stay the same. Writes
+        ``results.csv``, ``results.json`` and ``tradeoff.png`` and prints the table.
+
+        Args:
+            ckpt_path: Student weights (a ``.ckpt`` of this toolkit or a released DynamicViT file);
+                by default the weights the config builds.
+            ratios: Keep ratios in (0, 1], e.g. ``--ratios [0.5,0.7,0.9]``.
+            out: Output folder; ``<trainer.default_root_dir>/benchmark`` by default.
+            batch_size: Images per timed forward pass.
+            dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast) for timing and accuracy.
+            device: ``cpu``, ``cuda``, ``cuda:1``, …; by default the trainer's device.
+            warmup: Untimed passes before timing.
+            repeats: Timed passes (the median is reported).
+            accuracy: Measure validation top-1 (and kept-token recall when batches carry patch
+                masks) on the DataModule's validation set.
+        """
+        ratios = check_ratios(ratios)
+        settings = SpeedSettings(
+            batch_size=batch_size,
+            dtype=parse_dtype(dtype),
+            device=device or self.strategy.root_device,
+            warmup=warmup,
+            repeats=repeats,
+        )
+        student, teacher = networks(model)
+        model_at = dynamicvit_at(student)
+        # Every ratio must fit this model (e.g. keep at least one token per stage) before any measuring.
+        original = student.keep_ratio
+        for ratio in ratios:
+            model_at(ratio)
+        model_at(original)
+        if ckpt_path is not None:
+            load_checkpoint(student, ckpt_path)
+        loader = None
+        if accuracy and datamodule is not None:
+            datamodule.prepare_data()
+            datamodule.setup("validate")
+            loader = datamodule.val_dataloader()
+        method = getattr(student, "method", type(student).__name__.lower())
+        rows = benchmark(model_at, ratios, teacher, loader, settings, method=method)
+        model_at(original)
+        out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
+        paths = write_report(rows, out_dir, title=f"{type(model).__name__}: {method} vs teacher")
+        print(format_table(rows))
+        print("\n".join(f"wrote {p}" for p in paths.values()))
+        return rows
+
+    def sweep(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        sweep: str = "experiments/sweep_keep_ratio.yaml",
+        out: str | None = None,
+    ) -> None:
+        """Train one run per point of a W&B grid sweep file, locally, and summarise them.
+
+        Args:
+            sweep: A W&B sweep file (``method: grid``) whose parameters are keys of this config,
+                e.g. ``model.init_args.keep_ratio``.
+            out: Sweep folder; ``<trainer.default_root_dir>/<sweep file name>`` by default.
+        """
+        # Each point is a fresh `fit` built from the config, which only the CLI can do; DynViTCLI.sweep runs it.
+        raise RuntimeError("a sweep builds one training run per point from the config: run `python cli.py sweep`")
