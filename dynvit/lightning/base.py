@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from timm.data import Mixup
 from torch import nn
@@ -85,6 +86,28 @@ class ImageClassification(L.LightningModule):
     def predict_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.net(x).softmax(dim=-1)
+
+    # -- exact resume ----------------------------------------------------------------------------
+    # Lightning restores weights, optimiser and loop state but not the random generators, so Gumbel
+    # noise, shuffling and mixup would diverge after `--ckpt_path last`. Single-process runs carry
+    # them in the checkpoint (as tensors, so the file still loads with weights_only=True).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), torch.tensor([pos, has_gauss]), torch.tensor(cached)],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None or self._trainer is None or self.trainer.world_size != 1:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        keys, (pos, has_gauss), cached = states["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
 
     # -- optimisation ---------------------------------------------------------------------------
     def global_batch_size(self) -> int:

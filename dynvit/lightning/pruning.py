@@ -148,9 +148,11 @@ class DynamicViTModule(ImageClassification):
     # The teacher is rebuilt from its own checkpoint; storing it in every student checkpoint would
     # double their size for nothing.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith(_TEACHER)]:
             del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
