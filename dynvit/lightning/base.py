@@ -120,11 +120,19 @@ class ImageClassification(L.LightningModule):
         base = self.hparams.lr_base_batch_size
         return self.hparams.lr if base is None else self.hparams.lr * self.global_batch_size() / base
 
+    def steps_per_epoch(self, total_steps: int) -> float:
+        """Optimiser steps per epoch, to turn ``warmup_epochs`` into steps."""
+        t = self.trainer
+        if t.max_steps == -1 and t.max_epochs and t.max_epochs > 0:
+            return total_steps / t.max_epochs
+        # Step-limited runs: count one epoch of batches (per process) directly.
+        batches = len(t.datamodule.train_dataloader()) if t.datamodule else t.num_training_batches
+        return math.ceil(batches / t.world_size) / t.accumulate_grad_batches
+
     def configure_optimizers(self):
         groups = param_groups(self.net, self.peak_lr(), self.hparams.weight_decay, self.lr_scales())
         optimizer = torch.optim.AdamW(groups)
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
-        warmup = min(total // 2, round(self.hparams.warmup_epochs * steps_per_epoch))
+        warmup = min(total // 2, round(self.hparams.warmup_epochs * self.steps_per_epoch(total)))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
