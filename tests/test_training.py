@@ -57,13 +57,13 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
+def teacher_ckpt(tmp_path_factory) -> str:
     """A tiny teacher's weights in the DeiT release layout ({"model": state_dict})."""
     torch.manual_seed(1)
     teacher = create_teacher("deit_tiny_patch16_224", **TINY)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
     torch.save({"model": teacher.state_dict()}, path)
-    return path
+    return str(path)
 
 
 class LossRecorder(L.Callback):
@@ -125,18 +125,26 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, teacher_ckpt):
         trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, tiny_data())
 
 
+class Interrupt(L.Callback):
+    """Stops a run after its first epoch, as a crash or a pre-empted job would."""
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        trainer.should_stop = True
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, teacher_ckpt):
-    def run(root: Path, epochs: int, ckpt_path: str | None = None) -> DynamicViTModule:
+    def run(root: Path, callbacks=(), ckpt_path: str | None = None) -> DynamicViTModule:
         L.seed_everything(0)
         module = tiny_student(teacher_ckpt)
-        t = trainer(root, max_epochs=epochs, enable_checkpointing=True, limit_val_batches=0)
+        t = trainer(root, max_epochs=2, enable_checkpointing=True, limit_val_batches=0, callbacks=list(callbacks))
         t.fit(module, tiny_data(), ckpt_path=ckpt_path)
         return module
 
-    straight = run(tmp_path / "a", 2)
-    run(tmp_path / "b", 1)
+    straight = run(tmp_path / "a")
+    interrupted = run(tmp_path / "b", callbacks=[Interrupt()])
+    assert interrupted.current_epoch == 1  # stopped after epoch 0 of 2
     last = next((tmp_path / "b").rglob("*.ckpt"))
-    resumed = run(tmp_path / "b", 2, ckpt_path=str(last))
+    resumed = run(tmp_path / "b", ckpt_path=str(last))
     for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
@@ -164,7 +172,7 @@ def test_checkpoint_holds_student_not_teacher_and_reloads(tmp_path, teacher_ckpt
     ],
 )
 def test_bad_teacher_checkpoint_fails_before_training(tmp_path, problem, error):
-    path = tmp_path / "t.pth"
+    path = str(tmp_path / "t.pth")
     if problem == "other_classes":
         torch.save({"model": create_teacher("deit_tiny_patch16_224", **(TINY | {"num_classes": 3})).state_dict()}, path)
     elif problem == "other_arch":
@@ -247,7 +255,7 @@ def test_deit_s_recipe_runs_two_steps_on_an_image_folder(tmp_path):
     assert "train/ratio" in metrics and "val/top1" in metrics
 
 
-def write_tiny_config(tmp_path: Path, teacher_ckpt: Path, **trainer_args) -> Path:
+def write_tiny_config(tmp_path: Path, teacher_ckpt: str, **trainer_args) -> Path:
     cfg = {
         "trainer": {
             "default_root_dir": str(tmp_path / "run"),
@@ -262,7 +270,7 @@ def write_tiny_config(tmp_path: Path, teacher_ckpt: Path, **trainer_args) -> Pat
             "init_args": {
                 "model_name": "deit_tiny_patch16_224",
                 "pruning_loc": list(TINY_LOC),
-                "teacher_checkpoint": str(teacher_ckpt),
+                "teacher_checkpoint": teacher_ckpt,
                 "model_kwargs": MODEL_KWARGS,
                 "lr_base_batch_size": None,
                 "warmup_epochs": 0,

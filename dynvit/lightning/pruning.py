@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,9 +43,9 @@ class DynamicViTModule(ImageClassification):
         in_chans: int = 3,
         keep_ratio: float = 0.7,
         pruning_loc: Sequence[int] | None = None,
-        teacher_checkpoint: str | Path | None = None,
+        teacher_checkpoint: str | None = None,
         pretrained: bool = False,
-        student_checkpoint: str | Path | None = None,
+        student_checkpoint: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynvit.measure.flops import model_input_size
+from dynvit.models.dynamic_vit import input_size
 
 
 def _sync(device: torch.device) -> None:
@@ -38,9 +38,9 @@ def measure_throughput(
         dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
     """
     device = torch.device(device)
-    size = model_input_size(model) if img_size is None else img_size
+    in_chans, *own_size = input_size(model)
+    size = own_size if img_size is None else img_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    in_chans = getattr(model.patch_embed, "in_chans", None) or 3
     was_training, old_device = model.training, next(model.parameters()).device
     model.eval().to(device)
     x = torch.randn(batch_size, in_chans, *size, device=device)
