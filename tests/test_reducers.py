@@ -168,6 +168,16 @@ def test_no_reduction_reproduces_the_plain_model(base, images, method):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_unfused_attention_path_gives_the_same_selection(base, images):
+    fused = reduced(base, "evit", **PARAMS["evit"])
+    unfused = reduced(base, "evit", **PARAMS["evit"])
+    for block in unfused.blocks:
+        block.attn.fused_attn = False  # the explicit softmax path, whose class row is read off the matrix
+    (want, want_masks), (got, got_masks) = fused.predict_with_masks(images), unfused.predict_with_masks(images)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got_masks, want_masks, strict=True))
+
+
 @pytest.fixture(scope="module")
 def peaky() -> nn.Module:
     """A tiny ViT with sharp attention (large qkv weights), so significance differs between tokens."""

@@ -102,9 +102,10 @@ class AttentiveViT(SelectionViT):
             keep = attentive_count(self.keep_rate, n)
             x, top = keep_attentive(x, stats.cls_attn.mean(dim=1), keep, self.fuse)
             index = torch.gather(index, 1, top)
-            if self.fuse and keep < n:
+            fused = self.fuse and keep < n  # nothing dropped, nothing to fuse
+            if fused:
                 index = torch.cat([index, index.new_full((B, 1), self.num_patches)], dim=1)
-            n = keep + (self.fuse and keep < n)
+            n = keep + fused
             kept.append(index)
             x = block.feed_forward(x)
         counts = torch.tensor(self.token_schedule(), device=x.device).expand(B, -1, -1)
