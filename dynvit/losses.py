@@ -53,18 +53,27 @@ def token_distillation_loss(
 ) -> torch.Tensor:
     """Distil the final tokens the student kept: MSE of features (ViT) or KL of dense predictions (LV-ViT).
 
+    Averaged over kept tokens only (and channels for MSE); 0 when nothing was kept. Written as a
+    masked sum rather than boolean indexing so a training step never waits on the GPU.
+
     Args:
         student_tokens, teacher_tokens: (B, N, C) final patch tokens or dense class predictions.
         keep_mask: (B, N) keep mask after the last stage; only kept tokens are compared.
     """
-    kept = keep_mask > 0.5
-    if not kept.any():
-        # Nothing survived: no token to match, and a mean over nothing would be NaN.
-        return student_tokens.sum() * 0.0
-    s, t = student_tokens[kept], teacher_tokens[kept].to(student_tokens.dtype)
+    kept = (keep_mask > 0.5).to(student_tokens.dtype).unsqueeze(-1)
+    teacher_tokens = teacher_tokens.to(student_tokens.dtype)
     if mode == "mse":
-        return F.mse_loss(s, t)
-    return logit_distillation_loss(s, t)
+        per_token = (student_tokens - teacher_tokens).pow(2)
+        count = kept.sum() * student_tokens.shape[-1]
+    else:
+        per_token = F.kl_div(
+            F.log_softmax(student_tokens, dim=-1),
+            F.log_softmax(teacher_tokens, dim=-1),
+            reduction="none",
+            log_target=True,
+        )
+        count = kept.sum()
+    return (per_token * kept).sum() / count.clamp_min(1)
 
 
 class DynamicViTLoss(nn.Module):

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from timm.data import Mixup
 from torch import nn
@@ -86,6 +87,28 @@ class ImageClassification(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.net(x).softmax(dim=-1)
 
+    # -- exact resume ----------------------------------------------------------------------------
+    # Lightning restores weights, optimiser and loop state but not the random generators, so Gumbel
+    # noise, shuffling and mixup would diverge after `--ckpt_path last`. Single-process runs carry
+    # them in the checkpoint (as tensors, so the file still loads with weights_only=True).
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), torch.tensor([pos, has_gauss]), torch.tensor(cached)],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states is None or self._trainer is None or self.trainer.world_size != 1:
+            return
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        keys, (pos, has_gauss), cached = states["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+
     # -- optimisation ---------------------------------------------------------------------------
     def global_batch_size(self) -> int:
         batch = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
@@ -97,11 +120,19 @@ class ImageClassification(L.LightningModule):
         base = self.hparams.lr_base_batch_size
         return self.hparams.lr if base is None else self.hparams.lr * self.global_batch_size() / base
 
+    def steps_per_epoch(self, total_steps: int) -> float:
+        """Optimiser steps per epoch, to turn ``warmup_epochs`` into steps."""
+        t = self.trainer
+        if t.max_steps == -1 and t.max_epochs and t.max_epochs > 0:
+            return total_steps / t.max_epochs
+        # Step-limited runs: count one epoch of batches (per process) directly.
+        batches = len(t.datamodule.train_dataloader()) if t.datamodule else t.num_training_batches
+        return math.ceil(batches / t.world_size) / t.accumulate_grad_batches
+
     def configure_optimizers(self):
         groups = param_groups(self.net, self.peak_lr(), self.hparams.weight_decay, self.lr_scales())
         optimizer = torch.optim.AdamW(groups)
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
-        warmup = min(total // 2, round(self.hparams.warmup_epochs * steps_per_epoch))
+        warmup = min(total // 2, round(self.hparams.warmup_epochs * self.steps_per_epoch(total)))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ class ClassifierModule(ImageClassification):
         num_classes: int = 1000,
         img_size: int = 224,
         in_chans: int = 3,
-        checkpoint: str | Path | None = None,
+        checkpoint: str | None = None,
         reset_head: bool = False,
         pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,9 +43,9 @@ class DynamicViTModule(ImageClassification):
         in_chans: int = 3,
         keep_ratio: float = 0.7,
         pruning_loc: Sequence[int] | None = None,
-        teacher_checkpoint: str | Path | None = None,
+        teacher_checkpoint: str | None = None,
         pretrained: bool = False,
-        student_checkpoint: str | Path | None = None,
+        student_checkpoint: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
@@ -148,9 +147,11 @@ class DynamicViTModule(ImageClassification):
     # The teacher is rebuilt from its own checkpoint; storing it in every student checkpoint would
     # double their size for nothing.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith(_TEACHER)]:
             del sd[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynvit.models.dynamic_vit import input_size
+
 
 def _sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
     """``F.scaled_dot_product_attention``: the two matrix products q·kᵀ and attn·v (one FLOP per MAC,
@@ -17,11 +19,6 @@ def _sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
     q, k, v = (inp.type().sizes() for inp in inputs[:3])
     batch_heads = prod(q[:-2])
     return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
-
-
-def model_input_size(model: nn.Module) -> tuple[int, int]:
-    """The (H, W) a ViT-like model was built for."""
-    return tuple(model.patch_embed.img_size)
 
 
 def count_flops(model: nn.Module, img_size: int | Sequence[int] | None = None) -> float:
@@ -33,10 +30,10 @@ def count_flops(model: nn.Module, img_size: int | Sequence[int] | None = None) -
     Args:
         img_size: Input resolution; by default the model's own.
     """
-    size = model_input_size(model) if img_size is None else img_size
+    in_chans, *own_size = input_size(model)
+    size = own_size if img_size is None else img_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     param = next(model.parameters())
-    in_chans = getattr(model.patch_embed, "in_chans", None) or 3
     x = torch.randn(1, in_chans, *size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()

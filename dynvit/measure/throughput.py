@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynvit.measure.flops import model_input_size
+from dynvit.models.dynamic_vit import input_size
 
 
 def _sync(device: torch.device) -> None:
@@ -26,24 +26,39 @@ def measure_throughput(
     dtype: torch.dtype = torch.float32,
     warmup: int = 3,
     repeats: int = 10,
+    compile: bool = False,
+    channels_last: bool = False,
 ) -> float:
     """Median images/s of ``repeats`` timed forward passes after ``warmup`` untimed ones.
 
     The model runs in eval mode under ``torch.inference_mode``; half types run under autocast with
     float32 weights, as mixed-precision users run it. CUDA work is synchronised before each clock
-    read. The model's mode and device are restored afterwards.
+    read. The model's mode, device and memory format are restored afterwards.
 
     Args:
         img_size: Input resolution; by default the model's own.
         dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+        compile: Time ``torch.compile(model, dynamic=False)`` instead of the eager model. Shapes are
+            static (a student keeps a fixed token count per stage), so one graph serves every call;
+            compilation happens in the first warm-up call, which is not timed (``warmup`` must be ≥ 1).
+        channels_last: Feed channels-last images and convert the model's 4-D weights (the patch
+            embedding convolution) to channels-last, which GPU convolution kernels prefer.
     """
+    if compile and warmup < 1:
+        raise ValueError("compile=True needs warmup >= 1: the first call compiles and must not be timed")
     device = torch.device(device)
-    size = model_input_size(model) if img_size is None else img_size
+    in_chans, *own_size = input_size(model)
+    size = own_size if img_size is None else img_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    in_chans = getattr(model.patch_embed, "in_chans", None) or 3
     was_training, old_device = model.training, next(model.parameters()).device
     model.eval().to(device)
     x = torch.randn(batch_size, in_chans, *size, device=device)
+    # Only a model that was in the default format is put back into it afterwards.
+    restore_format = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model, dynamic=False) if compile else model
     autocast = (
         torch.autocast(device.type, dtype=dtype)
         if dtype in (torch.float16, torch.bfloat16)
@@ -53,13 +68,15 @@ def measure_throughput(
     try:
         with torch.inference_mode(), autocast:
             for _ in range(warmup):
-                model(x)
+                run(x)
             _sync(device)
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(x)
+                run(x)
                 _sync(device)
                 times.append(time.perf_counter() - start)
     finally:
         model.train(was_training).to(old_device)
+        if restore_format:
+            model.to(memory_format=torch.contiguous_format)
     return batch_size / statistics.median(times)

@@ -11,18 +11,25 @@ from dynvit.models.checkpoint import (
 from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_vit import DynamicViT, StudentOutput, TokenPruning, keep_counts, validate_pruning
 from dynvit.models.factory import create_student, create_teacher, default_pruning_loc, forward_with_tokens
+from dynvit.models.lvvit import DynamicLVViT, LVViT, LVViTOutput
 from dynvit.models.masked_attention import MaskedAttention, MaskedBlock, masked_softmax
 from dynvit.models.predictor import KeepPredictor
+from dynvit.models.t2t_vit import DynamicT2TViT, T2TViT
 
 __all__ = [
     "CheckpointMismatch",
     "ConvStemPatchEmbed",
+    "DynamicLVViT",
+    "DynamicT2TViT",
     "DynamicViT",
     "KeepPredictor",
+    "LVViT",
+    "LVViTOutput",
     "LoadReport",
     "MaskedAttention",
     "MaskedBlock",
     "StudentOutput",
+    "T2TViT",
     "TokenPruning",
     "create_student",
     "create_teacher",

@@ -76,6 +76,13 @@ def init_predictor(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The (C, H, W) image a ViT-like model was built for."""
+    embed = model.patch_embed
+    chans = getattr(embed, "in_chans", None) or embed.proj.in_channels
+    return (chans, *embed.img_size)
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Batched ``x[b, index[b]]`` for tokens x (B, N, C) and indices (B, K): one kernel, no loop."""
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -191,12 +198,12 @@ class DynamicViT(TokenPruning, VisionTransformer):
         return vit.to(vit.cls_token.device)
 
     def check_input(self, x: torch.Tensor) -> None:
-        expected = tuple(self.patch_embed.img_size)
-        if x.ndim != 4 or tuple(x.shape[-2:]) != expected:
+        expected = input_size(self)
+        if tuple(x.shape[1:]) != expected:
             raise ValueError(
-                f"input of shape {tuple(x.shape)} does not fit this model: it expects (B, "
-                f"{self.patch_embed.proj.in_channels}, {expected[0]}, {expected[1]}) images; resize the "
-                f"data or build the model with img_size={tuple(x.shape[-2:])}"
+                f"input of shape {tuple(x.shape)} does not fit this model: it expects (B, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}) images; resize the data or build the model with "
+                f"img_size={tuple(x.shape[-2:])}"
             )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

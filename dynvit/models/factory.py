@@ -96,7 +96,13 @@ def create_student(
 
 
 def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and final patch tokens (B, N, C), after the final norm, of an unpruned ViT."""
+    """Logits and what token distillation compares, from an unpruned teacher.
+
+    For a ViT: the final patch tokens (B, N, C) after the final norm. For backbones with dense
+    per-token predictions (LV-ViT's ``forward_dense``): those predictions (B, N, num_classes).
+    """
+    if hasattr(model, "forward_dense"):
+        return model.forward_dense(x)
     features = model.forward_features(x)
     return model.forward_head(features), features[:, model.num_prefix_tokens :]
 

@@ -3,40 +3,52 @@
 In training the student keeps every token and *masks* dropped ones instead, so shapes stay fixed
 and the straight-through Gumbel decisions receive gradients through attention. An additive
 ``-inf`` mask would give the same forward but no gradient to the mask, hence the explicit formula.
+:class:`MaskedAttention` computes it with :func:`~dynvit.models.masked_attention_function.masked_attention`,
+which keeps no N×N tensor for backward; :func:`masked_softmax` is the plain formula it is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import Attention, Block
+from torch import nn
 
-MASK_EPS = 1e-6
+from dynvit.models.masked_attention_function import MASK_EPS, masked_attention
 
 
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor, eps: float = MASK_EPS) -> torch.Tensor:
     """Softmax over keys where query i sees key j only if ``keep[j] = 1`` or ``j = i``.
 
-    Computed in float32 for stability at any input dtype:
+    Computed in float32 for stability at any lower input dtype (float64 stays float64):
     ``w_ij = exp(a_ij - max_j a_ij) * M_ij``, ``p_ij = (w_ij + eps / N) / (sum_j w_ij + eps)``.
 
     Args:
         scores: Attention logits (B, H, N, N).
         keep: Keep mask (B, N) in [0, 1], differentiable.
     Returns:
-        Attention weights (B, H, N, N) in float32.
+        Attention weights (B, H, N, N) in float32 (float64 for float64 scores).
     """
     n = scores.shape[-1]
-    keep = keep.float()[:, None, None, :]
-    eye = torch.eye(n, dtype=keep.dtype, device=keep.device)
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    keep = keep.to(dtype)[:, None, None, :]
+    eye = torch.eye(n, dtype=dtype, device=keep.device)
     # A dropped token still attends to itself so its row stays a valid distribution.
     allowed = keep + (1.0 - keep) * eye
-    scores = scores.float()
+    scores = scores.to(dtype)
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp() * allowed
     return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
 
 
 class MaskedAttention(Attention):
-    """timm's ``Attention`` plus a keep-masked path; without a mask it is timm's fused attention."""
+    """timm's ``Attention`` plus a keep-masked path; without a mask it is timm's fused attention.
+
+    With a mask it runs :func:`~dynvit.models.masked_attention_function.masked_attention`, which
+    recomputes the attention weights in backward instead of storing them. Setting ``recompute =
+    False`` (see :func:`set_recompute`) selects the plain autograd formula instead, which keeps the
+    float32 (B, H, N, N) intermediates; so does attention dropout in training, which needs them.
+    """
+
+    recompute: bool = True
 
     def forward(
         self,
@@ -51,8 +63,11 @@ class MaskedAttention(Attention):
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
-        x = self.attn_drop(attn).to(v.dtype) @ v
+        if self.recompute and not (self.training and self.attn_drop.p > 0):
+            x = masked_attention(q, k, v, keep, self.scale)
+        else:
+            attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
+            x = self.attn_drop(attn).to(v.dtype) @ v
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
@@ -86,4 +101,21 @@ def make_block_maskable(block: Block) -> None:
     block.attn.__class__ = MaskedAttention
 
 
-__all__ = ["MASK_EPS", "MaskedAttention", "MaskedBlock", "make_block_maskable", "masked_softmax"]
+def set_recompute(model: nn.Module, enabled: bool) -> int:
+    """Choose, for every :class:`MaskedAttention` in ``model``, the recomputing Function (``True``,
+    the default) or the plain autograd formula (``False``). Returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, MaskedAttention)]
+    for layer in layers:
+        layer.recompute = enabled
+    return len(layers)
+
+
+__all__ = [
+    "MASK_EPS",
+    "MaskedAttention",
+    "MaskedBlock",
+    "make_block_maskable",
+    "masked_attention",
+    "masked_softmax",
+    "set_recompute",
+]

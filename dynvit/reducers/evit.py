@@ -1,0 +1,129 @@
+"""EViT (Liang et al., "Not All Patches are What You Need", ICLR 2022) and its fusion-free variant, top-k.
+
+At chosen blocks, between attention and MLP, the non-class tokens are ranked by the class token's
+attention (mean over heads) in that block; the top ``ceil(keep_rate · n)`` of the n current ones
+stay and the MLP runs on them. EViT also fuses the dropped tokens into one token, their
+attention-weighted mean, appended after the kept ones; at a later stage that fused token is ranked
+like any other (and fused again if dropped). Top-k just drops them. No parameters are added;
+EViT is meant to be fine-tuned, top-k is used training-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dynvit.models.dynamic_vit import gather_tokens
+from dynvit.reducers.base import ReducedRun, SelectionViT, validate_loc, validate_rate
+
+
+def attentive_count(keep_rate: float, num_tokens: int) -> int:
+    """Tokens kept out of ``num_tokens``: ``ceil(keep_rate · num_tokens)``, so at least one stays.
+
+    The product is rounded to 6 decimals first so float noise does not add a token (0.7 · 10 is
+    7.000000000000001 in floating point, which a bare ``ceil`` would make 8).
+    """
+    return math.ceil(round(keep_rate * num_tokens, 6))
+
+
+def keep_attentive(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``keep`` non-class tokens the class token attends to most; optionally fuse the rest.
+
+    Args:
+        x: Tokens (B, 1 + n, C), class token first.
+        cls_attn: The class token's attention over the same tokens (B, 1 + n), averaged over heads.
+        keep: Non-class tokens to keep, 1..n. ``keep = n`` returns x unchanged (nothing to fuse).
+        fuse: Append the dropped tokens' attention-weighted mean as one extra token.
+    Returns:
+        The new tokens (B, 1 + keep [+ 1], C) — class token, kept ones in their original order, fused
+        one — and the positions (B, keep) of the kept tokens among the n non-class ones.
+    """
+    tokens, scores = x[:, 1:], cls_attn[:, 1:]
+    n = tokens.shape[1]
+    if keep >= n:
+        return x, torch.arange(n, device=x.device).expand(x.shape[0], -1)
+    top = scores.topk(keep, dim=1).indices.sort(dim=1).values
+    parts = [x[:, :1], gather_tokens(tokens, top)]
+    if fuse:
+        dropped = scores.scatter(1, top, 0.0)  # attention of the dropped tokens, zero on the kept
+        weight = dropped / dropped.sum(dim=1, keepdim=True).clamp_min(torch.finfo(dropped.dtype).tiny)
+        parts.append((weight.unsqueeze(-1) * tokens).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1), top
+
+
+def attentive_schedule(
+    num_patches: int, depth: int, keep_rate: float, pruning_loc: Sequence[int], fuse: bool
+) -> list[tuple[int, int]]:
+    """Tokens (class token included) in attention and MLP of every block for EViT / top-k."""
+    counts, n = [], num_patches
+    for i in range(depth):
+        before = n
+        if i in pruning_loc:
+            keep = attentive_count(keep_rate, n)
+            n = keep + (fuse and keep < n)
+        counts.append((before + 1, n + 1))
+    return counts
+
+
+class AttentiveViT(SelectionViT):
+    """A timm ViT that keeps the class token's most attended tokens at ``pruning_loc`` blocks.
+
+    Build with ``apply_reducer(vit, "evit", keep_rate=0.7)`` or ``"topk"``.
+    """
+
+    fuse: bool  # set by the subclasses below
+
+    def configure(self, keep_rate: float = 0.7, pruning_loc: Sequence[int] | None = None) -> None:
+        """Args:
+        keep_rate: Fraction in (0, 1] of the current non-class tokens kept at each stage (rounded up).
+        pruning_loc: Blocks in which tokens are reduced, after attention; by default DynamicViT's
+            stage blocks (3, 6, 9 for a 12-block ViT, EViT's 4th, 7th and 10th).
+        """
+        validate_rate("keep_rate", keep_rate)
+        loc = self.default_loc() if pruning_loc is None else tuple(pruning_loc)
+        validate_loc(loc, len(self.blocks), self.num_patches)
+        self.keep_rate, self.pruning_loc = float(keep_rate), loc
+
+    def token_schedule(self) -> list[tuple[int, int]]:
+        return attentive_schedule(self.num_patches, len(self.blocks), self.keep_rate, self.pruning_loc, self.fuse)
+
+    def run_blocks(self, x: torch.Tensor) -> ReducedRun:
+        B = x.shape[0]
+        # Original patch index of each non-class token; the fused token gets num_patches.
+        index = torch.arange(self.num_patches, device=x.device).expand(B, -1)
+        kept, n = [], self.num_patches  # n: current non-class tokens, a Python int even under jit tracing
+        for i, block in enumerate(self.blocks):
+            if i not in self.pruning_loc:
+                x = block(x)
+                continue
+            x, stats = block.attend(x, cls_attn=True)
+            keep = attentive_count(self.keep_rate, n)
+            x, top = keep_attentive(x, stats.cls_attn.mean(dim=1), keep, self.fuse)
+            index = torch.gather(index, 1, top)
+            fused = self.fuse and keep < n  # nothing dropped, nothing to fuse
+            if fused:
+                index = torch.cat([index, index.new_full((B, 1), self.num_patches)], dim=1)
+            n = keep + fused
+            kept.append(index)
+            x = block.feed_forward(x)
+        counts = torch.tensor(self.token_schedule(), device=x.device).expand(B, -1, -1)
+        return ReducedRun(tokens=x, kept=kept, counts=counts)
+
+
+class EViT(AttentiveViT):
+    """EViT: :class:`AttentiveViT` plus one fused token made of the dropped ones."""
+
+    method = "evit"
+    fuse = True
+
+
+class TopKViT(AttentiveViT):
+    """Attention top-k: EViT's selection without the fused token, training-free."""
+
+    method = "topk"
+    fuse = False
+
+
+__all__ = ["AttentiveViT", "EViT", "TopKViT", "attentive_count", "attentive_schedule", "keep_attentive"]

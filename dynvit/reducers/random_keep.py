@@ -1,0 +1,69 @@
+"""Random keep: the floor any learned or scored selection has to beat.
+
+Before the same blocks and with the same token counts as DynamicViT at keep ratio ρ
+(``int(N · ρ^s)`` patch tokens at stage s, :func:`~dynvit.models.dynamic_vit.keep_counts`), keep
+patch tokens chosen uniformly at random. In eval the choice comes from a generator seeded afresh on
+every call, so a model evaluated twice gives the same logits; in training it draws from torch's
+global generator, so every step sees a new subset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dynvit.models.dynamic_vit import gather_tokens, keep_counts, validate_pruning
+from dynvit.reducers.base import ReducedRun, SelectionViT, validate_loc
+
+
+class RandomKeepViT(SelectionViT):
+    """A timm ViT keeping random patch tokens before ``pruning_loc`` blocks, in DynamicViT's numbers.
+
+    Build with ``apply_reducer(vit, "random", keep_ratio=0.7)``.
+    """
+
+    method = "random"
+
+    def configure(self, keep_ratio: float = 0.7, pruning_loc: Sequence[int] | None = None, seed: int = 0) -> None:
+        """Args:
+        keep_ratio: DynamicViT's ρ: stage s keeps ``int(N · ρ^s)`` of the N patch tokens.
+        pruning_loc: Blocks before which tokens are dropped; DynamicViT's default by default.
+        seed: Seed of the eval-mode generator.
+        """
+        loc = self.default_loc() if pruning_loc is None else tuple(pruning_loc)
+        validate_loc(loc, len(self.blocks), self.num_patches)
+        validate_pruning(keep_ratio, loc, len(self.blocks), self.num_patches)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.keep_ratio, self.pruning_loc, self.seed = float(keep_ratio), loc, seed
+        self.keep_counts = keep_counts(self.num_patches, self.keep_ratio, len(loc))
+
+    def token_schedule(self) -> list[tuple[int, int]]:
+        counts, n = [], self.num_patches
+        for i in range(len(self.blocks)):
+            if i in self.pruning_loc:
+                n = self.keep_counts[self.pruning_loc.index(i)]
+            counts.append((n + 1, n + 1))
+        return counts
+
+    def run_blocks(self, x: torch.Tensor) -> ReducedRun:
+        B = x.shape[0]
+        generator = None if self.training else torch.Generator(device=x.device).manual_seed(self.seed)
+        index = torch.arange(self.num_patches, device=x.device).expand(B, -1)
+        kept = []
+        for i, block in enumerate(self.blocks):
+            if i in self.pruning_loc:
+                k, n = self.keep_counts[self.pruning_loc.index(i)], x.shape[1] - 1
+                # The k largest of n uniform draws are a uniform random k-subset.
+                draws = torch.rand(B, n, generator=generator, device=x.device)
+                pos = draws.topk(k, dim=1).indices.sort(dim=1).values
+                x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], pos)], dim=1)
+                index = torch.gather(index, 1, pos)
+                kept.append(index)
+            x = block(x)
+        counts = torch.tensor(self.token_schedule(), device=x.device).expand(B, -1, -1)
+        return ReducedRun(tokens=x, kept=kept, counts=counts)
+
+
+__all__ = ["RandomKeepViT"]

@@ -1,0 +1,358 @@
+"""Token reducers (ToMe, EViT, top-k, ATS, random keep) on tiny ViTs: counts, maths, errors, FLOPs, matching."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from dynvit import count_flops, create_student, create_teacher
+from dynvit.models import keep_counts
+from dynvit.reducers import REDUCERS, TokenCost, apply_reducer, create_reduced, matching, realised_gflops
+from dynvit.reducers.ats import inverse_transform_sample
+from dynvit.reducers.cost import fvcore_flops
+from dynvit.reducers.matching import match_keep_rate, match_tome_r, nearest
+from dynvit.reducers.tome import bipartite_soft_matching, merge_weighted
+
+NAME = "deit_small_patch16_224"
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+N = 64  # patch tokens of the tiny ViT
+LOC = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    return create_teacher(NAME, **TINY).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32)
+
+
+def reduced(base: nn.Module, method: str, **params) -> nn.Module:
+    return apply_reducer(copy.deepcopy(base), method, **params).eval()
+
+
+def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """Tokens actually entering each block's attention and MLP, read off the tensors by hooks."""
+    seen: list[int] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        for block in model.blocks
+        for m in (block.norm1, block.norm2)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(zip(seen[::2], seen[1::2], strict=True))
+
+
+def expected_counts(method: str) -> list[tuple[int, int]]:
+    """Per-block (attention, MLP) token counts, class token included, from each method's stated rule."""
+    if method == "tome":  # r=5 merged in every block
+        return [(65 - 5 * i, 60 - 5 * i) for i in range(4)]
+    if method == "random":  # int(N * 0.5**s) before blocks 1, 2, 3
+        return [(65, 65)] + [(1 + int(N * 0.5**s), 1 + int(N * 0.5**s)) for s in (1, 2, 3)]
+    counts, n = [(65, 65)], N  # evit/topk at 0.5 in blocks 1, 2, 3: ceil(0.5 n) kept (+1 fused)
+    for _ in LOC:
+        attn = n + 1
+        n = math.ceil(0.5 * n) + (method == "evit")
+        counts.append((attn, n + 1))
+    return counts
+
+
+PARAMS = {
+    "tome": dict(r=5),
+    "evit": dict(keep_rate=0.5, pruning_loc=LOC),
+    "topk": dict(keep_rate=0.5, pruning_loc=LOC),
+    "random": dict(keep_ratio=0.5, pruning_loc=LOC),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_token_counts_per_block(base, images, method):
+    model = reduced(base, method, **PARAMS[method])
+    want = expected_counts(method)
+    assert record_counts(model, images) == want
+    assert model.token_schedule() == want
+    logits, counts = model.predict_with_counts(images)
+    assert logits.shape == (4, 10)
+    assert counts.tolist() == [[list(c) for c in want]] * 4
+
+
+def test_tome_sizes_sum_to_token_count_and_class_token_is_never_merged(base, images):
+    model = reduced(base, "tome", r=5)
+    steps = model.sizes_per_block(images)
+    for tokens, size in steps:
+        assert tokens.shape[:2] == size.shape[:2]
+        torch.testing.assert_close(size.sum(dim=(1, 2)), torch.full((4,), 65.0))
+        assert torch.all(size[:, 0] == 1)
+    # Block 0 attends over unmerged tokens, and the MLP is per token: the class token after it must
+    # equal the plain block's, which only holds if it was not averaged into anything.
+    with torch.no_grad():
+        plain = base.blocks[0](base.norm_pre(base._pos_embed(base.patch_embed(images))))
+    torch.testing.assert_close(steps[0][0][:, 0], plain[:, 0], rtol=0, atol=1e-6)
+
+
+def test_bipartite_matching_merges_the_most_similar_pair_by_size():
+    # Tokens [cls, t1, t2, t3, t4]: A = (cls, t2, t4), B = (t1, t3); t2 and t3 are nearly parallel.
+    metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0.1, 1], [0, 0, 1], [1, 1, 0]]])
+    # cls is identical to nothing but closest to t1 (cos 0) — still protected.
+    plan = bipartite_soft_matching(metric, r=1)
+    x = torch.arange(5.0).repeat(2, 1).T.unsqueeze(0)  # token i has value i in both channels
+    size = torch.tensor([[[1.0], [1], [2], [3], [1]]])
+    merged, new_size = merge_weighted(plan, x, size)
+    assert new_size.squeeze().tolist() == [1, 1, 1, 5]  # cls, t4 (unmerged A), t1, t3+t2 (B)
+    assert merged[0, :, 0].tolist() == pytest.approx([0, 4, 1, (2 * 2 + 3 * 3) / 5])
+
+
+def test_tome_r_is_capped_where_half_the_tokens_remain(base):
+    model = reduced(base, "tome", r=32)
+    assert model.merges == [32, 16, 8, 4]  # 64 → 32 → 16 → 8 → 4 patch tokens
+
+
+def cls_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class-token attention (mean over heads) of a plain timm block, written out by hand."""
+    attn = block.attn
+    B, n, C = x.shape
+    q, k, _ = attn.qkv(block.norm1(x)).reshape(B, n, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0].mean(1)
+
+
+def test_evit_fused_token_is_attention_weighted_mean_of_dropped_tokens(base, images):
+    model = reduced(base, "evit", keep_rate=0.5, pruning_loc=(1,))
+    captured = {}
+    hook = model.blocks[1].norm2.register_forward_pre_hook(lambda _, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    with torch.no_grad():
+        x = base.blocks[0](base.norm_pre(base._pos_embed(base.patch_embed(images))))
+        a = cls_attention(base.blocks[1], x)[:, 1:]
+        x = x + base.blocks[1].attn(base.blocks[1].norm1(x))
+    top = a.topk(32, dim=1).indices.sort(dim=1).values
+    dropped = torch.ones_like(a, dtype=torch.bool).scatter(1, top, False)
+    w = a * dropped
+    fused = (w.unsqueeze(-1) * x[:, 1:]).sum(1) / w.sum(1, keepdim=True)
+    got = captured["x"]
+    assert got.shape == (4, 1 + 32 + 1, 32)
+    torch.testing.assert_close(got[:, -1], fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, 1:-1], torch.gather(x[:, 1:], 1, top.unsqueeze(-1).expand(-1, -1, 32)))
+    _, masks = model.predict_with_masks(images)
+    assert torch.equal(masks[0], ~dropped)
+
+
+NO_REDUCTION = {
+    "tome": dict(r=0),
+    "topk": dict(keep_rate=1.0, pruning_loc=LOC),
+    "evit": dict(keep_rate=1.0, pruning_loc=LOC),
+    "ats": dict(max_tokens=N, pruning_loc=LOC),
+    "random": dict(keep_ratio=1.0, pruning_loc=LOC),
+}
+
+
+@pytest.mark.parametrize("method", sorted(NO_REDUCTION))
+def test_no_reduction_reproduces_the_plain_model(base, images, method):
+    with torch.no_grad():
+        want = base(images)
+        got = reduced(base, method, **NO_REDUCTION[method])(images)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_unfused_attention_path_gives_the_same_selection(base, images):
+    fused = reduced(base, "evit", **PARAMS["evit"])
+    unfused = reduced(base, "evit", **PARAMS["evit"])
+    for block in unfused.blocks:
+        block.attn.fused_attn = False  # the explicit softmax path, whose class row is read off the matrix
+    (want, want_masks), (got, got_masks) = fused.predict_with_masks(images), unfused.predict_with_masks(images)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got_masks, want_masks, strict=True))
+
+
+@pytest.fixture(scope="module")
+def peaky() -> nn.Module:
+    """A tiny ViT with sharp attention (large qkv weights), so significance differs between tokens."""
+    torch.manual_seed(1)
+    model = create_teacher(NAME, **TINY).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.normal_(std=0.6)
+    return model
+
+
+def test_ats_kept_counts_vary_per_image_and_never_exceed_k(peaky):
+    k = 24
+    model = reduced(peaky, "ats", max_tokens=k, pruning_loc=LOC)
+    x = torch.randn(8, 3, 32, 32)
+    logits, masks = model.predict_with_masks(x)
+    _, counts = model.predict_with_counts(x)
+    kept = torch.stack([m.sum(1) for m in masks], dim=1)  # (B, stages)
+    assert kept.max() <= k and kept.min() >= 1
+    assert len(set(kept[:, 0].tolist())) > 1  # adaptive: not every image keeps the same number
+    assert torch.equal(counts[:, 1:, 1] - 1, kept)  # MLP of block s sees the tokens kept at its stage
+    for earlier, later in zip(masks, masks[1:], strict=False):
+        assert not (later & ~earlier).any()  # a dropped patch never comes back
+    # Padding is invisible: each image alone gives the same logits and masks as in the batch.
+    for i in range(x.shape[0]):
+        alone, alone_masks = model.predict_with_masks(x[i : i + 1])
+        torch.testing.assert_close(alone[0], logits[i], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(a[0], m[i]) for a, m in zip(alone_masks, masks, strict=True))
+
+
+def test_inverse_transform_sampling_collapses_duplicates():
+    sig = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    picked = inverse_transform_sample(sig, 4)
+    # Quantiles 1/8, 3/8, 5/8, 7/8: three fall in the 0.7 step, one in a 0.1 step.
+    assert picked.sum(1).tolist() == [2, 4]
+    assert picked[0, 0]
+
+
+def test_random_keep_counts_and_seeded_eval(base, images):
+    model = reduced(base, "random", keep_ratio=0.6, pruning_loc=LOC, seed=3)
+    logits, masks = model.predict_with_masks(images)
+    assert [m.sum(1).tolist() for m in masks] == [[k] * 4 for k in keep_counts(N, 0.6, 3)]
+    again, masks_again = model.predict_with_masks(images)
+    assert torch.equal(logits, again) and all(torch.equal(a, b) for a, b in zip(masks, masks_again, strict=True))
+    assert not torch.equal(masks[0][0], masks[0][1])  # each image draws its own subset
+    other = reduced(base, "random", keep_ratio=0.6, pruning_loc=LOC, seed=4)
+    assert not torch.equal(other.predict_with_masks(images)[1][0], masks[0])
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "error"),
+    [
+        ("nope", {}, ValueError),
+        ("tome", dict(r=-1), ValueError),
+        ("tome", dict(r=33), ValueError),  # more than 64 // 2 in the first block
+        ("tome", dict(r=[1, 2]), ValueError),
+        ("evit", dict(keep_rate=0.0), ValueError),
+        ("topk", dict(keep_rate=1.5), ValueError),
+        ("evit", dict(pruning_loc=(1, 4)), ValueError),  # past the last of 4 blocks
+        ("topk", dict(pruning_loc=(2, 1)), ValueError),
+        ("ats", dict(max_tokens=0), ValueError),
+        ("ats", dict(max_tokens=[4, 4], pruning_loc=LOC), ValueError),
+        ("ats", {}, TypeError),  # max_tokens is required
+        ("random", dict(keep_ratio=0.05), ValueError),  # int(64 * 0.05**3) = 0 tokens
+        ("random", dict(keep_ratio=0.7, pruning_loc=(5,)), ValueError),
+        ("evit", dict(keep_ratio=0.7), TypeError),  # that is random's parameter name
+    ],
+)
+def test_bad_parameters_raise_and_leave_the_model_usable(base, images, method, params, error):
+    model = copy.deepcopy(base)
+    with pytest.raises(error, match=r"\S"):
+        apply_reducer(model, method, **params)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
+    if method in REDUCERS:
+        assert type(model) is type(base)
+
+
+def test_only_plain_class_token_vits_are_reducible():
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        apply_reducer(nn.Linear(2, 2), "tome", r=1)
+    with pytest.raises(TypeError, match="subclass DynamicViT"):
+        apply_reducer(create_student(NAME, pruning_loc=LOC, **TINY), "tome", r=1)
+    with pytest.raises(TypeError, match="class token"):
+        apply_reducer(create_teacher(NAME, global_pool="avg", class_token=False, **TINY), "tome", r=1)
+
+
+def test_reduced_models_train_like_classifiers(base, images):
+    for method, params in [
+        ("tome", dict(r=5)),
+        ("evit", PARAMS["evit"]),
+        ("ats", dict(max_tokens=20, pruning_loc=LOC)),
+    ]:
+        model = reduced(base, method, **params).train()
+        logits = model(images)
+        assert logits.shape == (4, 10)
+        nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+        assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_create_reduced_routes_params_and_checkpoint(base, images, tmp_path):
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": base.state_dict()}, path)
+    model = create_reduced(NAME, "evit", checkpoint=path, params=dict(keep_rate=0.5, pruning_loc=LOC), **TINY).eval()
+    assert model.keep_rate == 0.5 and model.pruning_loc == LOC
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reduced(base, "evit", **PARAMS["evit"])(images))
+    with pytest.raises(ValueError, match="unknown token-reduction method"):
+        create_reduced(NAME, "tomee", **TINY)
+
+
+def test_token_cost_matches_fvcore(base, peaky):
+    cost = TokenCost.from_model(base)  # reducers change no block, so one fit serves them all
+    assert cost(torch.tensor([[[N + 1, N + 1]] * 4])).item() == pytest.approx(count_flops(base), rel=1e-12)
+    for method in ("random", "topk", "evit", "tome"):
+        model = reduced(base, method, **PARAMS[method])
+        counts = torch.tensor([model.token_schedule()])
+        # The reducers' own small matrix products (class-attention row, ToMe's similarities) are extra.
+        assert cost(counts).item() == pytest.approx(count_flops(model), rel=0.02)
+    model = reduced(peaky, "ats", max_tokens=24, pruning_loc=LOC)
+    x = torch.randn(2, 3, 32, 32)
+    gflops, counts = realised_gflops(model, x, cost)
+    assert gflops[0] != gflops[1]
+    for i in range(2):
+        assert gflops[i].item() == pytest.approx(fvcore_flops(model, x[i : i + 1]) / 1e9, rel=0.02)
+
+
+def test_nearest_bisects_to_the_brute_force_answer():
+    values = [10, 9, 9, 9, 7, 6, 6, 3, 1]  # non-increasing, with runs of equal GFLOPs
+    calls: list[int] = []
+
+    def g(i: int) -> float:
+        calls.append(i)
+        return values[i]
+
+    for target in (11, 10, 9.5, 8, 6.5, 4.5, 2, 0):
+        calls.clear()
+        got = nearest(list(range(len(values))), g, target)
+        want = min(range(len(values)), key=lambda i: (abs(values[i] - target), i))
+        assert got == (want, values[want])
+        assert len(set(calls)) <= 8
+
+
+@pytest.fixture
+def counted(monkeypatch) -> Callable[[nn.Module], float]:
+    """``count_flops`` counted once per token schedule and shared by the sweep and the matcher, so the
+    test compares the search against brute force on the same fvcore numbers without recounting."""
+    cache: dict[tuple, float] = {}
+
+    def count(model: nn.Module) -> float:
+        key = (model.method, tuple(model.token_schedule()))
+        if key not in cache:
+            cache[key] = count_flops(model)
+        return cache[key]
+
+    monkeypatch.setattr(matching, "count_flops", count)
+    return count
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "topk"])
+def test_matching_agrees_with_a_brute_force_sweep(counted, method):
+    torch.manual_seed(0)
+    small = create_teacher(NAME, **{**TINY, "img_size": 12})  # 9 patch tokens: a short sweep
+    factory = lambda: copy.deepcopy(small)
+    if method == "tome":
+        candidates, name, extra = list(range(5)), "r", {}
+    else:
+        candidates, name, extra = [round(i / 10, 10) for i in range(10, 0, -1)], "keep_rate", dict(pruning_loc=LOC)
+    sweep = [counted(apply_reducer(factory(), method, **{name: v}, **extra)) for v in candidates]
+    lo, hi = min(sweep), max(sweep)
+    assert lo < hi
+    for target in (hi + 1, hi, (lo + hi) / 2, lo + (hi - lo) / 7, lo - 1):
+        want = min(range(len(candidates)), key=lambda i: (abs(sweep[i] - target), i))
+        if method == "tome":
+            got = match_tome_r(factory, target)
+        else:
+            got = match_keep_rate(factory, target, method=method, steps=10, **extra)
+        assert got == (candidates[want], sweep[want])
