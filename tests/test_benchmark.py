@@ -11,11 +11,12 @@ import torch
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.benchmark import SpeedSettings, benchmark, dynamicvit_at
 from dynvit.cli import DynViTCLI
+from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.models import CheckpointMismatch
 from dynvit.report import ResultRow, format_table
-from tests.tiny_data import SquaresDataModule, tiny_config, write_config
+from tests.tiny_config import DIGITS, tiny_config, write_config
 
-ARCH = dict(num_classes=16, img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2)
+ARCH = dict(num_classes=10, img_size=32, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2)
 FAST = SpeedSettings(batch_size=2, warmup=0, repeats=1)
 
 
@@ -25,14 +26,14 @@ def _offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
 
 
-@pytest.fixture
-def val_loader():
-    data = SquaresDataModule(in_chans=3, num_val=12, batch_size=4)
+def digits_val_loader():
+    data = ClutteredDigitsDataModule(**{**DIGITS, "num_val": 12, "batch_size": 4})
     data.setup("validate")
     return data.val_dataloader()
 
 
-def test_rows_follow_the_keep_ratio_and_match_direct_measurements(val_loader):
+def test_rows_follow_the_keep_ratio_and_match_direct_measurements():
+    val_loader = digits_val_loader()
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
     teacher = create_teacher("vit_tiny_patch16_224", **ARCH)
     rows = benchmark(dynamicvit_at(student), [0.5, 0.9, 0.7], teacher, val_loader, FAST)
@@ -56,7 +57,15 @@ def test_rows_follow_the_keep_ratio_and_match_direct_measurements(val_loader):
         # Later stages keep a subset of earlier ones, so recall cannot rise from stage to stage.
         assert len(row.recall) == 3 and 1.0 >= row.recall[0] >= row.recall[1] >= row.recall[2] >= 0.0
     assert rows[0].recall == []  # the teacher keeps everything and reports no masks
-    assert rows[1].recall[0] > rows[3].recall[0]  # ρ=0.9 keeps more of the square than ρ=0.5
+    assert rows[1].recall[0] > rows[3].recall[0]  # ρ=0.9 keeps more of the digit than ρ=0.5
+
+
+def test_no_recall_without_patch_masks():
+    student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
+    data = SyntheticDataModule(num_classes=10, img_size=32, in_chans=1, val_size=8, batch_size=4, train_size=8)
+    data.setup("validate")
+    (row,) = benchmark(dynamicvit_at(student), [0.7], loader=data.val_dataloader(), settings=FAST)
+    assert row.recall == [] and 0.0 <= row.top1 <= 1.0
 
 
 def test_bad_ratios_and_non_pruned_models_are_refused():
@@ -115,14 +124,15 @@ def test_cli_writes_csv_json_and_figure(tmp_path, capsys):
 def test_cli_loads_student_weights_from_ckpt_path(tmp_path):
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
     with torch.no_grad():
-        student.head.bias.copy_(torch.arange(16.0) * 100)  # always predicts class 15
+        student.head.bias.copy_(torch.arange(10.0) * 100)  # always predicts class 9
     torch.save({"model": student.state_dict()}, tmp_path / "student.pth")
     run_benchmark(tmp_path, f"--ckpt_path={tmp_path / 'student.pth'}")
     records = json.loads((tmp_path / "bench" / "results.json").read_text())
-    data = SquaresDataModule(in_chans=3)
+    data = ClutteredDigitsDataModule(**DIGITS)
     data.setup("validate")
-    share_of_15 = (data.val_set.tensors[1] == 15).float().mean().item()
-    assert [r["top1"] for r in records[1:]] == pytest.approx([share_of_15] * 2)
+    labels = torch.cat([y for _, y, _ in data.val_dataloader()])
+    share_of_9 = (labels == 9).float().mean().item()
+    assert [r["top1"] for r in records[1:]] == pytest.approx([share_of_9] * 2)
 
 
 @pytest.mark.parametrize(

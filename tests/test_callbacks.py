@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torchvision.io import read_image
 
+from dynvit.data import ClutteredDigitsDataModule
 from dynvit.lightning import DynamicViTModule
 from dynvit.measure import (
     FlopsCallback,
@@ -26,7 +27,7 @@ from dynvit.measure import (
     kept_tokens_grid,
     to_display,
 )
-from tests.tiny_data import SquaresDataModule
+from tests.tiny_config import DIGITS, STUDENT
 
 KEEP_BEFORE, KEEP_AFTER = 0.7, 0.5
 
@@ -79,17 +80,7 @@ class ChangeKeepRatio(L.Callback):
 
 
 def tiny_module() -> DynamicViTModule:
-    return DynamicViTModule(
-        model_name="vit_tiny_patch16_224",
-        num_classes=16,
-        img_size=32,
-        in_chans=3,
-        keep_ratio=KEEP_BEFORE,
-        pruning_loc=(1, 2, 3),
-        model_kwargs=dict(patch_size=4, embed_dim=32, depth=4, num_heads=2),
-        lr_base_batch_size=None,
-        warmup_epochs=0,
-    )
+    return DynamicViTModule(num_classes=10, img_size=32, in_chans=1, keep_ratio=KEEP_BEFORE, **STUDENT)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +115,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(module, datamodule=SquaresDataModule(in_chans=3))
+        trainer.fit(module, datamodule=ClutteredDigitsDataModule(**DIGITS))
         run_dir = Path(wandb_logger.experiment.dir).parent
         wandb.finish()
     with open(root / "csv" / "version_0" / "metrics.csv") as f:
@@ -192,7 +183,7 @@ def test_kept_tokens_png_per_epoch_with_one_row_per_image(fitted):
     paths = sorted((fitted.root / "kept_tokens").glob("*.png"))
     assert [p.name for p in paths] == ["epoch_000.png", "epoch_001.png"]
     image = read_image(str(paths[-1]))
-    tile = 32 * 4  # 32-px inputs are enlarged 4× for legibility
+    tile = 32 * 4  # 32-px digits are enlarged 4× for legibility
     columns, rows = 1 + 3, 3  # input + 3 stages; 3 images
     assert tuple(image.shape) == (3, rows * (tile + 2) + 2, columns * (tile + 2) + 2)
 

@@ -13,7 +13,7 @@ import yaml
 from dynvit.cli import DynViTCLI
 from dynvit.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name
 from tests.test_callbacks import wandb_records
-from tests.tiny_data import tiny_config, write_config
+from tests.tiny_config import tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "model.init_args.keep_ratio"
