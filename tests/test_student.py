@@ -246,6 +246,15 @@ def test_input_of_another_size_raises() -> None:
             model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="resize"):
         model.predict_with_masks(torch.randn(1, 3, 28, 28))
+    with pytest.raises(ValueError, match="convert it to 3 channels"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expects \(B, 3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
+
+
+def test_teacher_image_size_not_a_multiple_of_the_patch_raises() -> None:
+    with pytest.raises(ValueError, match=r"not a multiple of .*patch size \(4, 4\): use e\.g\. 32"):
+        create_teacher(NAME, **{**TINY, "img_size": 34})
 
 
 def test_unknown_model_name_suggests_close_ones() -> None:
