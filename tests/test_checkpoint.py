@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, TINY_LOC
-from reference_dynamicvit import VisionTransformerDiffPruning, softmax_with_policy
 from safetensors.torch import save_file
 
 from dynvit import create_student, create_teacher, load_checkpoint
 from dynvit.models import CheckpointMismatch, masked_softmax, read_state_dict
 from dynvit.models.checkpoint import save_atomic
+from tests.conftest import TINY, TINY_LOC
+from tests.reference_dynamicvit import VisionTransformerDiffPruning, softmax_with_policy
 
 NAME = "deit_tiny_patch16_224"
 
@@ -47,9 +47,10 @@ WRITERS = {
         {"model": sd, "optimizer": {"state": {}}, "epoch": 299, "args": argparse.Namespace(lr=5e-4)},
         d / "deit_full.pth",
     ),
+    # This toolkit's classifier LightningModule keeps the network as ``net``.
     "lightning_ckpt": lambda sd, d: _save(
         {
-            "state_dict": {f"model.{k}": v for k, v in sd.items()},
+            "state_dict": {f"net.{k}": v for k, v in sd.items()},
             "pytorch-lightning_version": "2.4.0",
             "epoch": 3,
             "hyper_parameters": {"lr": 1e-3},
@@ -88,11 +89,17 @@ def test_teacher_checkpoint_loads_into_student(fmt: str, tmp_path: Path) -> None
     assert torch.equal(create_teacher(NAME, checkpoint=path, **TINY).pos_embed, source.pos_embed)
 
 
-def test_lightning_student_checkpoint_round_trips(tmp_path: Path) -> None:
-    """A pruning run stores student and teacher in one file; the student's keys (predictors included) load."""
+@pytest.mark.parametrize("prefix", ["net.", "student.", "model.", ""])
+def test_lightning_student_checkpoint_round_trips(prefix: str, tmp_path: Path) -> None:
+    """A pruning run stores student and teacher in one file; the student's keys (predictors included) load.
+
+    ``net.`` is this toolkit's attribute name; ``student.``/``model.`` are common elsewhere; a module
+    may also hold the network's layers itself (no prefix).
+    """
     trained, frozen = student(), teacher()
-    sd = {f"student.{k}": v for k, v in trained.state_dict().items()}
-    sd.update({f"teacher.{k}": torch.zeros_like(v) for k, v in frozen.state_dict().items()})
+    sd = {f"{prefix}{k}": v for k, v in trained.state_dict().items()}
+    if prefix:
+        sd.update({f"teacher.{k}": torch.zeros_like(v) for k, v in frozen.state_dict().items()})
     path = _save({"state_dict": sd, "pytorch-lightning_version": "2.4.0"}, tmp_path / "epoch=1.ckpt")
     model = student()
     report = load_checkpoint(model, path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, TINY_LOC
 
 from dynvit import count_flops, count_params, create_student, create_teacher, measure_throughput
+from tests.conftest import TINY, TINY_LOC
 
 NAME = "deit_tiny_patch16_224"
 

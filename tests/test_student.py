@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, TINY_LOC
 
 from dynvit import create_student, create_teacher
 from dynvit.models import KeepPredictor, MaskedAttention, masked_softmax
+from tests.conftest import TINY, TINY_LOC
 
 NAME = "deit_tiny_patch16_224"
 N = (TINY["img_size"] // TINY["patch_size"]) ** 2
@@ -246,7 +246,7 @@ def test_input_of_another_size_raises() -> None:
             model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="resize"):
         model.predict_with_masks(torch.randn(1, 3, 28, 28))
-    with pytest.raises(ValueError, match="convert it to 3 channels"):
+    with pytest.raises(ValueError, match=r"expects \(B, 3, 32, 32\) images"):
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"expects \(B, 3, 32, 32\)"):
         model(torch.randn(3, 32, 32))
