@@ -67,7 +67,13 @@ def test_param_groups_split_lr_and_weight_decay():
     assert by_param[id(named["score_predictor.0.out_conv.0.weight"])]["lr"] == pytest.approx(1e-3)
     assert by_param[id(named["blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(1e-5)
     assert by_param[id(named["blocks.0.attn.qkv.weight"])]["weight_decay"] == 0.05
-    for no_decay in ("pos_embed", "cls_token", "norm.weight", "blocks.0.attn.qkv.bias", "score_predictor.0.in_conv.0.weight"):
+    for no_decay in (
+        "pos_embed",
+        "cls_token",
+        "norm.weight",
+        "blocks.0.attn.qkv.bias",
+        "score_predictor.0.in_conv.0.weight",
+    ):
         assert by_param[id(named[no_decay])]["weight_decay"] == 0.0, no_decay
     assert sum(len(g["params"]) for g in groups) == len(named)
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from dynvit import count_flops, create_student, create_teacher
+from dynvit.measure.flops import count_module_flops
 from dynvit.models import keep_counts
 from dynvit.reducers import REDUCERS, TokenCost, apply_reducer, create_reduced, matching, realised_gflops
 from dynvit.reducers.ats import inverse_transform_sample
-from dynvit.reducers.cost import fvcore_flops
 from dynvit.reducers.matching import match_keep_rate, match_tome_r, nearest
 from dynvit.reducers.tome import bipartite_soft_matching, merge_weighted
 
@@ -302,7 +302,7 @@ def test_token_cost_matches_fvcore(base, peaky):
     gflops, counts = realised_gflops(model, x, cost)
     assert gflops[0] != gflops[1]
     for i in range(2):
-        assert gflops[i].item() == pytest.approx(fvcore_flops(model, x[i : i + 1]) / 1e9, rel=0.02)
+        assert gflops[i].item() == pytest.approx(count_module_flops(model, x[i : i + 1]) / 1e9, rel=0.02)
 
 
 def test_nearest_bisects_to_the_brute_force_answer():

@@ -310,7 +310,9 @@ def test_two_process_ddp_on_cpu_gives_synced_metrics(tmp_path, teacher_ckpt):
     # single-process evaluation of the same weights on the whole val set.
     metrics = next((tmp_path / "run/csv").rglob("metrics.csv")).read_text().splitlines()
     header = metrics[0].split(",")
-    logged = [float(r.split(",")[header.index("val/top1")]) for r in metrics[1:] if r.split(",")[header.index("val/top1")]]
+    logged = [
+        float(r.split(",")[header.index("val/top1")]) for r in metrics[1:] if r.split(",")[header.index("val/top1")]
+    ]
     module = DynamicViTModule.load_from_checkpoint(ckpt)
     single = trainer(tmp_path / "single").validate(module, tiny_data(val_size=32, batch_size=8), verbose=False)[0]
     assert logged[-1] == pytest.approx(single["val/top1"])

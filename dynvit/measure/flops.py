@@ -38,17 +38,22 @@ def count_flops(model: nn.Module, img_size: int | Sequence[int] | None = None) -
     was_training = model.training
     model.eval()
     try:
-        # fvcore scripts and traces with torch.jit, which recent torch flags as deprecated on every call.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            from fvcore.nn import FlopCountAnalysis
-
-            analysis = FlopCountAnalysis(model, x)
-            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return analysis.total() / 1e9
+        return count_module_flops(model, x) / 1e9
     finally:
         model.train(was_training)
+
+
+def count_module_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """fvcore FLOPs of ``module(*inputs)`` as they run (no mode change), fused attention included."""
+    # fvcore scripts and traces with torch.jit, which recent torch flags as deprecated on every call.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
+        analysis = FlopCountAnalysis(module, inputs)
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return analysis.total()
 
 
 def count_params(model: nn.Module) -> float:

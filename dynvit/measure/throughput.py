@@ -44,6 +44,8 @@ def measure_throughput(
         channels_last: Feed channels-last images and convert the model's 4-D weights (the patch
             embedding convolution) to channels-last, which GPU convolution kernels prefer.
     """
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
     if compile and warmup < 1:
         raise ValueError("compile=True needs warmup >= 1: the first call compiles and must not be timed")
     device = torch.device(device)

@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-# Lightning modules of this toolkit keep the trained network as ``self.net``.
-_LIGHTNING_PREFIXES = ("net.",)
+# Lightning modules of this toolkit keep the trained network as ``self.net``; other Lightning code
+# commonly names it ``student`` (distillation) or ``model``.
+_LIGHTNING_PREFIXES = ("net.", "student.", "model.")
 # Keys a teacher checkpoint lacks when it is loaded into a student: the fresh keep predictors.
 _PREDICTOR_PREFIX = "score_predictor."
 
@@ -50,8 +51,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and "state_dict" in obj and "pytorch-lightning_version" in obj:
         sd = obj["state_dict"]
-        prefix = max(_LIGHTNING_PREFIXES, key=lambda p: sum(k.startswith(p) for k in sd))
-        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        counts = {p: sum(k.startswith(p) for k in sd) for p in _LIGHTNING_PREFIXES}
+        prefix = max(counts, key=counts.get)
+        if counts[prefix]:
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+        # A LightningModule that holds the network's layers itself: its keys are the network's.
+        obj = sd
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

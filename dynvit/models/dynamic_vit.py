@@ -89,15 +89,33 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class TokenPruning(nn.Module):
-    """The DynamicViT stage loop over ``self.blocks``, shared by every pruned backbone.
+    """DynamicViT on any ViT-like backbone: the stage loop over ``self.blocks`` and the forwards.
 
-    A host model sets ``blocks`` (blocks that accept ``keep=`` masks), ``num_prefix_tokens`` and
-    calls :meth:`init_pruning`; then :meth:`run_blocks` takes the embedded tokens through the blocks.
+    A backbone class ``B`` gets its student as ``class DynamicB(TokenPruning, B)``. The backbone
+    provides ``embed(x)`` (image → tokens, prefix tokens first), ``blocks`` (timm ``Block``s, made
+    maskable here), ``norm``, ``forward_head``, ``num_prefix_tokens``, ``embed_dim`` and
+    ``patch_embed.num_patches``; :meth:`from_vit` converts a built backbone in place.
     """
 
     blocks: nn.Sequential
     num_prefix_tokens: int
     score_predictor: nn.ModuleList
+
+    @classmethod
+    def check_convertible(cls, model: nn.Module) -> None:
+        """Raise ``TypeError`` naming the fix unless ``model`` is a backbone this class can convert."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_vit(cls, vit: nn.Module, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9)) -> TokenPruning:
+        """Turn a built backbone into its DynamicViT student in place (weights kept) and return it."""
+        cls.check_convertible(vit)
+        validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
+        for block in vit.blocks:
+            make_block_maskable(block)
+        vit.__class__ = cls
+        vit.init_pruning(vit.embed_dim, vit.patch_embed.num_patches, keep_ratio, pruning_loc)
+        return vit.to(vit.cls_token.device)
 
     def init_pruning(self, embed_dim: int, num_patches: int, keep_ratio: float, pruning_loc: Sequence[int]) -> None:
         validate_pruning(keep_ratio, pruning_loc, len(self.blocks), num_patches)
@@ -167,6 +185,32 @@ class TokenPruning(nn.Module):
             x = block(x)
         return x, kept
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm; in eval only the kept ones remain."""
+        x, _ = self.run_blocks(self.embed(x))
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> StudentOutput | torch.Tensor:
+        if not self.training:
+            return self.forward_head(self.forward_features(x))
+        x, decisions = self.run_blocks(self.embed(x))
+        return self.train_output(self.norm(x), decisions)
+
+    def train_output(self, x: torch.Tensor, decisions: list[torch.Tensor]) -> StudentOutput:
+        """Training result from the final normed tokens; a backbone with dense heads overrides it."""
+        return StudentOutput(
+            logits=self.forward_head(x),
+            tokens=x[:, self.num_prefix_tokens :],
+            mask=decisions[-1].detach(),
+            decisions=decisions,
+        )
+
+    @torch.no_grad()
+    def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits plus, per stage, the boolean keep mask (B, N) over the original patch grid."""
+        x, kept = self._run_gathered(self.embed(x))
+        return self.forward_head(self.norm(x)), self.kept_masks(kept)
+
     def kept_masks(self, kept: list[torch.Tensor]) -> list[torch.Tensor]:
         """Turn per-stage kept indices into boolean masks (B, N) over the original patch grid."""
         masks = []
@@ -185,17 +229,8 @@ class DynamicViT(TokenPruning, VisionTransformer):
     """
 
     @classmethod
-    def from_vit(
-        cls, vit: VisionTransformer, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9)
-    ) -> DynamicViT:
-        """Turn a timm ``VisionTransformer`` into a DynamicViT in place (weights kept) and return it."""
-        check_prunable(vit)
-        validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
-        for block in vit.blocks:
-            make_block_maskable(block)
-        vit.__class__ = cls
-        vit.init_pruning(vit.embed_dim, vit.patch_embed.num_patches, keep_ratio, pruning_loc)
-        return vit.to(vit.cls_token.device)
+    def check_convertible(cls, model: nn.Module) -> None:
+        check_prunable(model)
 
     def check_input(self, x: torch.Tensor) -> None:
         expected = input_size(self)
@@ -211,42 +246,19 @@ class DynamicViT(TokenPruning, VisionTransformer):
         self.check_input(x)
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens after the final norm; in eval only the kept ones remain."""
-        x, _ = self.run_blocks(self.embed(x))
-        return self.norm(x)
-
-    def forward(self, x: torch.Tensor) -> StudentOutput | torch.Tensor:
-        if not self.training:
-            return self.forward_head(self.forward_features(x))
-        x, decisions = self.run_blocks(self.embed(x))
-        x = self.norm(x)
-        return StudentOutput(
-            logits=self.forward_head(x),
-            tokens=x[:, self.num_prefix_tokens :],
-            mask=decisions[-1].detach(),
-            decisions=decisions,
-        )
-
-    @torch.no_grad()
-    def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eval-mode logits plus, per stage, the boolean keep mask (B, N) over the original patch grid."""
-        x, kept = self._run_gathered(self.embed(x))
-        return self.forward_head(self.norm(x)), self.kept_masks(kept)
-
 
 def check_prunable(model: nn.Module) -> None:
     """Raise ``TypeError`` unless ``model`` is a timm ViT whose prediction comes from its class token."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(
-            f"{type(model).__name__} is not a timm VisionTransformer; DynamicViT needs a ViT such as "
+            f"{type(model).__name__} is not a timm VisionTransformer; token pruning needs a ViT such as "
             "deit_small_patch16_224 or vit_base_patch16_224"
         )
     if model.cls_token is None or model.global_pool != "token" or model.attn_pool is not None:
         raise TypeError(
-            "DynamicViT needs a ViT that classifies from its class token (class_token=True, "
+            "token pruning needs a ViT that classifies from its class token (class_token=True, "
             f"global_pool='token'); this one has class_token={model.cls_token is not None}, "
             f"global_pool={model.global_pool!r}"
         )
     if getattr(model, "dynamic_img_size", False):
-        raise TypeError("DynamicViT keeps a fixed token count per stage: build the ViT with dynamic_img_size=False")
+        raise TypeError("token pruning keeps a fixed token count per stage: build the ViT with dynamic_img_size=False")

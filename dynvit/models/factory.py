@@ -17,6 +17,8 @@ from dynvit.models.dynamic_vit import DynamicViT, validate_pruning
 # blocks 3, 6, 9 (a quarter of the depth each); other depths get the same proportions.
 DEFAULT_PRUNING_LOC: dict[str, tuple[int, ...]] = {}
 
+_NOT_A_VIT = "{name} is not a vision transformer with patch tokens; pick a ViT such as deit_small_patch16_224"
+
 
 def default_pruning_loc(name: str, depth: int) -> tuple[int, ...]:
     """Registered locations for ``name``, else before blocks depth/4, depth/2 and 3·depth/4."""
@@ -30,6 +32,22 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('*vit*')"
         raise ValueError(f"unknown model name {name!r}{hint}")
+
+
+def _create_vit(name: str, pretrained: bool, num_classes: int, img_size: int, **timm_kwargs) -> nn.Module:
+    """``timm.create_model`` for a ViT-like ``name``; a model that takes no ``img_size`` is not one."""
+    _check_name(name)
+    try:
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs
+        )
+    except TypeError as e:
+        # CNNs such as resnet18 reject img_size: say what to pick instead of timm's bare TypeError.
+        if "img_size" not in str(e):
+            raise
+        raise TypeError(_NOT_A_VIT.format(name=name)) from e
+    _check_token_model(model, name, img_size)
+    return model
 
 
 def create_teacher(
@@ -54,9 +72,7 @@ def create_teacher(
         pretrained: Fetch timm's pretrained weights (needs access to the model hub).
         **timm_kwargs: Passed to ``timm.create_model``, e.g. ``depth=4, embed_dim=64, num_heads=2``.
     """
-    _check_name(name)
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs)
-    _check_token_model(model, name, img_size)
+    model = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
@@ -82,9 +98,7 @@ def create_student(
             fresh init) or a Lightning ``.ckpt`` of this toolkit.
         Other arguments as :func:`create_teacher`.
     """
-    _check_name(name)
-    vit = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs)
-    _check_token_model(vit, name, img_size)
+    vit = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if pruning_loc is None:
         pruning_loc = default_pruning_loc(name, len(vit.blocks))
     validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
@@ -110,9 +124,7 @@ def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int]) -> None:
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
-        raise TypeError(
-            f"{name} is not a vision transformer with patch tokens; pick a ViT such as deit_small_patch16_224"
-        )
+        raise TypeError(_NOT_A_VIT.format(name=name))
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     patch = tuple(patch_embed.patch_size)
     if any(s % p for s, p in zip(size, patch, strict=True)):

@@ -12,7 +12,6 @@ the released checkpoints (``patch_embed.conv1/bn1/…/proj``, ``blocks.{i}.attn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -241,19 +240,13 @@ class DynamicLVViT(DynamicViT, LVViT):
     """
 
     @classmethod
-    def from_vit(cls, vit: LVViT, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (4, 8, 12)) -> DynamicLVViT:
-        """Turn an :class:`LVViT` into a DynamicLVViT in place (weights kept) and return it."""
-        if not isinstance(vit, LVViT):
+    def check_convertible(cls, model: nn.Module) -> None:
+        if not isinstance(model, LVViT):
             raise TypeError(
-                f"DynamicLVViT converts an LVViT (e.g. timm.create_model('lvvit_s')), got {type(vit).__name__}"
+                f"DynamicLVViT converts an LVViT (e.g. timm.create_model('lvvit_s')), got {type(model).__name__}"
             )
-        return super().from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
 
-    def forward(self, x: torch.Tensor) -> StudentOutput | torch.Tensor:
-        if not self.training:
-            return self.forward_head(self.forward_features(x))
-        x, decisions = self.run_blocks(self.embed(x))
-        x = self.norm(x)
+    def train_output(self, x: torch.Tensor, decisions: list[torch.Tensor]) -> StudentOutput:
         return StudentOutput(
             logits=self.class_logits(x),
             tokens=self.dense_logits(x),

@@ -20,7 +20,6 @@ T2T-ViT-14 by default), the keep ratio applying to the 196 tokens the T2T module
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -31,10 +30,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from dynvit.models.dynamic_vit import StudentOutput, TokenPruning, validate_pruning
+from dynvit.models.dynamic_vit import TokenPruning
 from dynvit.models.factory import DEFAULT_PRUNING_LOC
 from dynvit.models.lvvit import Scale
-from dynvit.models.masked_attention import make_block_maskable
 
 # T2T-ViT-14 prunes like a 12-block DeiT (three full blocks, then a stage every three blocks); the
 # 7-block models prune after two full blocks, then every two.
@@ -333,38 +331,11 @@ class DynamicT2TViT(TokenPruning, T2TViT):
     """
 
     @classmethod
-    def from_vit(cls, vit: T2TViT, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9)) -> DynamicT2TViT:
-        """Turn a :class:`T2TViT` into a DynamicT2TViT in place (weights kept) and return it."""
-        if not isinstance(vit, T2TViT):
+    def check_convertible(cls, model: nn.Module) -> None:
+        if not isinstance(model, T2TViT):
             raise TypeError(
-                f"DynamicT2TViT converts a T2TViT (e.g. timm.create_model('t2t_vit_14')), got {type(vit).__name__}"
+                f"DynamicT2TViT converts a T2TViT (e.g. timm.create_model('t2t_vit_14')), got {type(model).__name__}"
             )
-        validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
-        for block in vit.blocks:
-            make_block_maskable(block)
-        vit.__class__ = cls
-        vit.init_pruning(vit.embed_dim, vit.patch_embed.num_patches, keep_ratio, pruning_loc)
-        return vit.to(vit.cls_token.device)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens after the final norm; in eval only the kept ones remain."""
-        x, _ = self.run_blocks(self.embed(x))
-        return self.norm(x)
-
-    def forward(self, x: torch.Tensor) -> StudentOutput | torch.Tensor:
-        if not self.training:
-            return self.forward_head(self.forward_features(x))
-        x, decisions = self.run_blocks(self.embed(x))
-        x = self.norm(x)
-        return StudentOutput(
-            logits=self.forward_head(x), tokens=x[:, 1:], mask=decisions[-1].detach(), decisions=decisions
-        )
-
-    @torch.no_grad()
-    def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eval-mode logits plus, per stage, the boolean keep mask (B, N) over the original token grid."""
-        x, kept = self._run_gathered(self.embed(x))
-        return self.forward_head(self.norm(x)), self.kept_masks(kept)
 
 
 T2TViT.dynamic_class = DynamicT2TViT

@@ -11,14 +11,12 @@ token's attention row, top-k, sorting) is not included: it is well under 1% on D
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from dynvit.measure.flops import _sdpa_flops
+from dynvit.measure.flops import count_module_flops
 from dynvit.reducers.base import ReducedViT
 
 
@@ -31,16 +29,6 @@ class _Call(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
-
-
-def fvcore_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``module(x)`` counted the way ``count_flops`` counts them (fused attention included)."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        analysis = FlopCountAnalysis(module, x)
-        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flops)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return analysis.total()
 
 
 def _polynomial(counts: list[int]) -> list[float]:
@@ -85,16 +73,19 @@ class TokenCost:
             attn, mlp = [], []
             for b in model.blocks:
                 half = _Call(lambda x, b=b: x + b.ls1(b.attn(b.norm1(x))), b)
-                attn.append(_polynomial([fvcore_flops(half, tokens(n)) for n in (1, 2, 3)]))
+                attn.append(_polynomial([count_module_flops(half, tokens(n)) for n in (1, 2, 3)]))
                 half = _Call(lambda x, b=b: x + b.ls2(b.mlp(b.norm2(x))), b)
-                mlp.append(_polynomial([fvcore_flops(half, tokens(n)) for n in (1, 2)]))
+                mlp.append(_polynomial([count_module_flops(half, tokens(n)) for n in (1, 2)]))
             tail = _polynomial(
-                [fvcore_flops(_Call(lambda x: model.forward_head(model.norm(x)), model), tokens(n)) for n in (1, 2)]
+                [
+                    count_module_flops(_Call(lambda x: model.forward_head(model.norm(x)), model), tokens(n))
+                    for n in (1, 2)
+                ]
             )
             size = tuple(model.patch_embed.img_size)
             image = torch.randn(1, model.patch_embed.proj.in_channels, *size, device=param.device, dtype=param.dtype)
             embed = _Call(lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))), model)
-            fixed = fvcore_flops(embed, image)
+            fixed = count_module_flops(embed, image)
         finally:
             model.train(was_training)
         return cls(fixed, attn, mlp, tail)
@@ -122,4 +113,4 @@ def realised_gflops(
     return cost(counts), counts
 
 
-__all__ = ["TokenCost", "fvcore_flops", "realised_gflops"]
+__all__ = ["TokenCost", "realised_gflops"]
