@@ -1,6 +1,7 @@
-"""LightningModules: what is computed for a teacher and for a pruned student."""
+"""LightningModules: what is computed for a teacher, a token-labelled LV-ViT and a pruned student."""
 
 from dynvit.lightning.classifier import ClassifierModule
 from dynvit.lightning.pruning import DynamicViTModule
+from dynvit.lightning.token_labeling import TokenLabelingModule
 
-__all__ = ["ClassifierModule", "DynamicViTModule"]
+__all__ = ["ClassifierModule", "DynamicViTModule", "TokenLabelingModule"]

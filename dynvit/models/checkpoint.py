@@ -17,6 +17,8 @@ from torch import nn
 _LIGHTNING_PREFIXES = ("net.", "student.", "model.")
 # Keys a teacher checkpoint lacks when it is loaded into a student: the fresh keep predictors.
 _PREDICTOR_PREFIX = "score_predictor."
+# Classifier heads sized by the class count, which ``reset_head`` may replace (LV-ViT has two).
+_HEAD_PREFIXES = ("head.", "aux_head.")
 
 
 class LoadReport(NamedTuple):
@@ -94,7 +96,7 @@ def load_weights(
     sd = dict(state_dict)
     own = model.state_dict()
     reset = []
-    head_keys = [k for k in sd if k.startswith("head.") and k in own and sd[k].shape != own[k].shape]
+    head_keys = [k for k in sd if k.startswith(_HEAD_PREFIXES) and k in own and sd[k].shape != own[k].shape]
     if head_keys and reset_head:
         reset = head_keys
         sd = {k: v for k, v in sd.items() if k not in head_keys}

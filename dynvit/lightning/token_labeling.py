@@ -1,0 +1,330 @@
+"""Token labeling (Jiang et al., 2021) as a LightningModule: an LV-ViT trained on dense token targets.
+
+Each training step follows :mod:`dynvit.token_labeling`: token targets from a machine annotator on
+the *unmixed* images, a MixToken box on the token grid, the model's class and aux-head logits on the
+mixed tokens, the token targets and class targets mixed by the same box, and
+``CE(cls) + 0.5 · soft-CE(aux, token targets)``. Validation and test score LV-ViT's inference
+prediction ``head(cls) + 0.5 · max aux``.
+
+Two annotators: a frozen network (``annotator_name`` + ``annotator_checkpoint``, any timm ViT or
+LV-ViT, labelling each patch with its own dense prediction) or precomputed score maps in the format
+LV-ViT released (``score_map_root``, see :class:`ScoreMapDataset` for what that path supports).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import Dataset
+from torchvision.datasets import DatasetFolder
+from torchvision.transforms import functional as TF
+
+from dynvit.data import ImageFolderDataModule
+from dynvit.lightning.base import ImageClassification
+from dynvit.models import LVViT, create_teacher, load_checkpoint
+from dynvit.token_labeling import (
+    TeacherAnnotator,
+    load_token_labels,
+    mix_class_targets,
+    mix_tokens,
+    sample_token_box,
+    token_labeling_loss,
+)
+
+_ANNOTATOR = "annotator."
+
+
+class TokenLabelingModule(ImageClassification):
+    """An LV-ViT trained with the class loss, the token-labeling loss and MixToken.
+
+    The annotator network is frozen: it stays in eval mode, gets no gradients, is not in the optimiser
+    and is not written into checkpoints (it is rebuilt from ``annotator_checkpoint`` on load). Pixel-level
+    mixup/CutMix are not offered: MixToken replaces CutMix, and the token labels could not follow a
+    pixel blend.
+
+    Args:
+        model_name: The model trained: a registered LV-ViT (``lvvit_s``, ``lvvit_m``, ``lvvit_digits``, …),
+            whose aux head gives the dense outputs token labeling trains.
+        num_classes, img_size, in_chans: Linked from the DataModule by the CLI.
+        checkpoint: Weights to start the model from (e.g. a released LV-ViT, to fine-tune).
+        reset_head: Start new heads when ``checkpoint`` has another class count.
+        model_kwargs: Extra timm kwargs of the model (``drop_path_rate``, ``depth``, …).
+        annotator_name: timm name of the annotator network (any timm ViT or LV-ViT); it sees the same
+            images as the model and its per-patch predictions are resized to the model's token grid.
+        annotator_checkpoint: The annotator's trained weights (DeiT/timm/Lightning checkpoint).
+        annotator_pretrained: Take the annotator's weights from timm's hub instead.
+        annotator_kwargs: Extra timm kwargs of the annotator (``patch_size``, ``depth``, …).
+        annotator_temperature: Softmax temperature of the annotator's token labels.
+        score_map_root: Precomputed score maps instead of an annotator network (ImageFolderDataModule
+            only, without random crops: see :class:`ScoreMapDataset`).
+        token_weight: Weight of the token-labeling term (0.5 in LV-ViT).
+        mixtoken: Apply MixToken in training.
+        mixtoken_alpha: Beta(alpha, alpha) of the MixToken area (1: uniform, as LV-ViT).
+        label_smoothing: Smoothing of the class targets (before MixToken mixes them).
+        Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "lvvit_s",
+        num_classes: int = 1000,
+        img_size: int = 224,
+        in_chans: int = 3,
+        checkpoint: str | None = None,
+        reset_head: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        annotator_name: str | None = None,
+        annotator_checkpoint: str | None = None,
+        annotator_pretrained: bool = False,
+        annotator_kwargs: dict[str, Any] | None = None,
+        annotator_temperature: float = 1.0,
+        score_map_root: str | None = None,
+        token_weight: float = 0.5,
+        mixtoken: bool = True,
+        mixtoken_alpha: float = 1.0,
+        lr: float = 1.6e-3,
+        lr_base_batch_size: int | None = 1024,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__(
+            num_classes,
+            lr,
+            lr_base_batch_size,
+            weight_decay,
+            warmup_epochs,
+            min_lr_ratio,
+            label_smoothing,
+            mixup=0.0,
+            cutmix=0.0,
+        )
+        self.save_hyperparameters()
+        if (annotator_name is None) == (score_map_root is None):
+            raise ValueError(
+                "token labeling needs exactly one annotator: annotator_name (with annotator_checkpoint) for a "
+                f"frozen network, or score_map_root for precomputed score maps; got annotator_name={annotator_name!r}"
+                f", score_map_root={score_map_root!r}"
+            )
+        if annotator_name is not None and annotator_checkpoint is None and not annotator_pretrained:
+            raise ValueError(
+                f"the annotator {annotator_name} would label tokens with random weights: set annotator_checkpoint "
+                "to its trained weights (or annotator_pretrained: true for timm's)"
+            )
+        if token_weight < 0:
+            raise ValueError(f"token_weight must be >= 0, got {token_weight}")
+        if mixtoken and mixtoken_alpha <= 0:
+            raise ValueError(f"mixtoken_alpha must be positive, got {mixtoken_alpha}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+        build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+        self.net = create_teacher(model_name, **build, **(model_kwargs or {}))
+        if not isinstance(self.net, LVViT):
+            raise TypeError(
+                f"token labeling trains a model with dense per-token outputs and MixToken (an LV-ViT such as "
+                f"lvvit_s or lvvit_digits); {model_name} is a {type(self.net).__name__} without them. Train it "
+                "with ClassifierModule instead"
+            )
+        if checkpoint is not None:
+            load_checkpoint(self.net, checkpoint, reset_head=reset_head)
+
+        self.annotator: TeacherAnnotator | None = None
+        if annotator_name is not None:
+            teacher = create_teacher(
+                annotator_name,
+                checkpoint=annotator_checkpoint,
+                pretrained=annotator_pretrained,
+                **build,
+                **(annotator_kwargs or {}),
+            )
+            self.annotator = TeacherAnnotator(teacher, temperature=annotator_temperature)
+        elif not Path(score_map_root).is_dir():
+            raise FileNotFoundError(f"score_map_root {score_map_root} is not a folder of score maps")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the model's patch tokens."""
+        return tuple(self.net.patch_embed.grid_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # -- score maps: the training split carries its token labels -----------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.score_map_root is None or stage != "fit":
+            return
+        dm = self.trainer.datamodule
+        if not isinstance(dm, ImageFolderDataModule):
+            raise TypeError(
+                "score_map_root needs an ImageFolderDataModule: score maps are looked up by image file name, "
+                f"got {type(dm).__name__}. Use annotator_name/annotator_checkpoint with other data"
+            )
+        train = dm.datasets["train"]
+        if isinstance(train, ScoreMapDataset):
+            return
+        dm.datasets["train"] = ScoreMapDataset(
+            train,
+            self.hparams.score_map_root,
+            self.hparams.num_classes,
+            self.grid_size,
+            img_size=dm.img_size,
+            crop_pct=dm.crop_pct,
+            interpolation=dm.interpolation,
+            mean=dm.mean,
+            std=dm.std,
+            hflip=dm.hparams.hflip,
+        )
+        rank_zero_warn(
+            "score_map_root: training images get the evaluation resize and centre crop plus a random flip, not "
+            "the data module's training augmentation (random resized crop, RandAugment, random erasing), "
+            "because the score maps can only follow crops and flips made where they are known"
+        )
+
+    # -- training ------------------------------------------------------------------------------------
+    def token_targets(self, x: torch.Tensor, extra: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Soft label of every patch token (B, N, classes) of the unmixed images."""
+        if self.annotator is not None:
+            return self.annotator(x, self.grid_size)
+        if not extra or extra[0].ndim != 3:
+            raise ValueError(
+                "score_map_root is set but the training batch carries no token labels (B, N, classes): the "
+                "training split must be the ScoreMapDataset this module installs in setup('fit')"
+            )
+        return extra[0].float()
+
+    def class_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed one-hot class targets (B, classes), ready to be mixed by MixToken."""
+        eps = self.hparams.label_smoothing
+        return F.one_hot(y, self.hparams.num_classes).float() * (1.0 - eps) + eps / self.hparams.num_classes
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y, *extra = batch
+        token_targets = self.token_targets(x, extra)
+        targets = self.class_targets(y)
+        box = sample_token_box(self.grid_size, self.hparams.mixtoken_alpha) if self.hparams.mixtoken else None
+        out = self.net(x, mix_box=box)
+        if box is not None:
+            # The labels move with their tokens; the class targets are weighted by the box's area.
+            token_targets = mix_tokens(token_targets, box)
+            targets = mix_class_targets(targets, box)
+        terms = token_labeling_loss(out.logits, out.aux_logits, targets, token_targets, self.hparams.token_weight)
+        logged = {"cls": terms.cls_loss, "token": terms.token_loss}
+        self.check_finite(terms.loss, logged)
+        self.log("train/loss", terms.loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in logged.items()})
+        return terms.loss
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y, *_ = batch
+        self.evaluate(self.net(x), y, "val")
+
+    def test_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y, *_ = batch
+        self.evaluate(self.net(x), y, "test")
+
+    # The annotator is rebuilt from its own checkpoint; storing it in every checkpoint would waste space
+    # and make the file look like an LV-ViT with extra keys.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(_ANNOTATOR)]:
+            del sd[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.annotator is not None:
+            checkpoint["state_dict"].update({_ANNOTATOR + k: v for k, v in self.annotator.state_dict().items()})
+
+
+class ScoreMapDataset(Dataset):
+    """Image-folder samples with token labels from precomputed score maps: ``(image, label, token_labels)``.
+
+    A score map covers the whole image, so it must be cut to the crop the image went through. The data
+    pipeline does not report its random crops, so this dataset makes the geometry itself, where it is
+    known: the evaluation resize (short side to ``img_size / crop_pct``) and centre crop of
+    ``ImageFolderDataModule``, then a random horizontal flip; the score map is cut and flipped to match
+    (:func:`~dynvit.token_labeling.load_token_labels`). **Limitation:** no random resized crop, RandAugment
+    or random erasing, so training sees far less augmentation than LV-ViT's recipe; for that, label with
+    an annotator network instead.
+
+    Maps are read from ``<root>/<class folder>/<image stem>.pt`` (the released layout); a missing file is
+    an error naming it. Token labels are returned as float16 to halve the loader's traffic.
+
+    Args:
+        dataset: The image folder (its ``samples`` and ``loader`` are used, not its transform).
+        root: Folder of the score maps.
+        num_classes: Classes of the score maps.
+        grid_size: (rows, columns) of the model's patch tokens.
+        img_size, crop_pct, interpolation, mean, std: The evaluation geometry and normalisation.
+        hflip: Probability of the horizontal flip.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetFolder,
+        root: str | Path,
+        num_classes: int,
+        grid_size: tuple[int, int],
+        img_size: int,
+        crop_pct: float,
+        interpolation: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        hflip: float = 0.5,
+    ) -> None:
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.samples: list[tuple[str, int]] = list(dataset.samples)
+        self.loader: Callable[[str], Image.Image] = dataset.loader
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.grid_size = tuple(grid_size)
+        self.img_size = img_size
+        self.resize = math.floor(img_size / crop_pct)
+        self.interpolation = str_to_interp_mode(interpolation)
+        self.mean, self.std = list(mean), list(std)
+        self.hflip = hflip
+        # Fail before training when the folder is not the one the images were labelled in.
+        if self.samples:
+            self.token_labels(self.samples[0][0], crop=None, flip=False)
+
+    def map_path(self, image_path: str) -> Path:
+        """Score-map file of an image: ``<root>/<class folder>/<image stem>.pt``."""
+        image_path = Path(image_path)
+        return self.root / image_path.parent.name / f"{image_path.stem}.pt"
+
+    def token_labels(self, image_path: str, crop: tuple[float, float, float, float] | None, flip: bool) -> torch.Tensor:
+        path = self.map_path(image_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no score map {path} for image {image_path} (expected <root>/<class>/<stem>.pt)")
+        return load_token_labels(path, self.num_classes, self.grid_size, crop=crop, flip=flip)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        path, label = self.samples[index]
+        image = TF.resize(self.loader(path), self.resize, interpolation=self.interpolation)
+        width, height = image.size
+        s = self.img_size
+        # torchvision's centre crop offsets, as fractions of the resized (= original) image.
+        top, left = int(round((height - s) / 2.0)), int(round((width - s) / 2.0))
+        crop = (top / height, left / width, s / height, s / width)
+        image = TF.normalize(TF.to_tensor(TF.center_crop(image, [s, s])), self.mean, self.std)
+        flip = bool(torch.rand(()) < self.hflip)
+        if flip:
+            image = image.flip(-1)
+        return image, label, self.token_labels(path, crop, flip).half()
+
+
+__all__ = ["ScoreMapDataset", "TokenLabelingModule"]
