@@ -20,27 +20,18 @@ class ImageClassification(L.LightningModule):
 
     Args:
         num_classes: Classes of the dataset (linked from the DataModule by the CLI).
+        label_smoothing: For hard targets; passed to timm's Mixup when mixup/cutmix are on.
+        mixup, cutmix: Alpha of timm's Mixup/CutMix (0 disables); targets then become soft.
+
+    Subclasses call ``save_hyperparameters()`` with these optimisation arguments, read from ``hparams``:
         lr: Learning rate at ``lr_base_batch_size`` images per optimiser step; scaled linearly to the
             actual global batch (batch × accumulation × devices) unless ``lr_base_batch_size`` is None.
         weight_decay: AdamW weight decay (not applied to norms, biases, pos_embed, cls_token).
         warmup_epochs: Linear warm-up length (fractional epochs allowed), stepped per iteration.
         min_lr_ratio: Cosine floor as a fraction of the peak learning rate.
-        label_smoothing: For hard targets; passed to timm's Mixup when mixup/cutmix are on.
-        mixup, cutmix: Alpha of timm's Mixup/CutMix (0 disables); targets then become soft.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        lr: float,
-        lr_base_batch_size: int | None,
-        weight_decay: float,
-        warmup_epochs: float,
-        min_lr_ratio: float,
-        label_smoothing: float,
-        mixup: float,
-        cutmix: float,
-    ) -> None:
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> None:
         super().__init__()
         self.mixup_fn = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)

@@ -43,17 +43,7 @@ class ClassifierModule(ImageClassification):
         mixup: float = 0.0,
         cutmix: float = 0.0,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr,
-            lr_base_batch_size,
-            weight_decay,
-            warmup_epochs,
-            min_lr_ratio,
-            label_smoothing,
-            mixup,
-            cutmix,
-        )
+        super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
         self.net = create_teacher(
             model_name,

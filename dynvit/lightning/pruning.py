@@ -60,17 +60,7 @@ class DynamicViTModule(ImageClassification):
         mixup: float = 0.0,
         cutmix: float = 0.0,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr,
-            lr_base_batch_size,
-            weight_decay,
-            warmup_epochs,
-            min_lr_ratio,
-            label_smoothing,
-            mixup,
-            cutmix,
-        )
+        super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
         self.teacher = create_teacher(model_name, pretrained=pretrained, checkpoint=teacher_checkpoint, **build)

@@ -97,17 +97,7 @@ class TokenLabelingModule(ImageClassification):
         min_lr_ratio: float = 0.01,
         label_smoothing: float = 0.1,
     ) -> None:
-        super().__init__(
-            num_classes,
-            lr,
-            lr_base_batch_size,
-            weight_decay,
-            warmup_epochs,
-            min_lr_ratio,
-            label_smoothing,
-            mixup=0.0,
-            cutmix=0.0,
-        )
+        super().__init__(num_classes, label_smoothing, mixup=0.0, cutmix=0.0)
         self.save_hyperparameters()
         if (annotator_name is None) == (score_map_root is None):
             raise ValueError(
