@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,13 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dynvit.compare import sweep_matches
 from dynvit.loggers import WandbOptions, default_loggers
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
+from dynvit.report import format_matches, write_matches
 from dynvit.sweep import (
     SweepResult,
+    SweepSpec,
     check_parameters,
     check_points_parse,
     fit_config_text,
@@ -39,7 +43,8 @@ class DynViTCLI(LightningCLI):
       ``--ckpt_path last`` resumes);
     - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
-    - ``benchmark`` and ``sweep`` subcommands (see :class:`~dynvit.trainer.DynViTTrainer`).
+    - ``benchmark`` (``--methods`` compares other token reducers) and ``sweep`` subcommands
+      (see :class:`~dynvit.trainer.DynViTTrainer`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -97,7 +102,8 @@ class DynViTCLI(LightningCLI):
         out: str | None = None,
     ) -> SweepResult:
         """``cli.py sweep`` (arguments declared by ``DynViTTrainer.sweep``): check the sweep against this
-        config, then train the grid's unfinished points one by one and write the summary."""
+        config, then train the grid's unfinished points one by one and write the summary, plus, for the
+        swept keep ratios, the ToMe r and EViT keep rate of the same GFLOPs (``matched.csv``/``.json``)."""
         spec = load_sweep(sweep)
         check_parameters(spec, self.config["sweep"], networks(model)[0])
         folder = Path(out) if out else Path(self.trainer.default_root_dir) / spec.path.stem
@@ -111,7 +117,26 @@ class DynViTCLI(LightningCLI):
             fit=partial(fit_point, type(self)),
             teacher=lambda: teacher_row(model, datamodule, self.trainer),
         )
+        self._write_matches(spec, model, folder)
         return self.sweep_result
+
+    @staticmethod
+    def _write_matches(spec: SweepSpec, model: LightningModule, folder: Path) -> None:
+        """``matched.csv``/``.json``: the ToMe r and EViT keep rate with the GFLOPs of each swept keep ratio
+        (kept from an earlier run of the same sweep, as the points are)."""
+        ratios = sorted(
+            {float(v) for key, vs in spec.parameters.items() if key.rsplit(".", 1)[-1] == "keep_ratio" for v in vs}
+        )
+        if not ratios:
+            return
+        cached = folder / "matched.json"
+        matches = json.loads(cached.read_text()) if cached.is_file() else None
+        if matches is None or sorted(r["keep_ratio"] for r in matches) != ratios:
+            matches = sweep_matches(*networks(model), ratios)
+        if matches:
+            paths = write_matches(matches, folder)
+            print(format_matches(matches))
+            print("\n".join(f"wrote {p}" for p in paths.values()))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ class ResultRow:
         top1: Validation top-1 as a fraction (None without data).
         recall: Per pruning stage, the share of the object's patches still kept (data with patch masks).
         run: Where the row comes from (a sweep point's folder), if anywhere.
+        param: The method's own setting when it is not ρ (``r=3``, ``keep_rate=0.62``, ``K=20``): ``keep_ratio``
+            is then the DynamicViT keep ratio the method was matched to in GFLOPs.
+        tokens: Patch tokens left in the last block (class token excluded); the mean over images for
+            adaptive methods (ATS), whose ``gflops`` is then the mean too.
     """
 
     method: str
@@ -36,6 +41,8 @@ class ResultRow:
     top1: float | None = None
     recall: list[float] = field(default_factory=list)
     run: str | None = None
+    param: str | None = None
+    tokens: float | None = None
 
     def flat(self) -> dict[str, Any]:
         """A flat record: ``recall`` becomes ``recall_s1``, ``recall_s2``, …"""
@@ -74,13 +81,16 @@ def _fmt(value: Any, kind: str) -> str:
 
 
 def format_table(rows: Sequence[ResultRow]) -> str:
-    """A Markdown table: method, ρ, GFLOPs, params, images/s, speedup, top-1 %, recall % per stage."""
+    """A Markdown table: method, ρ, setting, GFLOPs, tokens, params, images/s, speedup, top-1 %,
+    recall % per stage (columns nothing was measured for are left out)."""
     recs = records(rows)
     columns = [
         ("method", "method", "text"),
         ("run", "run", "text"),
         ("keep_ratio", "ρ", "float"),
+        ("param", "setting", "text"),
         ("gflops", "GFLOPs", "float"),
+        ("tokens", "tokens", "float"),
         ("params_m", "params (M)", "float"),
         ("images_per_s", "images/s", "float"),
         ("speedup", "speedup", "ratio"),
@@ -97,7 +107,9 @@ def format_table(rows: Sequence[ResultRow]) -> str:
 def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None = None) -> Path:
     """Left: top-1 against GFLOPs (GFLOPs against ρ without accuracy); right: speedup against ρ.
 
-    The teacher is a star; each method a line through its keep ratios, labelled with ρ.
+    The teacher is a star; each method a line through its operating points in its own marker,
+    labelled with its setting (``r=3``, ``K=20``) or, for DynamicViT, with ρ. Methods matched to
+    DynamicViT share its ρ on the right-hand axis.
     """
     import matplotlib
 
@@ -106,20 +118,21 @@ def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None
 
     path = Path(path)
     has_top1 = any(r.top1 is not None for r in rows)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    methods = sorted({r.method for r in rows if r.method != "teacher"})
-    for method in methods:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    methods = list(dict.fromkeys(r.method for r in rows if r.method != "teacher"))  # first-seen order
+    for method, marker in zip(methods, itertools.cycle("os^Dvp<>h"), strict=False):
         pts = sorted((r for r in rows if r.method == method), key=lambda r: r.keep_ratio)
         if has_top1:
             xs, ys = [r.gflops for r in pts], [100 * r.top1 if r.top1 is not None else math.nan for r in pts]
         else:
             xs, ys = [r.keep_ratio for r in pts], [r.gflops for r in pts]
-        left.plot(xs, ys, "o-", label=method)
+        (line,) = left.plot(xs, ys, marker=marker, linestyle="-", label=method)
         for r, x, y in zip(pts, xs, ys, strict=True):
-            left.annotate(f"ρ={r.keep_ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            text = r.param or f"ρ={r.keep_ratio:g}"
+            left.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
         speed = [(r.keep_ratio, r.speedup) for r in pts if r.speedup is not None]
         if speed:
-            right.plot(*zip(*speed, strict=True), "o-", label=method)
+            right.plot(*zip(*speed, strict=True), marker=marker, linestyle="-", label=method)
     for teacher in (r for r in rows if r.method == "teacher"):
         if has_top1 and teacher.top1 is not None:
             left.plot([teacher.gflops], [100 * teacher.top1], "k*", markersize=12, label="teacher")
@@ -159,4 +172,31 @@ def write_report(
         writer.writerows(recs)
     paths["json"].write_text(json.dumps(recs, indent=2) + "\n")
     plot_tradeoff(rows, paths["figure"], title)
+    return paths
+
+
+def format_matches(records: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.compare.matched_records``)."""
+    if not records:
+        raise ValueError("no matched settings to format")
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for record in records:
+        lines.append("| " + " | ".join(_fmt(record.get(c), "float") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_matches(records: Sequence[dict[str, Any]], out_dir: str | Path, stem: str = "matched") -> dict[str, Path]:
+    """Write matched settings as ``<stem>.csv`` and ``<stem>.json`` into ``out_dir``; return their paths."""
+    if not records:
+        raise ValueError("no matched settings to write")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    paths["json"].write_text(json.dumps(list(records), indent=2) + "\n")
     return paths

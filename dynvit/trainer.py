@@ -11,7 +11,8 @@ from pathlib import Path
 
 import lightning as L
 
-from dynvit.benchmark import DEFAULT_RATIOS, SpeedSettings, benchmark, check_ratios, dynamicvit_at
+from dynvit.benchmark import DEFAULT_RATIOS, SpeedSettings, check_ratios, dynamicvit_at
+from dynvit.compare import LABELS, check_comparable, check_methods, compare, first_images
 from dynvit.measure.callbacks import Dtype, networks, parse_dtype
 from dynvit.models import load_checkpoint
 from dynvit.report import ResultRow, format_table, write_report
@@ -33,11 +34,16 @@ class DynViTTrainer(L.Trainer):
         warmup: int = 3,
         repeats: int = 10,
         accuracy: bool = True,
+        methods: Sequence[str] = ("dynamicvit",),
+        calibration_images: int = 256,
     ) -> list[ResultRow]:
-        """Cost, speed and accuracy of one set of weights at several keep ratios, and of the teacher.
+        """Cost, speed and accuracy of one set of weights at several keep ratios, and of the teacher;
+        optionally of other token-reduction methods on the teacher's weights at the same GFLOPs.
 
-        The student's ``keep_ratio`` is set to each ratio in turn; the weights stay the same. Writes
-        ``results.csv``, ``results.json`` and ``tradeoff.png`` and prints the table.
+        The student's ``keep_ratio`` is set to each ratio in turn; the weights stay the same. Every
+        other method runs training-free on the teacher, set to DynamicViT's GFLOPs at each ratio
+        (see :mod:`dynvit.compare`). Writes ``results.csv``, ``results.json`` and ``tradeoff.png``
+        and prints the table.
 
         Args:
             ckpt_path: Student weights (a ``.ckpt`` of this toolkit or a released DynamicViT file);
@@ -51,8 +57,14 @@ class DynViTTrainer(L.Trainer):
             repeats: Timed passes (the median is reported).
             accuracy: Measure validation top-1 (and kept-token recall when batches carry patch
                 masks) on the DataModule's validation set.
+            methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``:
+                ``dynamicvit`` (the student) and the training-free reducers of :mod:`dynvit.reducers`.
+            calibration_images: Validation images ATS's K is matched on (its cost varies per image).
         """
         ratios = check_ratios(ratios)
+        methods = check_methods(methods)
+        if calibration_images < 1:
+            raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
         settings = SpeedSettings(
             batch_size=batch_size,
             dtype=parse_dtype(dtype),
@@ -62,6 +74,7 @@ class DynViTTrainer(L.Trainer):
         )
         student, teacher = networks(model)
         model_at = dynamicvit_at(student)
+        check_comparable(student, teacher, methods)
         # Every ratio must fit this model (e.g. keep at least one token per stage) before any measuring.
         original = student.keep_ratio
         for ratio in ratios:
@@ -69,16 +82,20 @@ class DynViTTrainer(L.Trainer):
         model_at(original)
         if ckpt_path is not None:
             load_checkpoint(student, ckpt_path)
-        loader = None
-        if accuracy and datamodule is not None:
+        loader = calibration = None
+        if (accuracy or "ats" in methods) and datamodule is not None:
             datamodule.prepare_data()
             datamodule.setup("validate")
             loader = datamodule.val_dataloader()
-        method = getattr(student, "method", type(student).__name__.lower())
-        rows = benchmark(model_at, ratios, teacher, loader, settings, method=method)
+        if "ats" in methods:
+            if loader is None:
+                raise ValueError("ATS is matched on validation images: give the config a DataModule")
+            calibration = first_images(loader, calibration_images)
+        rows, _ = compare(student, teacher, ratios, methods, loader if accuracy else None, settings, calibration)
         model_at(original)
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
-        paths = write_report(rows, out_dir, title=f"{type(model).__name__}: {method} vs teacher")
+        names = ", ".join(LABELS.get(m, m) for m in methods)
+        paths = write_report(rows, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
         print(format_table(rows))
         print("\n".join(f"wrote {p}" for p in paths.values()))
         return rows
