@@ -7,6 +7,7 @@ have an object to score and outline; images are one-channel and normalised with 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -23,7 +24,10 @@ STUDENT = dict(
 
 
 def tiny_config(root: Path, max_epochs: int = 1) -> dict:
-    """A config (as a dict) that trains in seconds: 2 batches of 8 per epoch, 1 validation batch."""
+    """A config (as a dict) that trains in seconds: 2 batches of 8 per epoch, 1 validation batch.
+
+    A fresh copy every call: tests edit the nested dicts of theirs.
+    """
     return {
         "seed_everything": 0,
         "trainer": {
@@ -38,7 +42,10 @@ def tiny_config(root: Path, max_epochs: int = 1) -> dict:
             "enable_progress_bar": False,
             "enable_model_summary": False,
         },
-        "model": {"class_path": "dynvit.lightning.DynamicViTModule", "init_args": {**STUDENT, "keep_ratio": 0.7}},
+        "model": {
+            "class_path": "dynvit.lightning.DynamicViTModule",
+            "init_args": {**copy.deepcopy(STUDENT), "keep_ratio": 0.7},
+        },
         "data": {"class_path": "dynvit.data.ClutteredDigitsDataModule", "init_args": dict(DIGITS)},
         "throughput": {"batch_size": 2, "warmup": 0, "repeats": 1},
     }
