@@ -104,12 +104,22 @@ def format_table(rows: Sequence[ResultRow]) -> str:
     return "\n".join(lines)
 
 
+def _legend_label(method: str, params: Sequence[str]) -> str:
+    """``tome: r=7, 11`` from ``["r=7", "r=11"]``; the method alone without settings."""
+    if not params:
+        return method
+    names = {p.split("=", 1)[0] for p in params}
+    if len(names) == 1 and all("=" in p for p in params):
+        return f"{method}: {names.pop()}=" + ", ".join(p.split("=", 1)[1] for p in params)
+    return f"{method}: " + ", ".join(params)
+
+
 def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None = None) -> Path:
     """Left: top-1 against GFLOPs (GFLOPs against ρ without accuracy); right: speedup against ρ.
 
-    The teacher is a star; each method a line through its operating points in its own marker,
-    labelled with its setting (``r=3``, ``K=20``) or, for DynamicViT, with ρ. Methods matched to
-    DynamicViT share its ρ on the right-hand axis.
+    The teacher is a star; each method a line through its operating points in its own marker.
+    DynamicViT's points are labelled with ρ; methods matched to it list their settings (``r=7, 11``),
+    highest ρ first, in the legend, and share its ρ on the right-hand axis.
     """
     import matplotlib
 
@@ -126,10 +136,11 @@ def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None
             xs, ys = [r.gflops for r in pts], [100 * r.top1 if r.top1 is not None else math.nan for r in pts]
         else:
             xs, ys = [r.keep_ratio for r in pts], [r.gflops for r in pts]
-        (line,) = left.plot(xs, ys, marker=marker, linestyle="-", label=method)
+        label = _legend_label(method, [r.param for r in reversed(pts) if r.param])
+        (line,) = left.plot(xs, ys, marker=marker, linestyle="-", label=label)
         for r, x, y in zip(pts, xs, ys, strict=True):
-            text = r.param or f"ρ={r.keep_ratio:g}"
-            left.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+            if not r.param:  # matched methods share DynamicViT's GFLOPs: their settings go in the legend
+                left.annotate(f"ρ={r.keep_ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         speed = [(r.keep_ratio, r.speedup) for r in pts if r.speedup is not None]
         if speed:
             right.plot(*zip(*speed, strict=True), marker=marker, linestyle="-", label=method)
