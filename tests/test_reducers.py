@@ -356,3 +356,11 @@ def test_matching_agrees_with_a_brute_force_sweep(counted, method):
         else:
             got = match_keep_rate(factory, target, method=method, steps=10, **extra)
         assert got == (candidates[want], sweep[want])
+
+
+def test_token_cost_handles_a_conv_stem_and_one_channel():
+    """vit_digits' patch embedding is a conv stack on 1-channel images, not one patchify convolution."""
+    model = create_teacher("vit_digits", depth=2, embed_dim=32, num_heads=2)
+    full = model.patch_embed.num_patches + 1
+    cost = TokenCost.from_model(model)
+    assert cost(torch.tensor([[[full, full]] * 2])).item() == pytest.approx(count_flops(model), rel=1e-9)

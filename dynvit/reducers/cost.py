@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dynvit.measure.flops import count_module_flops
+from dynvit.models.dynamic_vit import input_size
 from dynvit.reducers.base import ReducedViT
 
 
@@ -82,8 +83,8 @@ class TokenCost:
                     for n in (1, 2)
                 ]
             )
-            size = tuple(model.patch_embed.img_size)
-            image = torch.randn(1, model.patch_embed.proj.in_channels, *size, device=param.device, dtype=param.dtype)
+            # input_size reads in_chans, so stems whose proj is not one convolution (vit_digits) work too.
+            image = torch.randn(1, *input_size(model), device=param.device, dtype=param.dtype)
             embed = _Call(lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))), model)
             fixed = count_module_flops(embed, image)
         finally:
