@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ class DynViTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         run_dir = Path(trainer_cfg.get("default_root_dir") or DEFAULT_RUN_DIR)
+        # Under `wandb agent` every point runs the same config: give each its own run folder.
+        if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            run_dir = run_dir / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"]
+            trainer_cfg["default_root_dir"] = str(run_dir)
         checkpoint = self._get(self.config_init, "checkpoint")
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(run_dir / "checkpoints")

@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from dynvit.lightning.base import ImageClassification
 from dynvit.losses import DynamicViTLoss
+from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
 
 _TEACHER = "teacher."
@@ -121,11 +122,8 @@ class DynamicViTModule(ImageClassification):
 
     def log_recall(self, masks: list[torch.Tensor], target: torch.Tensor) -> None:
         """Share of the object's patches (``target`` (B, N) bool) still kept after each stage."""
-        target = target.bool()
-        has_object = target.any(dim=1)
-        for s, (mask, metric) in enumerate(zip(masks, self.val_recall, strict=True)):
-            recall = (mask & target).sum(dim=1) / target.sum(dim=1).clamp_min(1)
-            metric.update(recall[has_object])
+        for s, (recall, metric) in enumerate(zip(stage_recall(masks, target), self.val_recall, strict=True)):
+            metric.update(recall)
             self.log(f"val/recall_s{s + 1}", metric, sync_dist=True)
 
     def validation_step(self, batch: tuple, batch_idx: int) -> None:
