@@ -8,6 +8,8 @@ one keep ratio. :func:`dynamicvit_at` gives it for a DynamicViT student (the sam
 from __future__ import annotations
 
 import contextlib
+import functools
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +36,10 @@ class SpeedSettings:
         dtype: ``torch.float32``, or a half type run under autocast (accuracy too).
         device: Where every model runs.
         warmup: Untimed passes before timing.
-        repeats: Timed passes; the median is reported.
+        repeats: Timed passes per round; the median is reported.
+        rounds: Rounds over all the models of one table, in turn; each model's images/s is the
+            median over rounds. Alternating spreads a slow spell of a shared machine over every
+            row instead of letting it land on one, which would skew that row's speedup.
     """
 
     batch_size: int = 64
@@ -42,6 +47,7 @@ class SpeedSettings:
     device: torch.device | str = "cpu"
     warmup: int = 3
     repeats: int = 10
+    rounds: int = 3
 
 
 def check_ratios(ratios: Sequence[float]) -> list[float]:
@@ -121,10 +127,9 @@ def measure_point(
     keep_ratio: float,
     settings: SpeedSettings,
     loader: Iterable | None = None,
-    teacher_images_per_s: float | None = None,
 ) -> ResultRow:
-    """GFLOPs, parameters, images/s (and speedup over ``teacher_images_per_s``), and, with a
-    ``loader``, top-1 and kept-token recall of one model at one operating point."""
+    """GFLOPs, parameters, images/s and, with a ``loader``, top-1 and kept-token recall of one
+    model at one operating point (the speedup is left to :func:`time_in_rounds`)."""
     device = torch.device(settings.device)
     model.to(device)
     # Measuring must not move the caller's random stream (fvcore and timing draw random inputs).
@@ -145,10 +150,41 @@ def measure_point(
         gflops=gflops,
         params_m=count_params(model),
         images_per_s=ips,
-        speedup=ips / teacher_images_per_s if teacher_images_per_s else None,
         top1=top1,
         recall=recall,
     )
+
+
+def time_in_rounds(
+    rows: Sequence[ResultRow], models: Sequence[Callable[[], nn.Module]], settings: SpeedSettings
+) -> None:
+    """Re-time ``rows`` (already timed once each, by :func:`measure_point`) in alternating rounds.
+
+    ``models[i]`` returns the model of ``rows[i]`` set up as it was measured. After
+    ``settings.rounds - 1`` more rounds over every model in turn, each row's images/s is its median
+    over all rounds, and speedups are taken against the row named ``teacher`` (when there is one).
+    """
+    samples = [[row.images_per_s] for row in rows]
+    device = torch.device(settings.device)
+    for _ in range(settings.rounds - 1):
+        for times, model_of in zip(samples, models, strict=True):
+            with torch.random.fork_rng([device.index or 0] if device.type == "cuda" else []):
+                times.append(
+                    measure_throughput(
+                        model_of(),
+                        batch_size=settings.batch_size,
+                        device=device,
+                        dtype=settings.dtype,
+                        warmup=settings.warmup,
+                        repeats=settings.repeats,
+                    )
+                )
+    for row, times in zip(rows, samples, strict=True):
+        row.images_per_s = statistics.median(times)
+    teacher = next((row.images_per_s for row in rows if row.method == "teacher"), None)
+    if teacher:
+        for row in rows:
+            row.speedup = row.images_per_s / teacher
 
 
 def benchmark(
@@ -172,11 +208,12 @@ def benchmark(
     ratios = check_ratios(ratios)
     settings = settings or SpeedSettings()
     rows: list[ResultRow] = []
-    teacher_ips = None
+    models: list[Callable[[], nn.Module]] = []
     if teacher is not None:
-        row = measure_point(teacher, "teacher", 1.0, settings, loader)
-        row.speedup, teacher_ips = 1.0, row.images_per_s
-        rows.append(row)
+        rows.append(measure_point(teacher, "teacher", 1.0, settings, loader))
+        models.append(lambda: teacher)
     for ratio in sorted(ratios, reverse=True):
-        rows.append(measure_point(model_at(ratio), method, ratio, settings, loader, teacher_ips))
+        rows.append(measure_point(model_at(ratio), method, ratio, settings, loader))
+        models.append(functools.partial(model_at, ratio))
+    time_in_rounds(rows, models, settings)
     return rows

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dynvit.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point
+from dynvit.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point, time_in_rounds
 from dynvit.measure.flops import count_flops
 from dynvit.models.dynamic_vit import keep_counts
 from dynvit.reducers import REDUCERS, ReducedViT, TokenCost, apply_reducer
@@ -303,22 +304,25 @@ def compare(
     cost = TokenCost.from_model(teacher) if "ats" in methods and teacher is not None else None
     matched = match_methods(student, teacher, ratios, methods, images, steps, cost)
 
-    rows, teacher_ips = [], None
+    rows: list[ResultRow] = []
+    models: list[Callable[[], nn.Module]] = []  # each row's model, set up again for the later timing rounds
     if teacher is not None:
         row = measure_point(teacher, "teacher", 1.0, settings, loader)
-        row.speedup, row.tokens, teacher_ips = 1.0, final_tokens(teacher), row.images_per_s
+        row.tokens = final_tokens(teacher)
         rows.append(row)
+        models.append(lambda: teacher)
     at, original = dynamicvit_at(student), student.keep_ratio
     reduced: dict[str, ReducedViT] = {}  # one copy of the teacher per method, reconfigured per ratio
     try:
         for m in matched:
             if m.method == "dynamicvit":
-                model = at(m.keep_ratio)
+                model_of = functools.partial(at, m.keep_ratio)
             else:
-                base = reduced[m.method] if m.method in reduced else copy.deepcopy(teacher)
-                model = reduced[m.method] = apply_reducer(base, m.method, **m.params)
+                reduced.setdefault(m.method, copy.deepcopy(teacher))
+                model_of = functools.partial(apply_reducer, reduced[m.method], m.method, **m.params)
+            model = model_of()
             label = student_label(student) if m.method == "dynamicvit" else LABELS.get(m.method, m.method)
-            row = measure_point(model, label, m.keep_ratio, settings, loader, teacher_ips)
+            row = measure_point(model, label, m.keep_ratio, settings, loader)
             row.param = m.label if m.method != "dynamicvit" else None
             row.tokens = final_tokens(model)
             if m.method == "ats":
@@ -326,6 +330,8 @@ def compare(
                 on = (batch[0] for batch in loader) if loader is not None else images
                 row.gflops, row.tokens = mean_cost(model, on, cost)
             rows.append(row)
+            models.append(model_of)
+        time_in_rounds(rows, models, settings)
     finally:
         at(original)
     return rows, matched

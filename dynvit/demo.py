@@ -30,7 +30,7 @@ QUICK_TRAINING = [
     "--wandb.enabled=false",
     "--trainer.enable_progress_bar=false",
 ]
-QUICK_BENCHMARK = ["--batch_size=8", "--warmup=1", "--repeats=1"]
+QUICK_BENCHMARK = ["--batch_size=8", "--warmup=1", "--repeats=1", "--rounds=1"]
 
 
 def run(args: list[str]) -> DynViTCLI:

@@ -33,6 +33,7 @@ class DynViTTrainer(L.Trainer):
         device: str | None = None,
         warmup: int = 3,
         repeats: int = 10,
+        rounds: int = 3,
         accuracy: bool = True,
         methods: Sequence[str] = ("dynamicvit",),
         calibration_images: int = 256,
@@ -54,7 +55,8 @@ class DynViTTrainer(L.Trainer):
             dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast) for timing and accuracy.
             device: ``cpu``, ``cuda``, ``cuda:1``, …; by default the trainer's device.
             warmup: Untimed passes before timing.
-            repeats: Timed passes (the median is reported).
+            repeats: Timed passes per round (the median is reported).
+            rounds: Rounds over all rows in turn; each row reports its median round.
             accuracy: Measure validation top-1 (and kept-token recall when batches carry patch
                 masks) on the DataModule's validation set.
             methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``:
@@ -71,6 +73,7 @@ class DynViTTrainer(L.Trainer):
             device=device or self.strategy.root_device,
             warmup=warmup,
             repeats=repeats,
+            rounds=rounds,
         )
         student, teacher = networks(model)
         model_at = dynamicvit_at(student)

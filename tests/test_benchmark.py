@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynvit import count_flops, create_student, create_teacher
-from dynvit.benchmark import SpeedSettings, benchmark, dynamicvit_at
+from dynvit.benchmark import SpeedSettings, benchmark, dynamicvit_at, time_in_rounds
 from dynvit.cli import DynViTCLI
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.models import CheckpointMismatch
@@ -17,7 +17,7 @@ from dynvit.report import ResultRow, format_table
 from tests.tiny_config import DIGITS, tiny_config, write_config
 
 ARCH = dict(num_classes=10, img_size=32, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2)
-FAST = SpeedSettings(batch_size=2, warmup=0, repeats=1)
+FAST = SpeedSettings(batch_size=2, warmup=0, repeats=1, rounds=1)
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +30,24 @@ def digits_val_loader():
     data = ClutteredDigitsDataModule(**{**DIGITS, "num_val": 12, "batch_size": 4})
     data.setup("validate")
     return data.val_dataloader()
+
+
+def test_rounds_alternate_between_models_and_report_medians(monkeypatch):
+    teacher, fast = torch.nn.Identity(), torch.nn.Identity()
+    calls = []
+    # Round 2 is a slow spell for the teacher only; the median over 3 rounds ignores it.
+    results = iter([90.0, 300.0, 110.0, 100.0])
+
+    def fake_measure(model, **kwargs):
+        calls.append("teacher" if model is teacher else "fast")
+        return next(results)
+
+    monkeypatch.setattr("dynvit.benchmark.measure_throughput", fake_measure)
+    rows = [ResultRow("teacher", 1.0, 1.0, 1.0, images_per_s=100.0), ResultRow("x", 0.7, 0.5, 1.0, images_per_s=200.0)]
+    time_in_rounds(rows, [lambda: teacher, lambda: fast], SpeedSettings(rounds=3))
+    assert calls == ["teacher", "fast", "teacher", "fast"]  # in turn, not one model's rounds back to back
+    assert rows[0].images_per_s == 100.0 and rows[1].images_per_s == 200.0
+    assert rows[0].speedup == 1.0 and rows[1].speedup == 2.0
 
 
 def test_rows_follow_the_keep_ratio_and_match_direct_measurements():
@@ -98,6 +116,7 @@ def run_benchmark(tmp_path, *extra: str) -> None:
             "--batch_size=2",
             "--warmup=0",
             "--repeats=1",
+            "--rounds=1",
             *extra,
         ]
     )

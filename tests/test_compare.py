@@ -37,7 +37,7 @@ DATA = dict(img_size=48, patch_size=8)
 LOC = (1, 2)
 ALL = ["dynamicvit", "tome", "evit", "ats", "topk", "random"]
 LABELS = ["dynamicvit", "tome", "evit (training-free)", "ats", "topk", "random"]
-FAST = SpeedSettings(batch_size=2, warmup=0, repeats=1)
+FAST = SpeedSettings(batch_size=2, warmup=0, repeats=1, rounds=1)
 STEPS = 10  # EViT / top-k keep rates 1.0, 0.9, …, 0.1
 
 
@@ -204,6 +204,7 @@ def test_cli_writes_one_table_csv_json_and_figure_for_all_methods(tmp_path, caps
             "--batch_size=2",
             "--warmup=0",
             "--repeats=1",
+            "--rounds=1",
         ]
     )
     records = json.loads((out / "results.json").read_text())

@@ -122,7 +122,8 @@ def per_image_gather(model, x: torch.Tensor) -> tuple[torch.Tensor, list[list[to
         for i, block in enumerate(model.blocks):
             if stage < len(TINY_LOC) and i == TINY_LOC[stage]:
                 patches = t[0, 1:]
-                score = model.score_predictor[stage](patches[None], torch.ones(1, len(patches), 1))[0, :, 0]
+                score = model.score_predictor[stage](patches[None], torch.ones(1, len(patches), 1))[0]
+                score = score[:, 0] - score[:, 1]
                 order = torch.argsort(score, descending=True)[: int(N * model.keep_ratio ** (stage + 1))]
                 t = torch.cat([t[0, :1], patches[order]])[None]
                 index = index[order]
@@ -144,6 +145,26 @@ def test_eval_equals_an_explicit_per_image_gather() -> None:
     for b, img_kept in enumerate(kept):
         for s, index in enumerate(img_kept):
             assert set(masks[s][b].nonzero().flatten().tolist()) == set(index.tolist())
+
+
+def test_eval_ranks_a_saturated_predictor_by_its_keep_odds() -> None:
+    # A predictor trained to keep (nearly) everything: keep odds of e^40 and more, so log p(keep)
+    # is exactly 0.0 in float32 for every token. The order must still follow the odds.
+    model = student(0.5).eval()
+    predictor = model.score_predictor[0]
+    with torch.no_grad():
+        predictor.out_conv[4].bias.copy_(torch.tensor([40.0, 0.0]))
+    x = images(3)
+    patches = model.blocks[: TINY_LOC[0]](model.embed(x))[:, 1:]
+    scores = predictor(patches, patches.new_ones(3, N, 1))
+    assert (scores[..., 0] == 0).all()  # the released code's ranking key ties everywhere
+    odds = scores[..., 0] - scores[..., 1]
+    _, masks = model.predict_with_masks(x)
+    expected = odds.topk(model.stage_keep_counts[0], dim=1).indices
+    for b in range(3):
+        assert set(masks[0][b].nonzero().flatten().tolist()) == set(expected[b].tolist())
+        # ...and it is not the first tokens of the grid, which a tie-broken top-k would return.
+        assert set(expected[b].tolist()) != set(range(model.stage_keep_counts[0]))
 
 
 @pytest.mark.parametrize("keep", [[1, 0, 1, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0]])

@@ -1,7 +1,7 @@
 """DynamicViT: a timm ``VisionTransformer`` that learns to drop patch tokens (Rao et al., 2021).
 
 Training keeps every token and masks dropped ones inside attention (shapes fixed, decisions
-sampled with straight-through Gumbel-softmax). Evaluation ranks tokens by their keep score and
+sampled with straight-through Gumbel-softmax). Evaluation ranks tokens by their keep log-odds and
 gathers the top ``int(N * keep_ratio ** s)`` at stage ``s``, so later blocks really run on fewer
 tokens. The keep decision itself is made in :class:`~dynvit.models.predictor.KeepPredictor`.
 """
@@ -177,7 +177,11 @@ class TokenPruning(nn.Module):
                 patches = x[:, p:]
                 # After a gather every remaining token is kept, so the context is a plain mean.
                 scores = self.score_predictor[stage](patches, patches.new_ones(B, patches.shape[1], 1))
-                top = torch.topk(scores[..., 0], self.stage_keep_counts[stage], dim=1).indices
+                # Rank by the log-odds of keeping, not by log p(keep) as the released code does: the
+                # two orders agree, but log p(keep) rounds to exactly 0 in float32 once the odds pass
+                # ~e^17, and a predictor trained to keep nearly everything then ties on every token.
+                keep_odds = scores[..., 0] - scores[..., 1]
+                top = torch.topk(keep_odds, self.stage_keep_counts[stage], dim=1).indices
                 x = torch.cat([x[:, :p], gather_tokens(patches, top)], dim=1)
                 patch_index = torch.gather(patch_index, 1, top)
                 kept.append(patch_index)
@@ -207,7 +211,11 @@ class TokenPruning(nn.Module):
 
     @torch.no_grad()
     def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eval-mode logits plus, per stage, the boolean keep mask (B, N) over the original patch grid."""
+        """Logits of the pruned (top-k) forward plus, per stage, the boolean keep mask (B, N) over the patch grid.
+
+        Always takes the inference path; dropout and drop-path follow the module's mode, so call it in
+        ``eval()`` mode for inference numbers.
+        """
         x, kept = self._run_gathered(self.embed(x))
         return self.forward_head(self.norm(x)), self.kept_masks(kept)
 
