@@ -164,6 +164,8 @@ def time_in_rounds(
     ``settings.rounds - 1`` more rounds over every model in turn, each row's images/s is its median
     over all rounds, and speedups are taken against the row named ``teacher`` (when there is one).
     """
+    if settings.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {settings.rounds}")
     samples = [[row.images_per_s] for row in rows]
     device = torch.device(settings.device)
     for _ in range(settings.rounds - 1):

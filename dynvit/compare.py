@@ -318,7 +318,8 @@ def compare(
             if m.method == "dynamicvit":
                 model_of = functools.partial(at, m.keep_ratio)
             else:
-                reduced.setdefault(m.method, copy.deepcopy(teacher))
+                if m.method not in reduced:
+                    reduced[m.method] = copy.deepcopy(teacher)
                 model_of = functools.partial(apply_reducer, reduced[m.method], m.method, **m.params)
             model = model_of()
             label = student_label(student) if m.method == "dynamicvit" else LABELS.get(m.method, m.method)
