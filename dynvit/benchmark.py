@@ -18,7 +18,7 @@ from torch import nn
 
 from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.recall import stage_recall
-from dynvit.measure.throughput import measure_throughput
+from dynvit.measure.throughput import keep_rng, measure_throughput
 from dynvit.report import ResultRow
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -121,6 +121,20 @@ def evaluate(
     return correct / seen, recall
 
 
+def images_per_s(model: nn.Module, settings: SpeedSettings) -> float:
+    """One throughput measurement of ``model`` as ``settings`` say, leaving the random stream as it was."""
+    device = torch.device(settings.device)
+    with keep_rng(device):
+        return measure_throughput(
+            model,
+            batch_size=settings.batch_size,
+            device=device,
+            dtype=settings.dtype,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+        )
+
+
 def measure_point(
     model: nn.Module,
     method: str,
@@ -132,17 +146,9 @@ def measure_point(
     model at one operating point (the speedup is left to :func:`time_in_rounds`)."""
     device = torch.device(settings.device)
     model.to(device)
-    # Measuring must not move the caller's random stream (fvcore and timing draw random inputs).
-    with torch.random.fork_rng([device.index or 0] if device.type == "cuda" else []):
+    with keep_rng(device):
         gflops = count_flops(model)
-        ips = measure_throughput(
-            model,
-            batch_size=settings.batch_size,
-            device=device,
-            dtype=settings.dtype,
-            warmup=settings.warmup,
-            repeats=settings.repeats,
-        )
+    ips = images_per_s(model, settings)
     top1, recall = evaluate(model, loader, device, settings.dtype) if loader is not None else (None, [])
     return ResultRow(
         method=method,
@@ -167,20 +173,9 @@ def time_in_rounds(
     if settings.rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {settings.rounds}")
     samples = [[row.images_per_s] for row in rows]
-    device = torch.device(settings.device)
     for _ in range(settings.rounds - 1):
         for times, model_of in zip(samples, models, strict=True):
-            with torch.random.fork_rng([device.index or 0] if device.type == "cuda" else []):
-                times.append(
-                    measure_throughput(
-                        model_of(),
-                        batch_size=settings.batch_size,
-                        device=device,
-                        dtype=settings.dtype,
-                        warmup=settings.warmup,
-                        repeats=settings.repeats,
-                    )
-                )
+            times.append(images_per_s(model_of(), settings))
     for row, times in zip(rows, samples, strict=True):
         row.images_per_s = statistics.median(times)
     teacher = next((row.images_per_s for row in rows if row.method == "teacher"), None)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from dynvit.measure.flops import count_flops, count_params
-from dynvit.measure.throughput import measure_throughput
+from dynvit.measure.throughput import keep_rng, measure_throughput
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,10 +56,6 @@ def networks(pl_module: L.LightningModule) -> tuple[nn.Module, nn.Module | None]
     return net, teacher if isinstance(teacher, nn.Module) else None
 
 
-def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []
-
-
 def log_to_all(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """Send ``metrics`` to every logger of the trainer at the current global step."""
     for logger in trainer.loggers:
@@ -87,7 +83,7 @@ class FlopsCallback(L.Callback):
         changed = not self.metrics or self.metrics.get("cost/keep_ratio") != ratio
         if changed:
             # fvcore traces with a random input: keep it off the training run's random stream.
-            with torch.random.fork_rng(_rng_devices(pl_module.device)):
+            with keep_rng(pl_module.device):
                 metrics = {"cost/gflops": count_flops(net), "cost/params_m": count_params(net)}
                 if ratio is not None:
                     metrics["cost/keep_ratio"] = float(ratio)
@@ -165,7 +161,7 @@ class ThroughputCallback(L.Callback):
             warmup=self.warmup,
             repeats=self.repeats,
         )
-        with torch.random.fork_rng(_rng_devices(device)):
+        with keep_rng(device):
             metrics = {"throughput/images_per_s": measure_throughput(net, **kwargs)}
             if teacher is not None:
                 metrics["throughput/teacher_images_per_s"] = measure_throughput(teacher, **kwargs)

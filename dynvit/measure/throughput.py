@@ -82,3 +82,8 @@ def measure_throughput(
         if restore_format:
             model.to(memory_format=torch.contiguous_format)
     return batch_size / statistics.median(times)
+
+
+def keep_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Measuring must not move the caller's random stream (fvcore and timing draw random inputs)."""
+    return torch.random.fork_rng([device.index or 0] if device.type == "cuda" else [])
