@@ -33,6 +33,9 @@ class DynamicViTModule(ImageClassification):
         ratio_weight, distill_weight, token_weight: Loss weights (2.0, 0.5, 0.5); token_weight=0 switches
             token distillation off.
         backbone_lr_scale: Backbone learning rate relative to the predictors' ``lr`` (0.01).
+        start_at_target: Start the fresh predictors keeping tokens with probability ρ instead of 1/2
+            (see :meth:`~dynvit.models.dynamic_vit.TokenPruning.start_predictors_at_target`). Off by
+            default, as in the reference; ignored when ``student_checkpoint`` gives trained predictors.
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """
 
@@ -51,6 +54,7 @@ class DynamicViTModule(ImageClassification):
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
         token_weight: float = 0.5,
+        start_at_target: bool = False,
         lr: float = 1e-3,
         backbone_lr_scale: float = 0.01,
         lr_base_batch_size: int | None = 1024,
@@ -71,6 +75,8 @@ class DynamicViTModule(ImageClassification):
             load_checkpoint(self.net, student_checkpoint)
         else:
             load_weights(self.net, self.teacher.state_dict(), source="the teacher")
+            if start_at_target:
+                self.net.start_predictors_at_target()
         self.loss = DynamicViTLoss(ratio_weight, distill_weight, token_weight, label_smoothing)
         self.val_recall = nn.ModuleList(MeanMetric() for _ in self.net.pruning_loc)
 
