@@ -14,6 +14,7 @@ from dynvit.models.masked_attention import (
     MaskedAttention,
     make_block_maskable,
     masked_softmax,
+    set_keep_gradient,
     set_recompute,
 )
 from dynvit.models.masked_attention_function import masked_attention
@@ -125,6 +126,65 @@ def test_bad_inputs_raise() -> None:
         masked_attention(q, k[:, :, :-1], v, torch.ones(B, N), SCALE)
     with pytest.raises(ValueError, match="chunk_size"):
         masked_attention(q, k, v, torch.ones(B, N), SCALE, chunk_size=0)
+
+
+def peaked_attention() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """float64 q, k, v where dropped key 3 scores far above every kept key of query 0, a keep mask
+    and an upstream gradient."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 7, 4, generator=g, dtype=torch.float64).unbind(0)
+    k[:, :, 3] = 3.0 * q[:, :, 0]
+    keep = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    return [q, k, v], keep, torch.randn(1, 2, 7, 4, generator=g, dtype=torch.float64)
+
+
+def test_secant_keep_gradient_is_the_change_keeping_a_dropped_token_makes() -> None:
+    (q, k, v), keep, upstream = peaked_attention()
+
+    def loss(mask: torch.Tensor, mode: str = "tangent") -> torch.Tensor:
+        return (masked_attention(q, k, v, mask, 1.0, eps=0.0, keep_gradient=mode) * upstream).sum()
+
+    def keep_grad(mode: str) -> torch.Tensor:
+        leaf = keep.clone().requires_grad_()
+        return torch.autograd.grad(loss(leaf, mode), leaf)[0][0]
+
+    tangent, secant = keep_grad("tangent"), keep_grad("secant")
+    for j in range(keep.shape[1]):
+        if keep[0, j] == 1:
+            assert secant[j] == pytest.approx(tangent[j].item(), rel=1e-12)
+        else:
+            flipped = keep.clone()
+            flipped[0, j] = 1.0
+            # Linear in the output, so the secant is exact: L(keep j) - L(drop j).
+            assert secant[j] == pytest.approx((loss(flipped) - loss(keep)).item(), rel=1e-9)
+    # The tangent at the dominant dropped key is orders of magnitude off the real change.
+    assert tangent[3].abs() > 1e3 * secant[3].abs()
+
+
+def test_secant_changes_only_the_keep_gradient() -> None:
+    q, k, v = qkv()
+    keep, leaf = make_keep("gumbel")
+    by_mode = {
+        mode: grads(masked_attention(q, k, v, keep, SCALE, keep_gradient=mode), [q, k, v, leaf])
+        for mode in ("tangent", "secant")
+    }
+    for a, b in zip(by_mode["tangent"][:3], by_mode["secant"][:3], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.allclose(by_mode["tangent"][3], by_mode["secant"][3])
+
+
+def test_keep_gradient_choice_is_checked(tiny_kwargs: dict) -> None:
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="keep_gradient must be one of"):
+        masked_attention(q, k, v, torch.ones(B, N), SCALE, keep_gradient="chord")
+    student = create_student("vit_tiny_patch16_224", pruning_loc=PRUNING_LOC, **tiny_kwargs).train()
+    with pytest.raises(ValueError, match="keep_gradient must be one of"):
+        set_keep_gradient(student, "chord")
+    assert set_keep_gradient(student, "secant") == tiny_kwargs["depth"]
+    set_recompute(student, False)
+    # The plain autograd formula only knows the tangent: say so instead of silently using it.
+    with pytest.raises(ValueError, match="recomputing masked attention only"):
+        student(torch.randn(2, 3, 32, 32))
 
 
 def saved_shapes(fn) -> list[tuple[int, ...]]:

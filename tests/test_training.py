@@ -16,7 +16,7 @@ from dynvit import create_teacher
 from dynvit.cli import DynViTCLI
 from dynvit.data import SyntheticDataModule
 from dynvit.lightning import ClassifierModule, DynamicViTModule
-from dynvit.models import CheckpointMismatch, read_state_dict
+from dynvit.models import CheckpointMismatch, MaskedAttention, read_state_dict
 from tests.conftest import TINY, TINY_LOC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +92,10 @@ def test_student_starts_from_teacher_and_teacher_stays_frozen(tmp_path, teacher_
     assert not torch.equal(module.net.blocks[0].attn.qkv.weight, teacher_before["blocks.0.attn.qkv.weight"])
 
 
-@pytest.mark.parametrize("start_at_target", [False, True])
-def test_start_at_target_sets_the_predictor_bias_after_the_teacher_load(teacher_ckpt, start_at_target):
-    module = tiny_student(teacher_ckpt, keep_ratio=0.7, start_at_target=start_at_target)
-    bias = torch.stack([p.out_conv[-2].bias for p in module.net.score_predictor])
-    expected = torch.tensor([0.7, 0.3]).log() if start_at_target else torch.zeros(2)
-    assert torch.allclose(bias, expected.expand_as(bias))
+def test_keep_gradient_reaches_every_masked_attention(teacher_ckpt):
+    module = tiny_student(teacher_ckpt, keep_gradient="secant")
+    layers = [m for m in module.net.modules() if isinstance(m, MaskedAttention)]
+    assert len(layers) == TINY["depth"] and all(m.keep_gradient == "secant" for m in layers)
 
 
 def test_loss_falls_over_a_few_steps(tmp_path, teacher_ckpt):

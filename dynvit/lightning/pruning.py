@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from dynvit.lightning.base import ImageClassification
 from dynvit.losses import DynamicViTLoss
 from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
+from dynvit.models.masked_attention import set_keep_gradient
 
 _TEACHER = "teacher."
 
@@ -33,9 +34,8 @@ class DynamicViTModule(ImageClassification):
         ratio_weight, distill_weight, token_weight: Loss weights (2.0, 0.5, 0.5); token_weight=0 switches
             token distillation off.
         backbone_lr_scale: Backbone learning rate relative to the predictors' ``lr`` (0.01).
-        start_at_target: Start the fresh predictors keeping tokens with probability ρ instead of 1/2
-            (see :meth:`~dynvit.models.dynamic_vit.TokenPruning.start_predictors_at_target`). Off by
-            default, as in the reference; ignored when ``student_checkpoint`` gives trained predictors.
+        keep_gradient: ``"tangent"`` (the reference) or ``"secant"``: the gradient the masked attention
+            gives a dropped token's keep decision (see :func:`~dynvit.models.masked_attention.set_keep_gradient`).
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """
 
@@ -54,7 +54,7 @@ class DynamicViTModule(ImageClassification):
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
         token_weight: float = 0.5,
-        start_at_target: bool = False,
+        keep_gradient: Literal["tangent", "secant"] = "tangent",
         lr: float = 1e-3,
         backbone_lr_scale: float = 0.01,
         lr_base_batch_size: int | None = 1024,
@@ -75,8 +75,7 @@ class DynamicViTModule(ImageClassification):
             load_checkpoint(self.net, student_checkpoint)
         else:
             load_weights(self.net, self.teacher.state_dict(), source="the teacher")
-            if start_at_target:
-                self.net.start_predictors_at_target()
+        set_keep_gradient(self.net, keep_gradient)
         self.loss = DynamicViTLoss(ratio_weight, distill_weight, token_weight, label_smoothing)
         self.val_recall = nn.ModuleList(MeanMetric() for _ in self.net.pruning_loc)
 

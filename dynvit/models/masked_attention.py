@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from dynvit.models.masked_attention_function import MASK_EPS, masked_attention
+from dynvit.models.masked_attention_function import KEEP_GRADIENTS, MASK_EPS, masked_attention
 
 
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor, eps: float = MASK_EPS) -> torch.Tensor:
@@ -46,9 +46,11 @@ class MaskedAttention(Attention):
     recomputes the attention weights in backward instead of storing them. Setting ``recompute =
     False`` (see :func:`set_recompute`) selects the plain autograd formula instead, which keeps the
     float32 (B, H, N, N) intermediates; so does attention dropout in training, which needs them.
+    ``keep_gradient`` (see :func:`set_keep_gradient`) picks the gradient the keep mask receives.
     """
 
     recompute: bool = True
+    keep_gradient: str = "tangent"
 
     def forward(
         self,
@@ -64,7 +66,12 @@ class MaskedAttention(Attention):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.recompute and not (self.training and self.attn_drop.p > 0):
-            x = masked_attention(q, k, v, keep, self.scale)
+            x = masked_attention(q, k, v, keep, self.scale, keep_gradient=self.keep_gradient)
+        elif self.keep_gradient != "tangent":
+            raise ValueError(
+                f"keep_gradient={self.keep_gradient!r} is computed by the recomputing masked attention only: "
+                "call set_recompute(model, True) and build the model with attn_drop_rate=0"
+            )
         else:
             attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
             x = self.attn_drop(attn).to(v.dtype) @ v
@@ -101,6 +108,25 @@ def make_block_maskable(block: Block) -> None:
     block.attn.__class__ = MaskedAttention
 
 
+def set_keep_gradient(model: nn.Module, mode: str) -> int:
+    """Choose the gradient every :class:`MaskedAttention` in ``model`` gives its keep mask; returns how
+    many layers were set.
+
+    ``"tangent"`` (the reference) is the derivative at the hard 0/1 decision. ``"secant"`` gives a
+    dropped key j the slope of the line from keep_j = 0 to keep_j = 1 instead: for a loss linear in
+    the attention output it is exactly the change that keeping j would make, so it stays bounded.
+    The tangent at keep_j = 0 scales with ``exp(s_ij) / Σ_kept exp(s_ik)``, which on peaked attention
+    (one dropped key far above every kept one) reaches 1e5 and drowns the keep-ratio loss. Kept keys
+    get the same gradient either way.
+    """
+    if mode not in KEEP_GRADIENTS:
+        raise ValueError(f"keep_gradient must be one of {KEEP_GRADIENTS}, got {mode!r}")
+    layers = [m for m in model.modules() if isinstance(m, MaskedAttention)]
+    for layer in layers:
+        layer.keep_gradient = mode
+    return len(layers)
+
+
 def set_recompute(model: nn.Module, enabled: bool) -> int:
     """Choose, for every :class:`MaskedAttention` in ``model``, the recomputing Function (``True``,
     the default) or the plain autograd formula (``False``). Returns how many layers were set."""
@@ -111,11 +137,13 @@ def set_recompute(model: nn.Module, enabled: bool) -> int:
 
 
 __all__ = [
+    "KEEP_GRADIENTS",
     "MASK_EPS",
     "MaskedAttention",
     "MaskedBlock",
     "make_block_maskable",
     "masked_attention",
     "masked_softmax",
+    "set_keep_gradient",
     "set_recompute",
 ]

@@ -37,6 +37,7 @@ MASK_EPS = 1e-6
 # Elements of one (B, H, chunk, N) temporary; 2**25 float32 is 128 MiB. Bounds the transient
 # memory of forward and backward; tiny models fit in one chunk and pay no loop overhead.
 CHUNK_ELEMENTS = 2**25
+KEEP_GRADIENTS = ("tangent", "secant")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,6 +62,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
         scale: float,
         eps: float,
         chunk_size: int,
+        secant: bool,
     ) -> torch.Tensor:
         B, H, N, _ = q.shape
         ct = _compute_dtype(q.dtype)
@@ -83,7 +85,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
                 out[:, :, start:stop] = ((w + eps / N) / d) @ vf
                 rowmax[:, :, start:stop], denom[:, :, start:stop], argmax[:, :, start:stop] = m, d, idx
         ctx.save_for_backward(q, k, v, keep, rowmax, denom, argmax)
-        ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
+        ctx.scale, ctx.eps, ctx.chunk_size, ctx.secant = scale, eps, chunk_size, secant
         return out.to(q.dtype)
 
     @staticmethod
@@ -117,10 +119,13 @@ class MaskedAttentionFunction(torch.autograd.Function):
                 dk += (ds.transpose(-2, -1) @ q_c) * scale
                 if ctx.needs_input_grad[3]:
                     # keep_j does not gate the diagonal (a token always sees itself): drop i = j.
+                    if ctx.secant:
+                        # Dropped key j: the slope of the line to keep_j = 1, i.e. D_i grown by e_ij.
+                        t = t * d / (d + e * (1.0 - keep_b))
                     et = e.mul_(t)
                     dkeep += et.sum(dim=(1, 2))
                     dkeep[:, rows] -= torch.diagonal(et[..., rows], dim1=-2, dim2=-1).sum(dim=1)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkeep.to(keep.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkeep.to(keep.dtype), None, None, None, None
 
 
 def masked_attention(
@@ -131,6 +136,7 @@ def masked_attention(
     scale: float,
     eps: float = MASK_EPS,
     chunk_size: int | None = None,
+    keep_gradient: str = "tangent",
 ) -> torch.Tensor:
     """DynamicViT masked attention ``masked_softmax(scale q kᵀ, keep) @ v`` without N×N activations.
 
@@ -148,6 +154,9 @@ def masked_attention(
         eps: The reference's smoothing constant.
         chunk_size: Queries processed at a time; by default as many as keep one (B, H, chunk, N)
             temporary within ``CHUNK_ELEMENTS``.
+        keep_gradient: ``"tangent"``, the derivative at the given mask (the reference), or ``"secant"``:
+            for a dropped key j, ``e_ij t_ij`` with ``D_i`` replaced by ``D_i + e_ij``, the slope to
+            keep_j = 1 (see :func:`~dynvit.models.masked_attention.set_keep_gradient`).
 
     Returns:
         The attention output (B, H, N, d_v) in the dtype of ``q``.
@@ -164,7 +173,10 @@ def masked_attention(
         chunk_size = max(1, CHUNK_ELEMENTS // (B * H * N))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
-    return MaskedAttentionFunction.apply(q, k, v, keep, float(scale), float(eps), int(chunk_size))
+    if keep_gradient not in KEEP_GRADIENTS:
+        raise ValueError(f"keep_gradient must be one of {KEEP_GRADIENTS}, got {keep_gradient!r}")
+    secant = keep_gradient == "secant"
+    return MaskedAttentionFunction.apply(q, k, v, keep, float(scale), float(eps), int(chunk_size), secant)
 
 
 __all__ = ["CHUNK_ELEMENTS", "MASK_EPS", "MaskedAttentionFunction", "masked_attention"]
