@@ -228,6 +228,33 @@ def test_predictor_context_of_an_all_dropped_stage_is_finite() -> None:
     assert scores.shape == (2, 5, 2) and torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize("keep_ratio", [0.7, 0.5])
+def test_predictors_started_at_target_sample_the_target_keep_rates(keep_ratio: float) -> None:
+    torch.manual_seed(0)
+    model = student(keep_ratio).train()
+    x = images(64)
+    with torch.no_grad():
+        even = [d.mean().item() for d in model(x).decisions]
+        model.start_predictors_at_target()
+        started = [d.mean().item() for d in model(x).decisions]
+    # The reference's zero init keeps half of what is left at every stage; the target start keeps ρ of it.
+    assert even == pytest.approx([0.5 ** (s + 1) for s in range(len(TINY_LOC))], abs=0.04)
+    assert started == pytest.approx(model.stage_keep_ratios, abs=0.04)
+
+
+@pytest.mark.parametrize("keep_prob", [0.0, 1.2, float("nan")])
+def test_predictor_start_outside_unit_interval_raises(keep_prob: float) -> None:
+    with pytest.raises(ValueError, match=r"keep_prob must be in \(0, 1\]"):
+        KeepPredictor(16).start_at(keep_prob)
+
+
+def test_predictor_started_to_keep_everything_is_finite() -> None:
+    predictor = KeepPredictor(16)
+    predictor.start_at(1.0)
+    scores = predictor(torch.randn(2, 5, 16), torch.ones(2, 5, 1))
+    assert torch.isfinite(scores).all() and (scores[..., 0] > scores[..., 1] + 10).all()
+
+
 # --- bad input: each raises early with a message naming the fix ----------------------------------------
 
 

@@ -98,6 +98,14 @@ def test_keep_gradient_reaches_every_masked_attention(teacher_ckpt):
     assert len(layers) == TINY["depth"] and all(m.keep_gradient == "secant" for m in layers)
 
 
+@pytest.mark.parametrize("start_at_target", [False, True])
+def test_start_at_target_sets_the_predictor_bias_after_the_teacher_load(teacher_ckpt, start_at_target):
+    module = tiny_student(teacher_ckpt, keep_ratio=0.7, start_at_target=start_at_target)
+    bias = torch.stack([p.out_conv[-2].bias for p in module.net.score_predictor])
+    expected = torch.tensor([0.7, 0.3]).log() if start_at_target else torch.zeros(2)
+    assert torch.allclose(bias, expected.expand_as(bias))
+
+
 def test_loss_falls_over_a_few_steps(tmp_path, teacher_ckpt):
     recorder = LossRecorder()
     data = tiny_data(train_size=32, batch_size=32)

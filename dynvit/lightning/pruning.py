@@ -36,6 +36,9 @@ class DynamicViTModule(ImageClassification):
         backbone_lr_scale: Backbone learning rate relative to the predictors' ``lr`` (0.01).
         keep_gradient: ``"tangent"`` (the reference) or ``"secant"``: the gradient the masked attention
             gives a dropped token's keep decision (see :func:`~dynvit.models.masked_attention.set_keep_gradient`).
+        start_at_target: Start the fresh predictors keeping tokens with probability ρ instead of 1/2
+            (see :meth:`~dynvit.models.dynamic_vit.TokenPruning.start_predictors_at_target`). Off by
+            default, as in the reference; ignored when ``student_checkpoint`` gives trained predictors.
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """
 
@@ -55,6 +58,7 @@ class DynamicViTModule(ImageClassification):
         distill_weight: float = 0.5,
         token_weight: float = 0.5,
         keep_gradient: Literal["tangent", "secant"] = "tangent",
+        start_at_target: bool = False,
         lr: float = 1e-3,
         backbone_lr_scale: float = 0.01,
         lr_base_batch_size: int | None = 1024,
@@ -75,6 +79,8 @@ class DynamicViTModule(ImageClassification):
             load_checkpoint(self.net, student_checkpoint)
         else:
             load_weights(self.net, self.teacher.state_dict(), source="the teacher")
+            if start_at_target:
+                self.net.start_predictors_at_target()
         set_keep_gradient(self.net, keep_gradient)
         self.loss = DynamicViTLoss(ratio_weight, distill_weight, token_weight, label_smoothing)
         self.val_recall = nn.ModuleList(MeanMetric() for _ in self.net.pruning_loc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,6 +30,17 @@ class KeepPredictor(nn.Module):
             nn.Linear(embed_dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
+
+    @torch.no_grad()
+    def start_at(self, keep_prob: float) -> None:
+        """Set the output bias so that a predictor whose last layer outputs ~0 keeps each token with
+        probability ``keep_prob`` (in (0, 1]) instead of 1/2. Only the bias changes, so the learned
+        scores and released checkpoints are untouched."""
+        if not 0.0 < keep_prob <= 1.0:
+            raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob}")
+        # log(1 - p) is -inf at p = 1; a finite floor keeps the logits (and their gradients) finite.
+        drop = math.log(max(1.0 - keep_prob, 1e-6))
+        self.out_conv[-2].bias.copy_(torch.tensor([math.log(keep_prob), drop]))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Args: patch tokens ``x`` (B, N, C) and the current keep mask (B, N, 1). Returns (B, N, 2)."""
