@@ -179,4 +179,4 @@ def masked_attention(
     return MaskedAttentionFunction.apply(q, k, v, keep, float(scale), float(eps), int(chunk_size), secant)
 
 
-__all__ = ["CHUNK_ELEMENTS", "MASK_EPS", "MaskedAttentionFunction", "masked_attention"]
+__all__ = ["CHUNK_ELEMENTS", "KEEP_GRADIENTS", "MASK_EPS", "MaskedAttentionFunction", "masked_attention"]
