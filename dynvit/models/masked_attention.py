@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from dynvit.models.masked_attention_function import KEEP_GRADIENTS, MASK_EPS, masked_attention
+from dynvit.models.masked_attention_function import KEEP_GRADIENTS, MASK_EPS, check_keep_gradient, masked_attention
 
 
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor, eps: float = MASK_EPS) -> torch.Tensor:
@@ -119,8 +119,7 @@ def set_keep_gradient(model: nn.Module, mode: str) -> int:
     (one dropped key far above every kept one) reaches 1e5 and drowns the keep-ratio loss. Kept keys
     get the same gradient either way.
     """
-    if mode not in KEEP_GRADIENTS:
-        raise ValueError(f"keep_gradient must be one of {KEEP_GRADIENTS}, got {mode!r}")
+    check_keep_gradient(mode)
     layers = [m for m in model.modules() if isinstance(m, MaskedAttention)]
     for layer in layers:
         layer.keep_gradient = mode

@@ -40,6 +40,12 @@ CHUNK_ELEMENTS = 2**25
 KEEP_GRADIENTS = ("tangent", "secant")
 
 
+def check_keep_gradient(mode: str) -> None:
+    """Raise ``ValueError`` unless ``mode`` names a keep gradient (:data:`KEEP_GRADIENTS`)."""
+    if mode not in KEEP_GRADIENTS:
+        raise ValueError(f"keep_gradient must be one of {KEEP_GRADIENTS}, got {mode!r}")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 for half inputs (the reference precision); float64 stays float64 for gradcheck.
     return torch.promote_types(dtype, torch.float32)
@@ -173,10 +179,16 @@ def masked_attention(
         chunk_size = max(1, CHUNK_ELEMENTS // (B * H * N))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
-    if keep_gradient not in KEEP_GRADIENTS:
-        raise ValueError(f"keep_gradient must be one of {KEEP_GRADIENTS}, got {keep_gradient!r}")
+    check_keep_gradient(keep_gradient)
     secant = keep_gradient == "secant"
     return MaskedAttentionFunction.apply(q, k, v, keep, float(scale), float(eps), int(chunk_size), secant)
 
 
-__all__ = ["CHUNK_ELEMENTS", "KEEP_GRADIENTS", "MASK_EPS", "MaskedAttentionFunction", "masked_attention"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "KEEP_GRADIENTS",
+    "MASK_EPS",
+    "MaskedAttentionFunction",
+    "check_keep_gradient",
+    "masked_attention",
+]
