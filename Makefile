@@ -28,7 +28,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 demo: install
-	$(PY) -m dynvit.demo
+	$(PY) -m dynvit.run.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

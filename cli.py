@@ -1,6 +1,6 @@
 """dynvit's command line: ``python cli.py fit --config experiments/digits_prune.yaml`` (see README)."""
 
-from dynvit.cli import main
+from dynvit.run.cli import main
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from dynvit import count_flops, create_student, create_teacher
-from dynvit.benchmark import SpeedSettings, benchmark, dynamicvit_at, time_in_rounds
-from dynvit.cli import DynViTCLI
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.models import CheckpointMismatch
-from dynvit.report import ResultRow, format_table
+from dynvit.run.benchmark import SpeedSettings, benchmark, dynamicvit_at, time_in_rounds
+from dynvit.run.cli import DynViTCLI
+from dynvit.run.report import ResultRow, format_table
 from tests.tiny_config import DIGITS, tiny_config, write_config
 
 ARCH = dict(num_classes=10, img_size=32, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2)
@@ -42,7 +42,7 @@ def test_rounds_alternate_between_models_and_report_medians(monkeypatch):
         calls.append("teacher" if model is teacher else "fast")
         return next(results)
 
-    monkeypatch.setattr("dynvit.benchmark.measure_throughput", fake_measure)
+    monkeypatch.setattr("dynvit.run.benchmark.measure_throughput", fake_measure)
     rows = [ResultRow("teacher", 1.0, 1.0, 1.0, images_per_s=100.0), ResultRow("x", 0.7, 0.5, 1.0, images_per_s=200.0)]
     time_in_rounds(rows, [lambda: teacher, lambda: fast], SpeedSettings(rounds=3))
     assert calls == ["teacher", "fast", "teacher", "fast"]  # in turn, not one model's rounds back to back

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 from dynvit import count_flops, create_student, create_teacher
-from dynvit.benchmark import SpeedSettings, evaluate
-from dynvit.cli import DynViTCLI
-from dynvit.compare import (
+from dynvit.data import ClutteredDigitsDataModule
+from dynvit.reducers import TokenCost, apply_reducer, realised_gflops
+from dynvit.reducers.evit import attentive_schedule
+from dynvit.reducers.tome import merge_schedule
+from dynvit.run.benchmark import SpeedSettings, evaluate
+from dynvit.run.cli import DynViTCLI
+from dynvit.run.compare import (
     check_comparable,
     check_methods,
     compare,
@@ -22,12 +26,8 @@ from dynvit.compare import (
     mean_cost,
     sweep_matches,
 )
-from dynvit.data import ClutteredDigitsDataModule
-from dynvit.reducers import TokenCost, apply_reducer, realised_gflops
-from dynvit.reducers.evit import attentive_schedule
-from dynvit.reducers.tome import merge_schedule
-from dynvit.report import format_matches, write_matches
-from dynvit.sweep import SweepSpec
+from dynvit.run.report import format_matches, write_matches
+from dynvit.run.sweep import SweepSpec
 from tests.tiny_config import DIGITS, tiny_config, write_config
 
 # 36 patch tokens and 3 blocks: fvcore traces (the bulk of matching) stay short.
@@ -261,7 +261,7 @@ def test_a_sweep_writes_matched_settings_once_per_set_of_keep_ratios(tmp_path, m
 
     # A rerun of the same sweep reuses them; another set of keep ratios is matched afresh.
     calls = []
-    monkeypatch.setattr("dynvit.cli.sweep_matches", lambda *a: calls.append(a[-1]) or records[:1])
+    monkeypatch.setattr("dynvit.run.cli.sweep_matches", lambda *a: calls.append(a[-1]) or records[:1])
     DynViTCLI._write_matches(spec, module, tmp_path)
     assert calls == []
     DynViTCLI._write_matches(SweepSpec(spec.path, {"model.init_args.keep_ratio": [0.7]}), module, tmp_path)

@@ -3,7 +3,7 @@
 import csv
 import json
 
-from dynvit import demo
+from dynvit.run import demo
 
 
 def test_demo_pipeline_trains_prunes_and_reports(tmp_path, capsys):

@@ -5,14 +5,14 @@ import torch
 
 from dynvit import create_student
 from dynvit.lightning.optim import param_groups, warmup_cosine
-from dynvit.losses import (
+from dynvit.models import StudentOutput
+from dynvit.objectives.dynamicvit import (
     DynamicViTLoss,
     classification_loss,
     keep_ratio_loss,
     logit_distillation_loss,
     token_distillation_loss,
 )
-from dynvit.models import StudentOutput
 from tests.conftest import TINY, TINY_LOC
 
 

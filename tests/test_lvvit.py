@@ -8,7 +8,7 @@ import torch
 
 from dynvit import count_flops, count_params, create_student, create_teacher
 from dynvit.models import CheckpointMismatch, DynamicLVViT, LVViTOutput, StudentOutput, default_pruning_loc
-from dynvit.token_labeling import TokenBox
+from dynvit.models.mixtoken import TokenBox
 
 TINY_LV = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TINY_LOC = (1, 2, 3)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from dynvit.cli import DynViTCLI
-from dynvit.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name
+from dynvit.run.cli import DynViTCLI
+from dynvit.run.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name
 from tests.test_callbacks import wandb_records
 from tests.tiny_config import tiny_config, write_config
 

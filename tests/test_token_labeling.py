@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dynvit import create_teacher
-from dynvit.token_labeling import (
+from dynvit.objectives.token_labeling import (
     TeacherAnnotator,
     TokenBox,
     load_token_labels,

@@ -11,12 +11,18 @@ import torch
 import yaml
 from PIL import Image
 
-from dynvit.cli import DynViTCLI
 from dynvit.data import ImageFolderDataModule, SyntheticDataModule, write_image_folder
 from dynvit.lightning import DynamicViTModule, TokenLabelingModule
 from dynvit.lightning.token_labeling import ScoreMapDataset
 from dynvit.models import CheckpointMismatch, LVViT, create_teacher, read_state_dict
-from dynvit.token_labeling import TokenBox, mix_class_targets, mix_tokens, sample_token_box, token_labeling_loss
+from dynvit.objectives.token_labeling import (
+    TokenBox,
+    mix_class_targets,
+    mix_tokens,
+    sample_token_box,
+    token_labeling_loss,
+)
+from dynvit.run.cli import DynViTCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from dynvit import create_teacher
-from dynvit.cli import DynViTCLI
 from dynvit.data import SyntheticDataModule
 from dynvit.lightning import ClassifierModule, DynamicViTModule
 from dynvit.models import CheckpointMismatch, MaskedAttention, read_state_dict
+from dynvit.run.cli import DynViTCLI
 from tests.conftest import TINY, TINY_LOC
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from dynvit.lightning.base import ImageClassification
-from dynvit.losses import classification_loss
 from dynvit.models import create_teacher, load_checkpoint
+from dynvit.objectives.dynamicvit import classification_loss
 
 
 class ClassifierModule(ImageClassification):

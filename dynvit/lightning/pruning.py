@@ -10,10 +10,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from dynvit.lightning.base import ImageClassification
-from dynvit.losses import DynamicViTLoss
 from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
 from dynvit.models.masked_attention import set_keep_gradient
+from dynvit.objectives.dynamicvit import DynamicViTLoss
 
 _TEACHER = "teacher."
 

@@ -1,6 +1,6 @@
 """Token labeling (Jiang et al., 2021) as a LightningModule: an LV-ViT trained on dense token targets.
 
-Each training step follows :mod:`dynvit.token_labeling`: token targets from a machine annotator on
+Each training step follows :mod:`dynvit.objectives.token_labeling`: token targets from a machine annotator on
 the *unmixed* images, a MixToken box on the token grid, the model's class and aux-head logits on the
 mixed tokens, the token targets and class targets mixed by the same box, and
 ``CE(cls) + 0.5 · soft-CE(aux, token targets)``. Validation and test score LV-ViT's inference
@@ -30,7 +30,7 @@ from torchvision.transforms import functional as TF
 from dynvit.data import ImageFolderDataModule
 from dynvit.lightning.base import ImageClassification
 from dynvit.models import LVViT, create_teacher, load_checkpoint
-from dynvit.token_labeling import (
+from dynvit.objectives.token_labeling import (
     TeacherAnnotator,
     load_token_labels,
     mix_class_targets,
@@ -243,7 +243,7 @@ class ScoreMapDataset(Dataset):
     pipeline does not report its random crops, so this dataset makes the geometry itself, where it is
     known: the evaluation resize (short side to ``img_size / crop_pct``) and centre crop of
     ``ImageFolderDataModule``, then a random horizontal flip; the score map is cut and flipped to match
-    (:func:`~dynvit.token_labeling.load_token_labels`). **Limitation:** no random resized crop, RandAugment
+    (:func:`~dynvit.objectives.token_labeling.load_token_labels`). **Limitation:** no random resized crop, RandAugment
     or random erasing, so training sees far less augmentation than LV-ViT's recipe; for that, label with
     an annotator network instead.
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from dynvit.models.dynamic_vit import DynamicViT, StudentOutput
 from dynvit.models.factory import DEFAULT_PRUNING_LOC
-from dynvit.token_labeling import TokenBox, mix_tokens
+from dynvit.models.mixtoken import TokenBox, mix_tokens
 
 # The DynamicViT paper's pruning locations for LV-ViT: a quarter of the depth apart.
 # The embedded digits model prunes where ``vit_digits`` does, so the two pairs compare like for like.
@@ -142,7 +142,7 @@ class LVViT(VisionTransformer):
 
     ``eval()`` mode returns ``head(cls) + 0.5 · max_patches aux_head(patch)``; ``train()`` mode returns
     :class:`LVViTOutput` (class-token logits and dense aux logits) for token labeling, and accepts a
-    MixToken ``mix_box`` (:func:`dynvit.token_labeling.sample_token_box`) whose patch tokens are swapped
+    MixToken ``mix_box`` (:func:`dynvit.models.mixtoken.sample_token_box`) whose patch tokens are swapped
     between images of the batch right after the patch stem.
 
     For token distillation :meth:`forward_dense` gives ``(head(cls), aux_head(patches))``, and

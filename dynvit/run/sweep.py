@@ -33,10 +33,10 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 
-from dynvit.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
 from dynvit.measure.flops import count_flops, count_params
-from dynvit.report import ResultRow, format_table, write_report
+from dynvit.run.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point
+from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
 TEACHER = "teacher.json"

@@ -31,13 +31,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dynvit.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point, time_in_rounds
 from dynvit.measure.flops import count_flops
 from dynvit.models.dynamic_vit import keep_counts
 from dynvit.reducers import REDUCERS, ReducedViT, TokenCost, apply_reducer
 from dynvit.reducers.base import check_reducible
 from dynvit.reducers.matching import Match, match_keep_rate, match_tome_r, nearest
-from dynvit.report import ResultRow
+from dynvit.run.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point, time_in_rounds
+from dynvit.run.report import ResultRow
 
 METHODS: tuple[str, ...] = ("dynamicvit", *REDUCERS)
 # How a method's rows are labelled where that differs from its name.

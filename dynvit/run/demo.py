@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from dynvit.cli import DynViTCLI
+from dynvit.run.cli import DynViTCLI
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 KEEP_RATIO = 0.7
 # A budget small enough for a test: the same pipeline, a few batches per step.
 QUICK_TRAINING = [

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import lightning as L
 
-from dynvit.benchmark import DEFAULT_RATIOS, SpeedSettings, check_ratios, dynamicvit_at
-from dynvit.compare import LABELS, check_comparable, check_methods, compare, first_images
 from dynvit.measure.callbacks import Dtype, networks, parse_dtype
 from dynvit.models import load_checkpoint
-from dynvit.report import ResultRow, format_table, write_report
+from dynvit.run.benchmark import DEFAULT_RATIOS, SpeedSettings, check_ratios, dynamicvit_at
+from dynvit.run.compare import LABELS, check_comparable, check_methods, compare, first_images
+from dynvit.run.report import ResultRow, format_table, write_report
 
 
 class DynViTTrainer(L.Trainer):
@@ -43,7 +43,7 @@ class DynViTTrainer(L.Trainer):
 
         The student's ``keep_ratio`` is set to each ratio in turn; the weights stay the same. Every
         other method runs training-free on the teacher, set to DynamicViT's GFLOPs at each ratio
-        (see :mod:`dynvit.compare`). Writes ``results.csv``, ``results.json`` and ``tradeoff.png``
+        (see :mod:`dynvit.run.compare`). Writes ``results.csv``, ``results.json`` and ``tradeoff.png``
         and prints the table.
 
         Args:

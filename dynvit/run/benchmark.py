@@ -19,7 +19,7 @@ from torch import nn
 from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.recall import stage_recall
 from dynvit.measure.throughput import keep_rng, measure_throughput
-from dynvit.report import ResultRow
+from dynvit.run.report import ResultRow
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -12,11 +12,11 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dynvit.compare import sweep_matches
-from dynvit.loggers import WandbOptions, default_loggers
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
-from dynvit.report import format_matches, write_matches
-from dynvit.sweep import (
+from dynvit.run.compare import sweep_matches
+from dynvit.run.loggers import WandbOptions, default_loggers
+from dynvit.run.report import format_matches, write_matches
+from dynvit.run.sweep import (
     SweepResult,
     SweepSpec,
     check_parameters,
@@ -29,7 +29,7 @@ from dynvit.sweep import (
     run_sweep,
     teacher_row,
 )
-from dynvit.trainer import DynViTTrainer
+from dynvit.run.trainer import DynViTTrainer
 
 DEFAULT_RUN_DIR = "runs/default"
 
@@ -45,7 +45,7 @@ class DynViTCLI(LightningCLI):
     - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
     - ``benchmark`` (``--methods`` compares other token reducers) and ``sweep`` subcommands
-      (see :class:`~dynvit.trainer.DynViTTrainer`).
+      (see :class:`~dynvit.run.trainer.DynViTTrainer`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

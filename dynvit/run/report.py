@@ -187,7 +187,7 @@ def write_report(
 
 
 def format_matches(records: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.compare.matched_records``)."""
+    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.run.compare.matched_records``)."""
     if not records:
         raise ValueError("no matched settings to format")
     columns = list(dict.fromkeys(key for record in records for key in record))

@@ -1,0 +1,23 @@
+"""Objectives: what a student is trained to minimise (DynamicViT's distillation loss, token labeling)."""
+
+from dynvit.objectives.dynamicvit import (
+    DynamicViTLoss,
+    LossTerms,
+    classification_loss,
+    keep_ratio_loss,
+    logit_distillation_loss,
+    token_distillation_loss,
+)
+from dynvit.objectives.token_labeling import TeacherAnnotator, TokenLabelingLoss, token_labeling_loss
+
+__all__ = [
+    "DynamicViTLoss",
+    "LossTerms",
+    "TeacherAnnotator",
+    "TokenLabelingLoss",
+    "classification_loss",
+    "keep_ratio_loss",
+    "logit_distillation_loss",
+    "token_distillation_loss",
+    "token_labeling_loss",
+]

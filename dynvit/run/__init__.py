@@ -1,0 +1,1 @@
+"""Running experiments: the CLI and its Trainer, sweeps, benchmarks of operating points, reports, the demo."""
