@@ -6,7 +6,7 @@ For every model (default DeiT-S and DeiT-B) the unpruned teacher and one student
 * inference images/s at ``--batch-size`` (eval, ``torch.inference_mode``, autocast to ``--dtype``);
 * batch-1 latency: median milliseconds of one synchronised forward;
 * for students, images/s of one training step of the DynamicViT objective — student forward, frozen
-  teacher forward, ``CE + 2·ratio MSE + 0.5·KL + 0.5·token MSE`` (REFERENCE.md), backward, AdamW —
+  teacher forward, ``CE + 2·ratio MSE + 0.5·KL + 0.5·token MSE`` (docs/reference.md), backward, AdamW —
   with the recomputing masked-attention Function and with the plain float32 formula, and on CUDA
   the peak memory of each.
 
@@ -51,7 +51,7 @@ def dynamicvit_loss(
     teacher_tokens: torch.Tensor,
     keep_targets: Sequence[float],
 ) -> torch.Tensor:
-    """``CE + 2·ratio + 0.5·KL(student ‖ teacher) + 0.5·MSE(kept final tokens)`` as in REFERENCE.md.
+    """``CE + 2·ratio + 0.5·KL(student ‖ teacher) + 0.5·MSE(kept final tokens)`` as in docs/reference.md.
 
     The token MSE is the mean over the kept tokens' elements written as a masked sum, which equals
     indexing the kept tokens but has no data-dependent shape and so no host sync.

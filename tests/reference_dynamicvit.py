@@ -1,6 +1,6 @@
 """An independent re-implementation of the reference DynamicViT-DeiT model, for tests only.
 
-Written from the method description and checkpoint layout in REFERENCE.md, in plain torch: it
+Written from the method description and checkpoint layout in docs/reference.md, in plain torch: it
 imports neither timm nor dynvit, so the equivalence tests compare two separate implementations.
 Parameter names are those of the released checkpoints (``blocks.{i}.attn.qkv``,
 ``score_predictor.{s}.in_conv.0``, …), so its ``state_dict()`` is a released-checkpoint stand-in.

@@ -1,4 +1,4 @@
-"""FLOPs against REFERENCE.md, parameter counts, and what measure_throughput leaves behind."""
+"""FLOPs against docs/reference.md, parameter counts, and what measure_throughput leaves behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.conftest import TINY, TINY_LOC
 
 NAME = "deit_tiny_patch16_224"
 
-# fvcore GFLOPs of the reference model definitions at 224 (REFERENCE.md, "FLOPs, counted here").
+# fvcore GFLOPs of the reference model definitions at 224 (docs/reference.md, "FLOPs").
 DEIT_S_STUDENT_GFLOPS = {0.9: 4.050, 0.8: 3.471, 0.7: 2.988, 0.5: 2.234}
 DEIT_S_GFLOPS = 4.608
 DEIT_B_STUDENT_07_GFLOPS = 11.489

@@ -77,7 +77,7 @@ def token_distillation_loss(
 
 
 class DynamicViTLoss(nn.Module):
-    """``CE + ratio_weight·ratio + distill_weight·KL(logits) + token_weight·token`` (REFERENCE.md).
+    """``CE + ratio_weight·ratio + distill_weight·KL(logits) + token_weight·token`` (docs/reference.md).
 
     Args:
         ratio_weight: Weight of the keep-ratio MSE (2.0 in the reference).
