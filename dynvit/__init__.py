@@ -2,7 +2,9 @@
 
 from dynvit.measure import count_flops, count_params, measure_throughput
 from dynvit.models import (
+    DynamicCNN,
     DynamicViT,
+    SpatialOutput,
     StudentOutput,
     create_student,
     create_teacher,
@@ -11,7 +13,9 @@ from dynvit.models import (
 )
 
 __all__ = [
+    "DynamicCNN",
     "DynamicViT",
+    "SpatialOutput",
     "StudentOutput",
     "count_flops",
     "count_params",
