@@ -3,6 +3,7 @@
 from dynvit.measure import count_flops, count_params, measure_throughput
 from dynvit.models import (
     DynamicCNN,
+    DynamicSwin,
     DynamicViT,
     SpatialOutput,
     StudentOutput,
@@ -14,6 +15,7 @@ from dynvit.models import (
 
 __all__ = [
     "DynamicCNN",
+    "DynamicSwin",
     "DynamicViT",
     "SpatialOutput",
     "StudentOutput",

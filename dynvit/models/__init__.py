@@ -10,6 +10,7 @@ from dynvit.models.checkpoint import (
 )
 from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_convnext import DynamicCNN, FastPathBlock, PrunedConvNeXtStage
+from dynvit.models.dynamic_swin import DynamicSwin, FastMlpBlock, PrunedSwinStage
 from dynvit.models.dynamic_vit import DynamicViT, StudentOutput, TokenPruning, keep_counts, validate_pruning
 from dynvit.models.factory import (
     FAMILIES,
@@ -41,9 +42,11 @@ __all__ = [
     "ConvStemPatchEmbed",
     "DynamicCNN",
     "DynamicLVViT",
+    "DynamicSwin",
     "DynamicT2TViT",
     "DynamicViT",
     "Family",
+    "FastMlpBlock",
     "FastPathBlock",
     "KeepPredictor",
     "LVViT",
@@ -52,6 +55,7 @@ __all__ = [
     "MaskedAttention",
     "MaskedBlock",
     "PrunedConvNeXtStage",
+    "PrunedSwinStage",
     "SpatialOutput",
     "SpatialPruningStage",
     "SpatialPruningStudent",

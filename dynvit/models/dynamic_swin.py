@@ -1,25 +1,45 @@
-"""DynamicSwin: dynamic spatial sparsification of timm's ``SwinTransformer`` (Rao et al., TPAMI 2023).
+"""DynamicSwin: timm's ``SwinTransformer`` with dynamic spatial sparsification in stage 3 (DynamicViT journal version).
 
-Stage 3 keeps its full map: (shifted) window attention runs on every location, then each location
-takes either the block's own MLP (the slow path, kept locations) or a small fast path (dropped
-ones). The map's shape never changes, so stage 4, the head and dense consumers see a full map.
+A built timm Swin is converted in place (:meth:`DynamicSwin.from_swin`): stage-3 blocks from the
+first pruning location on get a fast path (``fastmlp``: LayerNorm + Linear C→C) beside their MLP, and
+the stage gets the keep predictors. (Shifted) window attention always runs on the full map, with
+timm's own cyclic shift, padding and attention mask. See :mod:`dynvit.models.spatial_pruning` for
+the method and docs/reference.md ("Dynamic spatial sparsification") for the reference's details.
+
+Checkpoints: the original MSRA Swin files and released DynamicSwin files (MSRA's keys plus
+``layers.2.blocks.{j}.fastmlp.*`` and ``layers.2.score_predictor.*``) load through timm's own MSRA →
+timm key mapping, which leaves the pruning parameters where this student has them
+(see :func:`swin_layout`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import timm
 import torch
-import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
+from timm.layers import Mlp
+from timm.models import generate_default_cfgs, register_model
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    SwinTransformerStage,
+    _create_swin_transformer,
+    checkpoint_filter_fn,
+)
 from torch import nn
 
+from dynvit.models.checkpoint import CheckpointMismatch, register_layout
 from dynvit.models.dynamic_vit import init_predictor
-from dynvit.models.predictor import KeepPredictor
+from dynvit.models.factory import Family, register_family
+from dynvit.models.spatial_pruning import SpatialPruningStage, SpatialPruningStudent, split_apply
+
+# The stage that is pruned: the third (index 2), the longest in every Swin.
+PRUNED_STAGE = 2
 
 
 class FastMlp(nn.Module):
-    """The fast path of a pruned Swin block: LayerNorm + Linear (C→C), no hidden layer.
+    """The fast path of a pruned Swin block: LayerNorm + Linear (C→C), no hidden layer, no layer scale.
 
     Parameter names follow the released DynamicSwin checkpoints (``fc1.0`` the norm, ``fc1.1`` the
     linear layer) so they load as they are.
@@ -34,144 +54,209 @@ class FastMlp(nn.Module):
         return self.drop(self.fc1(x))
 
 
-class PrunedSwinBlock(SwinTransformerBlock):
-    """A timm ``SwinTransformerBlock`` whose MLP runs on kept locations only.
+class FastMlpBlock(SwinTransformerBlock):
+    """A timm ``SwinTransformerBlock`` with a fast path for the locations its MLP skips.
 
-    Attention is timm's own (``_attn``: cyclic shift, padding, the shifted-window mask) on the full
-    map. After it, kept locations take ``mlp(norm2(x))`` and dropped ones ``fastmlp(x)``, each added to
-    the attention output through ``drop_path2``.
+    Attention (timm's ``_attn``: cyclic shift, padding, shifted-window mask) runs on the full map and
+    is added to the block's input. Slow path: the block's own ``norm2`` → ``mlp``; fast path:
+    ``fastmlp``. Either is added to the attention output through ``drop_path2``.
     """
 
-    fastmlp: FastMlp
+    new_param_names = ("fastmlp",)
 
     @classmethod
-    def convert(cls, block: SwinTransformerBlock) -> PrunedSwinBlock:
-        """Turn a built block into a pruned one in place (weights kept) with a fresh fast path."""
+    def convert(cls, block: SwinTransformerBlock) -> FastMlpBlock:
+        """Add a freshly initialised fast path to a built block, in place."""
+        param = block.norm1.weight
         block.__class__ = cls
-        block.fastmlp = FastMlp(block.dim, block.mlp.drop1.p).to(block.norm1.weight.device)
+        # The reference gives the fast path the dropout of the block's MLP.
+        block.fastmlp = FastMlp(block.dim, block.mlp.drop1.p).to(param.device, param.dtype)
         init_predictor(block.fastmlp)
         return block
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention half of the block on the full (B, H, W, C) map, residual included."""
+        """The attention half of the block on the full map (B, H, W, C), residual included."""
         return x + self.drop_path1(self._attn(self.norm1(x)))
+
+    def slow(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The block's MLP branch on tokens (…, C)."""
+        return self.mlp(self.norm2(tokens))
 
     def forward_streams(
         self, slow: torch.Tensor, fast: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training: both paths everywhere, so shapes stay fixed and the mask (B, H, W, 1) gets gradients.
+        """Training: both streams (B, H, W, C) and the keep mask (B, H, W, 1) → both streams.
 
-        As the reference: attention sees the two streams blended by the mask; each path's input is the
-        attention output where the mask routes that location to it and the path's own stream elsewhere;
-        both paths add to the attention output.
+        Attention runs once on the blended map. Each path's input is the attention output where the
+        mask gives it the location and the path's own stream elsewhere; both paths add to the
+        attention output (unlike ConvNeXt, where each stream adds to its own input).
         """
         x = self.attend(slow * mask + fast * (1 - mask))
-        slow = x + self.drop_path2(self.mlp(self.norm2(x * mask + slow * (1 - mask))))
-        fast = x + self.drop_path2(self.fastmlp(x * (1 - mask) + fast * mask))
-        return slow, fast
+        slow_out = self.slow(x * mask + slow * (1 - mask))
+        fast_out = self.fastmlp(x * (1 - mask) + fast * mask)
+        return x + self.drop_path2(slow_out), x + self.drop_path2(fast_out)
 
-    def forward_split(self, x: torch.Tensor, order: torch.Tensor, num_keep: int) -> torch.Tensor:
-        """Inference: the slow path on the first ``num_keep`` locations of ``order`` (B, N), the fast path
-        on the rest, scattered back into the (B, H, W, C) map."""
+    def forward_split(self, x: torch.Tensor, order: torch.Tensor, count: int) -> torch.Tensor:
+        """Inference: attention on the full map (B, H, W, C), slow path on the first ``count`` locations
+        of ``order`` (B, H·W), fast path on the rest."""
         x = self.attend(x)
         B, H, W, C = x.shape
-        flat = x.reshape(B, H * W, C)
-        index = order.unsqueeze(-1).expand(-1, -1, C)
-        picked = torch.gather(flat, 1, index)
-        update = torch.cat(
-            [self.mlp(self.norm2(picked[:, :num_keep])), self.fastmlp(picked[:, num_keep:])], dim=1
-        )
-        return flat.scatter_add(1, index, self.drop_path2(update)).reshape(B, H, W, C)
+        out = split_apply(x.reshape(B, H * W, C), order, count, self.slow, self.fastmlp)
+        return x + self.drop_path2(out.view(B, H, W, C))
 
 
-def stage_ratios(keep_ratio: float, num_stages: int) -> list[float]:
-    return [keep_ratio - 0.2 * s for s in range(num_stages)]
+class PrunedSwinStage(SpatialPruningStage, SwinTransformerStage):
+    """timm's ``SwinTransformerStage`` with keep predictors and fast-path blocks (NHWC maps)."""
+
+    pruned_block = FastMlpBlock
+    channels_last = True
 
 
-class PrunedSwinStage(SwinTransformerStage):
-    score_predictor: nn.ModuleList
+class DynamicSwin(SpatialPruningStudent, SwinTransformer):
+    """A timm ``SwinTransformer`` pruned in stage 3 by dynamic spatial sparsification.
+
+    Build one with :func:`dynvit.create_student` (``swin_tiny_patch4_window7_224``, ``swin_small_…``,
+    ``swin_base_…``) or convert a timm Swin in place with :meth:`from_swin`. ``train()`` mode returns
+    a :class:`~dynvit.models.spatial_pruning.SpatialOutput` (features NHWC, as timm's Swin); ``eval()``
+    mode returns logits of the inference path, and ``forward_features``/``forward_intermediates``/
+    timm's ``FeatureListNet`` give dense stage maps computed with it.
+    """
+
+    pruned_stage_name = f"layers.{PRUNED_STAGE}"
 
     @classmethod
-    def convert(cls, stage: SwinTransformerStage, pruning_loc: Sequence[int]) -> PrunedSwinStage:
-        stage.__class__ = cls
-        stage.pruning_loc = tuple(pruning_loc)
-        stage.keep_ratios = [1.0] * len(pruning_loc)
-        for block in list(stage.blocks)[pruning_loc[0] :]:
-            PrunedSwinBlock.convert(block)
-        dim = stage.blocks[0].dim
-        stage.score_predictor = nn.ModuleList([KeepPredictor(dim) for _ in pruning_loc])
-        init_predictor(stage.score_predictor)
-        stage.score_predictor.to(stage.blocks[0].norm1.weight.device)
-        return stage
+    def from_swin(
+        cls, model: SwinTransformer, keep_ratio: float = 0.7, pruning_loc: Sequence[int] | None = None
+    ) -> DynamicSwin:
+        """Turn a built timm Swin into its DynamicSwin student in place (weights kept) and return it.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_pruned(x)[0]
-
-    def score(self, s: int, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        flat = x.reshape(B, H * W, C)
-        return self.score_predictor[s](flat, flat.new_ones(B, H * W, 1))
-
-    def forward_pruned(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.downsample(x)
-        B, H, W, C = x.shape
-        N = H * W
-        out = []
-        stage = 0
-        slow = fast = mask = None
-        for i, block in enumerate(self.blocks):
-            if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
-                if self.training:
-                    inp = x if mask is None else slow * mask + fast * (1 - mask)
-                    scores = self.score(stage, inp)
-                    decision = F.gumbel_softmax(scores, hard=True)[..., 0]
-                    mask = decision.reshape(B, H, W, 1)
-                    if slow is None:
-                        slow = fast = x
-                    out.append(decision)
-                else:
-                    scores = self.score(stage, x)
-                    order = torch.argsort(scores[..., 0], dim=1, descending=True)
-                    k = int(N * self.keep_ratios[stage])
-                    out.append(order[:, :k])
-                stage += 1
-            if i < self.pruning_loc[0]:
-                x = block(x)
-            elif self.training:
-                slow, fast = block.forward_streams(slow, fast, mask)
-            else:
-                x = block.forward_split(x, order, k)
-        if self.training:
-            x = slow * mask + fast * (1 - mask)
-        return x, out
-
-
-class DynamicSwin(SwinTransformer):
-    @classmethod
-    def from_swin(cls, model: SwinTransformer, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (1, 2, 3)):
+        Args:
+            keep_ratio: Base keep ratio ρ; pruning stage s keeps ``int(N · (ρ − 0.2·s))`` of the N
+                stage-3 locations.
+            pruning_loc: Stage-3 blocks before which a predictor sits; None: the reference's (1, 2, 3
+                for a 6-block stage 3 as in Swin-T, 2, 4, 6 for 18 blocks as in -S/-B).
+        """
+        check_convertible(model)
+        stage = model.layers[PRUNED_STAGE]
+        if pruning_loc is None:
+            pruning_loc = default_pruning_loc(len(stage.blocks))
+        dim = model.feature_info[PRUNED_STAGE]["num_chs"]
+        PrunedSwinStage.convert(stage, dim, keep_ratio, pruning_loc, tuple(stage.output_resolution))
         model.__class__ = cls
-        PrunedSwinStage.convert(model.layers[2], pruning_loc)
-        model.keep_ratio = keep_ratio
         return model
 
-    @property
-    def keep_ratio(self) -> float:
-        return self._keep_ratio
-
-    @keep_ratio.setter
-    def keep_ratio(self, value: float) -> None:
-        self._keep_ratio = float(value)
-        self.layers[2].keep_ratios = stage_ratios(value, len(self.layers[2].pruning_loc))
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
+    def forward_pruned(self, x: torch.Tensor, inference: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.patch_embed(x)
-        decisions = None
-        for stage in self.layers:
-            if isinstance(stage, PrunedSwinStage):
-                x, decisions = stage.forward_pruned(x)
+        masks: list[torch.Tensor] = []
+        for i, stage in enumerate(self.layers):
+            if i == PRUNED_STAGE:
+                x, masks = stage.forward_blocks(stage.downsample(x), inference)
             else:
                 x = stage(x)
-        feat = self.norm(x)
-        return self.forward_head(feat), feat, decisions
+        return self.norm(x), masks
+
+    def distilled_map(self, features: torch.Tensor) -> torch.Tensor:
+        """Swin's features already are the final map after the final norm: (B, H, W, C)."""
+        return features
+
+
+def default_pruning_loc(depth: int) -> tuple[int, int, int]:
+    """The reference's predictor locations for a stage 3 of ``depth`` blocks: every depth/9 blocks
+    (at least 1), so (1, 2, 3) for Swin-T's 6 blocks and (2, 4, 6) for -S/-B's 18."""
+    step = max(1, depth // 9)
+    return (step, 2 * step, 3 * step)
+
+
+def check_convertible(model: nn.Module) -> None:
+    """Raise ``TypeError`` naming the reason unless ``model`` is a Swin this student can convert."""
+    if not isinstance(model, SwinTransformer):
+        raise TypeError(f"{type(model).__name__} is not a timm SwinTransformer (e.g. swin_tiny_patch4_window7_224)")
+    if isinstance(model, DynamicSwin):
+        raise TypeError("this Swin is already a DynamicSwin student")
+    if len(model.layers) != 4:
+        raise TypeError(f"DynamicSwin prunes stage 3 of a 4-stage Swin; this one has {len(model.layers)} stages")
+    for block in model.layers[PRUNED_STAGE].blocks:
+        if type(block) is not SwinTransformerBlock or type(block.mlp) is not Mlp:
+            raise TypeError(
+                "DynamicSwin needs timm SwinTransformerBlocks with a plain Mlp in stage 3 (Swin V1, as "
+                f"swin_tiny/small/base_patch4_window7_224 have); this model has {type(block).__name__}"
+            )
+
+
+def build_swin(name: str, pretrained: bool, num_classes: int, img_size: int, **timm_kwargs) -> SwinTransformer:
+    """The timm Swin ``name`` at ``img_size``, which must be a multiple of its patch size."""
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs)
+    patch = tuple(model.patch_embed.patch_size)
+    if img_size % patch[0] or img_size % patch[1]:
+        raise ValueError(
+            f"img_size {img_size} is not a multiple of {name}'s patch size {patch}: use e.g. "
+            f"{max(patch[0], img_size // patch[0] * patch[0])}"
+        )
+    return model
+
+
+def distilled_features(model: SwinTransformer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Swin teacher's logits and final map after the final norm (B, H, W, C)."""
+    features = model.forward_features(x)
+    return model.forward_head(features), features
+
+
+def swin_layout(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """MSRA Swin and released DynamicSwin weights → timm's keys; timm-layout weights pass unchanged.
+
+    timm's own filter (``timm.models.swin_transformer.checkpoint_filter_fn``) moves each stage's patch
+    merging to the start of the next stage, renames ``head`` to ``head.fc`` and drops the buffers timm
+    rebuilds (``relative_position_index``, ``attn_mask``). The reference keeps its predictors in the
+    pruned stage (``layers.2.score_predictor.*``) and its fast paths in the blocks
+    (``layers.2.blocks.{j}.fastmlp.*``), where this student has them too, so they pass unchanged.
+    """
+    try:
+        return checkpoint_filter_fn(state_dict, model)
+    except AttributeError as e:
+        # timm's filter looks up the model's block of every relative position table; a block it lacks raises.
+        raise CheckpointMismatch(
+            f"a checkpoint weight has no place in this {type(model).__name__} ({e}): is the checkpoint of "
+            "another Swin size?"
+        ) from None
+
+
+register_layout(SwinTransformer, swin_layout)
+register_family(
+    Family(
+        backbone=SwinTransformer,
+        # timm's Swin models, and those registered below.
+        modules=("swin_transformer", __name__.rsplit(".", 1)[-1]),
+        build=build_swin,
+        to_student=DynamicSwin.from_swin,
+        distilled_features=distilled_features,
+        examples=("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224"),
+    )
+)
+
+
+# timm looks up a model's default config (input size, normalisation) here when it is registered.
+default_cfgs = generate_default_cfgs(
+    {"swin_digits.untrained": dict(num_classes=10, input_size=(1, 64, 64), mean=(0.0,), std=(1.0,), crop_pct=1.0)}
+)
+
+
+@register_model
+def swin_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """A narrow Swin for the 64×64 one-channel cluttered digits.
+
+    2-pixel patches put stage 3 at 8×8: one location per 8-pixel patch of the digits' patch mask, so
+    kept-location recall and pictures line up with the data. Windows of 4 (stage 3: four windows,
+    shifted by 2 in every other block; stage 4 is one window), depths 1, 1, 4, 1 (stage 3 the longest,
+    as in Swin-T's 2, 2, 6, 2), widths 32, 64, 128, 256 with 32-channel heads.
+    """
+    args = dict(
+        img_size=64,
+        patch_size=2,
+        in_chans=1,
+        num_classes=10,
+        window_size=4,
+        embed_dim=32,
+        depths=(1, 1, 4, 1),
+        num_heads=(1, 2, 4, 8),
+    )
+    return _create_swin_transformer("swin_digits", pretrained=pretrained, **dict(args, **kwargs))
