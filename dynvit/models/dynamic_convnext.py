@@ -84,12 +84,17 @@ class FastPathBlock(ConvNeXtBlock):
 
     def forward_split(self, x: torch.Tensor, order: torch.Tensor, count: int) -> torch.Tensor:
         """Inference: depthwise conv on the full map (B, C, H, W), slow path on the first ``count``
-        locations of ``order`` (B, H·W), fast path on the rest."""
+        locations of ``order`` (B, H·W), fast path on the rest.
+
+        The map is kept in channels-last memory (same NCHW shape): the conv reads and writes it, and
+        the token views for the gather and the residual add then cost no copy.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)
         mixed = self.conv_dw(x)
         B, C, H, W = mixed.shape
         tokens = mixed.permute(0, 2, 3, 1).reshape(B, H * W, C)
-        out = split_apply(tokens, order, count, self.slow, self.fast)
-        return x + self.drop_path(out.view(B, H, W, -1).permute(0, 3, 1, 2))
+        out = split_apply(tokens, order, count, self.slow, self.fast).view(B, H, W, C).permute(0, 3, 1, 2)
+        return x + self.drop_path(out)
 
 
 class PrunedConvNeXtStage(SpatialPruningStage, ConvNeXtStage):
@@ -263,8 +268,9 @@ def convnext_digits(pretrained: bool = False, **kwargs) -> ConvNeXt:
     ConvNeXt's stages sit at strides 4, 8, 16, 32 whatever the stem, so the canvas is 128 pixels
     (``ClutteredDigitsDataModule(img_size=128, patch_size=16, digit_scale=4)``, the default digits
     scaled 2×): stage 3 is then 8×8, one location per 16-pixel patch of the data's patch mask, so
-    kept-location recall and pictures line up with it. Depths 2, 2, 6, 2 (stage 3 the longest, as in
-    ConvNeXt-T's 3, 3, 9, 3), widths 24, 48, 96, 192; 1.2 M parameters, 0.067 GFLOPs.
+    kept-location recall and pictures line up with it. Depths 1, 1, 6, 1 and widths 16, 32, 64, 128
+    (0.42 M parameters, 0.024 GFLOPs): stage 3 holds 60 % of the compute, as the pruned stage does in
+    ConvNeXt-T, and a CPU trains it in minutes.
     """
-    args = dict(in_chans=1, num_classes=10, depths=(2, 2, 6, 2), dims=(24, 48, 96, 192))
+    args = dict(in_chans=1, num_classes=10, depths=(1, 1, 6, 1), dims=(16, 32, 64, 128))
     return _create_convnext("convnext_digits", pretrained=pretrained, **dict(args, **kwargs))

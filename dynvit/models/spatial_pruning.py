@@ -144,8 +144,9 @@ def split_apply(
 ) -> torch.Tensor:
     """``slow`` on the first ``count`` locations of ``order``, ``fast`` on the rest, back in place.
 
-    One gather brings the tokens into rank order; each path runs on its contiguous slice; two
-    scatters put the results back. Batched index ops, no loop over images.
+    Each path copies its locations, whole rows of C values, into a dense (B, K, C) block (so its
+    layers run on contiguous matrices), and its result rows are copied back: batched row indexing of
+    the (B·N, C) token matrix, no loop over images, no per-element index tensors.
 
     Args:
         x: Tokens (B, N, C), row-major over the map.
@@ -156,15 +157,17 @@ def split_apply(
     Returns:
         (B, N, C'): ``slow`` or ``fast`` of every location, in the original order.
     """
-    index = order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    ranked = torch.gather(x, 1, index)
-    kept = slow(ranked[:, :count])
-    out = kept.new_empty(x.shape[0], x.shape[1], kept.shape[-1])
-    out_index = order.unsqueeze(-1).expand(-1, -1, out.shape[-1])
-    out.scatter_(1, out_index[:, :count], kept)
-    if count < x.shape[1]:
-        out.scatter_(1, out_index[:, count:], fast(ranked[:, count:]).to(out.dtype))
-    return out
+    B, N, C = x.shape
+    rows = x.reshape(B * N, C)
+    flat = order + torch.arange(B, device=order.device).unsqueeze(1) * N  # row of each location in `rows`
+    keep, drop = flat[:, :count].reshape(-1), flat[:, count:].reshape(-1)
+    kept = slow(rows.index_select(0, keep).view(B, count, C))
+    out = kept.new_empty(B * N, kept.shape[-1])
+    out.index_copy_(0, keep, kept.reshape(-1, kept.shape[-1]))
+    if count < N:
+        dropped = fast(rows.index_select(0, drop).view(B, N - count, C))
+        out.index_copy_(0, drop, dropped.reshape(-1, dropped.shape[-1]).to(out.dtype))
+    return out.view(B, N, -1)
 
 
 def blend(streams: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
