@@ -17,14 +17,14 @@ from dynvit.models import CheckpointMismatch, SpatialOutput, keep_location_count
 from dynvit.models.spatial_pruning import rank_locations
 from tests.reference_dynamic_swin import DynamicSwinReference
 
-NAME = "swin_digits"
+NAME = "swin_tiny_patch4_window7_224"
 # 64×64 one-channel images, 2-pixel patches: maps 32, 16, 8, 4. Stage 3 (8×8 = 64 locations, four
 # windows of 4×4, shifted by 2 in blocks 1 and 3) has 4 blocks, predictors before 1, 2, 3.
-ARCH = dict(embed_dim=16, depths=(1, 1, 4, 1), num_heads=(1, 2, 2, 4), window_size=4)
+ARCH = dict(embed_dim=16, depths=(1, 1, 4, 1), num_heads=(1, 2, 2, 4), window_size=4, patch_size=2, in_chans=1)
 # No drop path, so training forwards can be compared.
 TINY = dict(ARCH, img_size=64, num_classes=10, drop_path_rate=0.0)
 N = 64
-REFERENCE_ARGS = dict(ARCH, img_size=64, patch_size=2, in_chans=1, num_classes=10)
+REFERENCE_ARGS = dict(ARCH, img_size=64, num_classes=10)
 
 
 def student(keep_ratio: float = 0.7, **kwargs) -> DynamicSwin:
@@ -344,7 +344,7 @@ def test_teacher_gives_logits_and_the_normed_final_map() -> None:
         (dict(keep_ratio=0.41), "keeps 0 of 64 stage-3 locations at pruning stage 3"),
         (dict(pruning_loc=(1, 2, 4)), r"must index blocks 0\.\.3 of stage 3 \(it has 4 blocks\)"),
         (dict(pruning_loc=(-1, 2)), "pruning acts inside stage 3 only"),
-        (dict(img_size=65), r"not a multiple of swin_digits's patch size \(2, 2\): use e\.g\. 64"),
+        (dict(img_size=65), r"not a multiple of swin_tiny_patch4_window7_224's patch size \(2, 2\): use e\.g\. 64"),
     ],
 )
 def test_bad_setup_raises(kwargs: dict, message: str) -> None:

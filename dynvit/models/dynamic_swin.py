@@ -30,6 +30,7 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from dynvit.models.checkpoint import CheckpointMismatch, register_layout
+from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_vit import init_predictor
 from dynvit.models.factory import Family, register_family
 from dynvit.models.spatial_pruning import SpatialPruningStage, SpatialPruningStudent, split_apply
@@ -246,8 +247,9 @@ def swin_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
 
     2-pixel patches put stage 3 at 8×8: one location per 8-pixel patch of the digits' patch mask, so
     kept-location recall and pictures line up with the data. Windows of 4 (stage 3: four windows,
-    shifted by 2 in every other block; stage 4 is one window), depths 1, 1, 4, 1 (stage 3 the longest,
-    as in Swin-T's 2, 2, 6, 2), widths 32, 64, 128, 256 with 32-channel heads.
+    shifted by 2 in every other block; stage 4 is one window). Depths 1, 1, 6, 1 (stage 3 six blocks
+    with predictors before 1, 2, 3, as in Swin-T's 2, 2, 6, 2), widths 16, 32, 64, 128: narrow enough
+    that its 32×32 first stage costs no more than the rest on a CPU.
     """
     args = dict(
         img_size=64,
@@ -255,8 +257,9 @@ def swin_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
         in_chans=1,
         num_classes=10,
         window_size=4,
-        embed_dim=32,
-        depths=(1, 1, 4, 1),
-        num_heads=(1, 2, 4, 8),
+        embed_dim=16,
+        depths=(1, 1, 6, 1),
+        num_heads=(1, 1, 2, 4),
+        embed_layer=ConvStemPatchEmbed,
     )
     return _create_swin_transformer("swin_digits", pretrained=pretrained, **dict(args, **kwargs))
