@@ -17,9 +17,9 @@ from dynvit.lightning.optim import param_groups
 from dynvit.run.cli import DynViTCLI
 from tests.tiny_config import tiny_config, write_config
 
-# The default 64-px digits with 8-px patches; swin_digits' 2-px patches put its stage 3 at 8×8, one
+# A 128-px canvas with 16-px mask patches: swin_digits' 4-px patches put its stage 3 at 8×8, one
 # location per patch of the digit mask.
-DIGITS = dict(img_size=64, patch_size=8, digit_scale=2, train_samples_per_epoch=16, num_val=8, batch_size=8)
+DIGITS = dict(img_size=128, patch_size=16, digit_scale=2, train_samples_per_epoch=16, num_val=8, batch_size=8)
 STUDENT = dict(
     model_name="swin_digits",
     model_kwargs={"embed_dim": 8, "depths": [1, 1, 4, 1], "num_heads": [1, 1, 1, 2]},
@@ -53,7 +53,7 @@ def fitted(tmp_path_factory) -> Path:
 
 
 def test_fast_paths_and_predictors_train_at_lr_and_the_backbone_at_its_scale() -> None:
-    module = DynamicViTModule(num_classes=10, img_size=64, in_chans=1, **STUDENT)
+    module = DynamicViTModule(num_classes=10, img_size=128, in_chans=1, **STUDENT)
     lr_of = {
         p: group["lr"] for group in param_groups(module.net, 1.0, 0.05, module.lr_scales()) for p in group["params"]
     }
@@ -73,7 +73,7 @@ def test_fit_logs_cost_speed_recall_and_a_stage_3_picture(fitted: Path) -> None:
         assert key in last, key
     assert float(last["train/keep_target_s3"]) == pytest.approx(0.7 - 0.4)
     (png,) = (fitted / "run" / "kept_tokens").glob("epoch_*.png")
-    # 3 rows (images) × 4 columns (input + 3 pruning stages) of 64-px images shown at 128 px, 2-px padding.
+    # 3 rows (images) × 4 columns (input + 3 pruning stages) of 128-px images, 2-px padding.
     assert tuple(read_image(str(png)).shape) == (3, 3 * 130 + 2, 4 * 130 + 2)
 
 

@@ -30,7 +30,6 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from dynvit.models.checkpoint import CheckpointMismatch, register_layout
-from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_vit import init_predictor
 from dynvit.models.factory import Family, register_family
 from dynvit.models.spatial_pruning import SpatialPruningStage, SpatialPruningStudent, split_apply
@@ -237,29 +236,29 @@ register_family(
 
 # timm looks up a model's default config (input size, normalisation) here when it is registered.
 default_cfgs = generate_default_cfgs(
-    {"swin_digits.untrained": dict(num_classes=10, input_size=(1, 64, 64), mean=(0.0,), std=(1.0,), crop_pct=1.0)}
+    {"swin_digits.untrained": dict(num_classes=10, input_size=(1, 128, 128), mean=(0.0,), std=(1.0,), crop_pct=1.0)}
 )
 
 
 @register_model
 def swin_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """A narrow Swin for the 64×64 one-channel cluttered digits.
+    """A narrow Swin for the one-channel cluttered digits on a 128-px canvas.
 
-    2-pixel patches put stage 3 at 8×8: one location per 8-pixel patch of the digits' patch mask, so
-    kept-location recall and pictures line up with the data. Windows of 4 (stage 3: four windows,
-    shifted by 2 in every other block; stage 4 is one window). Depths 1, 1, 6, 1 (stage 3 six blocks
-    with predictors before 1, 2, 3, as in Swin-T's 2, 2, 6, 2), widths 16, 32, 64, 128: narrow enough
-    that its 32×32 first stage costs no more than the rest on a CPU.
+    The data as ``convnext_digits`` takes it (``ClutteredDigitsDataModule(img_size=128, patch_size=16,
+    digit_scale=4)``, the default digits scaled 2×): Swin's own 4-pixel patches put stage 3 at 8×8,
+    one location per 16-pixel patch of the data's patch mask, so kept-location recall and pictures
+    line up with it. Windows of 4 (stage 3: four windows, shifted by 2 in every other block; stage 4 is
+    one window). Depths 1, 1, 6, 1 (stage 3 six blocks with predictors before 1, 2, 3, as in Swin-T's
+    2, 2, 6, 2), widths 16, 32, 64, 128: narrow enough for a CPU to train it in minutes.
     """
     args = dict(
-        img_size=64,
-        patch_size=2,
+        img_size=128,
+        patch_size=4,
         in_chans=1,
         num_classes=10,
         window_size=4,
         embed_dim=16,
         depths=(1, 1, 6, 1),
         num_heads=(1, 1, 2, 4),
-        embed_layer=ConvStemPatchEmbed,
     )
     return _create_swin_transformer("swin_digits", pretrained=pretrained, **dict(args, **kwargs))
