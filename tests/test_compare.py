@@ -190,7 +190,8 @@ def test_cli_writes_one_table_csv_json_and_figure_for_all_methods(tmp_path, caps
     config = tiny_config(tmp_path / "run")
     config["model"]["init_args"]["model_kwargs"].update(patch_size=8, depth=3)
     config["model"]["init_args"]["pruning_loc"] = list(LOC)
-    config["data"]["init_args"].update(**DATA, num_val=8)
+    config["model"]["init_args"]["img_size"] = DATA["img_size"]  # the digits follow the model's size and patch
+    config["data"]["init_args"].update(num_val=8)
     path = write_config(tmp_path / "tiny.yaml", config)
     out = tmp_path / "bench"
     DynViTCLI(
@@ -233,7 +234,14 @@ def test_sweep_matches_list_tome_and_evit_per_keep_ratio(compared, tmp_path):
     tome = next(m for m in matched if m.method == "tome" and m.keep_ratio == 0.5)
     assert records == [dict(keep_ratio=0.5, dynamicvit_gflops=tome.target, tome_r=tome.value, tome_gflops=tome.gflops)]
     pooled = create_teacher("vit_tiny_patch16_224", class_token=False, global_pool="avg", **ARCH)
-    assert sweep_matches(student, pooled, [0.5]) is None and sweep_matches(student, None, [0.5]) is None
+    # EViT needs a class token, ToMe none: a pooled teacher gets the ToMe columns only.
+    assert list(sweep_matches(student, pooled, [0.5])[0]) == [
+        "keep_ratio",
+        "dynamicvit_gflops",
+        "tome_r",
+        "tome_gflops",
+    ]
+    assert sweep_matches(student, None, [0.5]) is None
 
     paths = write_matches(records, tmp_path)
     assert json.loads(paths["json"].read_text()) == records

@@ -267,10 +267,13 @@ def test_image_folder_test_split_is_used_when_present(tmp_path):
     assert Path(dm.datasets["test"].root) == root / "test" and len(dm.datasets["test"]) == 3
 
 
-def test_image_folder_normalisation_follows_the_named_timm_model(folder):
+def test_image_folder_normalisation_follows_the_model(folder):
     name = "vit_base_patch16_clip_224.openai"  # not ImageNet's mean/std, crop 0.9
     cfg = timm.get_pretrained_cfg(name)
-    dm = _folder_dm(folder, model_name=name, img_size=32)
+    model = timm.create_model(name, img_size=32, depth=1, embed_dim=32, num_heads=2)
+    dm = ImageFolderDataModule(folder, batch_size=4, num_workers=0)
+    dm.follow(model)
+    assert dm.img_size == 32
     assert dm.mean == tuple(cfg.mean) and dm.std == tuple(cfg.std) and dm.mean != timm.data.IMAGENET_DEFAULT_MEAN
     for tf in (dm.eval_transform(), dm.train_transform()):
         norm = next(t for t in tf.transforms if isinstance(t, T.Normalize))
@@ -283,10 +286,10 @@ def test_image_folder_normalisation_follows_the_named_timm_model(folder):
     resize = next(t for t in dm.eval_transform().transforms if isinstance(t, T.Resize))
     assert resize.size == int(32 / cfg.crop_pct)
     # Explicit values win; no model gives ImageNet's.
-    assert _folder_dm(folder, model_name=name, mean=(0.5, 0.5, 0.5)).mean == (0.5, 0.5, 0.5)
+    explicit = _folder_dm(folder, img_size=None, mean=(0.5, 0.5, 0.5))
+    explicit.follow(model)
+    assert explicit.mean == (0.5, 0.5, 0.5) and explicit.std == tuple(cfg.std)
     assert _folder_dm(folder).mean == tuple(timm.data.IMAGENET_DEFAULT_MEAN)
-    with pytest.raises(ValueError, match="not a timm model"):
-        _folder_dm(folder, model_name="no_such_vit")
 
 
 def test_image_folder_training_augmentation_is_configurable(folder):

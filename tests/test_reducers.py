@@ -256,13 +256,15 @@ def test_bad_parameters_raise_and_leave_the_model_usable(base, images, method, p
         assert type(model) is type(base)
 
 
-def test_only_plain_class_token_vits_are_reducible():
+def test_only_plain_vits_are_reducible_and_class_attention_needs_a_class_token():
     with pytest.raises(TypeError, match="VisionTransformer"):
         apply_reducer(nn.Linear(2, 2), "tome", r=1)
     with pytest.raises(TypeError, match="subclass DynamicViT"):
         apply_reducer(create_student(NAME, pruning_loc=LOC, **TINY), "tome", r=1)
-    with pytest.raises(TypeError, match="class token"):
-        apply_reducer(create_teacher(NAME, global_pool="avg", class_token=False, **TINY), "tome", r=1)
+    pooled = create_teacher(NAME, global_pool="avg", class_token=False, **TINY)
+    with pytest.raises(TypeError, match="evit ranks tokens by the class token's attention"):
+        apply_reducer(copy.deepcopy(pooled), "evit", keep_rate=0.5)
+    apply_reducer(pooled, "tome", r=1)  # ToMe needs no class token
 
 
 def test_reduced_models_train_like_classifiers(base, images):

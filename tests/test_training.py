@@ -285,6 +285,7 @@ def write_tiny_config(tmp_path: Path, teacher_ckpt: str, **trainer_args) -> Path
             "class_path": "dynvit.lightning.DynamicViTModule",
             "init_args": {
                 "model_name": "deit_tiny_patch16_224",
+                "img_size": TINY["img_size"],
                 "pruning_loc": list(TINY_LOC),
                 "teacher_checkpoint": teacher_ckpt,
                 "model_kwargs": MODEL_KWARGS,
@@ -296,7 +297,6 @@ def write_tiny_config(tmp_path: Path, teacher_ckpt: str, **trainer_args) -> Path
             "class_path": "dynvit.data.SyntheticDataModule",
             "init_args": {
                 "num_classes": TINY["num_classes"],
-                "img_size": TINY["img_size"],
                 "train_size": 32,
                 "val_size": 32,
                 "batch_size": 8,

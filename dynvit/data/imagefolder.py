@@ -8,16 +8,24 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import timm
 from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dynvit.data._common import ShuffleSampler, loader_kwargs, resolve_pin_memory
+from dynvit.data._common import (
+    ShuffleSampler,
+    followed_img_size,
+    loader_kwargs,
+    model_data_config,
+    resolve_pin_memory,
+    trainer_model,
+)
 
 _MAX_LISTED = 10  # files or classes named in one error message
+DEFAULT_IMG_SIZE = 224  # without a model to follow
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -51,8 +59,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     ``test`` (and ``predict``) use ``root/test`` when it exists, else the val split. Training uses timm's
     ``create_transform`` augmentation (random resized crop, flip, RandAugment, random erasing; colour
     jitter only without ``auto_augment``, as in timm); evaluation resizes to ``img_size / crop_pct`` and
-    centre-crops ``img_size``. Normalisation: explicit ``mean``/``std`` if given, else the pretrained
-    config of the timm model ``model_name`` (the teacher), else ImageNet's. Batches are ``(images, labels)``
+    centre-crops ``img_size``. Batches are ``(images, labels)``
     with labels indexing the sorted class folder names (``class_names``). Images are read as RGB, so
     ``in_chans`` is 3. Files whose extension is not an image one (torchvision's ``IMG_EXTENSIONS``) are ignored.
 
@@ -68,18 +75,22 @@ class ImageFolderDataModule(L.LightningDataModule):
     passes the check but still cannot be decoded (say, a truncated JPEG) makes the loader raise an
     ``OSError`` naming the file: a bad file is never silently skipped.
 
+    **The model decides the input.** :meth:`follow` (called by ``setup()`` with the Trainer's model, and by
+    ``cli.py`` right after building both) takes the model's input size and its weights' preprocessing
+    (``mean``/``std``, ``interpolation``, ``crop_pct``: timm's ``pretrained_cfg`` of the model) for every
+    setting left at ``None``. An explicit ``img_size`` that differs from the model's is an error naming both;
+    explicit preprocessing values override the model's. Without a model: 224 px and ImageNet's settings.
+
     ``num_classes`` is known right after construction (it lists ``root/train``) so that a CLI can size the
     model from it.
 
     Args:
         root: Folder holding ``train``, ``val`` and optionally ``test``.
-        img_size: Side of the (square) model input.
-        model_name: timm model whose pretrained config gives ``mean``/``std`` and, unless given,
-            ``interpolation`` and ``crop_pct``.
-        mean: Per-channel normalisation mean; overrides the model's.
-        std: Per-channel normalisation std; overrides the model's.
-        crop_pct: Evaluation centre-crop fraction (``None``: the model's, else timm's 0.875).
-        interpolation: Resize interpolation (``None``: the model's, else ``"bicubic"``).
+        img_size: Side of the (square) model input; ``None`` follows the model.
+        mean: Per-channel normalisation mean; ``None``: the model's.
+        std: Per-channel normalisation std; ``None``: the model's.
+        crop_pct: Evaluation centre-crop fraction; ``None``: the model's (timm's 0.875 without one).
+        interpolation: Resize interpolation; ``None``: the model's (``"bicubic"`` without one).
         auto_augment: timm auto-augment policy, e.g. ``"rand-m9-mstd0.5-inc1"`` (DeiT's); ``None`` for none.
         re_prob: Random-erasing probability.
         re_mode: Random-erasing fill, ``"pixel"`` (per-pixel noise), ``"rand"`` or ``"const"``.
@@ -100,8 +111,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        img_size: int = 224,
-        model_name: str | None = None,
+        img_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         crop_pct: float | None = None,
@@ -121,26 +131,42 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # img_size is the model's to decide: a None here must not clash with the model's hparam.
+        self.save_hyperparameters(ignore=["img_size"])
         self.root = Path(root)
-        self.img_size = img_size
-        cfg = None
-        if model_name is not None:
-            if not timm.is_model(model_name):
-                raise ValueError(f"model_name {model_name!r} is not a timm model (see timm.list_models())")
-            cfg = timm.get_pretrained_cfg(model_name)
-        self.mean = tuple(mean if mean is not None else cfg.mean if cfg else IMAGENET_DEFAULT_MEAN)
-        self.std = tuple(std if std is not None else cfg.std if cfg else IMAGENET_DEFAULT_STD)
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
-        self.crop_pct = crop_pct if crop_pct is not None else cfg.crop_pct if cfg else DEFAULT_CROP_PCT
-        self.interpolation = interpolation if interpolation is not None else cfg.interpolation if cfg else "bicubic"
+        self.requested_img_size = img_size
+        self.img_size = img_size if img_size is not None else DEFAULT_IMG_SIZE
+        self._set_preprocessing(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic", DEFAULT_CROP_PCT)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = resolve_pin_memory(pin_memory)
         self.seed = seed
         self._class_names: list[str] | None = None
         self.datasets: dict[str, ImageFolder] = {}
+
+    def _set_preprocessing(
+        self, mean: Sequence[float], std: Sequence[float], interpolation: str, crop_pct: float
+    ) -> None:
+        """Explicit settings where given, else these (the model's, or the defaults without one)."""
+        hp = self.hparams
+        self.mean = tuple(hp.mean if hp.mean is not None else mean)
+        self.std = tuple(hp.std if hp.std is not None else std)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
+        self.interpolation = hp.interpolation if hp.interpolation is not None else interpolation
+        self.crop_pct = hp.crop_pct if hp.crop_pct is not None else crop_pct
+
+    def follow(self, model: nn.Module) -> None:
+        """Take the input size and preprocessing of ``model`` (a network, or a LightningModule with ``net``).
+
+        Raises:
+            ValueError: an explicit ``img_size`` differs from the model's, or the model is not an RGB one.
+        """
+        config = model_data_config(model)
+        if config is None:
+            return
+        self.img_size = followed_img_size(self.requested_img_size, config, self.in_chans, type(self).__name__)
+        self._set_preprocessing(config.mean, config.std, config.interpolation, config.crop_pct)
 
     @property
     def class_names(self) -> list[str]:
@@ -205,6 +231,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         return dirs
 
     def setup(self, stage: str | None = None) -> None:
+        model = trainer_model(self)
+        if model is not None:
+            self.follow(model)
         dirs = self._split_dirs()
         dirs["predict"] = dirs["test"] = dirs.get("test", dirs["val"])
         needed = {

@@ -16,7 +16,9 @@ class ClassifierModule(ImageClassification):
 
     Args:
         model_name: timm model name, e.g. ``deit_small_patch16_224`` or ``vit_digits_conv``.
-        num_classes, img_size, in_chans: Linked from the DataModule by the CLI.
+        num_classes, in_chans: Linked from the DataModule by the CLI.
+        img_size: Input resolution; ``None`` (default) builds the model at its own (timm's
+            ``pretrained_cfg``). The DataModule follows the model (``follow``).
         checkpoint: Weights to start from (DeiT/timm/Lightning); see :func:`dynvit.load_checkpoint`.
         reset_head: Start a new head when the checkpoint has another class count (fine-tuning).
         pretrained: Start from timm's pretrained weights (needs the model hub).
@@ -28,7 +30,7 @@ class ClassifierModule(ImageClassification):
         self,
         model_name: str = "deit_small_patch16_224",
         num_classes: int = 1000,
-        img_size: int = 224,
+        img_size: int | None = None,
         in_chans: int = 3,
         checkpoint: str | None = None,
         reset_head: bool = False,

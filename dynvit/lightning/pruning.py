@@ -26,6 +26,9 @@ class DynamicViTModule(ImageClassification):
 
     Args:
         model_name: The backbone of teacher and student (timm name or a registered seed backbone).
+        num_classes, in_chans: Linked from the DataModule by the CLI.
+        img_size: Input resolution; ``None`` (default) builds both networks at the backbone's own (timm's
+            ``pretrained_cfg``). The DataModule follows the model (``follow``).
         keep_ratio: Base keep ratio ρ; stage s keeps ``int(N * ρ**s)`` patch tokens at inference.
         pruning_loc: Blocks before which tokens are pruned; None uses the backbone's default.
         teacher_checkpoint: Weights of the trained teacher (DeiT/timm/Lightning ``.ckpt``).
@@ -46,7 +49,7 @@ class DynamicViTModule(ImageClassification):
         self,
         model_name: str = "deit_small_patch16_224",
         num_classes: int = 1000,
-        img_size: int = 224,
+        img_size: int | None = None,
         in_chans: int = 3,
         keep_ratio: float = 0.7,
         pruning_loc: Sequence[int] | None = None,
@@ -115,7 +118,7 @@ class DynamicViTModule(ImageClassification):
             teacher_tokens,
             token_mode=getattr(self.net, "token_distill", "mse"),
         )
-        logged = terms._asdict()
+        logged = {k: v for k, v in terms._asdict().items() if v is not None}
         self.check_finite(terms.total, logged)
         self.log("train/loss", logged.pop("total"), prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logged.items()})

@@ -53,7 +53,9 @@ class TokenLabelingModule(ImageClassification):
     Args:
         model_name: The model trained: a registered LV-ViT (``lvvit_s``, ``lvvit_m``, ``lvvit_digits``, …),
             whose aux head gives the dense outputs token labeling trains.
-        num_classes, img_size, in_chans: Linked from the DataModule by the CLI.
+        num_classes, in_chans: Linked from the DataModule by the CLI.
+        img_size: Input resolution; ``None`` (default) builds the model at its own (timm's
+            ``pretrained_cfg``). The DataModule follows the model (``follow``).
         checkpoint: Weights to start the model from (e.g. a released LV-ViT, to fine-tune).
         reset_head: Start new heads when ``checkpoint`` has another class count.
         model_kwargs: Extra timm kwargs of the model (``drop_path_rate``, ``depth``, …).
@@ -76,7 +78,7 @@ class TokenLabelingModule(ImageClassification):
         self,
         model_name: str = "lvvit_s",
         num_classes: int = 1000,
-        img_size: int = 224,
+        img_size: int | None = None,
         in_chans: int = 3,
         checkpoint: str | None = None,
         reset_head: bool = False,
@@ -130,11 +132,12 @@ class TokenLabelingModule(ImageClassification):
 
         self.annotator: TeacherAnnotator | None = None
         if annotator_name is not None:
+            # The annotator sees the model's images, whatever its own native resolution.
             teacher = create_teacher(
                 annotator_name,
                 checkpoint=annotator_checkpoint,
                 pretrained=annotator_pretrained,
-                **build,
+                **{**build, "img_size": self.net.patch_embed.img_size},
                 **(annotator_kwargs or {}),
             )
             self.annotator = TeacherAnnotator(teacher, temperature=annotator_temperature)

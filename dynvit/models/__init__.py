@@ -9,8 +9,23 @@ from dynvit.models.checkpoint import (
     save_atomic,
 )
 from dynvit.models.conv_stem import ConvStemPatchEmbed
-from dynvit.models.dynamic_vit import DynamicViT, StudentOutput, TokenPruning, keep_counts, validate_pruning
-from dynvit.models.factory import create_student, create_teacher, default_pruning_loc, forward_with_tokens
+from dynvit.models.dynamic_vit import (
+    DynamicViT,
+    DynamicViTDistilled,
+    StudentOutput,
+    TokenPruning,
+    check_prunable,
+    keep_counts,
+    validate_pruning,
+)
+from dynvit.models.factory import (
+    DataConfig,
+    create_student,
+    create_teacher,
+    data_config,
+    default_pruning_loc,
+    forward_with_tokens,
+)
 from dynvit.models.lvvit import DynamicLVViT, LVViT, LVViTOutput
 from dynvit.models.masked_attention import MaskedAttention, MaskedBlock, masked_softmax
 from dynvit.models.predictor import KeepPredictor
@@ -19,9 +34,11 @@ from dynvit.models.t2t_vit import DynamicT2TViT, T2TViT
 __all__ = [
     "CheckpointMismatch",
     "ConvStemPatchEmbed",
+    "DataConfig",
     "DynamicLVViT",
     "DynamicT2TViT",
     "DynamicViT",
+    "DynamicViTDistilled",
     "KeepPredictor",
     "LVViT",
     "LVViTOutput",
@@ -31,8 +48,10 @@ __all__ = [
     "StudentOutput",
     "T2TViT",
     "TokenPruning",
+    "check_prunable",
     "create_student",
     "create_teacher",
+    "data_config",
     "default_pruning_loc",
     "forward_with_tokens",
     "keep_counts",

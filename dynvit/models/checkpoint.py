@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 # Lightning modules of this toolkit keep the trained network as ``self.net``; other Lightning code
@@ -22,11 +25,13 @@ _HEAD_PREFIXES = ("head.", "aux_head.")
 
 
 class LoadReport(NamedTuple):
-    """What :func:`load_checkpoint` did: keys left at their init, keys ignored, keys reset on purpose."""
+    """What :func:`load_checkpoint` did: keys left at their init, keys ignored, keys reset on purpose,
+    keys resampled to the model's patch grid (the position embedding of a checkpoint of another size)."""
 
     missing: list[str]
     unexpected: list[str]
     reset: list[str]
+    resampled: list[str]
 
 
 class CheckpointMismatch(ValueError):
@@ -76,6 +81,12 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, res
     dict, ``.pth``/``.pth.tar``/``.safetensors``) and Lightning ``.ckpt`` files of this toolkit. A
     teacher checkpoint loads into a student: the keep predictors it lacks keep their fresh init.
 
+    A checkpoint trained on another patch grid (e.g. 224-px weights into a model built at 384) has a
+    position embedding of another length: it is resampled to the model's grid as timm does for its
+    pretrained weights (bicubic over the square grid; class/register entries kept as they are), with a
+    warning, and listed in ``LoadReport.resampled``. A fixed (non-trainable) position code, such as
+    T2T-ViT's sinusoid, is the model's own instead. Any other shape clash is an error.
+
     Args:
         strict: Raise :class:`CheckpointMismatch` listing missing/unexpected keys and shape clashes.
             Otherwise load what fits and report the rest.
@@ -95,6 +106,7 @@ def load_weights(
     """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
     sd = dict(state_dict)
     own = model.state_dict()
+    resampled = _fit_position_embedding(model, sd, own, source)
     reset = []
     head_keys = [k for k in sd if k.startswith(_HEAD_PREFIXES) and k in own and sd[k].shape != own[k].shape]
     if head_keys and reset_head:
@@ -120,7 +132,36 @@ def load_weights(
             problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
         raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}:\n" + "\n".join(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    return LoadReport(missing, unexpected, reset)
+    return LoadReport(missing, unexpected, reset, resampled)
+
+
+def _fit_position_embedding(
+    model: nn.Module, sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str
+) -> list[str]:
+    """Resample ``sd["pos_embed"]`` in place to the model's patch grid when the checkpoint's is another
+    square grid of the same width; returns the keys changed. Anything else is left for the shape check."""
+    key = "pos_embed"
+    if key not in sd or key not in own or sd[key].shape == own[key].shape:
+        return []
+    old, new = sd[key], own[key]
+    grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()) or ())
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+    if old.ndim != 3 or old.shape[-1] != new.shape[-1] or len(grid) != 2 or new.shape[1] != prefix + math.prod(grid):
+        return []
+    side = math.isqrt(old.shape[1] - prefix)
+    if side * side != old.shape[1] - prefix:
+        return []
+    fixed = not dict(model.named_parameters()).get(key, new).requires_grad
+    if fixed:
+        sd[key] = new.clone()
+    else:
+        sd[key] = resample_abs_pos_embed(old, new_size=grid, old_size=(side, side), num_prefix_tokens=prefix)
+    how = "kept the model's own fixed position code" if fixed else "resampled it (bicubic, as timm does)"
+    warnings.warn(
+        f"{source} has a {side}x{side} position embedding, the model a {grid[0]}x{grid[1]} patch grid: {how}",
+        stacklevel=3,
+    )
+    return [key]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

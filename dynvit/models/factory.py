@@ -5,13 +5,21 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from dynvit.models.checkpoint import load_checkpoint
-from dynvit.models.dynamic_vit import DynamicViT, validate_pruning
+from dynvit.models.dynamic_vit import (
+    TokenPruning,
+    final_patch_tokens,
+    input_size,
+    student_class,
+    validate_pruning,
+)
 
 # Where each backbone family prunes by default, as in the papers: 12-block DeiT/ViT before
 # blocks 3, 6, 9 (a quarter of the depth each); other depths get the same proportions.
@@ -34,13 +42,15 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model name {name!r}{hint}")
 
 
-def _create_vit(name: str, pretrained: bool, num_classes: int, img_size: int, **timm_kwargs) -> nn.Module:
-    """``timm.create_model`` for a ViT-like ``name``; a model that takes no ``img_size`` is not one."""
+def _create_vit(
+    name: str, pretrained: bool, num_classes: int, img_size: int | Sequence[int] | None, **timm_kwargs
+) -> nn.Module:
+    """``timm.create_model`` for a ViT-like ``name``, at its own resolution unless ``img_size`` is given."""
     _check_name(name)
+    if img_size is not None:
+        timm_kwargs["img_size"] = img_size
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs
-        )
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     except TypeError as e:
         # CNNs such as resnet18 reject img_size: say what to pick instead of timm's bare TypeError.
         if "img_size" not in str(e):
@@ -53,7 +63,7 @@ def _create_vit(name: str, pretrained: bool, num_classes: int, img_size: int, **
 def create_teacher(
     name: str,
     num_classes: int = 1000,
-    img_size: int = 224,
+    img_size: int | Sequence[int] | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     **timm_kwargs,
@@ -67,7 +77,10 @@ def create_teacher(
         name: A timm model name (``deit_small_patch16_224``, ``vit_base_patch16_224``, …) or one this
             toolkit registers with timm.
         num_classes: Size of the classifier head.
-        img_size: Input resolution; must be a multiple of the patch size.
+        img_size: Input resolution, a multiple of the patch size. ``None`` (default) builds the model at
+            its own pretrained resolution (timm's ``pretrained_cfg``: 384 for ``vit_small_patch16_384``).
+            Another size gets another patch grid: timm resamples the position embedding of pretrained
+            weights to it, and so does :func:`load_checkpoint` for a checkpoint of another grid.
         checkpoint: A DeiT/timm/DynamicViT/Lightning checkpoint to load strictly (see :func:`load_checkpoint`).
         pretrained: Fetch timm's pretrained weights (needs access to the model hub).
         **timm_kwargs: Passed to ``timm.create_model``, e.g. ``depth=4, embed_dim=64, num_heads=2``.
@@ -83,12 +96,16 @@ def create_student(
     keep_ratio: float = 0.7,
     pruning_loc: Sequence[int] | None = None,
     num_classes: int = 1000,
-    img_size: int = 224,
+    img_size: int | Sequence[int] | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     **timm_kwargs,
-) -> DynamicViT:
+) -> TokenPruning:
     """A DynamicViT student on the timm ViT ``name`` with one keep predictor per pruning location.
+
+    Class-token, distilled (DeiT), register-token, average-pooling and attention-pooling ViTs are
+    supported (:func:`~dynvit.models.dynamic_vit.check_prunable` names what is not); LV-ViT and T2T-ViT
+    get their own student classes.
 
     Args:
         keep_ratio: Base keep ratio ρ in (0, 1]; stage s keeps ``int(N * ρ**s)`` of N patch tokens.
@@ -102,8 +119,7 @@ def create_student(
     if pruning_loc is None:
         pruning_loc = default_pruning_loc(name, len(vit.blocks))
     validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
-    from_vit = getattr(type(vit), "dynamic_class", DynamicViT).from_vit
-    student = from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
+    student = student_class(vit).from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
     if checkpoint is not None:
         load_checkpoint(student, checkpoint)
     return student
@@ -112,22 +128,62 @@ def create_student(
 def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and what token distillation compares, from an unpruned teacher.
 
-    For a ViT: the final patch tokens (B, N, C) after the final norm. For backbones with dense
-    per-token predictions (LV-ViT's ``forward_dense``): those predictions (B, N, num_classes).
+    For a ViT: the final patch tokens (B, N, C) after the final norm (``fc_norm`` applied per token
+    where the model normalises after pooling, see :func:`~dynvit.models.dynamic_vit.final_patch_tokens`).
+    For backbones with dense per-token predictions (LV-ViT's ``forward_dense``): those predictions
+    (B, N, num_classes).
     """
     if hasattr(model, "forward_dense"):
         return model.forward_dense(x)
     features = model.forward_features(x)
-    return model.forward_head(features), features[:, model.num_prefix_tokens :]
+    return model.forward_head(features), final_patch_tokens(model, features)
 
 
-def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int]) -> None:
+def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int] | None) -> None:
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
         raise TypeError(_NOT_A_VIT.format(name=name))
+    if img_size is None:
+        return
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     patch = tuple(patch_embed.patch_size)
     if any(s % p for s, p in zip(size, patch, strict=True)):
         raise ValueError(
             f"img_size {size} is not a multiple of {name}'s patch size {patch}: use e.g. {size[0] // patch[0] * patch[0]}"
         )
+
+
+class DataConfig(NamedTuple):
+    """What data must look like for a built model; DataModules follow it (``follow(model)``).
+
+    Attributes:
+        img_size: (H, W) the model was built for (its patch embedding's, not the pretrained config's:
+            they differ when the model was built at another ``img_size``).
+        in_chans: Image channels.
+        patch_size: (h, w) of one patch token.
+        mean, std, interpolation, crop_pct: Preprocessing of the weights the model names, from timm's
+            ``pretrained_cfg`` (timm's ImageNet defaults for a model without one).
+    """
+
+    img_size: tuple[int, int]
+    in_chans: int
+    patch_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """The :class:`DataConfig` of a built ViT-like ``model`` (anything with a ``patch_embed``)."""
+    in_chans, height, width = input_size(model)
+    cfg = resolve_model_data_config(model)
+    return DataConfig(
+        img_size=(height, width),
+        in_chans=in_chans,
+        patch_size=tuple(model.patch_embed.patch_size),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+    )

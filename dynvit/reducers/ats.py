@@ -24,9 +24,10 @@ from dynvit.models.dynamic_vit import gather_tokens
 from dynvit.reducers.base import AttentionStats, ReducedRun, SelectionViT, key_bias, validate_loc
 
 
-def significance(stats: AttentionStats) -> torch.Tensor:
-    """Significance (B, n) of the non-class tokens: ``Σ_h A_h[cls, j] · ‖v_h,j‖``, normalised to sum 1."""
-    score = (stats.cls_attn[..., 1:] * stats.values[:, :, 1:].norm(dim=-1)).sum(dim=1)
+def significance(stats: AttentionStats, num_prefix: int = 1) -> torch.Tensor:
+    """Significance (B, n) of the non-prefix tokens: ``Σ_h A_h[cls, j] · ‖v_h,j‖``, normalised to sum 1."""
+    p = num_prefix
+    score = (stats.cls_attn[..., p:] * stats.values[:, :, p:].norm(dim=-1)).sum(dim=1)
     return score / score.sum(dim=1, keepdim=True)
 
 
@@ -49,22 +50,23 @@ def inverse_transform_sample(significance: torch.Tensor, k: int) -> torch.Tensor
 
 
 def sample_tokens(
-    x: torch.Tensor, stats: AttentionStats, valid: torch.Tensor, k: int
+    x: torch.Tensor, stats: AttentionStats, valid: torch.Tensor, k: int, num_prefix: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ATS stage on tokens x (B, 1 + n, C) of which ``valid`` (B, n) are real (the rest padding).
+    """One ATS stage on tokens x (B, P + n, C) of which ``valid`` (B, n) are real (the rest padding).
 
-    Returns the new tokens (B, 1 + m, C) with m the batch's largest kept count — class token, kept
-    tokens in their current order, then padding —, their positions (B, m) among the n, and which
+    Returns the new tokens (B, P + m, C) with m the batch's largest kept count — the P prefix tokens,
+    kept tokens in their current order, then padding —, their positions (B, m) among the n, and which
     of them are real (B, m).
     """
-    picked = inverse_transform_sample(significance(stats), k)
+    picked = inverse_transform_sample(significance(stats, num_prefix), k)
     keep = torch.where(valid.sum(dim=1, keepdim=True) <= k, valid, picked & valid)
     n = keep.shape[1]
     m = int(keep.sum(dim=1).max())
     arange = torch.arange(n, device=x.device)
     # Kept positions in ascending order first, the rest behind them; cut at the longest kept set.
     pos = torch.where(keep, arange, arange + n).argsort(dim=1)[:, :m]
-    return torch.cat([x[:, :1], gather_tokens(x[:, 1:], pos)], dim=1), pos, keep.gather(1, pos)
+    p = num_prefix
+    return torch.cat([x[:, :p], gather_tokens(x[:, p:], pos)], dim=1), pos, keep.gather(1, pos)
 
 
 class ATSViT(SelectionViT):
@@ -74,6 +76,7 @@ class ATSViT(SelectionViT):
     """
 
     method = "ats"
+    needs_class_token = True
 
     def configure(self, max_tokens: int | Sequence[int], pruning_loc: Sequence[int] | None = None) -> None:
         """Args:
@@ -92,30 +95,33 @@ class ATSViT(SelectionViT):
         self.max_tokens, self.pruning_loc = tuple(ks), loc
 
     def run_blocks(self, x: torch.Tensor) -> ReducedRun:
-        B, N = x.shape[0], self.num_patches
+        B, N, p = x.shape[0], self.num_patches, self.num_prefix_tokens
         index = torch.arange(N, device=x.device).expand(B, -1)  # original patch index; padding gets N
         valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
         bias, kept, counts, stage = None, [], [], 0
         for i, block in enumerate(self.blocks):
-            before = valid.sum(dim=1) + 1
+            before = valid.sum(dim=1) + p
             if stage == len(self.pruning_loc) or i != self.pruning_loc[stage]:
                 x = block(x, attn_mask=bias)
             else:
                 x, stats = block.attend(x, bias=bias, cls_attn=True)
-                x, pos, valid = sample_tokens(x, stats, valid, self.max_tokens[stage])
+                x, pos, valid = sample_tokens(x, stats, valid, self.max_tokens[stage], p)
                 index = torch.gather(index, 1, pos).masked_fill(~valid, N)
                 kept.append(index)
-                bias = None if bool(valid.all()) else key_bias(padding_bias(valid, x.dtype))
+                bias = None if bool(valid.all()) else key_bias(padding_bias(valid, x.dtype, p))
                 x = block.feed_forward(x)
                 stage += 1
-            counts.append(torch.stack([before, valid.sum(dim=1) + 1], dim=1))
-        return ReducedRun(tokens=x, kept=kept, counts=torch.stack(counts, dim=1))
+            counts.append(torch.stack([before, valid.sum(dim=1) + p], dim=1))
+        # Padding stands for no token: pooling heads give it no weight.
+        sizes = None if bool(valid.all()) else torch.cat([valid.new_ones(B, p), valid], dim=1).to(x.dtype)
+        return ReducedRun(tokens=x, kept=kept, counts=torch.stack(counts, dim=1), sizes=sizes)
 
 
-def padding_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive key bias (B, 1 + m): 0 for the class token and real tokens, ``-inf`` for padding."""
-    bias = torch.zeros(valid.shape[0], valid.shape[1] + 1, dtype=dtype, device=valid.device)
-    return bias.masked_fill(torch.cat([valid.new_ones(valid.shape[0], 1), valid], dim=1).logical_not(), -float("inf"))
+def padding_bias(valid: torch.Tensor, dtype: torch.dtype, num_prefix: int = 1) -> torch.Tensor:
+    """Additive key bias (B, P + m): 0 for the P prefix tokens and real tokens, ``-inf`` for padding."""
+    bias = torch.zeros(valid.shape[0], valid.shape[1] + num_prefix, dtype=dtype, device=valid.device)
+    real = torch.cat([valid.new_ones(valid.shape[0], num_prefix), valid], dim=1)
+    return bias.masked_fill(real.logical_not(), -float("inf"))
 
 
 __all__ = ["ATSViT", "inverse_transform_sample", "padding_bias", "sample_tokens", "significance"]

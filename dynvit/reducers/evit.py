@@ -5,7 +5,9 @@ attention (mean over heads) in that block; the top ``ceil(keep_rate · n)`` of t
 stay and the MLP runs on them. EViT also fuses the dropped tokens into one token, their
 attention-weighted mean, appended after the kept ones; at a later stage that fused token is ranked
 like any other (and fused again if dropped). Top-k just drops them. No parameters are added;
-EViT is meant to be fine-tuned, top-k is used training-free.
+EViT is meant to be fine-tuned, top-k is used training-free. Prefix tokens (distillation, register
+tokens) are kept like the class token; a ViT without a class token is refused, since the method
+ranks by its attention.
 """
 
 from __future__ import annotations
@@ -28,24 +30,27 @@ def attentive_count(keep_rate: float, num_tokens: int) -> int:
     return math.ceil(round(keep_rate * num_tokens, 6))
 
 
-def keep_attentive(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``keep`` non-class tokens the class token attends to most; optionally fuse the rest.
+def keep_attentive(
+    x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: bool, num_prefix: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``keep`` non-prefix tokens the class token attends to most; optionally fuse the rest.
 
     Args:
-        x: Tokens (B, 1 + n, C), class token first.
-        cls_attn: The class token's attention over the same tokens (B, 1 + n), averaged over heads.
-        keep: Non-class tokens to keep, 1..n. ``keep = n`` returns x unchanged (nothing to fuse).
+        x: Tokens (B, P + n, C), the P prefix tokens (class token first) in front.
+        cls_attn: The class token's attention over the same tokens (B, P + n), averaged over heads.
+        keep: Non-prefix tokens to keep, 1..n. ``keep = n`` returns x unchanged (nothing to fuse).
         fuse: Append the dropped tokens' attention-weighted mean as one extra token.
+        num_prefix: P, the tokens always kept.
     Returns:
-        The new tokens (B, 1 + keep [+ 1], C) — class token, kept ones in their original order, fused
-        one — and the positions (B, keep) of the kept tokens among the n non-class ones.
+        The new tokens (B, P + keep [+ 1], C) — prefix tokens, kept ones in their original order, fused
+        one — and the positions (B, keep) of the kept tokens among the n non-prefix ones.
     """
-    tokens, scores = x[:, 1:], cls_attn[:, 1:]
+    tokens, scores = x[:, num_prefix:], cls_attn[:, num_prefix:]
     n = tokens.shape[1]
     if keep >= n:
         return x, torch.arange(n, device=x.device).expand(x.shape[0], -1)
     top = scores.topk(keep, dim=1).indices.sort(dim=1).values
-    parts = [x[:, :1], gather_tokens(tokens, top)]
+    parts = [x[:, :num_prefix], gather_tokens(tokens, top)]
     if fuse:
         dropped = scores.scatter(1, top, 0.0)  # attention of the dropped tokens, zero on the kept
         weight = dropped / dropped.sum(dim=1, keepdim=True).clamp_min(torch.finfo(dropped.dtype).tiny)
@@ -54,16 +59,16 @@ def keep_attentive(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fuse: boo
 
 
 def attentive_schedule(
-    num_patches: int, depth: int, keep_rate: float, pruning_loc: Sequence[int], fuse: bool
+    num_patches: int, depth: int, keep_rate: float, pruning_loc: Sequence[int], fuse: bool, num_prefix: int = 1
 ) -> list[tuple[int, int]]:
-    """Tokens (class token included) in attention and MLP of every block for EViT / top-k."""
+    """Tokens (prefix tokens included) in attention and MLP of every block for EViT / top-k."""
     counts, n = [], num_patches
     for i in range(depth):
         before = n
         if i in pruning_loc:
             keep = attentive_count(keep_rate, n)
             n = keep + (fuse and keep < n)
-        counts.append((before + 1, n + 1))
+        counts.append((before + num_prefix, n + num_prefix))
     return counts
 
 
@@ -74,6 +79,7 @@ class AttentiveViT(SelectionViT):
     """
 
     fuse: bool  # set by the subclasses below
+    needs_class_token = True
 
     def configure(self, keep_rate: float = 0.7, pruning_loc: Sequence[int] | None = None) -> None:
         """Args:
@@ -87,7 +93,9 @@ class AttentiveViT(SelectionViT):
         self.keep_rate, self.pruning_loc = float(keep_rate), loc
 
     def token_schedule(self) -> list[tuple[int, int]]:
-        return attentive_schedule(self.num_patches, len(self.blocks), self.keep_rate, self.pruning_loc, self.fuse)
+        return attentive_schedule(
+            self.num_patches, len(self.blocks), self.keep_rate, self.pruning_loc, self.fuse, self.num_prefix_tokens
+        )
 
     def run_blocks(self, x: torch.Tensor) -> ReducedRun:
         B = x.shape[0]
@@ -100,7 +108,7 @@ class AttentiveViT(SelectionViT):
                 continue
             x, stats = block.attend(x, cls_attn=True)
             keep = attentive_count(self.keep_rate, n)
-            x, top = keep_attentive(x, stats.cls_attn.mean(dim=1), keep, self.fuse)
+            x, top = keep_attentive(x, stats.cls_attn.mean(dim=1), keep, self.fuse, self.num_prefix_tokens)
             index = torch.gather(index, 1, top)
             fused = self.fuse and keep < n  # nothing dropped, nothing to fuse
             if fused:

@@ -38,7 +38,10 @@ class DynViTCLI(LightningCLI):
     """LightningCLI with dynvit's defaults.
 
     - model and data classes are chosen by ``class_path`` in the YAML;
-    - the DataModule's ``num_classes``, ``img_size`` and ``in_chans`` are linked into the model;
+    - the DataModule's ``num_classes`` and ``in_chans`` are linked into the model; the model decides its
+      input size (its own resolution unless ``img_size`` is given) and the DataModule follows it: right
+      after both are built, ``datamodule.follow(model)`` gives it the size and the preprocessing of the
+      model's weights, so the backbone is named once, in the model;
     - checkpoints of the best ``val/top1`` and the last epoch go to ``<default_root_dir>/checkpoints``
       (Lightning writes them through a temporary file, so a crash never leaves half a checkpoint;
       ``--ckpt_path last`` resumes);
@@ -79,8 +82,15 @@ class DynViTCLI(LightningCLI):
             }
         )
         parser.add_class_arguments(WandbOptions, "wandb")
-        for name in ("num_classes", "img_size", "in_chans"):
+        for name in ("num_classes", "in_chans"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The model decides the input; a link cannot say so, since data → model (num_classes) comes first.
+        follow = getattr(self.datamodule, "follow", None)
+        if follow is not None:
+            follow(self.model)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})

@@ -87,10 +87,11 @@ def check_comparable(student: nn.Module, teacher: nn.Module | None, methods: Seq
             f"{reducers} run on the teacher's weights, and this model has no teacher: use a DynamicViTModule "
             "config with model.init_args.teacher_checkpoint set"
         )
-    try:
-        check_reducible(teacher)
-    except TypeError as e:
-        raise TypeError(f"{reducers} cannot run on this teacher: {e}") from None
+    for method in reducers:
+        try:
+            check_reducible(teacher, REDUCERS[method])
+        except TypeError as e:
+            raise TypeError(f"{[method]} cannot run on this teacher: {e}") from None
 
 
 @dataclass
@@ -135,7 +136,7 @@ def mean_cost(model: ReducedViT, images: Iterable[torch.Tensor], cost: TokenCost
     for x in images:
         _, counts = model.predict_with_counts(x.to(device))
         gflops += cost(counts).sum().item()
-        tokens += (counts[:, -1, 1] - 1).sum().item()
+        tokens += (counts[:, -1, 1] - model.num_prefix_tokens).sum().item()
         seen += counts.shape[0]
     if seen == 0:
         raise ValueError("no images to measure ATS's mean cost on")
@@ -252,10 +253,10 @@ def student_label(student: nn.Module) -> str:
 
 
 def final_tokens(model: nn.Module) -> float | None:
-    """Patch tokens in the last block's MLP (class token excluded) where that does not depend on the image."""
+    """Patch tokens in the last block's MLP (prefix tokens excluded) where that does not depend on the image."""
     if isinstance(model, ReducedViT):
         schedule = model.token_schedule()
-        return None if schedule is None else float(schedule[-1][1] - 1)
+        return None if schedule is None else float(schedule[-1][1] - model.num_prefix_tokens)
     if hasattr(model, "keep_ratio") and hasattr(model, "pruning_loc"):
         return float(keep_counts(model.num_patches, model.keep_ratio, len(model.pruning_loc))[-1])
     return float(model.patch_embed.num_patches)
@@ -353,12 +354,19 @@ def matched_records(matched: Sequence[Matched]) -> list[dict[str, Any]]:
 def sweep_matches(
     student: nn.Module, teacher: nn.Module | None, ratios: Sequence[float], methods: Sequence[str] = ("tome", "evit")
 ) -> list[dict[str, Any]] | None:
-    """For a sweep's keep ratios, :func:`matched_records` of ``methods``; None where they cannot run on the
-    teacher (no teacher, or not a plain timm ViT). Matching needs only the architecture, not trained weights."""
-    try:
-        check_comparable(student, teacher, methods)
-    except (TypeError, ValueError):
+    """For a sweep's keep ratios, :func:`matched_records` of those ``methods`` that can run on the teacher
+    (EViT needs a class token); None where none can (no teacher, or not a plain timm ViT). Matching needs
+    only the architecture, not trained weights."""
+    runnable = []
+    for method in methods:
+        try:
+            check_comparable(student, teacher, [method])
+            runnable.append(method)
+        except (TypeError, ValueError):
+            continue
+    if not runnable:
         return None
+    methods = runnable
     ratios = sorted(set(check_ratios(ratios)), reverse=True)
     return matched_records(match_methods(student, teacher, ratios, ["dynamicvit", *methods]))
 
