@@ -229,7 +229,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: quick CPU check)"
     )
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, default=None, help="input side (default: each model's own)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)

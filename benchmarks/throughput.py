@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name (teacher and backbone)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.7, 0.5], help="student keep ratios ρ")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16/fp16 run under autocast")
     p.add_argument("--rounds", type=positive_int, default=5, help="turns over all models; the figure is their median")
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = build_models(args)
+    args.img_size = args.img_size or models["teacher"].patch_embed.img_size[0]  # the model's own, for the table
     speeds: dict[str, list[float]] = {name: [] for name in models}
     for r in range(args.rounds):
         # Alternate the order every round so no model always follows the same one.

@@ -4,6 +4,7 @@ without fc_norm, attention pooling; and clear errors for the families it cannot 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -12,11 +13,13 @@ import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
-from dynvit import count_flops, create_student, create_teacher, forward_with_tokens
+from dynvit import count_flops, create_student, create_teacher, forward_with_tokens, measure_throughput
 from dynvit.models import DynamicViT, DynamicViTDistilled, load_weights
 from dynvit.models.masked_attention import MaskedAttentionPool
 from dynvit.objectives.dynamicvit import DynamicViTLoss, logit_distillation_loss
 from dynvit.reducers import TokenCost, apply_reducer
+from dynvit.run.cli import DynViTCLI
+from tests.tiny_config import tiny_config, write_config
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=5)
 LOC = (1, 2, 3)
@@ -30,9 +33,11 @@ FAMILIES = {
     "gap": ("vit_medium_patch16_gap_256", {}),
     "gap_fc_norm": ("vit_betwixt_patch16_reg4_gap_256", {}),
     "gap_fc_norm_class_token": ("deit_tiny_patch16_224", dict(global_pool="avg")),
+    "gap_over_prefix_too": ("deit_tiny_patch16_224", dict(global_pool="avg", pool_include_prefix=True)),
     "attention_pool": ("vit_base_patch16_siglip_224", {}),
+    "attention_pool_registers": ("vit_base_patch16_siglip_224", dict(reg_tokens=2)),
 }
-POOLED = ["gap", "gap_fc_norm", "gap_fc_norm_class_token", "attention_pool"]
+POOLED = [f for f in FAMILIES if f.startswith(("gap", "attention_pool"))]
 
 
 def build(family: str, keep_ratio: float = 0.7, student: bool = True) -> nn.Module:
@@ -67,6 +72,8 @@ def test_the_families_are_what_their_names_say() -> None:
     assert shape("gap_fc_norm") == (False, 4, "avg", "LayerNorm", True)
     assert shape("gap_fc_norm_class_token") == (True, 1, "avg", "LayerNorm", False)
     assert shape("attention_pool") == (False, 0, "map", "Identity", False)
+    assert shape("attention_pool_registers") == (False, 2, "map", "Identity", False)
+    assert shape("gap_over_prefix_too") == (True, 1, "avg", "LayerNorm", False)
 
 
 # --- training: output and gradients ----------------------------------------------------------------
@@ -96,7 +103,9 @@ def test_training_pool_is_the_pool_of_the_kept_tokens_and_passes_a_gradient_to_t
     keep = torch.cat([torch.ones(3, p), decision], dim=1)
     pooled = model.pool_kept(x, keep)
     for b in range(3):
-        kept = x[b : b + 1, p:][:, decision[b].bool()]
+        kept = (
+            x[b : b + 1, :][:, keep[b].bool()] if model.pool_include_prefix else x[b : b + 1, p:][:, decision[b].bool()]
+        )
         # timm's attention pool, or the plain mean, on the gathered tokens
         expected = model.attn_pool(kept) if model.attn_pool is not None else kept.mean(dim=1)
         torch.testing.assert_close(pooled[b : b + 1], expected, rtol=1e-4, atol=1e-5)
@@ -130,9 +139,10 @@ def explicit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return (model.head(t[:, 0]) + model.head_dist(t[:, 1])) / 2
     if model.global_pool == "token":
         return model.head(t[:, 0])
+    pooled = t if model.pool_include_prefix else t[:, p:]
     if model.global_pool == "avg":
-        return model.head(model.fc_norm(t[:, p:].mean(dim=1)))
-    return model.head(model.attn_pool(t[:, p:]))  # 'map': timm's pool reads the remaining tokens
+        return model.head(model.fc_norm(pooled.mean(dim=1)))
+    return model.head(model.attn_pool(pooled))  # 'map': timm's pool reads the remaining tokens
 
 
 def per_image_gather(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +296,7 @@ REDUCER_PARAMS = {
     "random": dict(keep_ratio=0.5, pruning_loc=LOC),
 }
 CLASS_ATTENTION = ("evit", "topk", "ats")
-REDUCIBLE = [f for f in FAMILIES if f != "gap_fc_norm_class_token"]
+REDUCIBLE = ["class_token", "distilled", "registers", "gap", "gap_fc_norm", "attention_pool_registers"]
 
 
 @pytest.mark.parametrize("family", REDUCIBLE)
@@ -308,8 +318,10 @@ def test_reducers_run_where_their_method_allows(family: str, method: str) -> Non
     assert (counts[:, -1, 1] < p + N).all() and (counts[:, -1, 1] > p).all()
     if model.token_schedule() is not None:
         assert counts[0].tolist() == [list(c) for c in model.token_schedule()]
-    cost = TokenCost.from_model(model)
-    assert cost(torch.tensor([[[p + N] * 2] * TINY["depth"]])).item() == pytest.approx(count_flops(teacher), rel=1e-9)
+    if method == "tome":  # the cost model's head term counts from the prefix tokens the head reads
+        cost = TokenCost.from_model(model)
+        unreduced = torch.tensor([[[p + N] * 2] * TINY["depth"]])
+        assert cost(unreduced).item() == pytest.approx(count_flops(teacher), rel=1e-9)
 
 
 @pytest.mark.parametrize("family", ["class_token", "distilled", "registers", "gap_fc_norm", "attention_pool"])
@@ -344,3 +356,41 @@ def test_tome_never_merges_prefix_tokens_and_pools_by_size(family: str) -> None:
 def test_a_dynamicvit_student_and_other_subclasses_are_not_reducible() -> None:
     with pytest.raises(TypeError, match="DynamicViT student cannot be reduced"):
         apply_reducer(build("gap"), "tome", r=1)
+
+
+# --- the whole toolchain: CLI fit (FLOPs, kept-token pictures) and benchmark against reducers ------------
+
+
+@pytest.mark.parametrize(
+    ("name", "bench"), [("vit_base_patch16_siglip_224", False), ("deit_tiny_distilled_patch16_224", True)]
+)
+def test_cli_fits_and_benchmarks_other_families(tmp_path, name: str, bench: bool) -> None:
+    config = tiny_config(tmp_path / "run")
+    config["model"]["init_args"]["model_name"] = name
+    config["trainer"]["callbacks"] = [{"class_path": "dynvit.measure.callbacks.KeptTokensCallback"}]
+    config["wandb"] = {"enabled": False}
+    path = write_config(tmp_path / "tiny.yaml", config)
+    DynViTCLI(args=["fit", f"--config={path}"])
+    metrics = next((tmp_path / "run/csv").rglob("metrics.csv")).read_text()
+    assert "cost/gflops" in metrics and "throughput/speedup" in metrics and "val/recall_s3" in metrics
+    assert ("train/dist_head" in metrics) == ("distilled" in name)
+    assert (tmp_path / "run/kept_tokens/epoch_000.png").is_file()
+    if not bench:
+        return
+    out = tmp_path / "bench"
+    DynViTCLI(
+        args=["benchmark", f"--config={path}", f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}", f"--out={out}"]
+        + ["--ratios=[0.5]", "--methods=[dynamicvit,tome,random]", "--batch_size=2", "--warmup=0", "--repeats=1"]
+        + ["--rounds=1"]
+    )
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["teacher", "dynamicvit", "tome", "random"]
+    assert all(r["gflops"] > 0 and r["images_per_s"] > 0 and r["top1"] is not None for r in rows)
+    assert rows[1]["gflops"] < rows[0]["gflops"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flops_and_throughput_of_every_family(family: str) -> None:
+    teacher, student = pair(family, 0.5)
+    assert 0 < count_flops(student) < count_flops(teacher)
+    assert measure_throughput(student, batch_size=2, warmup=0, repeats=1) > 0

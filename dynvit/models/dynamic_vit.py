@@ -341,6 +341,8 @@ class DynamicViTDistilled(DynamicViT, VisionTransformerDistilled):
     distils from the teacher's prediction only, as DeiT trains its distillation token.
     """
 
+    method = "dynamicvit"  # how reports label its rows: the method, whatever the backbone
+
     @classmethod
     def check_convertible(cls, model: nn.Module) -> None:
         if not isinstance(model, VisionTransformerDistilled):
