@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import timm
 import torch
 import yaml
 from timm.layers import resample_abs_pos_embed
@@ -45,6 +46,12 @@ def test_data_config_is_the_built_models_not_the_pretrained_configs() -> None:
     config = data_config(create_teacher("vit_small_patch16_384", img_size=224, **SMALL))
     assert config.img_size == (224, 224) and config.patch_size == (16, 16) and config.in_chans == 3
     assert (config.mean, config.std, config.crop_pct) == ((0.5,) * 3, (0.5,) * 3, 1.0)
+    # A timm model without patch tokens still names its input size; the digits keep their own patch grid.
+    cnn = timm.create_model("resnet18", in_chans=1)
+    assert data_config(cnn)[:3] == ((224, 224), 1, None)
+    digits = ClutteredDigitsDataModule(digit_scale=1)
+    digits.follow(cnn)
+    assert (digits.img_size, digits.patch_size) == (224, 8)
 
 
 def test_image_folder_follows_the_model_and_names_both_sizes_on_a_mismatch(tmp_path) -> None:

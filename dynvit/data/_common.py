@@ -15,9 +15,11 @@ from dynvit.models.factory import DataConfig, data_config
 
 def model_data_config(model: nn.Module) -> DataConfig | None:
     """The :class:`~dynvit.models.DataConfig` of ``model`` (a network, or a LightningModule keeping it as
-    ``net``); None for a model without a patch embedding, which leaves a DataModule's own settings."""
+    ``net``); None for a model that is not a timm one (no patch embedding, no ``pretrained_cfg``), which
+    leaves a DataModule's own settings."""
     net = getattr(model, "net", model)
-    return data_config(net) if hasattr(net, "patch_embed") else None
+    timm_model = hasattr(net, "patch_embed") or isinstance(getattr(net, "pretrained_cfg", None), dict)
+    return data_config(net) if timm_model else None
 
 
 def trainer_model(datamodule: L.LightningDataModule) -> nn.Module | None:

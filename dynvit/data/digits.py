@@ -358,6 +358,8 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         owner = type(self).__name__
         img_size = followed_img_size(self.requested_geometry[0], config, self.in_chans, owner)
         patch, requested = config.patch_size, self.requested_geometry[1]
+        if patch is None:  # no patch tokens to follow: the mask keeps the DataModule's own grid
+            patch = (self.patch_size, self.patch_size)
         if patch[0] != patch[1] or (requested is not None and requested != patch[0]):
             raise ValueError(
                 f"{owner} has patch_size={requested} but the model's patches are {patch[0]}x{patch[1]}: drop the "

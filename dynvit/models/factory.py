@@ -157,17 +157,17 @@ class DataConfig(NamedTuple):
     """What data must look like for a built model; DataModules follow it (``follow(model)``).
 
     Attributes:
-        img_size: (H, W) the model was built for (its patch embedding's, not the pretrained config's:
-            they differ when the model was built at another ``img_size``).
+        img_size: (H, W) the model was built for: its patch embedding's (not the pretrained config's: they
+            differ when a ViT was built at another ``img_size``), else its ``pretrained_cfg``'s.
         in_chans: Image channels.
-        patch_size: (h, w) of one patch token.
+        patch_size: (h, w) of one patch token; None for a model without a patch embedding.
         mean, std, interpolation, crop_pct: Preprocessing of the weights the model names, from timm's
             ``pretrained_cfg`` (timm's ImageNet defaults for a model without one).
     """
 
     img_size: tuple[int, int]
     in_chans: int
-    patch_size: tuple[int, int]
+    patch_size: tuple[int, int] | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
@@ -175,13 +175,17 @@ class DataConfig(NamedTuple):
 
 
 def data_config(model: nn.Module) -> DataConfig:
-    """The :class:`DataConfig` of a built ViT-like ``model`` (anything with a ``patch_embed``)."""
-    in_chans, height, width = input_size(model)
+    """The :class:`DataConfig` of a built timm model: a ViT-like one (with a ``patch_embed``), or any
+    other with a ``pretrained_cfg``."""
     cfg = resolve_model_data_config(model)
+    embed = getattr(model, "patch_embed", None)
+    in_chans, height, width = input_size(model) if embed is not None else cfg["input_size"]
+    if embed is None:  # the built stem's channels, which in_chans= may have changed from the config's
+        in_chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), in_chans)
     return DataConfig(
         img_size=(height, width),
         in_chans=in_chans,
-        patch_size=tuple(model.patch_embed.patch_size),
+        patch_size=tuple(embed.patch_size) if embed is not None else None,
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         interpolation=cfg["interpolation"],
