@@ -214,11 +214,29 @@ def test_ats_kept_counts_vary_per_image_and_never_exceed_k(peaky):
     assert torch.equal(counts[:, 1:, 1] - 1, kept)  # MLP of block s sees the tokens kept at its stage
     for earlier, later in zip(masks, masks[1:], strict=False):
         assert not (later & ~earlier).any()  # a dropped patch never comes back
-    # As in the authors' batched code, padding enters later stages' CDF (as zero scores), so only the
-    # first stage, before any padding, is sure to pick what the image alone picks.
+    # Padding is invisible: each image alone gives the same logits and masks as in the batch.
     for i in range(x.shape[0]):
-        _, alone_masks = model.predict_with_masks(x[i : i + 1])
-        assert torch.equal(alone_masks[0][0], masks[0][i])
+        alone, alone_masks = model.predict_with_masks(x[i : i + 1])
+        torch.testing.assert_close(alone[0], logits[i], rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(a[0], m[i]) for a, m in zip(alone_masks, masks, strict=True))
+
+
+def test_ats_drop_tokens_reproduces_the_authors_batch_dependence(peaky):
+    """With DROP_TOKENS true the authors' padding enters later CDFs: an image's samples depend on its batch."""
+    x = torch.randn(8, 3, 32, 32)
+    dropped = reduced(peaky, "ats", max_tokens=24, pruning_loc=LOC, drop_tokens=True)
+    kept = reduced(peaky, "ats", max_tokens=24, pruning_loc=LOC)
+    _, masks = dropped.predict_with_masks(x)
+    alone = [dropped.predict_with_masks(x[i : i + 1])[1] for i in range(8)]
+    assert all(torch.equal(alone[i][0][0], masks[0][i]) for i in range(8))  # no padding before stage 1
+    assert any(not torch.equal(alone[i][s][0], masks[s][i]) for i in range(8) for s in (1, 2))
+    # Alone (no padding), a later stage differs from the default only through the CDF's minimum.
+    assert any(
+        not torch.equal(a[s], b[s])
+        for i in range(8)
+        for a, b in [(alone[i], kept.predict_with_masks(x[i : i + 1])[1])]
+        for s in (1, 2)
+    )
 
 
 def official_ats_pick(sig: torch.Tensor, k: int) -> torch.Tensor:
@@ -269,18 +287,37 @@ def test_ats_significance_uses_the_norm_of_the_whole_value_vector():
     assert not torch.allclose(got, per_head / per_head.sum(1, keepdim=True), atol=1e-3)
 
 
-def test_ats_stage_keeps_what_the_authors_formulas_pick(peaky):
-    model = reduced(peaky, "ats", max_tokens=N, pruning_loc=(1,))
+@pytest.mark.parametrize("vit", ["base", "peaky"])
+def test_ats_stages_keep_what_the_authors_formulas_pick(vit, request):
+    """Two stages (blocks 1, 2), one image at a time: the authors' significance and sampling, written out.
+
+    In their default (removed tokens stay as zero rows) the second stage samples from all N slots, the
+    removed ones with score 0.
+    """
+    peaky = request.getfixturevalue(vit)  # flat or sharp significance: many or few tokens kept
+    model = reduced(peaky, "ats", max_tokens=N, pruning_loc=(1, 2))
     x = torch.randn(3, 3, 32, 32)
-    _, masks = model.predict_with_masks(x)
-    with torch.no_grad():
-        tokens = peaky.blocks[0](peaky.norm_pre(peaky._pos_embed(peaky.patch_embed(x))))
-        attn, block = peaky.blocks[1].attn, peaky.blocks[1]
-        q, k, v = attn.qkv(block.norm1(tokens)).reshape(3, N + 1, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0]  # (B, H, 1 + N)
-    sig = (a.sum(1) * v.transpose(1, 2).reshape(3, N + 1, 32).norm(dim=-1))[:, 1:]
-    assert torch.equal(masks[0], official_ats_pick(sig / sig.sum(1, keepdim=True), N))
-    assert (masks[0].sum(1) < N).all()  # even K = N drops tokens
+
+    def scores(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        q, k, v = block.attn.qkv(block.norm1(tokens)).reshape(n, 3, 2, 16).permute(1, 2, 0, 3)
+        a = ((q @ k.transpose(-2, -1)) * block.attn.scale).softmax(-1)[:, 0]  # (H, n): the class row
+        return (a.sum(0) * v.transpose(0, 1).reshape(n, 32).norm(dim=-1))[1:]
+
+    for i in range(3):
+        _, masks = model.predict_with_masks(x[i : i + 1])
+        with torch.no_grad():
+            t = peaky.blocks[0](peaky.norm_pre(peaky._pos_embed(peaky.patch_embed(x[i : i + 1]))))[0]
+            sig = scores(peaky.blocks[1], t)
+            first = official_ats_pick((sig / sig.sum())[None], N)[0]
+            b1 = peaky.blocks[1]
+            t = t + b1.attn(b1.norm1(t)[None])[0]
+            t = torch.cat([t[:1], t[1:][first]])  # class token, then the kept ones in patch order
+            t = t + b1.mlp(b1.norm2(t))
+            full = torch.zeros(N).masked_scatter(first, scores(peaky.blocks[2], t))
+            second = official_ats_pick((full / full.sum())[None], N)[0]
+        assert torch.equal(masks[0][0], first) and torch.equal(masks[1][0], second)
+        assert first.sum() < N and not (second & ~first).any()  # even K = N drops tokens
 
 
 def test_random_keep_counts_and_seeded_eval(base, images):

@@ -12,9 +12,14 @@ As the authors' code (``adaptivetokensampling/ATS``) does it, at chosen blocks, 
    fewer: the count adapts to the image. The class token always stays. The least significant token
    sits at 0 on the normalised curve, below the first point, so it is never picked.
 
-The authors' released configuration samples K = the number of input patch tokens (196 for DeiT-S) in
-every block from the 4th on; that is ``max_tokens``' default. Deterministic, so eval and train agree;
+The authors' configuration samples K = the number of input patch tokens (196 for DeiT-S) in every
+block from the 4th on; that is ``max_tokens``' default. Deterministic, so eval and train agree;
 training-free. docs/reference.md ("Fidelity") lists where other implementations depart from this.
+
+Removed tokens: the authors' code either keeps them as zero rows (``DROP_TOKENS: False``, its default)
+or drops them and pads the batch (``True``, its DeiT-S evaluation config). Their zero scores change the
+CDF's minimum, so the two give different samples after the first stage; ``drop_tokens`` picks which
+one dynvit reproduces. The default, False, makes every image's result independent of its batch.
 
 Batches hold a padded set: every image keeps as many slots as the batch's largest kept set, and the
 unused slots are masked out of every later attention with ``-inf`` on their keys (they receive no
@@ -59,15 +64,23 @@ def sample_points(normalized_cdf: torch.Tensor, k: int) -> torch.Tensor:
     return start + ((grid * (k - 1)) - start * steps) / (k - 1)
 
 
-def inverse_transform_sample(significance: torch.Tensor, k: int) -> torch.Tensor:
+def inverse_transform_sample(
+    significance: torch.Tensor, k: int, zero_floor: torch.Tensor | None = None
+) -> torch.Tensor:
     """Tokens (B, n) bool picked by inverting the sorted, min-max normalised CDF at k evenly spaced points.
 
     Each point picks the token whose normalised cumulative value is nearest; a token picked several
     times counts once, so at most k are picked. Zero-score tokens (padding) are never picked.
+
+    Args:
+        zero_floor: (B, 1) bool: the authors' sequence for this image also holds zero-score tokens that
+            are not in ``significance`` (removed ones, when tokens are not dropped), so the CDF's minimum is 0.
     """
     sorted_scores, order = significance.sort(dim=1, stable=True)
     cdf = sorted_scores.cumsum(dim=1)
     low, high = cdf.min(dim=1, keepdim=True).values, cdf.max(dim=1, keepdim=True).values
+    if zero_floor is not None:
+        low = torch.where(zero_floor, torch.zeros_like(low), low)
     span = high - low
     # One token (or one with all the mass at the bottom) has a flat curve: it is the token to keep.
     normalized = torch.where(span > 0, (cdf - low) / torch.where(span > 0, span, 1.0), 1.0)
@@ -82,15 +95,15 @@ def inverse_transform_sample(significance: torch.Tensor, k: int) -> torch.Tensor
 
 
 def sample_tokens(
-    x: torch.Tensor, stats: AttentionStats, valid: torch.Tensor, k: int
+    x: torch.Tensor, stats: AttentionStats, valid: torch.Tensor, k: int, zero_floor: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ATS stage on tokens x (B, 1 + n, C) of which ``valid`` (B, n) are real (the rest padding).
 
     Returns the new tokens (B, 1 + m, C) with m the batch's largest kept count — class token, kept
     tokens in their current order, then padding —, their positions (B, m) among the n, and which
-    of them are real (B, m).
+    of them are real (B, m). ``zero_floor``: see :func:`inverse_transform_sample`.
     """
-    keep = inverse_transform_sample(significance(stats), k) & valid
+    keep = inverse_transform_sample(significance(stats), k, zero_floor) & valid
     n = keep.shape[1]
     m = int(keep.sum(dim=1).max())
     arange = torch.arange(n, device=x.device)
@@ -108,7 +121,10 @@ class ATSViT(SelectionViT):
     method = "ats"
 
     def configure(
-        self, max_tokens: int | Sequence[int] | None = None, pruning_loc: Sequence[int] | None = None
+        self,
+        max_tokens: int | Sequence[int] | None = None,
+        pruning_loc: Sequence[int] | None = None,
+        drop_tokens: bool = False,
     ) -> None:
         """Args:
         max_tokens: K, the points sampled and so the most patch tokens a stage keeps (one int, or one
@@ -117,6 +133,11 @@ class ATSViT(SelectionViT):
             significant one): ATS has no setting that keeps everything.
         pruning_loc: Blocks with a sampler, acting after attention; by default every block from
             DynamicViT's first stage block on (3..11 of a 12-block ViT, the paper's blocks 4–12).
+        drop_tokens: The authors' ``DROP_TOKENS``. False (their code's default): removed tokens stay as
+            zero rows, so after an image's first removal every CDF it samples from has minimum 0, whatever
+            the batch. True (their DeiT-S evaluation config): removed tokens leave, and only the padding of
+            a batch adds zero scores, so an image's later samples depend on the images beside it (one
+            image at a time has none). Both cost the same.
         """
         loc = tuple(range(self.default_loc()[0], len(self.blocks))) if pruning_loc is None else tuple(pruning_loc)
         validate_loc(loc, len(self.blocks), self.num_patches)
@@ -127,7 +148,7 @@ class ATSViT(SelectionViT):
             raise ValueError(
                 f"max_tokens must be an int >= 1 or {len(loc)} of them (one per location {loc}), got {max_tokens!r}"
             )
-        self.max_tokens, self.pruning_loc = tuple(ks), loc
+        self.max_tokens, self.pruning_loc, self.drop_tokens = tuple(ks), loc, bool(drop_tokens)
 
     def run_blocks(self, x: torch.Tensor) -> ReducedRun:
         B, N = x.shape[0], self.num_patches
@@ -140,7 +161,9 @@ class ATSViT(SelectionViT):
                 x = block(x, attn_mask=bias)
             else:
                 x, stats = block.attend(x, bias=bias, cls_attn=True)
-                x, pos, valid = sample_tokens(x, stats, valid, self.max_tokens[stage])
+                # Without dropping, the removed tokens' zero rows are still in the authors' sequence.
+                floor = None if self.drop_tokens else (valid.sum(dim=1, keepdim=True) < N)
+                x, pos, valid = sample_tokens(x, stats, valid, self.max_tokens[stage], floor)
                 index = torch.gather(index, 1, pos).masked_fill(~valid, N)
                 kept.append(index)
                 bias = None if bool(valid.all()) else key_bias(padding_bias(valid, x.dtype))
