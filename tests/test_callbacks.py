@@ -159,8 +159,9 @@ def test_throughput_logged_with_speedup_over_teacher(fitted):
     teacher = logged(fitted.csv, "throughput/teacher_images_per_s")
     speedup = logged(fitted.csv, "throughput/speedup")
     assert len(student) == len(teacher) == len(speedup) == 1
-    assert student[0] > 0 and teacher[0] > 0
-    assert speedup[0] == pytest.approx(student[0] / teacher[0], rel=1e-6)
+    assert student[0] > 0 and teacher[0] > 0 and speedup[0] > 0
+    # One pair (the tiny config's): no interval; from six pairs on the interval is logged too.
+    assert logged(fitted.csv, "throughput/speedup_low") == []
 
 
 def test_offline_wandb_run_holds_the_metrics(fitted):

@@ -123,7 +123,8 @@ def test_two_point_sweep_summarises_and_reruns_without_training(tmp_path):
     assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
     assert float(rows[1]["speedup"]) > 0 and float(rows[2]["recall_s1"]) > float(rows[1]["recall_s1"])
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "summary.json").read_text())[1]["run"] == "keep_ratio_0.5"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][1]["run"] == "keep_ratio_0.5" and summary["environment"]["batch_size"] == 2
 
     # Each point is its own run folder and its own offline W&B run, all in one group.
     for name, ratio in (("keep_ratio_0.5", 0.5), ("keep_ratio_0.9", 0.9)):
