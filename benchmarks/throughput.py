@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     student, teacher = build(args)
     settings = SpeedSettings(
-        batch_size=args.batch_size, device=args.device, pairs=args.pairs, block_time=args.block_time, threads=args.threads
+        batch_size=args.batch_size,
+        device=args.device,
+        pairs=args.pairs,
+        block_time=args.block_time,
+        threads=args.threads,
     )
     with tempfile.TemporaryDirectory() as onnx_dir:
         result = benchmark(
@@ -87,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipped: {reason}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": result.environment, "args": vars(args), "rows": records(result.rows)}, f, indent=2)
+            json.dump(
+                {"environment": result.environment, "args": vars(args), "rows": records(result.rows)}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

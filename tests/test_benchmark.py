@@ -10,8 +10,8 @@ import torch
 
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
-from dynvit.models import CheckpointMismatch
 from dynvit.measure.throughput import SpeedSettings
+from dynvit.models import CheckpointMismatch
 from dynvit.run.benchmark import benchmark, dynamicvit_at
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import ResultRow, format_table

@@ -13,10 +13,10 @@ import torch
 
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule
+from dynvit.measure.throughput import SpeedSettings
 from dynvit.reducers import TokenCost, apply_reducer, realised_gflops
 from dynvit.reducers.evit import attentive_schedule
 from dynvit.reducers.tome import merge_schedule
-from dynvit.measure.throughput import SpeedSettings
 from dynvit.run.benchmark import (
     benchmark,
     check_comparable,

@@ -88,11 +88,22 @@ def test_int8_quantizes_the_linear_layers_and_keeps_predictors_and_head_in_float
     "build",
     [
         lambda: create_teacher("vit_tiny_patch16_224", **TINY),
-        lambda: create_student("lvvit_digits", keep_ratio=0.7, num_classes=10, depth=4, embed_dim=32, num_heads=2, pruning_loc=LOC),
         lambda: create_student(
-            "t2t_vit_7", keep_ratio=0.7, num_classes=10, img_size=64, depth=4, embed_dim=32, num_heads=2, pruning_loc=LOC
+            "lvvit_digits", keep_ratio=0.7, num_classes=10, depth=4, embed_dim=32, num_heads=2, pruning_loc=LOC
         ),
-        lambda: create_reduced("vit_tiny_patch16_224", "evit", params={"keep_rate": 0.7, "pruning_loc": (1, 2)}, **TINY),
+        lambda: create_student(
+            "t2t_vit_7",
+            keep_ratio=0.7,
+            num_classes=10,
+            img_size=64,
+            depth=4,
+            embed_dim=32,
+            num_heads=2,
+            pruning_loc=LOC,
+        ),
+        lambda: create_reduced(
+            "vit_tiny_patch16_224", "evit", params={"keep_rate": 0.7, "pruning_loc": (1, 2)}, **TINY
+        ),
         lambda: create_reduced("vit_tiny_patch16_224", "tome", params={"r": 4}, **TINY),
     ],
     ids=["teacher", "lvvit-student", "t2t-student", "evit", "tome"],
@@ -144,14 +155,34 @@ def test_quantize_refuses_what_it_cannot_do():
 EXPORTABLE = {
     "vit-student": vit_student,
     "lvvit-student": lambda: decisive(
-        create_student("lvvit_digits", keep_ratio=0.7, num_classes=10, img_size=32, depth=3, embed_dim=32, num_heads=2, pruning_loc=(1, 2))
+        create_student(
+            "lvvit_digits",
+            keep_ratio=0.7,
+            num_classes=10,
+            img_size=32,
+            depth=3,
+            embed_dim=32,
+            num_heads=2,
+            pruning_loc=(1, 2),
+        )
     ),
     "t2t-student": lambda: decisive(
-        create_student("t2t_vit_7", keep_ratio=0.7, num_classes=10, img_size=64, depth=3, embed_dim=32, num_heads=2, pruning_loc=(1, 2))
+        create_student(
+            "t2t_vit_7",
+            keep_ratio=0.7,
+            num_classes=10,
+            img_size=64,
+            depth=3,
+            embed_dim=32,
+            num_heads=2,
+            pruning_loc=(1, 2),
+        )
     ),
     "teacher": lambda: decisive(create_teacher("vit_tiny_patch16_224", **{**TINY, "depth": 2})),
     "topk-reducer": lambda: decisive(
-        create_reduced("vit_tiny_patch16_224", "topk", params={"keep_rate": 0.7, "pruning_loc": (1,)}, **{**TINY, "depth": 2})
+        create_reduced(
+            "vit_tiny_patch16_224", "topk", params={"keep_rate": 0.7, "pruning_loc": (1,)}, **{**TINY, "depth": 2}
+        )
     ),
 }
 
@@ -182,7 +213,9 @@ def test_export_refuses_training_mode_quantized_models_and_unexportable_ops(tmp_
     with pytest.raises(QuantizationError, match="exports float32 models; this one is int8"):
         export_onnx(quantize(student, "int8"), tmp_path / "int8.onnx")
     # ATS keeps a number of tokens that depends on the image: no fixed-shape graph exists.
-    ats = create_reduced("vit_tiny_patch16_224", "ats", params={"max_tokens": 20, "pruning_loc": (1,)}, **{**TINY, "depth": 2})
+    ats = create_reduced(
+        "vit_tiny_patch16_224", "ats", params={"max_tokens": 20, "pruning_loc": (1,)}, **{**TINY, "depth": 2}
+    )
     with pytest.raises(ExportError, match="ATSViT cannot be exported to ONNX"):
         export_onnx(ats.eval(), tmp_path / "ats.onnx")
     assert not (tmp_path / "ats.onnx").exists() and not (tmp_path / "train.onnx").exists()

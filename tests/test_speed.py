@@ -70,7 +70,9 @@ def test_the_interval_narrows_with_more_pairs():
     widths = {}
     for pairs in (10, 80):
         machine = DriftingMachine(seed=3)
-        _, timing = time_calls([machine.model(1.0), machine.model(0.5)], SpeedSettings(pairs=pairs, **FAKE), clock=machine.clock)
+        _, timing = time_calls(
+            [machine.model(1.0), machine.model(0.5)], SpeedSettings(pairs=pairs, **FAKE), clock=machine.clock
+        )
         widths[pairs] = timing.speedup.high - timing.speedup.low
         assert timing.speedup.low <= 2.0 <= timing.speedup.high
     assert widths[80] < widths[10] / 1.8
@@ -129,7 +131,9 @@ def test_settings_are_checked():
 def test_measure_speedup_times_student_and_teacher_in_pairs_and_restores_them():
     teacher = create_teacher("vit_tiny_patch16_224", **TINY).train()
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.5, pruning_loc=TINY_LOC, **TINY).train()
-    timing, reference = measure_speedup(student, teacher, SpeedSettings(batch_size=2, pairs=6, block_time=0.01, warmup_time=0.01))
+    timing, reference = measure_speedup(
+        student, teacher, SpeedSettings(batch_size=2, pairs=6, block_time=0.01, warmup_time=0.01)
+    )
     assert len(timing.ratios) == 6 and len(reference.seconds) == 6  # one reference block per pair
     assert timing.speedup.low <= timing.speedup.value <= timing.speedup.high
     assert student.training and teacher.training

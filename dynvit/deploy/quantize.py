@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dynvit.measure.throughput import quiet_logs
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 
 # Layers int8 leaves in float32, by module-name pattern. The keep predictors decide which tokens a
@@ -112,7 +114,8 @@ def quantize(model: nn.Module, precision: str, keep_fp32: Sequence[str] = KEEP_F
         return out.to(torch.bfloat16)
     if precision == "int8":
         # torchao is imported here: importing it costs seconds and logs warnings nothing else needs.
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        with quiet_logs("torch.utils._pytree", "torch.utils.cpp_extension"):
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
         def selected(module: nn.Module, name: str) -> bool:
             return isinstance(module, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in keep_fp32)

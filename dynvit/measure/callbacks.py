@@ -148,7 +148,9 @@ class ThroughputCallback(L.Callback):
         enabled: bool = True,
     ) -> None:
         # Checked now, so a bad value fails before training rather than at its end.
-        self.settings = SpeedSettings(batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time)
+        self.settings = SpeedSettings(
+            batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time
+        )
         self.enabled = enabled
         self.dtype = None if dtype is None else parse_dtype(dtype)
         self.metrics: dict[str, float] = {}

@@ -138,17 +138,26 @@ def median_interval(samples: Sequence[float], level: float = 0.95) -> tuple[floa
     return ordered[k - 1], ordered[n - k]
 
 
+@contextlib.contextmanager
+def quiet_logs(*names: str) -> Iterator[None]:
+    """Silence the warnings of the named loggers (the root logger for ``""``) inside the ``with``."""
+    loggers = [logging.getLogger(name or None) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _benchmark_timer() -> tuple[type, Callable[[], float]]:
     """``torch.utils.benchmark``'s Timer and its accelerator-synchronising clock, imported on first use:
     the import pulls in torch's C++-extension builder, which logs a warning on machines without CUDA."""
-    quiet = logging.getLogger("torch.utils.cpp_extension")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with quiet_logs("torch.utils.cpp_extension"):
         from torch.utils.benchmark import Timer
         from torch.utils.benchmark.utils.timer import timer
-    finally:
-        quiet.setLevel(level)
     return Timer, timer
 
 

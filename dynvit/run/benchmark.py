@@ -53,6 +53,7 @@ from dynvit.measure.throughput import (
     inference_call,
     keep_rng,
     model_dtype,
+    quiet_logs,
     random_images,
     time_calls,
 )
@@ -443,7 +444,8 @@ def _quantize_onnx(path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_name(f"{path.stem}.int8.onnx")
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
     return out
 
 

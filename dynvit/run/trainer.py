@@ -176,7 +176,9 @@ class DynViTTrainer(L.Trainer):
             path = export_onnx(net.eval(), out, images=images)
         finally:
             net.train(was_training)
-        print(f"wrote {path} (checked in onnxruntime against eager PyTorch on {len(images) if images is not None else 2} images)")
+        print(
+            f"wrote {path} (checked in onnxruntime against eager PyTorch on {len(images) if images is not None else 2} images)"
+        )
         return path
 
     def sweep(
