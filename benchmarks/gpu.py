@@ -230,7 +230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed blocks per inference measurement")
     parser.add_argument("--train-repeats", type=int, default=10)
     parser.add_argument("--skip-train", action="store_true", help="inference only")
     parser.add_argument("--channels-last", action="store_true")
