@@ -506,6 +506,58 @@ def time_points(
         return time_calls(calls, settings, reference, setups)
 
 
+def _float32_points(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    matched: Sequence[Matched],
+    loader: Iterable | None,
+    images: Sequence[torch.Tensor] | None,
+    cost: TokenCost | None,
+) -> list[Point]:
+    """The teacher's point and one per matched setting, float32 eager, with their GFLOPs, parameters and tokens."""
+    points: list[Point] = []
+    if teacher is not None:
+        row = ResultRow("teacher", 1.0, count_flops(teacher), count_params(teacher))
+        row.tokens = final_tokens(teacher)
+        points.append(Point(row, teacher, _as_is))
+    reduced: dict[str, ReducedViT] = {}  # one copy of the teacher per method, reconfigured per ratio
+    for m in matched:
+        if m.method == "dynamicvit":
+            point = Point(ResultRow(student_label(student), m.keep_ratio, 0.0, 0.0), student, _ratio_of(m))
+        else:
+            if m.method not in reduced:
+                reduced[m.method] = copy.deepcopy(teacher)
+            label = LABELS.get(m.method, m.method)
+            configure = functools.partial(_reduced, method=m.method, params=m.params)
+            point = Point(ResultRow(label, m.keep_ratio, 0.0, 0.0, param=m.label), reduced[m.method], configure)
+        model = point.model()
+        point.row.gflops, point.row.params_m = count_flops(model), count_params(model)
+        point.row.tokens = final_tokens(model)
+        if m.method == "ats":
+            # fvcore counted one random image; ATS's cost is what the real images made it keep.
+            on = (batch[0] for batch in loader) if loader is not None else images
+            point.row.gflops, point.row.tokens = mean_cost(model, on, cost)
+        points.append(point)
+    return points
+
+
+def _precision_points(points: Sequence[Point], precisions: Sequence[str]) -> list[list[Point]]:
+    """For each float32 point, its points in ``precisions``: quantized copies, one per shared model object.
+
+    GFLOPs, parameters and tokens are the float32 graph's (the work is the same, in other number formats).
+    """
+    variants: list[list[Point]] = [[] for _ in points]
+    for precision in precisions:
+        copies: dict[int, nn.Module] = {}
+        for point, mine in zip(points, variants, strict=True):
+            if id(point.net) not in copies:
+                copies[id(point.net)] = quantize(point.model(), precision)
+            row = copy.copy(point.row)
+            row.precision = precision
+            mine.append(Point(row, copies[id(point.net)], point.configure))
+    return variants
+
+
 def _set_speedup(row: ResultRow, timing: Timing, name: str) -> None:
     """``row.<name>`` and its interval from a timing; the reference (no ratios) is 1 by definition."""
     speedup = timing.speedup
@@ -576,40 +628,9 @@ def benchmark(
             cost = TokenCost.from_model(teacher) if "ats" in methods else None
             matched = match_methods(student, teacher, ratios, methods, images, steps, cost)
 
-            points: list[Point] = []
-            if teacher is not None:
-                row = ResultRow("teacher", 1.0, count_flops(teacher), count_params(teacher))
-                row.tokens = final_tokens(teacher)
-                points.append(Point(row, teacher, _as_is))
-            reduced: dict[str, ReducedViT] = {}  # one copy of the teacher per method, reconfigured per ratio
-            for m in matched:
-                if m.method == "dynamicvit":
-                    point = Point(ResultRow(student_label(student), m.keep_ratio, 0.0, 0.0), student, _ratio_of(m))
-                else:
-                    if m.method not in reduced:
-                        reduced[m.method] = copy.deepcopy(teacher)
-                    label = LABELS.get(m.method, m.method)
-                    configure = functools.partial(_reduced, method=m.method, params=m.params)
-                    point = Point(ResultRow(label, m.keep_ratio, 0.0, 0.0, param=m.label), reduced[m.method], configure)
-                model = point.model()
-                point.row.gflops, point.row.params_m = count_flops(model), count_params(model)
-                point.row.tokens = final_tokens(model)
-                if m.method == "ats":
-                    # fvcore counted one random image; ATS's cost is what the real images made it keep.
-                    on = (batch[0] for batch in loader) if loader is not None else images
-                    point.row.gflops, point.row.tokens = mean_cost(model, on, cost)
-                points.append(point)
-
+            points = _float32_points(student, teacher, matched, loader, images, cost)
             skipped: list[str] = []
-            variants: list[list[Point]] = [[] for _ in points]
-            for precision in precisions[1:]:
-                copies: dict[int, nn.Module] = {}  # one copy per shared model object
-                for point, mine in zip(points, variants, strict=True):
-                    if id(point.net) not in copies:
-                        copies[id(point.net)] = quantize(point.model(), precision)
-                    row = copy.copy(point.row)
-                    row.precision = precision
-                    mine.append(Point(row, copies[id(point.net)], point.configure))
+            variants = _precision_points(points, precisions[1:])
             if backend == "onnxruntime":
                 folder = Path(onnx_dir) if onnx_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 check = timing_images(loader, student, 8)  # the export is checked on real images where there are
