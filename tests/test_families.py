@@ -380,10 +380,10 @@ def test_cli_fits_and_benchmarks_other_families(tmp_path, name: str, bench: bool
     out = tmp_path / "bench"
     DynViTCLI(
         args=["benchmark", f"--config={path}", f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}", f"--out={out}"]
-        + ["--ratios=[0.5]", "--methods=[dynamicvit,tome,random]", "--batch_size=2", "--warmup=0", "--repeats=1"]
-        + ["--rounds=1"]
+        + ["--ratios=[0.5]", "--methods=[dynamicvit,tome,random]", "--batch_size=2", "--pairs=1", "--block_time=0"]
+        + ["--warmup_time=0", "--latency=false"]
     )
-    rows = json.loads((out / "results.json").read_text())
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["teacher", "dynamicvit", "tome", "random"]
     assert all(r["gflops"] > 0 and r["images_per_s"] > 0 and r["top1"] is not None for r in rows)
     assert rows[1]["gflops"] < rows[0]["gflops"]
@@ -393,4 +393,4 @@ def test_cli_fits_and_benchmarks_other_families(tmp_path, name: str, bench: bool
 def test_flops_and_throughput_of_every_family(family: str) -> None:
     teacher, student = pair(family, 0.5)
     assert 0 < count_flops(student) < count_flops(teacher)
-    assert measure_throughput(student, batch_size=2, warmup=0, repeats=1) > 0
+    assert measure_throughput(student, batch_size=2, pairs=1) > 0

@@ -49,7 +49,7 @@ def tiny_config(root: Path, max_epochs: int = 1) -> dict:
         },
         # The model decides the canvas and patch sides; the DataModule follows it.
         "data": {"class_path": "dynvit.data.ClutteredDigitsDataModule", "init_args": dict(FOLLOWING_DIGITS)},
-        "throughput": {"batch_size": 2, "warmup": 0, "repeats": 1},
+        "throughput": {"batch_size": 2, "pairs": 1, "block_time": 0.0, "warmup_time": 0.0},
     }
 
 
