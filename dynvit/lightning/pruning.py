@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -11,7 +12,15 @@ from torchmetrics import MeanMetric
 
 from dynvit.lightning.base import ImageClassification
 from dynvit.measure.recall import stage_recall
-from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
+from dynvit.models import (
+    CheckpointMismatch,
+    create_student,
+    create_teacher,
+    forward_with_tokens,
+    load_checkpoint,
+    load_weights,
+)
+from dynvit.models.checkpoint import file_sha256
 from dynvit.models.masked_attention import set_keep_gradient
 from dynvit.objectives.dynamicvit import DynamicViTLoss
 
@@ -22,7 +31,10 @@ class DynamicViTModule(ImageClassification):
     """The DynamicViT student plus a frozen teacher; the student starts from the teacher's weights.
 
     The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written
-    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load).
+    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load). Every
+    checkpoint records which teacher it was distilled from, under ``checkpoint["dynvit"]["teacher"]``:
+    the file's path and the SHA-256 of its bytes (hashed once, when the module is built), or the timm
+    name of pretrained weights.
 
     Args:
         model_name: The backbone of teacher and student (timm name or a registered seed backbone).
@@ -72,7 +84,20 @@ class DynamicViTModule(ImageClassification):
         super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
-        self.teacher = create_teacher(model_name, pretrained=pretrained, checkpoint=teacher_checkpoint, **build)
+        if teacher_checkpoint is not None and not Path(teacher_checkpoint).is_file():
+            raise FileNotFoundError(
+                f"teacher_checkpoint {teacher_checkpoint} does not exist: train the teacher first, or point "
+                "teacher_checkpoint at its weights"
+            )
+        try:
+            self.teacher = create_teacher(model_name, pretrained=pretrained, checkpoint=teacher_checkpoint, **build)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(
+                f"teacher_checkpoint is not a {model_name} teacher for this data ({num_classes} classes): {e}\n"
+                "The teacher must be trained on the data's classes, and model_name/model_kwargs must describe "
+                "its architecture"
+            ) from e
+        self.teacher_record = teacher_record(teacher_checkpoint, model_name if pretrained else None)
         self.teacher.requires_grad_(False).eval()
         self.net = create_student(model_name, keep_ratio=keep_ratio, pruning_loc=pruning_loc, **build)
         if student_checkpoint is not None:
@@ -91,6 +116,9 @@ class DynamicViTModule(ImageClassification):
 
     def lr_scales(self) -> Mapping[str, float]:
         return {"score_predictor.": 1.0, "": self.hparams.backbone_lr_scale}
+
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.teacher]
 
     def train(self, mode: bool = True) -> DynamicViTModule:
         # Lightning flips the whole module to train mode each epoch; the teacher must stay in eval
@@ -150,7 +178,24 @@ class DynamicViTModule(ImageClassification):
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith(_TEACHER)]:
             del sd[key]
+        checkpoint.setdefault("dynvit", {})["teacher"] = dict(self.teacher_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
+
+
+def teacher_record(checkpoint: str | None, pretrained_name: str | None) -> dict[str, str | None]:
+    """Where a teacher's weights came from: ``{"path", "sha256"}`` of its file, or ``{"pretrained"}``
+    for timm's weights (``{"path": None}`` for a random teacher)."""
+    if checkpoint is not None:
+        return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
+    if pretrained_name is not None:
+        return {"pretrained": f"timm:{pretrained_name}"}
+    return {"path": None, "sha256": None}
+
+
+def read_teacher_record(checkpoint: dict[str, Any]) -> dict[str, str | None] | None:
+    """The teacher record a student checkpoint carries (see :class:`DynamicViTModule`), if any."""
+    meta = checkpoint.get("dynvit") if isinstance(checkpoint, dict) else None
+    return meta.get("teacher") if isinstance(meta, dict) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -69,7 +70,13 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False) -> LoadReport:
+def load_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    reset_head: bool = False,
+    offer_reset_head: bool = True,
+) -> LoadReport:
     """Load weights from ``path`` into ``model``.
 
     Reads released DynamicViT checkpoints, DeiT/timm checkpoints (``{"model": sd}`` or a plain state
@@ -81,8 +88,17 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, res
             Otherwise load what fits and report the rest.
         reset_head: Keep the model's own (fresh) classifier head when the checkpoint's has another
             class count, e.g. to fine-tune on a new dataset. Without it, that clash is an error.
+        offer_reset_head: Suggest ``reset_head=True`` when only the class count clashes; callers that do
+            not offer it (a teacher must keep its classes) turn the suggestion off.
     """
-    return load_weights(model, read_state_dict(path), strict=strict, reset_head=reset_head, source=str(path))
+    return load_weights(
+        model,
+        read_state_dict(path),
+        strict=strict,
+        reset_head=reset_head,
+        source=str(path),
+        offer_reset_head=offer_reset_head,
+    )
 
 
 def load_weights(
@@ -91,8 +107,30 @@ def load_weights(
     strict: bool = True,
     reset_head: bool = False,
     source: str = "state dict",
+    offer_reset_head: bool = True,
 ) -> LoadReport:
     """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
+    sd, report = _match(model, state_dict, strict, reset_head, source, offer_reset_head, fresh_predictors=True)
+    model.load_state_dict(sd, strict=False)
+    return report
+
+
+def check_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    """Raise :class:`CheckpointMismatch` unless ``state_dict`` holds exactly ``model``'s keys and shapes."""
+    _match(model, state_dict, True, False, source, offer_reset_head=False, fresh_predictors=False)
+
+
+def _match(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool,
+    reset_head: bool,
+    source: str,
+    offer_reset_head: bool,
+    fresh_predictors: bool,
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The entries of ``state_dict`` to load into ``model`` and what happened to the others; raises
+    :class:`CheckpointMismatch` naming every problem."""
     sd = dict(state_dict)
     own = model.state_dict()
     reset = []
@@ -100,27 +138,41 @@ def load_weights(
     if head_keys and reset_head:
         reset = head_keys
         sd = {k: v for k, v in sd.items() if k not in head_keys}
-    clashes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sd
-        if k in own and sd[k].shape != own[k].shape
-    ]
+    clashes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd and k not in reset]
     unexpected = [k for k in sd if k not in own]
-    hard_missing = [k for k in missing if not k.startswith(_PREDICTOR_PREFIX)]
+    hard_missing = [k for k in missing if not (fresh_predictors and k.startswith(_PREDICTOR_PREFIX))]
     if clashes or (strict and (hard_missing or unexpected)):
         problems = []
         if clashes:
-            problems.append("shape clashes:\n  " + "\n  ".join(clashes))
-            if head_keys and not reset_head:
-                problems.append("the classifier head has another class count: pass reset_head=True for a new head")
+            problems.append(
+                "shape clashes:\n  "
+                + "\n  ".join(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in clashes)
+            )
+            # Only the classifier's output rows differ: the checkpoint was trained on another class count.
+            class_clash = all(
+                k in head_keys and sd[k].shape[0] != own[k].shape[0] and sd[k].shape[1:] == own[k].shape[1:]
+                for k in clashes
+            )
+            if class_clash:
+                counts = f"{sd[clashes[0]].shape[0]} classes in the checkpoint, {own[clashes[0]].shape[0]} in the model"
+                hint = ": pass reset_head=True for a new head" if offer_reset_head and not reset_head else ""
+                problems.append(f"the classifier head has another class count ({counts}){hint}")
         if strict and hard_missing:
             problems.append(f"missing keys ({len(hard_missing)}): {_short(hard_missing)}")
         if strict and unexpected:
             problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
         raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}:\n" + "\n".join(problems))
-    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    return LoadReport(missing, unexpected, reset)
+    return {k: v for k, v in sd.items() if k in own}, LoadReport(missing, unexpected, reset)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

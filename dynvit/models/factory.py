@@ -74,7 +74,7 @@ def create_teacher(
     """
     model = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, offer_reset_head=False)
     return model
 
 
@@ -105,7 +105,7 @@ def create_student(
     from_vit = getattr(type(vit), "dynamic_class", DynamicViT).from_vit
     student = from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
     if checkpoint is not None:
-        load_checkpoint(student, checkpoint)
+        load_checkpoint(student, checkpoint, offer_reset_head=False)
     return student
 
 
