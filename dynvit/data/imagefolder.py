@@ -186,7 +186,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # num_classes is the model's hyper-parameter; Lightning refuses a DataModule one of another value.
+        self.save_hyperparameters(ignore=["num_classes"])
         if root is None and predict_root is None:
             raise ValueError("ImageFolderDataModule needs root (root/train, root/val) or predict_root, or both")
         if root is None and num_classes is None:

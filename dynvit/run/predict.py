@@ -125,7 +125,9 @@ class PredictionWriter(BasePredictionWriter):
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(wanted):
             stages = list(masks[i : i + 1].unbind(dim=1))
-            one_target = target[i : i + 1] if target is not None and target.ndim == 2 else None
+            # The data's object mask (the digits') is outlined when it is on the network's patch grid.
+            fits = target is not None and target.ndim == 2 and target.shape[1] == masks.shape[-1]
+            one_target = target[i : i + 1] if fits else None
             picture = kept_tokens_grid(display[i : i + 1], stages, grid, one_target)
             stem = Path(str(rows[i]["image"])).stem
             save_image(picture, folder / f"{first + i:05d}_{stem}.png")

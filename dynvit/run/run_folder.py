@@ -125,3 +125,30 @@ def check_fit_folder(folder: Path, run_dir: Path, ckpt_path: str | None) -> None
         f"with --ckpt_path last, or start a new run in another folder (--trainer.default_root_dir), or delete "
         f"{run_dir} first"
     )
+
+
+def describe_teachers(ckpt_path: str | Path | None, current: dict[str, Any] | None) -> list[str]:
+    """Lines saying which teacher the student in ``ckpt_path`` was distilled from (its record, see
+    :class:`~dynvit.lightning.DynamicViTModule`) and which teacher this run compares against (``current``)."""
+    lines = []
+    recorded = None
+    if ckpt_path is not None and Path(ckpt_path).suffix != ".safetensors":
+        meta = read_checkpoint(ckpt_path)
+        recorded = meta.get("dynvit", {}).get("teacher") if isinstance(meta, dict) else None
+        lines.append(
+            f"student {ckpt_path}: distilled from {_teacher(recorded) if recorded else 'an unrecorded teacher'}"
+        )
+    if current is not None:
+        same = ""
+        if recorded and recorded.get("sha256") and current.get("sha256"):
+            same = " (the same file)" if recorded["sha256"] == current["sha256"] else " (NOT the student's teacher)"
+        lines.append(f"teacher here: {_teacher(current)}{same}")
+    return lines
+
+
+def _teacher(record: dict[str, Any]) -> str:
+    if record.get("pretrained"):
+        return str(record["pretrained"])
+    if record.get("path") is None:
+        return "a randomly initialised teacher"
+    return f"{record['path']} (sha256 {record['sha256']})"

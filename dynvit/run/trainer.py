@@ -16,6 +16,7 @@ from dynvit.models import load_checkpoint
 from dynvit.run.benchmark import DEFAULT_RATIOS, SpeedSettings, check_ratios, dynamicvit_at
 from dynvit.run.compare import LABELS, check_comparable, check_methods, compare, first_images
 from dynvit.run.report import ResultRow, format_table, write_report
+from dynvit.run.run_folder import describe_teachers
 
 
 class DynViTTrainer(L.Trainer):
@@ -85,6 +86,8 @@ class DynViTTrainer(L.Trainer):
         model_at(original)
         if ckpt_path is not None:
             load_checkpoint(student, ckpt_path)
+        for line in describe_teachers(ckpt_path, getattr(model, "teacher_record", None)):
+            print(line)
         loader = calibration = None
         if (accuracy or "ats" in methods) and datamodule is not None:
             datamodule.prepare_data()
