@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynvit.lightning.optim import param_groups, warmup_cosine
-from dynvit.models.checkpoint import CheckpointMismatch, check_weights
+from dynvit.models.checkpoint import CheckpointMismatch
 
 
 class ImageClassification(L.LightningModule):
@@ -145,12 +145,21 @@ class ImageClassification(L.LightningModule):
                 f"{source} was trained for {saved} classes, but this model is built for {classes} (the data's "
                 f"class count): evaluate it on data with {saved} classes, or fine-tune it with a new head"
             )
-        prefix = "net."
-        state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        try:
-            check_weights(self.net, state, source=source)
-        except CheckpointMismatch as e:
-            raise CheckpointMismatch(f"{e}\nWas it written by another config (model_name, model_kwargs)?") from None
+        state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        own = self.net.state_dict()
+        problems = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+        problems += [f"missing from the checkpoint: {k}" for k in own if k not in state]
+        problems += [f"not in the model: {k}" for k in state if k not in own]
+        if problems:
+            shown = "\n  ".join(problems[:8]) + (f"\n  … ({len(problems) - 8} more)" if len(problems) > 8 else "")
+            raise CheckpointMismatch(
+                f"{source} does not fit this {type(self.net).__name__}:\n  {shown}\n"
+                "Was it written by another config (model_name, model_kwargs, pruning_loc)?"
+            )
 
     # -- optimisation ---------------------------------------------------------------------------
     def global_batch_size(self) -> int:

@@ -12,15 +12,8 @@ from torchmetrics import MeanMetric
 
 from dynvit.lightning.base import ImageClassification
 from dynvit.measure.recall import stage_recall
-from dynvit.models import (
-    CheckpointMismatch,
-    create_student,
-    create_teacher,
-    forward_with_tokens,
-    load_checkpoint,
-    load_weights,
-)
-from dynvit.models.checkpoint import file_sha256
+from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
+from dynvit.models.checkpoint import CheckpointMismatch, file_sha256
 from dynvit.models.masked_attention import set_keep_gradient
 from dynvit.objectives.dynamicvit import DynamicViTLoss
 
@@ -31,10 +24,7 @@ class DynamicViTModule(ImageClassification):
     """The DynamicViT student plus a frozen teacher; the student starts from the teacher's weights.
 
     The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written
-    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load). Every
-    checkpoint records which teacher it was distilled from, under ``checkpoint["dynvit"]["teacher"]``:
-    the file's path and the SHA-256 of its bytes (hashed once, when the module is built), or the timm
-    name of pretrained weights.
+    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load).
 
     Args:
         model_name: The backbone of teacher and student (timm name or a registered seed backbone).
@@ -84,19 +74,8 @@ class DynamicViTModule(ImageClassification):
         super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
-        if teacher_checkpoint is not None and not Path(teacher_checkpoint).is_file():
-            raise FileNotFoundError(
-                f"teacher_checkpoint {teacher_checkpoint} does not exist: train the teacher first, or point "
-                "teacher_checkpoint at its weights"
-            )
-        try:
-            self.teacher = create_teacher(model_name, pretrained=pretrained, checkpoint=teacher_checkpoint, **build)
-        except CheckpointMismatch as e:
-            raise CheckpointMismatch(
-                f"teacher_checkpoint is not a {model_name} teacher for this data ({num_classes} classes): {e}\n"
-                "The teacher must be trained on the data's classes, and model_name/model_kwargs must describe "
-                "its architecture"
-            ) from e
+        self.teacher = build_teacher(model_name, pretrained, teacher_checkpoint, build)
+        # Which teacher every checkpoint was distilled from (hashed once, here): see teacher_record.
         self.teacher_record = teacher_record(teacher_checkpoint, model_name if pretrained else None)
         self.teacher.requires_grad_(False).eval()
         self.net = create_student(model_name, keep_ratio=keep_ratio, pruning_loc=pruning_loc, **build)
@@ -185,17 +164,30 @@ class DynamicViTModule(ImageClassification):
         checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 
 
+def build_teacher(model_name: str, pretrained: bool, checkpoint: str | None, build: dict[str, Any]) -> nn.Module:
+    """The frozen teacher, with errors that say what a teacher must be (no ``reset_head``: a teacher keeps
+    the data's classes)."""
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(
+            f"teacher_checkpoint {checkpoint} does not exist: train the teacher first, or point teacher_checkpoint "
+            "at its weights"
+        )
+    try:
+        return create_teacher(model_name, pretrained=pretrained, checkpoint=checkpoint, **build)
+    except CheckpointMismatch as e:
+        raise CheckpointMismatch(
+            f"teacher_checkpoint is not a {model_name} teacher for this data ({build['num_classes']} classes): {e}\n"
+            "The teacher must be trained on the data's classes, and model_name/model_kwargs must describe "
+            "its architecture"
+        ) from e
+
+
 def teacher_record(checkpoint: str | None, pretrained_name: str | None) -> dict[str, str | None]:
-    """Where a teacher's weights came from: ``{"path", "sha256"}`` of its file, or ``{"pretrained"}``
-    for timm's weights (``{"path": None}`` for a random teacher)."""
+    """Where a teacher's weights came from, as every student checkpoint records it under
+    ``checkpoint["dynvit"]["teacher"]``: ``{"path", "sha256"}`` of its file (the SHA-256 of its bytes),
+    ``{"pretrained"}`` for timm's weights, ``{"path": None, "sha256": None}`` for a random teacher."""
     if checkpoint is not None:
         return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
     if pretrained_name is not None:
         return {"pretrained": f"timm:{pretrained_name}"}
     return {"path": None, "sha256": None}
-
-
-def read_teacher_record(checkpoint: dict[str, Any]) -> dict[str, str | None] | None:
-    """The teacher record a student checkpoint carries (see :class:`DynamicViTModule`), if any."""
-    meta = checkpoint.get("dynvit") if isinstance(checkpoint, dict) else None
-    return meta.get("teacher") if isinstance(meta, dict) else None

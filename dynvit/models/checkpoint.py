@@ -71,11 +71,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    model: nn.Module,
-    path: str | Path,
-    strict: bool = True,
-    reset_head: bool = False,
-    offer_reset_head: bool = True,
+    model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False, offer_reset_head: bool = True
 ) -> LoadReport:
     """Load weights from ``path`` into ``model``.
 
@@ -91,13 +87,9 @@ def load_checkpoint(
         offer_reset_head: Suggest ``reset_head=True`` when only the class count clashes; callers that do
             not offer it (a teacher must keep its classes) turn the suggestion off.
     """
+    sd = read_state_dict(path)
     return load_weights(
-        model,
-        read_state_dict(path),
-        strict=strict,
-        reset_head=reset_head,
-        source=str(path),
-        offer_reset_head=offer_reset_head,
+        model, sd, strict=strict, reset_head=reset_head, source=str(path), offer_reset_head=offer_reset_head
     )
 
 
@@ -110,27 +102,6 @@ def load_weights(
     offer_reset_head: bool = True,
 ) -> LoadReport:
     """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
-    sd, report = _match(model, state_dict, strict, reset_head, source, offer_reset_head, fresh_predictors=True)
-    model.load_state_dict(sd, strict=False)
-    return report
-
-
-def check_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
-    """Raise :class:`CheckpointMismatch` unless ``state_dict`` holds exactly ``model``'s keys and shapes."""
-    _match(model, state_dict, True, False, source, offer_reset_head=False, fresh_predictors=False)
-
-
-def _match(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    strict: bool,
-    reset_head: bool,
-    source: str,
-    offer_reset_head: bool,
-    fresh_predictors: bool,
-) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """The entries of ``state_dict`` to load into ``model`` and what happened to the others; raises
-    :class:`CheckpointMismatch` naming every problem."""
     sd = dict(state_dict)
     own = model.state_dict()
     reset = []
@@ -138,41 +109,26 @@ def _match(
     if head_keys and reset_head:
         reset = head_keys
         sd = {k: v for k, v in sd.items() if k not in head_keys}
-    clashes = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    clashes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
     missing = [k for k in own if k not in sd and k not in reset]
     unexpected = [k for k in sd if k not in own]
-    hard_missing = [k for k in missing if not (fresh_predictors and k.startswith(_PREDICTOR_PREFIX))]
+    hard_missing = [k for k in missing if not k.startswith(_PREDICTOR_PREFIX)]
     if clashes or (strict and (hard_missing or unexpected)):
         problems = []
         if clashes:
-            problems.append(
-                "shape clashes:\n  "
-                + "\n  ".join(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in clashes)
-            )
-            # Only the classifier's output rows differ: the checkpoint was trained on another class count.
-            class_clash = all(
-                k in head_keys and sd[k].shape[0] != own[k].shape[0] and sd[k].shape[1:] == own[k].shape[1:]
-                for k in clashes
-            )
-            if class_clash:
-                counts = f"{sd[clashes[0]].shape[0]} classes in the checkpoint, {own[clashes[0]].shape[0]} in the model"
-                hint = ": pass reset_head=True for a new head" if offer_reset_head and not reset_head else ""
-                problems.append(f"the classifier head has another class count ({counts}){hint}")
+            problems.append("shape clashes:\n  " + "\n  ".join(clashes))
+            problems.extend(_class_count_clash(sd, own, head_keys, clashes, offer_reset_head))
         if strict and hard_missing:
             problems.append(f"missing keys ({len(hard_missing)}): {_short(hard_missing)}")
         if strict and unexpected:
             problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
         raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}:\n" + "\n".join(problems))
-    return {k: v for k, v in sd.items() if k in own}, LoadReport(missing, unexpected, reset)
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return LoadReport(missing, unexpected, reset)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -191,3 +147,31 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def _short(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", … (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _class_count_clash(
+    sd: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    head_keys: list[str],
+    clashes: list[str],
+    offer: bool,
+) -> list[str]:
+    """The line naming both class counts when only the classifier's output rows clash (another class
+    count, not another architecture), with the ``reset_head`` suggestion where the caller offers it."""
+    keys = [c.split(":", 1)[0] for c in clashes]
+    if not keys or not all(k in head_keys and sd[k].shape[1:] == own[k].shape[1:] for k in keys):
+        return []
+    counts = f"{sd[keys[0]].shape[0]} classes in the checkpoint, {own[keys[0]].shape[0]} in the model"
+    return [
+        f"the classifier head has another class count ({counts})"
+        + (": pass reset_head=True for a new head" if offer else "")
+    ]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
