@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from dynvit import create_teacher
+from dynvit.data import SyntheticDataModule
 from dynvit.lightning import ClassifierModule
+from dynvit.models import CheckpointMismatch
 from dynvit.run.cli import main
 from dynvit.run.errors import TRACEBACK_ENV
 from tests.tiny_config import STUDENT, tiny_config, write_config
@@ -128,6 +131,19 @@ def test_validate_with_a_checkpoint_of_another_class_count_names_both_counts(tmp
         f"error: checkpoint {ckpt} was trained for 3 classes, but this model is built for 10 (the data's class "
         "count): evaluate it on data with 3 classes, or fine-tune it with a new head"
     )
+    # Another architecture. (The CLI re-reads a checkpoint's hyper-parameters over the config, so this
+    # happens through the Python API.) The keys that differ, not Lightning's `size mismatch`.
+    shallow = ClassifierModule(
+        "vit_tiny_patch16_224", num_classes=3, img_size=32, in_chans=1, model_kwargs=ARCH | {"depth": 2}
+    )
+    data = SyntheticDataModule(num_classes=3, img_size=32, in_chans=1, val_size=8, batch_size=8)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(CheckpointMismatch) as raised:
+        trainer.validate(shallow, data, ckpt_path=ckpt, verbose=False)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == f"checkpoint {ckpt} does not fit this VisionTransformer:"
+    assert "  not in the model: blocks.2.norm1.weight" in lines
+    assert lines[-1] == "Was it written by another config (model_name, model_kwargs, pruning_loc)?"
 
 
 def test_an_error_of_a_dependency_keeps_its_traceback_without_the_namespace_dump(tmp_path, capsys):
