@@ -146,7 +146,15 @@ def test_student_checkpoints_record_their_teacher_and_benchmark_prints_it(tmp_pa
     assert record == {"path": str(teacher_path.resolve()), "sha256": sha}
     capsys.readouterr()
     path = write_config(tmp_path / "config.yaml", config)
-    bench = ["--ratios=[0.7]", "--batch_size=2", "--warmup=0", "--repeats=1", "--rounds=1", "--accuracy=false"]
+    bench = [
+        "--ratios=[0.7]",
+        "--batch_size=2",
+        "--pairs=1",
+        "--block_time=0",
+        "--warmup_time=0",
+        "--latency=false",
+        "--accuracy=false",
+    ]
     DynViTCLI(args=["benchmark", f"--config={path}", f"--ckpt_path={last}", f"--out={tmp_path / 'b'}", *bench])
     out = capsys.readouterr().out
     assert f"student {last}: distilled from {teacher_path.resolve()} (sha256 {sha})" in out
