@@ -320,7 +320,7 @@ def test_image_folder_empty_split(tmp_path):
         _folder_dm(root).setup("fit")
     for png in (root / "train" / "b").glob("*.png"):
         png.unlink()
-    with pytest.raises(ValueError, match="training class folders without images.*: b"):
+    with pytest.raises(ValueError, match=f"training class folders without images: {root / 'train' / 'b'}"):
         _folder_dm(root).setup("fit")
     for p in (root / "train").iterdir():
         p.rename(root / p.name)
@@ -344,3 +344,67 @@ def test_image_folder_corrupt_image_is_named(folder):
     dm.setup("validate")
     with pytest.raises(OSError, match=f"cannot read image {bad}"):
         list(dm.val_dataloader())
+
+
+def test_image_folder_empty_val_class_is_a_warning_naming_the_folder(folder):
+    for png in (folder / "val" / "bee").glob("*.png"):
+        png.unlink()
+    with pytest.warns(UserWarning, match=f"val class folders without images.*{folder / 'val' / 'bee'}"):
+        _folder_dm(folder).setup("validate")
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    from PIL import Image
+
+    from dynvit.data.imagefolder import load_rgb
+
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    path = tmp_path / "depth.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    rgb = np.asarray(load_rgb(str(path)))
+    assert rgb.shape == (32, 32, 3) and rgb.dtype == np.uint8
+    # convert("RGB") clips: 99 % of this ramp would be 255. Scaled, the ramp keeps its shape.
+    np.testing.assert_array_equal(rgb[..., 0], np.round(ramp / 257.0).astype(np.uint8))
+    assert abs(rgb.mean() - 127.5) < 1.0
+
+
+def test_image_modes_eight_bits_cannot_hold_are_refused_naming_the_file(tmp_path):
+    from PIL import Image
+
+    from dynvit.data.imagefolder import load_rgb
+
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.full((8, 8), 100_000, dtype=np.int32)).save(wide)
+    with pytest.raises(OSError, match=f"cannot read image {wide}.*outside 0..65535"):
+        load_rgb(str(wide))
+    floats = tmp_path / "float.tif"
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32)).save(floats)
+    with pytest.raises(OSError, match=f"cannot read image {floats}.*mode F"):
+        load_rgb(str(floats))
+
+
+def test_predict_root_is_every_image_under_it_without_labels(folder, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    (photos / "trip" / "day2").mkdir(parents=True)
+    (photos / ".cache").mkdir()
+    for name in ("b.png", "trip/a.jpg", "trip/day2/c.png", ".cache/hidden.png"):
+        Image.new("RGB", (20, 30), (10, 200, 30)).save(photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    dm = _folder_dm(folder, predict_root=photos)
+    dm.setup("predict")
+    dataset = dm.datasets["predict"]
+    assert dataset.files == [str(photos / "b.png"), str(photos / "trip/a.jpg"), str(photos / "trip/day2/c.png")]
+    batch = next(iter(dm.predict_dataloader()))
+    assert isinstance(batch, torch.Tensor) and batch.shape == (3, 3, 16, 16)
+    # Without the training set, the class count is given (the CLI reads it from the checkpoint).
+    bare = ImageFolderDataModule(predict_root=photos, num_classes=7, img_size=16, num_workers=0)
+    assert bare.num_classes == 7 and bare.class_names is None
+    bare.setup("predict")
+    with pytest.raises(ValueError, match="give num_classes"):
+        ImageFolderDataModule(predict_root=photos)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        _folder_dm(folder, predict_root=tmp_path / "empty").setup("predict")

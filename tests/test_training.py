@@ -233,7 +233,8 @@ def test_print_config_of_the_deit_s_recipe_is_complete(capsys):
     assert cfg["model"]["init_args"]["pruning_loc"] == [3, 6, 9]
     assert cfg["model"]["init_args"]["backbone_lr_scale"] == 0.01
     assert cfg["data"]["class_path"] == "dynvit.data.ImageFolderDataModule"
-    assert cfg["checkpoint"]["monitor"] == "val/top1" and cfg["checkpoint"]["save_last"] is True
+    assert cfg["checkpoint"]["monitor"] == "val/top1" and cfg["checkpoint"]["save_last"] is False
+    assert cfg["checkpoint"]["enable_version_counter"] is False
     assert cfg["wandb"]["online"] is False
 
 

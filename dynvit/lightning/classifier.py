@@ -9,6 +9,7 @@ import torch
 from dynvit.lightning.base import ImageClassification
 from dynvit.models import create_teacher, load_checkpoint
 from dynvit.objectives.dynamicvit import classification_loss
+from dynvit.reducers import apply_reducer
 
 
 class ClassifierModule(ImageClassification):
@@ -23,6 +24,10 @@ class ClassifierModule(ImageClassification):
         reset_head: Start a new head when the checkpoint has another class count (fine-tuning).
         pretrained: Start from timm's pretrained weights (needs the model hub).
         model_kwargs: Extra timm kwargs (``depth``, ``embed_dim``, ``drop_path_rate``, …).
+        reducer: A training-free token reducer of :mod:`dynvit.reducers` (``tome``, ``evit``, ``topk``,
+            ``ats``, ``random``) applied to the network after its weights are loaded, e.g. to validate or
+            predict with it on a teacher's checkpoint; ``reducer_params`` are its parameters
+            (``{r: 8}`` for ToMe, ``{keep_rate: 0.7}`` for EViT, …).
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """
 
@@ -36,6 +41,8 @@ class ClassifierModule(ImageClassification):
         reset_head: bool = False,
         pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        reducer: str | None = None,
+        reducer_params: dict[str, Any] | None = None,
         lr: float = 5e-4,
         lr_base_batch_size: int | None = 512,
         weight_decay: float = 0.05,
@@ -57,6 +64,9 @@ class ClassifierModule(ImageClassification):
         )
         if checkpoint is not None:
             load_checkpoint(self.net, checkpoint, reset_head=reset_head)
+        if reducer is not None:
+            # Reducers add no parameters: the network keeps the teacher's state-dict layout.
+            self.net = apply_reducer(self.net, reducer, **(reducer_params or {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -169,6 +169,9 @@ class TokenLabelingModule(ImageClassification):
         elif not Path(score_map_root).is_dir():
             raise FileNotFoundError(f"score_map_root {score_map_root} is not a folder of score maps")
 
+    def frozen_networks(self) -> list[torch.nn.Module]:
+        return [self.annotator.teacher] if self.annotator is not None else []
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """(rows, columns) of the model's patch tokens."""

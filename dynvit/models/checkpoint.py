@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -74,7 +75,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False) -> LoadReport:
+def load_checkpoint(
+    model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False, offer_reset_head: bool = True
+) -> LoadReport:
     """Load weights from ``path`` into ``model``.
 
     Reads released DynamicViT checkpoints, DeiT/timm checkpoints (``{"model": sd}`` or a plain state
@@ -92,8 +95,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, res
             Otherwise load what fits and report the rest.
         reset_head: Keep the model's own (fresh) classifier head when the checkpoint's has another
             class count, e.g. to fine-tune on a new dataset. Without it, that clash is an error.
+        offer_reset_head: Suggest ``reset_head=True`` when only the class count clashes; callers that do
+            not offer it (a teacher must keep its classes) turn the suggestion off.
     """
-    return load_weights(model, read_state_dict(path), strict=strict, reset_head=reset_head, source=str(path))
+    sd = read_state_dict(path)
+    return load_weights(
+        model, sd, strict=strict, reset_head=reset_head, source=str(path), offer_reset_head=offer_reset_head
+    )
 
 
 def load_weights(
@@ -102,6 +110,7 @@ def load_weights(
     strict: bool = True,
     reset_head: bool = False,
     source: str = "state dict",
+    offer_reset_head: bool = True,
 ) -> LoadReport:
     """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
     sd = dict(state_dict)
@@ -124,8 +133,7 @@ def load_weights(
         problems = []
         if clashes:
             problems.append("shape clashes:\n  " + "\n  ".join(clashes))
-            if head_keys and not reset_head:
-                problems.append("the classifier head has another class count: pass reset_head=True for a new head")
+            problems.extend(_class_count_clash(sd, own, head_keys, clashes, offer_reset_head))
         if strict and hard_missing:
             problems.append(f"missing keys ({len(hard_missing)}): {_short(hard_missing)}")
         if strict and unexpected:
@@ -180,3 +188,31 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def _short(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", … (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _class_count_clash(
+    sd: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    head_keys: list[str],
+    clashes: list[str],
+    offer: bool,
+) -> list[str]:
+    """The line naming both class counts when only the classifier's output rows clash (another class
+    count, not another architecture), with the ``reset_head`` suggestion where the caller offers it."""
+    keys = [c.split(":", 1)[0] for c in clashes]
+    if not keys or not all(k in head_keys and sd[k].shape[1:] == own[k].shape[1:] for k in keys):
+        return []
+    counts = f"{sd[keys[0]].shape[0]} classes in the checkpoint, {own[keys[0]].shape[0]} in the model"
+    return [
+        f"the classifier head has another class count ({counts})"
+        + (": pass reset_head=True for a new head" if offer else "")
+    ]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -87,7 +87,7 @@ def create_teacher(
     """
     model = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, offer_reset_head=False)
     return model
 
 
@@ -121,7 +121,7 @@ def create_student(
     validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
     student = student_class(vit).from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
     if checkpoint is not None:
-        load_checkpoint(student, checkpoint)
+        load_checkpoint(student, checkpoint, offer_reset_head=False)
     return student
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 from dynvit.run.cli import DynViTCLI
+from dynvit.run.errors import run_reporting_errors
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 KEEP_RATIO = 0.7
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> Path:
 
     teacher_dir = out / "teacher"
     teacher_ckpt = teacher_dir / "checkpoints" / "last.ckpt"
-    if not teacher_ckpt.is_file():
-        run(
-            ["fit", "--config", str(EXPERIMENTS / "digits_teacher.yaml"), f"--trainer.default_root_dir={teacher_dir}"]
-            + training
-        )
+    # An interrupted teacher continues; a finished one is not trained again (the CLI says so).
+    resume = ["--ckpt_path=last"] if teacher_ckpt.is_file() else []
+    run(
+        ["fit", "--config", str(EXPERIMENTS / "digits_teacher.yaml"), f"--trainer.default_root_dir={teacher_dir}"]
+        + training
+        + resume
+    )
     prune = [f"--model.init_args.teacher_checkpoint={teacher_ckpt}", *training]
     config = ["--config", str(EXPERIMENTS / "digits_prune.yaml")]
     run(["sweep", *config, f"--sweep={opts.sweep}", f"--out={out / 'prune'}", *prune])
@@ -88,4 +91,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

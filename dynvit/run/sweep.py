@@ -256,7 +256,7 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
 def fit_point(
     cli_class: Callable[..., Any], config_path: Path, point: dict[str, Any], run_dir: Path, group: str
 ) -> ResultRow:
-    """Train one point in this process (resuming from its ``last.ckpt`` if there is one) and return its row."""
+    """Train one point in this process (continuing from its ``last.ckpt`` if there is one) and return its row."""
     args = [
         "fit",
         f"--config={config_path}",
@@ -275,9 +275,10 @@ def fit_point(
     try:
         if cli.trainer.interrupted:
             raise RuntimeError(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
-        if "val/top1" not in cli.trainer.callback_metrics:
-            # Resumed from a run that had already trained to the end: fit did no validation.
-            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        if cli.finished is not None or "val/top1" not in cli.trainer.callback_metrics:
+            # The point had already trained to the end (it stopped before writing done.json): fit trained
+            # nothing and did no validation, so validate its last checkpoint.
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.finished, verbose=False)
         return point_row(cli.trainer, cli.model, run_dir.name)
     finally:
         import wandb

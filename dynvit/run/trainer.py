@@ -30,6 +30,7 @@ from dynvit.run.benchmark import (
     first_images,
     report,
 )
+from dynvit.run.run_folder import describe_teachers
 
 
 class DynViTTrainer(L.Trainer):
@@ -109,6 +110,8 @@ class DynViTTrainer(L.Trainer):
         model_at(original)
         if ckpt_path is not None:
             load_checkpoint(student, ckpt_path)
+        for line in describe_teachers(ckpt_path, getattr(model, "teacher_record", None)):
+            print(line)
         loader = calibration = None
         if (accuracy or "ats" in methods) and datamodule is not None:
             datamodule.prepare_data()
