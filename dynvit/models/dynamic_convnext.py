@@ -270,7 +270,9 @@ def convnext_digits(pretrained: bool = False, **kwargs) -> ConvNeXt:
     scaled 2×): stage 3 is then 8×8, one location per 16-pixel patch of the data's patch mask, so
     kept-location recall and pictures line up with it. Depths 1, 1, 6, 1 and widths 16, 32, 64, 128
     (0.42 M parameters, 0.024 GFLOPs): stage 3 holds 60 % of the compute, as the pruned stage does in
-    ConvNeXt-T, and a CPU trains it in minutes.
+    ConvNeXt-T, and a CPU trains it in minutes. The head max-pools the last map instead of averaging
+    it: the digit fills one or two of its 4×4 cells among clutter, and with average pooling the
+    network stayed at chance for 300 steps where max pooling started learning within 100.
     """
-    args = dict(in_chans=1, num_classes=10, depths=(1, 1, 6, 1), dims=(16, 32, 64, 128))
+    args = dict(in_chans=1, num_classes=10, depths=(1, 1, 6, 1), dims=(16, 32, 64, 128), global_pool="max")
     return _create_convnext("convnext_digits", pretrained=pretrained, **dict(args, **kwargs))
