@@ -47,7 +47,7 @@ def tiny_config(root: Path, max_epochs: int = 1) -> dict:
             "init_args": {**copy.deepcopy(STUDENT), "keep_ratio": 0.7},
         },
         "data": {"class_path": "dynvit.data.ClutteredDigitsDataModule", "init_args": dict(DIGITS)},
-        "throughput": {"batch_size": 2, "warmup": 0, "repeats": 1},
+        "throughput": {"batch_size": 2, "pairs": 1, "block_time": 0.0, "warmup_time": 0.0},
     }
 
 

@@ -10,11 +10,13 @@ real token counts (``predict_with_counts``), and the selection methods give kept
 name          what it does                                                        parameters
 ============  ==================================================================  ===============
 ``tome``      merge the r most similar tokens in every block (ToMe)               ``r``, ``prop_attn``
-``evit``      keep the most class-attended tokens, fuse the rest into one (EViT)  ``keep_rate``, ``pruning_loc``
+``evit``      keep the most class-attended tokens, fuse the rest into one (EViT)  ``keep_rate``, ``pruning_loc``, ``fusion``
 ``topk``      EViT's selection without the fused token                            ``keep_rate``, ``pruning_loc``
 ``ats``       sample up to K tokens by class attention × value norm (ATS)         ``max_tokens``, ``pruning_loc``
 ``random``    uniformly random tokens in DynamicViT's counts (the floor)          ``keep_ratio``, ``pruning_loc``, ``seed``
 ============  ==================================================================  ===============
+
+EViT and ATS follow their authors' code (docs/reference.md, "Fidelity").
 """
 
 from __future__ import annotations

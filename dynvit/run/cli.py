@@ -1,4 +1,4 @@
-"""``python cli.py {fit,validate,test,predict,benchmark,sweep} --config experiments/<name>.yaml`` on LightningCLI."""
+"""``python cli.py {fit,validate,test,predict,benchmark,sweep,export} --config experiments/<name>.yaml`` on LightningCLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
-from dynvit.run.compare import sweep_matches
+from dynvit.run.benchmark import sweep_matches
 from dynvit.run.loggers import WandbOptions, default_loggers
 from dynvit.run.report import format_matches, write_matches
 from dynvit.run.sweep import (
@@ -27,6 +27,7 @@ from dynvit.run.sweep import (
     load_sweep,
     prepare_folder,
     run_sweep,
+    sweep_environment,
     teacher_row,
 )
 from dynvit.run.trainer import DynViTTrainer
@@ -44,8 +45,8 @@ class DynViTCLI(LightningCLI):
       ``--ckpt_path last`` resumes);
     - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
-    - ``benchmark`` (``--methods`` compares other token reducers) and ``sweep`` subcommands
-      (see :class:`~dynvit.run.trainer.DynViTTrainer`).
+    - ``benchmark`` (``--methods`` compares other token reducers, ``--precision``/``--backend`` deployment
+      variants), ``sweep`` and ``export`` (ONNX) subcommands (see :class:`~dynvit.run.trainer.DynViTTrainer`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -61,7 +62,8 @@ class DynViTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "benchmark": {"model", "datamodule"}, "sweep": {"model", "datamodule"}}
+        extra = {name: {"model", "datamodule"} for name in ("benchmark", "sweep", "export")}
+        return {**LightningCLI.subcommands(), **extra}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -121,6 +123,7 @@ class DynViTCLI(LightningCLI):
             config_path,
             fit=partial(fit_point, type(self)),
             teacher=lambda: teacher_row(model, datamodule, self.trainer),
+            environment=sweep_environment(self.trainer),
         )
         self._write_matches(spec, model, folder)
         return self.sweep_result
