@@ -143,12 +143,13 @@ def test_benchmark_and_sweep_run_on_the_student(fitted: Path, tmp_path: Path) ->
             f"--out={tmp_path / 'bench'}",
             "--ratios=[0.7,0.9]",
             "--batch_size=2",
-            "--warmup=0",
-            "--repeats=1",
-            "--rounds=1",
+            "--pairs=1",
+            "--block_time=0",
+            "--warmup_time=0",
+            "--latency=false",
         ]
     )
-    records = json.loads((tmp_path / "bench" / "results.json").read_text())
+    records = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
         ("teacher", 1.0),
         ("dynamiccnn", 0.9),
