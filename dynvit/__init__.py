@@ -3,7 +3,9 @@
 from dynvit.deploy import export_onnx, quantize
 from dynvit.measure import count_flops, count_params, environment, measure_speedup, measure_throughput
 from dynvit.models import (
+    DynamicCNN,
     DynamicViT,
+    SpatialOutput,
     StudentOutput,
     create_student,
     create_teacher,
@@ -12,7 +14,9 @@ from dynvit.models import (
 )
 
 __all__ = [
+    "DynamicCNN",
     "DynamicViT",
+    "SpatialOutput",
     "StudentOutput",
     "count_flops",
     "count_params",

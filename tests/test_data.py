@@ -179,7 +179,11 @@ def test_digits_patch_mask_marks_exactly_the_digit_and_respects_the_coverage_bou
 
 def test_digits_rejects_settings_that_break_the_task():
     with pytest.raises(ValueError, match="at most 1/6"):
-        ClutteredDigitsDataModule(digit_scale=4)  # 32 px digit on a 64 px canvas
+        ClutteredDigitsDataModule(img_size=64, patch_size=8, digit_scale=4)  # 32 px digit on a 64 px canvas
+    # A size left to the model is checked once known: here setup() without a model takes the defaults.
+    follows = ClutteredDigitsDataModule(digit_scale=4)
+    with pytest.raises(ValueError, match="at most 1/6"):
+        follows.setup("fit")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         ClutteredDigitsDataModule(img_size=60)
     with pytest.raises(ValueError, match="no batch would remain"):

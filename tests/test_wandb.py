@@ -24,22 +24,38 @@ SILENCED = (
 )
 
 
-def python(code: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+def _env(home: Path, **env: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env = clean | {"HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | env
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return clean | {"HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | env
+
+
+def start(code: str, home: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=_env(home, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def python(code: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=_env(home, **env), capture_output=True, text=True, timeout=300
+    )
 
 
 def test_credentials_come_from_wandb_itself(tmp_path):
     check = "from dynvit.run.loggers import has_wandb_credentials; print(has_wandb_credentials())"
-    home = tmp_path / "home"
-    home.mkdir()
-    assert python(check, home).stdout.strip().splitlines()[-1] == "False"
-    assert python(check, home, WANDB_API_KEY=FAKE_KEY).stdout.strip().splitlines()[-1] == "True"
+    homes = {name: tmp_path / name for name in ("bare", "env", "login")}
+    for home in homes.values():
+        home.mkdir()
+    # Three fresh processes (wandb caches credentials per process), started together: each spends
+    # most of its time importing torch and Lightning.
+    bare = start(check, homes["bare"])
+    env = start(check, homes["env"], WANDB_API_KEY=FAKE_KEY)
     # What `wandb login` stores, wherever and under whatever host name the installed wandb writes it.
-    login = python(f"import wandb; wandb.login(key={FAKE_KEY!r}, verify=False)", home)
+    login = python(f"import wandb; wandb.login(key={FAKE_KEY!r}, verify=False)", homes["login"])
     assert login.returncode == 0, login.stderr
-    assert python(check, home).stdout.strip().splitlines()[-1] == "True"
+    logged_in = start(check, homes["login"])
+    answers = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in (bare, env, logged_in)]
+    assert answers == ["False", "True", "True"]
 
 
 def test_online_without_network_falls_back_to_offline_and_prints_no_noise(tmp_path):

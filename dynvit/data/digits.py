@@ -300,8 +300,12 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         self.digit_size = 8 * digit_scale
         self.datasets: dict[str, ClutteredDigits] = {}
         self.requested_geometry = (img_size, patch_size)
+        # A size left to the model is checked against the digit once it is known (follow, or setup's
+        # defaults without a model): the defaults may not suit a digit_scale meant for the model's size.
         self._set_geometry(
-            DEFAULT_IMG_SIZE if img_size is None else img_size, DEFAULT_PATCH_SIZE if patch_size is None else patch_size
+            DEFAULT_IMG_SIZE if img_size is None else img_size,
+            DEFAULT_PATCH_SIZE if patch_size is None else patch_size,
+            check=None not in self.requested_geometry,
         )
         if not (0 < fragment_scale[0] <= fragment_scale[1] <= 1):
             raise ValueError(f"fragment_scale must satisfy 0 < low <= high <= 1, got {fragment_scale}")
@@ -322,17 +326,18 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         self.seed = seed
         self.split_scans: dict[str, np.ndarray] = {}
 
-    def _set_geometry(self, img_size: int, patch_size: int) -> None:
-        """Check and set the canvas and patch sides (and what follows from them: the patch count, coverage)."""
+    def _set_geometry(self, img_size: int, patch_size: int, check: bool = True) -> None:
+        """Set the canvas and patch sides (and what follows from them: the patch count, coverage);
+        with ``check``, first make sure the digit suits them."""
         if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
-        if self.hparams.digit_scale < 1 or self.digit_size > img_size:
+        num_patches = (img_size // patch_size) ** 2
+        max_digit_patches = max_patches_spanned(min(self.digit_size, img_size), img_size, patch_size)
+        if check and (self.hparams.digit_scale < 1 or self.digit_size > img_size):
             raise ValueError(
                 f"digit_scale={self.hparams.digit_scale} gives a {self.digit_size} px digit; need 1 <= it <= img_size"
             )
-        num_patches = (img_size // patch_size) ** 2
-        max_digit_patches = max_patches_spanned(self.digit_size, img_size, patch_size)
-        if max_digit_patches / num_patches > 1 / 6:
+        if check and max_digit_patches / num_patches > 1 / 6:
             raise ValueError(
                 f"a {self.digit_size} px digit can cover {max_digit_patches} of {num_patches} patches "
                 f"({max_digit_patches / num_patches:.2f}) at img_size {img_size}, patch_size {patch_size}; keep it "
@@ -383,6 +388,7 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
             self.follow(model)
         if self.datasets:
             return
+        self._set_geometry(self.img_size, self.patch_size)
         digits = load_digits()
         glyphs = upscale_glyphs(digits.images, self.hparams.digit_scale)
         self.split_scans = self.split_indices()

@@ -1,4 +1,5 @@
-"""DynamicViT training: a pruned student distilled from its frozen, unpruned teacher."""
+"""DynamicViT training: a pruned student distilled from its frozen, unpruned teacher (ViTs, and the
+hierarchical students of the journal version)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
 from dynvit.models.checkpoint import CheckpointMismatch, file_sha256
 from dynvit.models.masked_attention import set_keep_gradient
-from dynvit.objectives.dynamicvit import DynamicViTLoss
+from dynvit.objectives.spatial_pruning import pruning_objective
 
 _TEACHER = "teacher."
 
@@ -24,21 +25,30 @@ class DynamicViTModule(ImageClassification):
     """The DynamicViT student plus a frozen teacher; the student starts from the teacher's weights.
 
     The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written
-    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load).
+    into checkpoints (it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load). The student
+    is whatever :func:`~dynvit.models.create_student` builds for ``model_name``, and the objective
+    follows it (:func:`~dynvit.objectives.pruning_objective`): token pruning with token distillation
+    for ViTs; for hierarchical backbones (``convnext_tiny``, …) dynamic spatial sparsification with
+    the keep ratios ``[ρ, ρ − 0.2, ρ − 0.4]`` and feature-map distillation.
 
     Args:
         model_name: The backbone of teacher and student (timm name or a registered seed backbone).
         num_classes, in_chans: Linked from the DataModule by the CLI.
         img_size: Input resolution; ``None`` (default) builds both networks at the backbone's own (timm's
             ``pretrained_cfg``). The DataModule follows the model (``follow``).
-        keep_ratio: Base keep ratio ρ; stage s keeps ``int(N * ρ**s)`` patch tokens at inference.
-        pruning_loc: Blocks before which tokens are pruned; None uses the backbone's default.
+        keep_ratio: Base keep ratio ρ; ViTs: stage s keeps ``int(N * ρ**s)`` patch tokens at inference;
+            hierarchical students: pruning stage s keeps ``int(N * (ρ − 0.2·s))`` stage-3 locations.
+        pruning_loc: Blocks before which tokens are pruned (stage-3 blocks for hierarchical
+            backbones); None uses the backbone's default.
         teacher_checkpoint: Weights of the trained teacher (DeiT/timm/Lightning ``.ckpt``).
         pretrained: Take the teacher from timm's pretrained weights instead.
         student_checkpoint: Optional DynamicViT weights to start the student from (else the teacher's).
-        ratio_weight, distill_weight, token_weight: Loss weights (2.0, 0.5, 0.5); token_weight=0 switches
-            token distillation off.
-        backbone_lr_scale: Backbone learning rate relative to the predictors' ``lr`` (0.01).
+        ratio_weight, distill_weight, token_weight: Loss weights (0.5, 0.5 for the distillation terms;
+            ratio_weight None takes the objective's reference weight: 2.0 for ViTs, 10.0 for hierarchical
+            students); token_weight=0 switches token (feature-map) distillation off.
+        backbone_lr_scale: Backbone learning rate relative to ``lr``, which the new parameters get
+            (predictors, and fast paths of hierarchical students): 0.01 in the DeiT recipe, 0.2 in
+            the ConvNeXt one.
         keep_gradient: ``"tangent"`` (the reference) or ``"secant"``: the gradient the masked attention
             gives a dropped token's keep decision (see :func:`~dynvit.models.masked_attention.set_keep_gradient`).
         start_at_target: Start the fresh predictors keeping tokens with probability ρ instead of 1/2
@@ -59,7 +69,7 @@ class DynamicViTModule(ImageClassification):
         pretrained: bool = False,
         student_checkpoint: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        ratio_weight: float = 2.0,
+        ratio_weight: float | None = None,
         distill_weight: float = 0.5,
         token_weight: float = 0.5,
         keep_gradient: Literal["tangent", "secant"] = "tangent",
@@ -88,8 +98,12 @@ class DynamicViTModule(ImageClassification):
             load_weights(self.net, self.teacher.state_dict(), source="the teacher")
             if start_at_target:
                 self.net.start_predictors_at_target()
-        set_keep_gradient(self.net, keep_gradient)
-        self.loss = DynamicViTLoss(ratio_weight, distill_weight, token_weight, label_smoothing)
+        if set_keep_gradient(self.net, keep_gradient) == 0 and keep_gradient != "tangent":
+            raise ValueError(
+                f"keep_gradient={keep_gradient!r} acts in masked attention, which {type(self.net).__name__} does not "
+                "have: leave it at 'tangent'"
+            )
+        self.loss = pruning_objective(self.net, ratio_weight, distill_weight, token_weight, label_smoothing)
         self.val_recall = nn.ModuleList(MeanMetric() for _ in self.net.pruning_loc)
 
     @property
@@ -97,7 +111,8 @@ class DynamicViTModule(ImageClassification):
         return self.net
 
     def lr_scales(self) -> Mapping[str, float]:
-        return {"score_predictor.": 1.0, "": self.hparams.backbone_lr_scale}
+        # What pruning adds (predictors, fast paths) learns at lr, the pretrained backbone slower.
+        return {**dict.fromkeys(self.net.new_param_prefixes, 1.0), "": self.hparams.backbone_lr_scale}
 
     def frozen_networks(self) -> list[nn.Module]:
         return [self.teacher]
@@ -117,14 +132,10 @@ class DynamicViTModule(ImageClassification):
         with torch.no_grad():
             teacher_logits, teacher_tokens = forward_with_tokens(self.teacher, x)
         out = self.net(x)
-        terms = self.loss(
-            out,
-            y,
-            self.net.stage_keep_ratios,
-            teacher_logits,
-            teacher_tokens,
-            token_mode=getattr(self.net, "token_distill", "mse"),
-        )
+        # LV-ViT students distil dense predictions with KL instead of features with MSE.
+        mode = {"token_mode": self.net.token_distill} if hasattr(self.net, "token_distill") else {}
+        terms = self.loss(out, y, self.net.stage_keep_ratios, teacher_logits, teacher_tokens, **mode)
+        # Terms a student does not have (the distillation head of a non-distilled ViT) are None.
         logged = {k: v for k, v in terms._asdict().items() if v is not None}
         self.check_finite(terms.total, logged)
         self.log("train/loss", logged.pop("total"), prog_bar=True)

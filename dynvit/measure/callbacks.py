@@ -311,7 +311,9 @@ class KeptTokensCallback(L.Callback):
             net.train(was_training)
         dataset = getattr(trainer.val_dataloaders, "dataset", None)
         mean, std = dataset_normalisation(trainer.datamodule, dataset)
-        grid = kept_tokens_grid(to_display(x, mean, std), masks, tuple(net.patch_embed.grid_size), target)
+        # Hierarchical students mask their stage-3 map, ViTs their patch grid.
+        mask_grid = getattr(net, "mask_grid", None) or tuple(net.patch_embed.grid_size)
+        grid = kept_tokens_grid(to_display(x, mean, std), masks, tuple(mask_grid), target)
         path = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)

@@ -9,6 +9,7 @@ from dynvit.models.checkpoint import (
     save_atomic,
 )
 from dynvit.models.conv_stem import ConvStemPatchEmbed
+from dynvit.models.dynamic_convnext import DynamicCNN, FastPathBlock, PrunedConvNeXtStage
 from dynvit.models.dynamic_vit import (
     DynamicViT,
     DynamicViTDistilled,
@@ -19,32 +20,53 @@ from dynvit.models.dynamic_vit import (
     validate_pruning,
 )
 from dynvit.models.factory import (
+    FAMILIES,
     DataConfig,
+    Family,
     create_student,
     create_teacher,
     data_config,
     default_pruning_loc,
+    family_of,
     forward_with_tokens,
+    register_family,
 )
 from dynvit.models.lvvit import DynamicLVViT, LVViT, LVViTOutput
 from dynvit.models.masked_attention import MaskedAttention, MaskedBlock, masked_softmax
 from dynvit.models.predictor import KeepPredictor
+from dynvit.models.spatial_pruning import (
+    SpatialOutput,
+    SpatialPruningStage,
+    SpatialPruningStudent,
+    keep_location_counts,
+    keep_schedule,
+    split_apply,
+    validate_spatial_pruning,
+)
 from dynvit.models.t2t_vit import DynamicT2TViT, T2TViT
 
 __all__ = [
+    "FAMILIES",
     "CheckpointMismatch",
     "ConvStemPatchEmbed",
     "DataConfig",
+    "DynamicCNN",
     "DynamicLVViT",
     "DynamicT2TViT",
     "DynamicViT",
     "DynamicViTDistilled",
+    "Family",
+    "FastPathBlock",
     "KeepPredictor",
     "LVViT",
     "LVViTOutput",
     "LoadReport",
     "MaskedAttention",
     "MaskedBlock",
+    "PrunedConvNeXtStage",
+    "SpatialOutput",
+    "SpatialPruningStage",
+    "SpatialPruningStudent",
     "StudentOutput",
     "T2TViT",
     "TokenPruning",
@@ -53,12 +75,18 @@ __all__ = [
     "create_teacher",
     "data_config",
     "default_pruning_loc",
+    "family_of",
     "forward_with_tokens",
     "keep_counts",
+    "keep_location_counts",
+    "keep_schedule",
     "load_checkpoint",
     "load_weights",
     "masked_softmax",
     "read_state_dict",
+    "register_family",
     "save_atomic",
+    "split_apply",
     "validate_pruning",
+    "validate_spatial_pruning",
 ]

@@ -8,7 +8,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,10 +19,25 @@ from torch import nn
 # Lightning modules of this toolkit keep the trained network as ``self.net``; other Lightning code
 # commonly names it ``student`` (distillation) or ``model``.
 _LIGHTNING_PREFIXES = ("net.", "student.", "model.")
-# Keys a teacher checkpoint lacks when it is loaded into a student: the fresh keep predictors.
-_PREDICTOR_PREFIX = "score_predictor."
 # Classifier heads sized by the class count, which ``reset_head`` may replace (LV-ViT has two).
 _HEAD_PREFIXES = ("head.", "aux_head.")
+
+# Maps a checkpoint's keys onto a model's: (state dict, model) -> state dict. Registered per model class.
+LayoutFilter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+LAYOUTS: dict[type[nn.Module], LayoutFilter] = {}
+
+
+def register_layout(model_class: type[nn.Module], layout_filter: LayoutFilter) -> None:
+    """Load checkpoints into instances of ``model_class`` (and its subclasses) through ``layout_filter``,
+    which turns other key layouts (e.g. a backbone's original release) into the model's own and must
+    leave the model's own layout unchanged."""
+    LAYOUTS[model_class] = layout_filter
+
+
+def own_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` in ``model``'s key layout, through the filter registered for its class (if any)."""
+    layout_filter = next((f for cls, f in LAYOUTS.items() if isinstance(model, cls)), None)
+    return state_dict if layout_filter is None else layout_filter(state_dict, model)
 
 
 class LoadReport(NamedTuple):
@@ -81,8 +96,10 @@ def load_checkpoint(
     """Load weights from ``path`` into ``model``.
 
     Reads released DynamicViT checkpoints, DeiT/timm checkpoints (``{"model": sd}`` or a plain state
-    dict, ``.pth``/``.pth.tar``/``.safetensors``) and Lightning ``.ckpt`` files of this toolkit. A
-    teacher checkpoint loads into a student: the keep predictors it lacks keep their fresh init.
+    dict, ``.pth``/``.pth.tar``/``.safetensors``) and Lightning ``.ckpt`` files of this toolkit, and
+    the layouts registered with :func:`register_layout` (the original FB ConvNeXt and released
+    DynamicCNN files). A teacher checkpoint loads into a student: what pruning adds (keep predictors,
+    fast paths: the model's ``new_param_prefixes``) keeps its fresh init.
 
     A checkpoint trained on another patch grid (e.g. 224-px weights into a model built at 384) has a
     position embedding of another length: it is resampled to the model's grid as timm does for its
@@ -113,7 +130,7 @@ def load_weights(
     offer_reset_head: bool = True,
 ) -> LoadReport:
     """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
-    sd = dict(state_dict)
+    sd = own_layout(model, dict(state_dict))
     own = model.state_dict()
     resampled = _fit_position_embedding(model, sd, own, source)
     reset = []
@@ -128,7 +145,8 @@ def load_weights(
     ]
     missing = [k for k in own if k not in sd and k not in reset]
     unexpected = [k for k in sd if k not in own]
-    hard_missing = [k for k in missing if not k.startswith(_PREDICTOR_PREFIX)]
+    fresh = tuple(getattr(model, "new_param_prefixes", ()))
+    hard_missing = [k for k in missing if not (fresh and k.startswith(fresh))]
     if clashes or (strict and (hard_missing or unexpected)):
         problems = []
         if clashes:

@@ -84,8 +84,12 @@ def init_predictor(module: nn.Module) -> None:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The (C, H, W) image a ViT-like model was built for."""
-    embed = model.patch_embed
+    """The (C, H, W) image a model was built for: a ViT's patch embedding says; a CNN, whose layers
+    fit any size, carries it in its timm ``pretrained_cfg`` (the factory records ``img_size`` there)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        chans, *size = model.pretrained_cfg["input_size"]
+        return (getattr(model, "in_chans", chans), *size)
     chans = getattr(embed, "in_chans", None) or embed.proj.in_channels
     return (chans, *embed.img_size)
 
@@ -119,6 +123,8 @@ class TokenPruning(nn.Module):
     blocks: nn.Sequential
     num_prefix_tokens: int
     score_predictor: nn.ModuleList
+    # Parameter-name prefixes of what pruning adds: trained at the full learning rate, absent from teachers.
+    new_param_prefixes: tuple[str, ...] = ("score_predictor.",)
 
     @classmethod
     def check_convertible(cls, model: nn.Module) -> None:

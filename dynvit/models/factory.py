@@ -1,20 +1,27 @@
-"""Build teachers and students by name, the way ``timm.create_model`` does."""
+"""Build teachers and students by name, the way ``timm.create_model`` does.
+
+ViT-like names (any timm ``VisionTransformer``, and the seed backbones registered here) build
+DynamicViT students. Other backbone families register a :class:`Family` (ConvNeXt in
+``dynamic_convnext``): how to build their timm models and convert them to students; names of the
+timm modules a family lists are dispatched to it.
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import timm
 import torch
 from timm.data import resolve_model_data_config
+from timm.models import FeatureListNet
 from torch import nn
 
 from dynvit.models.checkpoint import load_checkpoint
 from dynvit.models.dynamic_vit import (
-    TokenPruning,
     final_patch_tokens,
     input_size,
     student_class,
@@ -25,7 +32,60 @@ from dynvit.models.dynamic_vit import (
 # blocks 3, 6, 9 (a quarter of the depth each); other depths get the same proportions.
 DEFAULT_PRUNING_LOC: dict[str, tuple[int, ...]] = {}
 
-_NOT_A_VIT = "{name} is not a vision transformer with patch tokens; pick a ViT such as deit_small_patch16_224"
+_NOT_A_VIT = (
+    "{name} is not a vision transformer with patch tokens; pick a ViT such as deit_small_patch16_224 "
+    "(or a hierarchical backbone: {families})"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the factory builds teachers and students of one kind of non-ViT timm backbone.
+
+    Attributes:
+        backbone: The timm class the family's models are instances of.
+        modules: Names of the timm modules that register its models (``timm.models.is_model_in_modules``),
+            e.g. ``("convnext",)``; a module of this toolkit that registers more adds its own name.
+        build: ``(name, pretrained, num_classes, img_size, **timm_kwargs) -> model``: the timm model, with
+            ``img_size`` recorded in its ``pretrained_cfg["input_size"]`` when the class takes no size.
+        to_student: ``(model, keep_ratio, pruning_loc or None) -> student``, converting in place (``None``
+            picks the family's default locations for that model).
+        distilled_features: ``(teacher, images) -> (logits, features)``: what the student's features are
+            distilled towards (the final feature map after the final norm).
+        examples: Names to suggest in error messages.
+    """
+
+    backbone: type[nn.Module]
+    modules: tuple[str, ...]
+    build: Callable[..., nn.Module]
+    to_student: Callable[[nn.Module, float, Sequence[int] | None], nn.Module]
+    distilled_features: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    examples: tuple[str, ...] = ()
+
+
+FAMILIES: list[Family] = []
+
+
+def register_family(family: Family) -> Family:
+    """Make :func:`create_teacher`/:func:`create_student` build the models of ``family``'s timm modules."""
+    FAMILIES.append(family)
+    return family
+
+
+def family_of(name_or_model: str | nn.Module) -> Family | None:
+    """The registered family a model name (by its timm module) or a built model (by class) belongs to;
+    None for ViT-like models."""
+    if isinstance(name_or_model, nn.Module):
+        return next((f for f in FAMILIES if isinstance(name_or_model, f.backbone)), None)
+    return next((f for f in FAMILIES if timm.models.is_model_in_modules(name_or_model, f.modules)), None)
+
+
+def _feature_extractor(model: nn.Module, out_indices: Sequence[int] | None) -> nn.Module:
+    """timm's ``features_only`` wrapper around a built (possibly pruned) model: a list of stage maps."""
+    indices = tuple(range(len(model.feature_info))) if out_indices is None else tuple(out_indices)
+    return FeatureListNet(
+        model, out_indices=indices, flatten_sequential=True, output_fmt=getattr(model, "output_fmt", "NCHW")
+    )
 
 
 def default_pruning_loc(name: str, depth: int) -> tuple[int, ...]:
@@ -42,6 +102,11 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model name {name!r}{hint}")
 
 
+def _not_a_vit(name: str) -> str:
+    families = ", ".join(e for f in FAMILIES for e in f.examples) or "none registered"
+    return _NOT_A_VIT.format(name=name, families=families)
+
+
 def _create_vit(
     name: str, pretrained: bool, num_classes: int, img_size: int | Sequence[int] | None, **timm_kwargs
 ) -> nn.Module:
@@ -55,9 +120,17 @@ def _create_vit(
         # CNNs such as resnet18 reject img_size: say what to pick instead of timm's bare TypeError.
         if "img_size" not in str(e):
             raise
-        raise TypeError(_NOT_A_VIT.format(name=name)) from e
+        raise TypeError(_not_a_vit(name)) from e
     _check_token_model(model, name, img_size)
     return model
+
+
+def _split_feature_args(name: str, family: Family | None, timm_kwargs: dict) -> tuple[bool, Sequence[int] | None]:
+    """Take timm's ``features_only``/``out_indices`` out of the kwargs: they wrap the finished model."""
+    features_only, out_indices = bool(timm_kwargs.pop("features_only", False)), timm_kwargs.pop("out_indices", None)
+    if (features_only or out_indices is not None) and family is None:
+        raise ValueError(f"features_only/out_indices are offered for hierarchical backbones, not for the ViT {name}")
+    return features_only, out_indices
 
 
 def create_teacher(
@@ -68,27 +141,37 @@ def create_teacher(
     pretrained: bool = False,
     **timm_kwargs,
 ) -> nn.Module:
-    """The timm ViT called ``name`` (unpruned), optionally loaded from ``checkpoint``.
+    """The timm model called ``name`` (unpruned), optionally loaded from ``checkpoint``.
 
-    Its final patch tokens (after the final norm) come beside the logits from
-    :func:`forward_with_tokens`, which is what token distillation compares against.
+    Its final patch tokens (after the final norm; for hierarchical backbones the final feature map)
+    come beside the logits from :func:`forward_with_tokens`, which is what distillation compares against.
 
     Args:
-        name: A timm model name (``deit_small_patch16_224``, ``vit_base_patch16_224``, …) or one this
-            toolkit registers with timm.
+        name: A timm ViT name (``deit_small_patch16_224``, ``vit_base_patch16_224``, …), a name of a
+            registered :class:`Family` (``convnext_tiny``, …) or one this toolkit registers with timm.
         num_classes: Size of the classifier head.
-        img_size: Input resolution, a multiple of the patch size. ``None`` (default) builds the model at
-            its own pretrained resolution (timm's ``pretrained_cfg``: 384 for ``vit_small_patch16_384``).
-            Another size gets another patch grid: timm resamples the position embedding of pretrained
-            weights to it, and so does :func:`load_checkpoint` for a checkpoint of another grid.
-        checkpoint: A DeiT/timm/DynamicViT/Lightning checkpoint to load strictly (see :func:`load_checkpoint`).
+        img_size: Input resolution, a multiple of the patch size (of the total stride for hierarchical
+            backbones). ``None`` (default) builds the model at its own pretrained resolution (timm's
+            ``pretrained_cfg``: 384 for ``vit_small_patch16_384``). Another size gets another patch grid:
+            timm resamples the position embedding of pretrained weights to it, and so does
+            :func:`load_checkpoint` for a checkpoint of another grid.
+        checkpoint: A DeiT/timm/DynamicViT/Lightning checkpoint, or the original layout of a registered
+            family (e.g. FB ConvNeXt), to load strictly (see :func:`load_checkpoint`).
         pretrained: Fetch timm's pretrained weights (needs access to the model hub).
         **timm_kwargs: Passed to ``timm.create_model``, e.g. ``depth=4, embed_dim=64, num_heads=2``.
+            ``features_only=True`` (with ``out_indices``) returns timm's ``FeatureListNet`` of the stage
+            maps of a hierarchical backbone, after the checkpoint is loaded.
     """
-    model = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
+    family = family_of(name)
+    features_only, out_indices = _split_feature_args(name, family, timm_kwargs)
+    if family is None:
+        model = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
+    else:
+        _check_name(name)
+        model = family.build(name, pretrained, num_classes, img_size, **timm_kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, offer_reset_head=False)
-    return model
+    return _feature_extractor(model, out_indices) if features_only else model
 
 
 def create_student(
@@ -100,21 +183,34 @@ def create_student(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     **timm_kwargs,
-) -> TokenPruning:
-    """A DynamicViT student on the timm ViT ``name`` with one keep predictor per pruning location.
+) -> nn.Module:
+    """A DynamicViT student on the timm ViT ``name`` with one keep predictor per pruning location, or
+    the dynamic spatial sparsification student of a hierarchical backbone (``convnext_tiny``, …).
 
     Class-token, distilled (DeiT), register-token, average-pooling and attention-pooling ViTs are
     supported (:func:`~dynvit.models.dynamic_vit.check_prunable` names what is not); LV-ViT and T2T-ViT
     get their own student classes.
 
     Args:
-        keep_ratio: Base keep ratio ρ in (0, 1]; stage s keeps ``int(N * ρ**s)`` of N patch tokens.
-        pruning_loc: Block indices before which tokens are scored and pruned; ``None`` (default) picks the
-            backbone's default (``DEFAULT_PRUNING_LOC``, else a quarter of the depth apart).
-        checkpoint: A released DynamicViT checkpoint, a teacher checkpoint (predictors keep their
-            fresh init) or a Lightning ``.ckpt`` of this toolkit.
-        Other arguments as :func:`create_teacher`.
+        keep_ratio: Base keep ratio ρ in (0, 1]. ViTs: stage s keeps ``int(N * ρ**s)`` of N patch tokens.
+            Hierarchical backbones: pruning stage s runs the slow path on ``int(N * (ρ - 0.2·s))`` of
+            the N stage-3 locations.
+        pruning_loc: Block indices before which tokens are scored and pruned (for hierarchical
+            backbones: blocks of stage 3); ``None`` (default) picks the backbone's default
+            (``DEFAULT_PRUNING_LOC``, else a quarter of the depth apart; the family's for hierarchical ones).
+        checkpoint: A released DynamicViT/DynamicCNN checkpoint, a teacher checkpoint (predictors and
+            fast paths keep their fresh init) or a Lightning ``.ckpt`` of this toolkit.
+        Other arguments as :func:`create_teacher` (``features_only`` included).
     """
+    family = family_of(name)
+    features_only, out_indices = _split_feature_args(name, family, timm_kwargs)
+    if family is not None:
+        _check_name(name)
+        model = family.build(name, pretrained, num_classes, img_size, **timm_kwargs)
+        student = family.to_student(model, keep_ratio, pruning_loc)
+        if checkpoint is not None:
+            load_checkpoint(student, checkpoint, offer_reset_head=False)
+        return _feature_extractor(student, out_indices) if features_only else student
     vit = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if pruning_loc is None:
         pruning_loc = default_pruning_loc(name, len(vit.blocks))
@@ -131,8 +227,11 @@ def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     For a ViT: the final patch tokens (B, N, C) after the final norm (``fc_norm`` applied per token
     where the model normalises after pooling, see :func:`~dynvit.models.dynamic_vit.final_patch_tokens`).
     For backbones with dense per-token predictions (LV-ViT's ``forward_dense``): those predictions
-    (B, N, num_classes).
+    (B, N, num_classes). For a registered hierarchical family: the final feature map after the final norm.
     """
+    family = family_of(model)
+    if family is not None:
+        return family.distilled_features(model, x)
     if hasattr(model, "forward_dense"):
         return model.forward_dense(x)
     features = model.forward_features(x)
@@ -142,7 +241,7 @@ def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int] | None) -> None:
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
-        raise TypeError(_NOT_A_VIT.format(name=name))
+        raise TypeError(_not_a_vit(name))
     if img_size is None:
         return
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

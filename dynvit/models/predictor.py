@@ -14,14 +14,18 @@ class KeepPredictor(nn.Module):
     Each token's score sees its own features (the first half of the hidden channels) and a global
     context: the mean of the second half over the tokens still kept. Parameter names follow the
     released DynamicViT checkpoints (``in_conv.{0,1}``, ``out_conv.{0,2,4}``) so they load as they are.
+    The hierarchical students (ConvNeXt, Swin) score the locations of a feature map with the same
+    module, their context being the mean over every location.
 
     Args:
         embed_dim: Token width C of the backbone.
+        eps: Epsilon of the input LayerNorm: PyTorch's 1e-5 in the ViT and Swin references, 1e-6 in
+            the ConvNeXt one.
     """
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, embed_dim), nn.GELU())
+        self.in_conv = nn.Sequential(nn.LayerNorm(embed_dim, eps=eps), nn.Linear(embed_dim, embed_dim), nn.GELU())
         self.out_conv = nn.Sequential(
             nn.Linear(embed_dim, embed_dim // 2),
             nn.GELU(),
@@ -42,12 +46,16 @@ class KeepPredictor(nn.Module):
         drop = math.log(max(1.0 - keep_prob, 1e-6))
         self.out_conv[-2].bias.copy_(torch.tensor([math.log(keep_prob), drop]))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Args: patch tokens ``x`` (B, N, C) and the current keep mask (B, N, 1). Returns (B, N, 2)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: tokens ``x`` (B, N, C) and the current keep mask (B, N, 1), or None for a context
+        over every token. Returns (B, N, 2)."""
         h = self.in_conv(x)
         half = h.shape[-1] // 2
         local, context = h[..., :half], h[..., half:]
-        # The clamp keeps a stage whose tokens were all dropped finite (the mean of nothing is 0 here).
-        kept = mask.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        context = (context * mask).sum(dim=1, keepdim=True) / kept
+        if mask is None:
+            context = context.mean(dim=1, keepdim=True)
+        else:
+            # The clamp keeps a stage whose tokens were all dropped finite (the mean of nothing is 0 here).
+            kept = mask.sum(dim=1, keepdim=True).clamp_min(1e-6)
+            context = (context * mask).sum(dim=1, keepdim=True) / kept
         return self.out_conv(torch.cat([local, context.expand_as(local)], dim=-1))

@@ -57,7 +57,6 @@ from dynvit.measure.throughput import (
     random_images,
     time_calls,
 )
-from dynvit.models.dynamic_vit import keep_counts
 from dynvit.reducers import REDUCERS, ReducedViT, TokenCost, apply_reducer
 from dynvit.reducers.base import check_reducible
 from dynvit.reducers.matching import Match, match_keep_rate, match_tome_r, nearest
@@ -369,9 +368,10 @@ def final_tokens(model: nn.Module) -> float | None:
     if isinstance(model, ReducedViT):
         schedule = model.token_schedule()
         return None if schedule is None else float(schedule[-1][1] - model.num_prefix_tokens)
-    if hasattr(model, "keep_ratio") and hasattr(model, "pruning_loc"):
-        return float(keep_counts(model.num_patches, model.keep_ratio, len(model.pruning_loc))[-1])
-    return float(model.patch_embed.num_patches)
+    if hasattr(model, "stage_keep_counts"):
+        return float(model.stage_keep_counts[-1])
+    # A CNN teacher has no patch tokens.
+    return float(model.patch_embed.num_patches) if hasattr(model, "patch_embed") else None
 
 
 @dataclass
