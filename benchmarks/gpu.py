@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynvit import create_student, create_teacher, forward_with_tokens, measure_throughput
+from dynvit import create_student, create_teacher, environment, forward_with_tokens, measure_throughput
 from dynvit.models.dynamic_vit import StudentOutput
 from dynvit.models.masked_attention import set_recompute
 
@@ -141,9 +141,7 @@ def inference(
     model: nn.Module, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, compiled: bool
 ) -> dict:
     """Images/s at the benchmark batch and median batch-1 latency in ms."""
-    common = dict(
-        device=device, dtype=dtype, warmup=args.warmup, repeats=args.repeats, channels_last=args.channels_last
-    )
+    common = dict(device=device, dtype=dtype, pairs=args.repeats, channels_last=args.channels_last)
     ips = measure_throughput(maybe_compile(model, compiled, args.compile_backend), batch_size=args.batch_size, **common)
     one = measure_throughput(maybe_compile(model, compiled, args.compile_backend), batch_size=1, **common)
     return {"images_per_s": ips, "latency_ms": 1000.0 / one}
@@ -229,10 +227,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: quick CPU check)"
     )
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--img-size", type=int, default=None, help="input side (default: each model's own)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed blocks per inference measurement")
     parser.add_argument("--train-repeats", type=int, default=10)
     parser.add_argument("--skip-train", action="store_true", help="inference only")
     parser.add_argument("--channels-last", action="store_true")
@@ -250,16 +248,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = run(args)
     print(markdown(rows))
     if args.json:
-        device = torch.device(args.device)
-        setup = {
-            "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"cpu ({torch.get_num_threads()} threads)",
-            "args": vars(args),
-        }
+        env = environment(args.device, args.batch_size, [args.dtype])
         with open(args.json, "w") as f:
-            json.dump({"setup": setup, "rows": rows}, f, indent=2)
+            json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
-from dynvit import create_student
+from dynvit import create_student, environment
 from dynvit.models.masked_attention import set_recompute
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -146,7 +146,7 @@ def main() -> None:
         for dtype in args.dtypes
     ]
     print(markdown(rows))
-    result = {"rows": rows, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    result = {"environment": environment("cpu", args.batch_size, args.dtypes), "rows": rows}
     if args.check_compile:
         result["compile_max_abs_diff"] = check_compile()
         print(f"\ninductor-compiled tiny student, eval: max |compiled - eager| = {result['compile_max_abs_diff']:.2e}")

@@ -1,26 +1,30 @@
-"""Throughput of a ViT teacher and its DynamicViT students, side by side in one run.
+"""Speed of a ViT teacher and its DynamicViT students, in every precision and backend, in one run.
 
-Models are measured in turns over several rounds (teacher, ρ=0.9, ρ=0.7, …, teacher, …) so slow drift
-of a shared machine (other jobs, clocks, heat) hits every model alike; each model's figure is the
-median over rounds. Weights are random (timm init): speed does not depend on their values.
+Every row is timed in pairs with the float32 teacher (``dynvit.measure.throughput``): the speedup is
+the median of per-pair time ratios with a 95 % interval, so a slow spell of a shared machine moves
+the images/s but hardly the speedups. Weights are random (timm init): speed does not depend on their
+values. The keep predictors' last layer gets a wide init so that their scores are spread as a trained
+predictor's are: with the default init every token scores within ~1e-6 of the others, and the
+onnxruntime check would compare two different (near-tied) token selections.
 
-    python benchmarks/throughput.py                        # DeiT-S, batch 32, 224, fp32, CPU
-    python benchmarks/throughput.py --device cuda --dtype bf16 --batch-size 256 --json out.json
+    python benchmarks/throughput.py                                  # DeiT-S, batch 32, fp32, CPU
+    python benchmarks/throughput.py --precision fp32,bf16,int8 --backend onnxruntime --latency --json deit_s.json
+    python benchmarks/throughput.py --ratios 0.7 --pairs 30          # the repeatability check (run it 3 times)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import sys
+import tempfile
 
 import torch
 
-from dynvit import count_flops, create_student, create_teacher, measure_throughput
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dynvit import create_student, create_teacher
+from dynvit.measure.environment import describe
+from dynvit.measure.throughput import SpeedSettings
+from dynvit.run.benchmark import benchmark, check_precisions
+from dynvit.run.report import format_table, records
 
 
 def positive_int(text: str) -> int:
@@ -35,89 +39,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name (teacher and backbone)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.7, 0.5], help="student keep ratios ρ")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16/fp16 run under autocast")
-    p.add_argument("--rounds", type=positive_int, default=5, help="turns over all models; the figure is their median")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed forward passes per model per round")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes before each model's turn")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16,int8")
+    p.add_argument("--backend", choices=["eager", "onnxruntime"], default="eager")
+    p.add_argument("--latency", action="store_true", help="also time every row at batch 1")
+    p.add_argument("--pairs", type=positive_int, default=30, help="timing rounds (one ratio per row each)")
+    p.add_argument("--block-time", type=float, default=0.1, help="seconds each timed block lasts at least")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")
+    args = p.parse_args(argv)
+    check_precisions(args.precision)
+    return args
 
 
-def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    common = dict(img_size=args.img_size)
-    models = {"teacher": create_teacher(args.model, **common)}
-    for ratio in args.ratios:
-        models[f"ρ={ratio:g}"] = create_student(args.model, keep_ratio=ratio, **common)
-    return models
-
-
-def run(args: argparse.Namespace) -> list[dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models = build_models(args)
-    speeds: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        # Alternate the order every round so no model always follows the same one.
-        order = list(models) if r % 2 == 0 else list(reversed(models))
-        for name in order:
-            speeds[name].append(
-                measure_throughput(
-                    models[name],
-                    batch_size=args.batch_size,
-                    img_size=args.img_size,
-                    device=args.device,
-                    dtype=DTYPES[args.dtype],
-                    warmup=args.warmup,
-                    repeats=args.repeats,
-                )
-            )
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {speeds[n][-1]:.1f}" for n in models), file=sys.stderr)
-    teacher = statistics.median(speeds["teacher"])
-    rows = []
-    for name, model in models.items():
-        median = statistics.median(speeds[name])
-        rows.append(
-            dict(
-                model=name,
-                keep_ratio=getattr(model, "keep_ratio", 1.0),
-                gflops=count_flops(model, img_size=args.img_size),
-                img_per_s=median,
-                img_per_s_min=min(speeds[name]),
-                img_per_s_max=max(speeds[name]),
-                speedup=median / teacher,
-                rounds=speeds[name],
-            )
-        )
-    return rows
-
-
-def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [
-        f"{args.model}, batch {args.batch_size}, {args.img_size}×{args.img_size}, {args.dtype}, {args.device} "
-        f"({torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}); "
-        f"median of {args.rounds} rounds × {args.repeats} passes",
-        "",
-        "| model | GFLOPs | img/s (median) | min–max over rounds | speedup vs teacher |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['gflops']:.2f} | {row['img_per_s']:.1f} | "
-            f"{row['img_per_s_min']:.1f}–{row['img_per_s_max']:.1f} | {row['speedup']:.2f}× |"
-        )
-    return "\n".join(lines)
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    kwargs = dict(img_size=args.img_size)
+    teacher = create_teacher(args.model, **kwargs)
+    student = create_student(args.model, keep_ratio=max(args.ratios), **kwargs)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    with torch.no_grad():
+        for predictor in student.score_predictor:
+            torch.nn.init.normal_(predictor.out_conv[-2].weight, std=1.0)  # spread-out keep scores
+    return student.eval(), teacher.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = run(args)
-    print(markdown(rows, args))
+    student, teacher = build(args)
+    settings = SpeedSettings(
+        batch_size=args.batch_size,
+        device=args.device,
+        pairs=args.pairs,
+        block_time=args.block_time,
+        threads=args.threads,
+    )
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        result = benchmark(
+            student,
+            teacher,
+            args.ratios,
+            settings=settings,
+            precisions=check_precisions(args.precision),
+            backend=args.backend,
+            latency=args.latency,
+            onnx_dir=onnx_dir,
+        )
+    size = student.patch_embed.img_size[0]
+    print(f"{args.model}, {size}², {describe(result.environment)}; {args.pairs} pairs per speedup\n")
+    print(format_table(result.rows))
+    for reason in result.skipped:
+        print(f"skipped: {reason}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+            json.dump(
+                {"environment": result.environment, "args": vars(args), "rows": records(result.rows)}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """dynvit: token pruning for vision transformers (DynamicViT and peers), measured end to end."""
 
-from dynvit.measure import count_flops, count_params, measure_throughput
+from dynvit.deploy import export_onnx, quantize
+from dynvit.measure import count_flops, count_params, environment, measure_speedup, measure_throughput
 from dynvit.models import (
     DynamicCNN,
     DynamicSwin,
@@ -23,7 +24,11 @@ __all__ = [
     "count_params",
     "create_student",
     "create_teacher",
+    "environment",
+    "export_onnx",
     "forward_with_tokens",
     "load_checkpoint",
+    "measure_speedup",
     "measure_throughput",
+    "quantize",
 ]

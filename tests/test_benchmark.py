@@ -10,14 +10,15 @@ import torch
 
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
+from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import CheckpointMismatch
-from dynvit.run.benchmark import SpeedSettings, benchmark, dynamicvit_at, time_in_rounds
+from dynvit.run.benchmark import benchmark, dynamicvit_at
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import ResultRow, format_table
 from tests.tiny_config import DIGITS, tiny_config, write_config
 
 ARCH = dict(num_classes=10, img_size=32, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2)
-FAST = SpeedSettings(batch_size=2, warmup=0, repeats=1, rounds=1)
+FAST = SpeedSettings(batch_size=2, pairs=1, block_time=0.0, warmup_time=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -32,29 +33,33 @@ def digits_val_loader():
     return data.val_dataloader()
 
 
-def test_rounds_alternate_between_models_and_report_medians(monkeypatch):
-    teacher, fast = torch.nn.Identity(), torch.nn.Identity()
-    calls = []
-    # Round 2 is a slow spell for the teacher only; the median over 3 rounds ignores it.
-    results = iter([90.0, 300.0, 110.0, 100.0])
+def test_speedups_are_medians_of_pairs_with_the_teacher(monkeypatch):
+    """Each row's speedup, interval and images/s come from one paired timing with the teacher."""
+    student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
+    teacher = create_teacher("vit_tiny_patch16_224", **ARCH)
+    seen = {}
 
-    def fake_measure(model, **kwargs):
-        calls.append("teacher" if model is teacher else "fast")
-        return next(results)
+    def fake_time_calls(calls, settings, reference=True, setups=None):
+        from dynvit.measure.throughput import Timing
 
-    monkeypatch.setattr("dynvit.run.benchmark.measure_throughput", fake_measure)
-    rows = [ResultRow("teacher", 1.0, 1.0, 1.0, images_per_s=100.0), ResultRow("x", 0.7, 0.5, 1.0, images_per_s=200.0)]
-    time_in_rounds(rows, [lambda: teacher, lambda: fast], SpeedSettings(rounds=3))
-    assert calls == ["teacher", "fast", "teacher", "fast"]  # in turn, not one model's rounds back to back
-    assert rows[0].images_per_s == 100.0 and rows[1].images_per_s == 200.0
-    assert rows[0].speedup == 1.0 and rows[1].speedup == 2.0
+        seen.update(n=len(calls), reference=reference, pairs=settings.pairs, setups=setups)
+        ratios = [[], [1.5, 1.6, 1.7, 1.8, 1.9, 2.0], [2.5, 2.6, 2.7, 2.8, 2.9, 3.0]]
+        return [Timing(settings.batch_size, [0.1 / (1 + i)] * 6, r) for i, r in enumerate(ratios)]
+
+    monkeypatch.setattr("dynvit.run.benchmark.time_calls", fake_time_calls)
+    rows = benchmark(student, teacher, [0.9, 0.5], settings=SpeedSettings(batch_size=2, pairs=6)).rows
+    assert seen["n"] == 3 and seen["reference"] and seen["pairs"] == 6 and seen["setups"][0] is not None
+    assert [r.speedup for r in rows] == [1.0, pytest.approx(1.75), pytest.approx(2.75)]
+    assert (rows[1].speedup_low, rows[1].speedup_high) == (1.5, 2.0)  # n = 6: the extreme ratios
+    assert rows[2].images_per_s == pytest.approx(2 / (0.1 / 3))
+    assert rows[0].speedup_low is None and rows[0].latency_ms is None
 
 
 def test_rows_follow_the_keep_ratio_and_match_direct_measurements():
     val_loader = digits_val_loader()
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
     teacher = create_teacher("vit_tiny_patch16_224", **ARCH)
-    rows = benchmark(dynamicvit_at(student), [0.5, 0.9, 0.7], teacher, val_loader, FAST)
+    rows = benchmark(student, teacher, [0.5, 0.9, 0.7], loader=val_loader, settings=FAST).rows
 
     assert [(r.method, r.keep_ratio) for r in rows] == [
         ("teacher", 1.0),
@@ -68,7 +73,7 @@ def test_rows_follow_the_keep_ratio_and_match_direct_measurements():
     for row in rows[1:]:
         student.keep_ratio = row.keep_ratio
         assert row.gflops == pytest.approx(count_flops(student), rel=1e-9)
-        assert row.speedup == pytest.approx(row.images_per_s / rows[0].images_per_s)
+        assert row.speedup > 0 and row.speedup_low is None  # one pair: no interval
         # Same weights at this ratio, scored by hand.
         correct = sum((student.eval()(x).argmax(-1) == y).sum().item() for x, y, _ in val_loader)
         assert row.top1 == pytest.approx(correct / 12)
@@ -82,15 +87,15 @@ def test_no_recall_without_patch_masks():
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
     data = SyntheticDataModule(num_classes=10, img_size=32, in_chans=1, val_size=8, batch_size=4, train_size=8)
     data.setup("validate")
-    (row,) = benchmark(dynamicvit_at(student), [0.7], loader=data.val_dataloader(), settings=FAST)
-    assert row.recall == [] and 0.0 <= row.top1 <= 1.0
+    (row,) = benchmark(student, ratios=[0.7], loader=data.val_dataloader(), settings=FAST).rows
+    assert row.recall == [] and 0.0 <= row.top1 <= 1.0 and row.speedup is None  # no teacher, no speedup
 
 
 def test_bad_ratios_and_non_pruned_models_are_refused():
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
     for bad in ([0.0, 0.5], [1.2], []):
         with pytest.raises(ValueError, match=r"\(0, 1\]|no keep ratios"):
-            benchmark(dynamicvit_at(student), bad, settings=FAST)
+            benchmark(student, ratios=bad, settings=FAST)
     with pytest.raises(TypeError, match="no keep_ratio"):
         dynamicvit_at(create_teacher("vit_tiny_patch16_224", **ARCH))
 
@@ -101,8 +106,12 @@ def test_table_shows_percentages_and_hides_unmeasured_columns():
         ResultRow("dynamicvit", 0.7, 2.988, 22.77, 160.0, 1.6, top1=0.793),
     ]
     table = format_table(rows).splitlines()
-    assert table[0] == "| method | ρ | GFLOPs | params (M) | images/s | speedup | top-1 % |"
+    assert table[0] == "| method | ρ | GFLOPs | params (M) | images/s | speedup (95 % CI) | top-1 % |"
     assert table[3] == "| dynamicvit | 0.7 | 2.988 | 22.77 | 160 | 1.60× | 79.30 |"
+    rows[1].speedup_low, rows[1].speedup_high, rows[1].precision = 1.52, 1.68, "int8"
+    table = format_table(rows).splitlines()
+    assert table[0].startswith("| method | ρ | precision | GFLOPs |")  # shown once a row is not fp32
+    assert table[3] == "| dynamicvit | 0.7 | int8 | 2.988 | 22.77 | 160 | 1.60× (1.52–1.68) | 79.30 |"
 
 
 def run_benchmark(tmp_path, *extra: str) -> None:
@@ -114,9 +123,10 @@ def run_benchmark(tmp_path, *extra: str) -> None:
             f"--out={tmp_path / 'bench'}",
             "--ratios=[0.5,0.9]",
             "--batch_size=2",
-            "--warmup=0",
-            "--repeats=1",
-            "--rounds=1",
+            "--pairs=1",
+            "--block_time=0",
+            "--warmup_time=0",
+            "--latency=false",
             *extra,
         ]
     )
@@ -125,7 +135,9 @@ def run_benchmark(tmp_path, *extra: str) -> None:
 def test_cli_writes_csv_json_and_figure(tmp_path, capsys):
     run_benchmark(tmp_path)
     out = tmp_path / "bench"
-    records = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text())
+    records = data["rows"]
+    assert data["environment"]["batch_size"] == 2 and data["environment"]["device"] == "cpu"
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
         ("teacher", 1.0),
         ("dynamicvit", 0.9),
@@ -146,7 +158,7 @@ def test_cli_loads_student_weights_from_ckpt_path(tmp_path):
         student.head.bias.copy_(torch.arange(10.0) * 100)  # always predicts class 9
     torch.save({"model": student.state_dict()}, tmp_path / "student.pth")
     run_benchmark(tmp_path, f"--ckpt_path={tmp_path / 'student.pth'}")
-    records = json.loads((tmp_path / "bench" / "results.json").read_text())
+    records = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     data = ClutteredDigitsDataModule(**DIGITS)
     data.setup("validate")
     labels = torch.cat([y for _, y, _ in data.val_dataloader()])
@@ -172,4 +184,62 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
     with pytest.raises(CheckpointMismatch, match="shape clashes"):
         run_benchmark(tmp_path, f"--ckpt_path={tmp_path / 'other.pth'}")
+    assert not (tmp_path / "bench").exists()
+
+
+def decisive_student(path):
+    """A student checkpoint whose keep scores are spread out, as trained ones are (a fresh predictor
+    scores every token alike, so the onnxruntime check would compare two near-tied token choices)."""
+    config = tiny_config(path.parent / "unused")["model"]["init_args"]
+    kwargs = {**config["model_kwargs"], "num_classes": 10, "img_size": 32, "in_chans": 1}
+    student = create_student(config["model_name"], keep_ratio=0.7, pruning_loc=config["pruning_loc"], **kwargs)
+    torch.manual_seed(0)
+    for name, module in student.named_modules():
+        if isinstance(module, torch.nn.Linear) and ("score_predictor" in name or name == "head"):
+            torch.nn.init.normal_(module.weight, std=2.0 / module.in_features**0.5)
+    torch.save({"model": student.state_dict()}, path)
+    return student
+
+
+def test_cli_measures_every_row_in_every_precision_and_in_onnxruntime(tmp_path, capsys):
+    decisive_student(tmp_path / "student.pth")
+    run_benchmark(
+        tmp_path,
+        f"--ckpt_path={tmp_path / 'student.pth'}",
+        "--ratios=[0.5]",
+        "--precision=fp32,int8",
+        "--backend=onnxruntime",
+        "--latency=true",
+    )
+    out = tmp_path / "bench"
+    data = json.loads((out / "results.json").read_text())
+    rows = [(r["method"], r["precision"], r["backend"]) for r in data["rows"]]
+    variants = [("fp32", "eager"), ("int8", "eager"), ("fp32", "onnxruntime"), ("int8", "onnxruntime")]
+    assert rows == [(m, p, b) for m in ("teacher", "dynamicvit") for p, b in variants]
+    assert data["environment"]["precision"] == "fp32,int8" and data["environment"]["backend"] == "onnxruntime"
+    for record in data["rows"]:
+        assert record["latency_ms"] > 0 and record["images_per_s"] > 0 and 0 <= record["top1"] <= 1
+        assert record["gflops"] == data["rows"][0 if record["method"] == "teacher" else 4]["gflops"]
+    # The exported files (and onnxruntime's int8 copies) stay beside the results.
+    assert len(list((out / "onnx").glob("*.int8.onnx"))) == 2 and len(list((out / "onnx").glob("*.onnx"))) == 4
+    printed = capsys.readouterr().out
+    assert "Measured on" in printed and "| dynamicvit | 0.5 | int8 | onnxruntime |" in printed
+
+
+def test_cli_export_writes_a_checked_onnx_file(tmp_path, capsys):
+    student = decisive_student(tmp_path / "student.pth").eval()
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    out = tmp_path / "student.onnx"
+    DynViTCLI(args=["export", f"--config={config}", f"--ckpt_path={tmp_path / 'student.pth'}", f"--out={out}"])
+    assert "checked in onnxruntime against eager PyTorch on 16 images" in capsys.readouterr().out
+    from dynvit.deploy import onnx_session, run_onnx
+
+    x = torch.randn(5, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(run_onnx(onnx_session(out), x), student(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_refuses_an_unknown_precision_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown precision 'int4'.*did you mean 'int8'"):
+        run_benchmark(tmp_path, "--precision=fp32,int4")
     assert not (tmp_path / "bench").exists()

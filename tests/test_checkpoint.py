@@ -199,7 +199,7 @@ def test_released_checkpoint_loads_strictly_and_gives_the_reference_eval_logits(
     model = create_student(NAME, keep_ratio=0.7, pruning_loc=TINY_LOC, checkpoint=path, **TINY)
     assert set(model.state_dict()) == set(ref.state_dict())
     model.load_state_dict(ref.state_dict(), strict=True)
-    assert load_checkpoint(model, path) == ([], [], [])
+    assert load_checkpoint(model, path) == ([], [], [], [])
     x = images(6)
     for keep_ratio in (0.7, 0.5):
         model.keep_ratio = keep_ratio

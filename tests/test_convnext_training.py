@@ -21,10 +21,11 @@ from dynvit.objectives import DynamicViTLoss, SpatialPruningLoss, pruning_object
 from dynvit.run.cli import DynViTCLI
 from tests.tiny_config import tiny_config, write_config
 
-# A 128-px canvas puts ConvNeXt's stage 3 at 8×8, one location per 16-px patch of the digit mask.
-DIGITS = dict(img_size=128, patch_size=16, digit_scale=2, train_samples_per_epoch=16, num_val=8, batch_size=8)
+# The model is built at 128 px and the digits follow it: a 128-px canvas puts ConvNeXt's stage 3 at 8×8, one location per 16-px patch of the digit mask.
+DIGITS = dict(patch_size=16, digit_scale=2, train_samples_per_epoch=16, num_val=8, batch_size=8)
 STUDENT = dict(
     model_name="convnext_tiny",
+    img_size=128,
     model_kwargs={"depths": [1, 1, 4, 1], "dims": [8, 16, 32, 64]},
     lr_base_batch_size=None,
     warmup_epochs=0,
@@ -74,7 +75,7 @@ def test_hierarchical_loss_is_the_reference_formula() -> None:
 
 
 def test_objective_follows_the_student() -> None:
-    module = DynamicViTModule(num_classes=10, img_size=128, in_chans=1, **STUDENT)
+    module = DynamicViTModule(num_classes=10, in_chans=1, **STUDENT)
     assert isinstance(module.loss, SpatialPruningLoss) and module.loss.ratio_weight == 10.0
     vit = torch.nn.Linear(1, 1)  # not a hierarchical student: the ViT objective, its own weight
     assert isinstance(pruning_objective(vit), DynamicViTLoss) and pruning_objective(vit).ratio_weight == 2.0
@@ -82,7 +83,7 @@ def test_objective_follows_the_student() -> None:
 
 
 def test_predictors_and_fast_paths_train_at_lr_and_the_backbone_at_its_scale() -> None:
-    module = DynamicViTModule(num_classes=10, img_size=128, in_chans=1, **STUDENT)
+    module = DynamicViTModule(num_classes=10, in_chans=1, **STUDENT)
     lr_of = {}
     for group in param_groups(module.net, 1.0, 0.05, module.lr_scales()):
         for p in group["params"]:
@@ -95,7 +96,7 @@ def test_predictors_and_fast_paths_train_at_lr_and_the_backbone_at_its_scale() -
 
 def test_keep_gradient_other_than_the_reference_is_refused() -> None:
     with pytest.raises(ValueError, match="acts in masked attention"):
-        DynamicViTModule(num_classes=10, img_size=128, in_chans=1, keep_gradient="secant", **STUDENT)
+        DynamicViTModule(num_classes=10, in_chans=1, keep_gradient="secant", **STUDENT)
 
 
 # --- through the CLI ---------------------------------------------------------------------------------
@@ -143,12 +144,13 @@ def test_benchmark_and_sweep_run_on_the_student(fitted: Path, tmp_path: Path) ->
             f"--out={tmp_path / 'bench'}",
             "--ratios=[0.7,0.9]",
             "--batch_size=2",
-            "--warmup=0",
-            "--repeats=1",
-            "--rounds=1",
+            "--pairs=1",
+            "--block_time=0",
+            "--warmup_time=0",
+            "--latency=false",
         ]
     )
-    records = json.loads((tmp_path / "bench" / "results.json").read_text())
+    records = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
         ("teacher", 1.0),
         ("dynamiccnn", 0.9),

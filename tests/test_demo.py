@@ -15,7 +15,9 @@ def test_demo_pipeline_trains_prunes_and_reports(tmp_path, capsys):
     assert list((out / "prune/keep_ratio_0.7/kept_tokens").glob("*.png"))
     rows = list(csv.DictReader((out / "benchmark/results.csv").open()))
     assert [r["method"] for r in rows][0] == "teacher" and len(rows) == 6
-    results = json.loads((out / "benchmark/results.json").read_text())
+    data = json.loads((out / "benchmark/results.json").read_text())
+    assert data["environment"]["batch_size"] == 8 and data["environment"]["torch"]
+    results = data["rows"]
     gflops = [r["gflops"] for r in results]
     assert gflops == sorted(gflops, reverse=True)  # teacher, then ρ = 0.9 … 0.5
     assert (out / "benchmark/tradeoff.png").stat().st_size > 0

@@ -103,6 +103,29 @@ def test_residual_branches_are_divided_by_skip_lam() -> None:
     torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)) / 2.0)
 
 
+@pytest.mark.parametrize("student", [False, True])
+def test_every_layernorm_has_the_official_eps(student: bool) -> None:
+    """The official LV-ViT (and its DynamicViT student) builds every norm as ``nn.LayerNorm``: eps 1e-5."""
+    model = (
+        create_student("lvvit_s", pruning_loc=TINY_LOC, **TINY_LV) if student else create_teacher("lvvit_s", **TINY_LV)
+    )
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    # norm1 and norm2 of every block, the final norm, and one per keep predictor in the student.
+    assert len(norms) == 2 * 4 + 1 + (3 if student else 0)
+    assert {name: m.eps for name, m in norms.items()} == dict.fromkeys(norms, 1e-5)
+
+
+def test_dropout_and_class_token_follow_the_official_model() -> None:
+    model = create_teacher("lvvit_s", drop_rate=0.1, **TINY_LV)
+    # The official drop_rate drops after the position embedding, the attention projection and the MLP.
+    assert model.pos_drop.p == 0.1 and model.head_drop.p == 0.0
+    assert {m.p for b in model.blocks for m in (b.attn.proj_drop, b.mlp.drop1, b.mlp.drop2)} == {0.1}
+    # Drawn like the position embedding (std 0.02), not timm's std 1e-6.
+    assert 0.005 < model.cls_token.std().item() < 0.05
+    with pytest.raises(ValueError, match="drop_rate"):
+        create_teacher("lvvit_s", proj_drop_rate=0.1, **TINY_LV)
+
+
 def test_state_dict_has_the_released_layout() -> None:
     model = create_teacher("lvvit_s", **TINY_LV)
     assert set(model.state_dict()) == released_keys(depth=4)

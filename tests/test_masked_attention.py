@@ -263,9 +263,8 @@ def test_measure_throughput_compile_and_channels_last(tiny_kwargs: dict, monkeyp
         return run
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    ips = measure_throughput(student, batch_size=2, warmup=1, repeats=2, compile=True, channels_last=True)
-    assert ips > 0 and compile_kwargs == [{"dynamic": False}] and calls == [True] * 3
+    ips = measure_throughput(student, batch_size=2, pairs=2, compile=True, channels_last=True)
+    # Compiled once; every call (warm-up, which compiles, and the timed blocks) runs the compiled model.
+    assert ips > 0 and compile_kwargs == [{"dynamic": False}] and len(calls) >= 4 and all(calls)
     # Mode and memory format are put back: the patch-embedding conv is contiguous again.
     assert student.training and student.patch_embed.proj.weight.is_contiguous()
-    with pytest.raises(ValueError, match="warmup >= 1"):
-        measure_throughput(student, batch_size=2, warmup=0, compile=True)

@@ -74,21 +74,21 @@ def test_count_params_adds_exactly_the_predictors() -> None:
 def test_measure_throughput_returns_images_per_second_and_restores_the_model(dtype: torch.dtype) -> None:
     model = student(0.7).train()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    speed = measure_throughput(model, batch_size=2, warmup=1, repeats=2, dtype=dtype)
+    speed = measure_throughput(model, batch_size=2, pairs=2, dtype=dtype)
     assert isinstance(speed, float) and speed > 0
     assert model.training
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("kwargs", [dict(repeats=0), dict(batch_size=0), dict(warmup=-1)])
+@pytest.mark.parametrize("kwargs", [dict(pairs=0), dict(batch_size=0)])
 def test_measure_throughput_rejects_empty_measurements(kwargs: dict) -> None:
-    with pytest.raises(ValueError, match="need batch_size >= 1, repeats >= 1, warmup >= 0"):
+    with pytest.raises(ValueError, match="need batch_size >= 1 and pairs >= 1"):
         measure_throughput(student(), **kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_measure_throughput_on_cuda_moves_the_model_back() -> None:
     model = student(0.7).train()
-    assert measure_throughput(model, batch_size=2, warmup=1, repeats=2, device="cuda") > 0
+    assert measure_throughput(model, batch_size=2, pairs=2, device="cuda") > 0
     assert model.training and all(p.device.type == "cpu" for p in model.parameters())

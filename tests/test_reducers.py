@@ -14,7 +14,9 @@ from dynvit import count_flops, create_student, create_teacher
 from dynvit.measure.flops import count_module_flops
 from dynvit.models import keep_counts
 from dynvit.reducers import REDUCERS, TokenCost, apply_reducer, create_reduced, matching, realised_gflops
-from dynvit.reducers.ats import inverse_transform_sample
+from dynvit.reducers.ats import inverse_transform_sample, significance
+from dynvit.reducers.base import AttentionStats
+from dynvit.reducers.evit import attentive_count
 from dynvit.reducers.matching import match_keep_rate, match_tome_r, nearest
 from dynvit.reducers.tome import bipartite_soft_matching, merge_weighted
 
@@ -128,8 +130,9 @@ def cls_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q[:, :, :1] @ k.transpose(-2, -1)) * attn.scale).softmax(-1)[:, :, 0].mean(1)
 
 
-def test_evit_fused_token_is_attention_weighted_mean_of_dropped_tokens(base, images):
-    model = reduced(base, "evit", keep_rate=0.5, pruning_loc=(1,))
+@pytest.mark.parametrize("fusion", ["official", "dynvit_mean"])
+def test_evit_fused_token_is_the_official_attention_weighted_sum(base, images, fusion):
+    model = reduced(base, "evit", keep_rate=0.5, pruning_loc=(1,), fusion=fusion)
     captured = {}
     hook = model.blocks[1].norm2.register_forward_pre_hook(lambda _, args: captured.update(x=args[0]))
     with torch.no_grad():
@@ -142,20 +145,30 @@ def test_evit_fused_token_is_attention_weighted_mean_of_dropped_tokens(base, ima
     top = a.topk(32, dim=1).indices.sort(dim=1).values
     dropped = torch.ones_like(a, dtype=torch.bool).scatter(1, top, False)
     w = a * dropped
-    fused = (w.unsqueeze(-1) * x[:, 1:]).sum(1) / w.sum(1, keepdim=True)
+    # The official EViT: extra_token = sum over the dropped tokens of a_i x_i, raw head-mean attention.
+    fused = (w.unsqueeze(-1) * x[:, 1:]).sum(1)
+    if fusion == "dynvit_mean":  # dynvit's variant: the same weights renormalised over the dropped set
+        fused = fused / w.sum(1, keepdim=True)
     got = captured["x"]
     assert got.shape == (4, 1 + 32 + 1, 32)
     torch.testing.assert_close(got[:, -1], fused, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[:, 1:-1], torch.gather(x[:, 1:], 1, top.unsqueeze(-1).expand(-1, -1, 32)))
     _, masks = model.predict_with_masks(images)
     assert torch.equal(masks[0], ~dropped)
+    with pytest.raises(ValueError, match="fusion"):
+        reduced(base, "evit", fusion="mean")
+
+
+def test_evit_keeps_the_official_float_ceil():
+    # The official count is math.ceil(keep_rate * (N - 1)) on the float product, noise included.
+    assert 0.55 * 100 > 55 and attentive_count(0.55, 100) == math.ceil(0.55 * 100) == 56
+    assert attentive_count(0.5, 64) == 32 and attentive_count(0.7, 196) == 138
 
 
 NO_REDUCTION = {
     "tome": dict(r=0),
     "topk": dict(keep_rate=1.0, pruning_loc=LOC),
     "evit": dict(keep_rate=1.0, pruning_loc=LOC),
-    "ats": dict(max_tokens=N, pruning_loc=LOC),
     "random": dict(keep_ratio=1.0, pruning_loc=LOC),
 }
 
@@ -208,12 +221,103 @@ def test_ats_kept_counts_vary_per_image_and_never_exceed_k(peaky):
         assert all(torch.equal(a[0], m[i]) for a, m in zip(alone_masks, masks, strict=True))
 
 
-def test_inverse_transform_sampling_collapses_duplicates():
-    sig = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
-    picked = inverse_transform_sample(sig, 4)
-    # Quantiles 1/8, 3/8, 5/8, 7/8: three fall in the 0.7 step, one in a 0.1 step.
-    assert picked.sum(1).tolist() == [2, 4]
-    assert picked[0, 0]
+def test_ats_drop_tokens_reproduces_the_authors_batch_dependence(peaky):
+    """With DROP_TOKENS true the authors' padding enters later CDFs: an image's samples depend on its batch."""
+    x = torch.randn(8, 3, 32, 32)
+    dropped = reduced(peaky, "ats", max_tokens=24, pruning_loc=LOC, drop_tokens=True)
+    kept = reduced(peaky, "ats", max_tokens=24, pruning_loc=LOC)
+    _, masks = dropped.predict_with_masks(x)
+    alone = [dropped.predict_with_masks(x[i : i + 1])[1] for i in range(8)]
+    assert all(torch.equal(alone[i][0][0], masks[0][i]) for i in range(8))  # no padding before stage 1
+    assert any(not torch.equal(alone[i][s][0], masks[s][i]) for i in range(8) for s in (1, 2))
+    # Alone (no padding), a later stage differs from the default only through the CDF's minimum.
+    assert any(
+        not torch.equal(a[s], b[s])
+        for i in range(8)
+        for a, b in [(alone[i], kept.predict_with_masks(x[i : i + 1])[1])]
+        for s in (1, 2)
+    )
+
+
+def official_ats_pick(sig: torch.Tensor, k: int) -> torch.Tensor:
+    """The ATS authors' sampling (adaptivetokensampling/ATS, ats_block.py), written out: which tokens stay."""
+    sorted_scores, order = torch.sort(sig, dim=1)
+    cdf = torch.cumsum(sorted_scores, dim=1)
+    lo, hi = cdf.min(dim=1)[0].unsqueeze(1), cdf.max(dim=1)[0].unsqueeze(1)
+    ncdf = (cdf - lo) / (hi - lo)
+    ys = torch.linspace(0, 1.0, k).unsqueeze(0).repeat(sig.shape[0], 1)
+    start = torch.min(ncdf + (ncdf == 0).float() * 1e8, dim=1)[0].unsqueeze(-1)
+    steps = torch.arange(k, dtype=torch.float).unsqueeze(0)
+    ys = start + ((ys * (k - 1)) - start * steps) / (k - 1)
+    pick = torch.min(torch.abs(ys.unsqueeze(2) - ncdf.unsqueeze(1)), dim=2)[1]  # nearest, first on ties
+    kept = torch.zeros_like(sig, dtype=torch.bool)
+    for b in range(sig.shape[0]):
+        kept[b, order[b, pick[b].unique()]] = True  # duplicates count once
+    return kept
+
+
+def test_ats_sampling_is_the_authors_inverse_transform():
+    torch.manual_seed(0)
+    sig = torch.rand(6, 40) ** 4
+    sig = sig / sig.sum(1, keepdim=True)
+    for k in (2, 7, 20, 40, 64):
+        picked = inverse_transform_sample(sig, k)
+        assert torch.equal(picked, official_ats_pick(sig, k)), k
+        assert (picked.sum(1) <= min(k, 39)).all()
+        assert not picked.gather(1, sig.argmin(1, keepdim=True)).any()  # the least significant never stays
+    # A worked case: sorted CDF 0.1, 0.2, 0.3, 1 → normalised 0, 1/9, 2/9, 1; 4 points 1/9, 11/27, 19/27, 1
+    # pick sorted positions 1, 2, 3, 3: three tokens, and the 0.7 one once.
+    picked = inverse_transform_sample(torch.tensor([[0.7, 0.1, 0.1, 0.1]]), 4)
+    assert picked.tolist() == [[True, False, True, True]]
+    assert inverse_transform_sample(torch.tensor([[0.25, 0.25, 0.25, 0.25]]), 4).sum() == 3
+    assert inverse_transform_sample(torch.tensor([[0.2, 0.5, 0.3]]), 1).tolist() == [[False, True, False]]
+
+
+def test_ats_significance_uses_the_norm_of_the_whole_value_vector():
+    torch.manual_seed(0)
+    B, H, n, d = 2, 3, 6, 4
+    values, attn = torch.randn(B, H, n, d), torch.rand(B, H, n).softmax(-1)
+    # The authors: attention of the class token summed over heads, times the norm of v over all heads.
+    whole = values.transpose(1, 2).reshape(B, n, H * d).norm(dim=-1)
+    want = (attn.sum(1) * whole)[:, 1:]
+    want = want / want.sum(1, keepdim=True)
+    got = significance(AttentionStats(keys=values, values=values, cls_attn=attn))
+    torch.testing.assert_close(got, want)
+    per_head = (attn * values.norm(dim=-1)).sum(1)[:, 1:]  # the per-head variant gives other scores
+    assert not torch.allclose(got, per_head / per_head.sum(1, keepdim=True), atol=1e-3)
+
+
+@pytest.mark.parametrize("vit", ["base", "peaky"])
+def test_ats_stages_keep_what_the_authors_formulas_pick(vit, request):
+    """Two stages (blocks 1, 2), one image at a time: the authors' significance and sampling, written out.
+
+    In their default (removed tokens stay as zero rows) the second stage samples from all N slots, the
+    removed ones with score 0.
+    """
+    peaky = request.getfixturevalue(vit)  # flat or sharp significance: many or few tokens kept
+    model = reduced(peaky, "ats", max_tokens=N, pruning_loc=(1, 2))
+    x = torch.randn(3, 3, 32, 32)
+
+    def scores(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        q, k, v = block.attn.qkv(block.norm1(tokens)).reshape(n, 3, 2, 16).permute(1, 2, 0, 3)
+        a = ((q @ k.transpose(-2, -1)) * block.attn.scale).softmax(-1)[:, 0]  # (H, n): the class row
+        return (a.sum(0) * v.transpose(0, 1).reshape(n, 32).norm(dim=-1))[1:]
+
+    for i in range(3):
+        _, masks = model.predict_with_masks(x[i : i + 1])
+        with torch.no_grad():
+            t = peaky.blocks[0](peaky.norm_pre(peaky._pos_embed(peaky.patch_embed(x[i : i + 1]))))[0]
+            sig = scores(peaky.blocks[1], t)
+            first = official_ats_pick((sig / sig.sum())[None], N)[0]
+            b1 = peaky.blocks[1]
+            t = t + b1.attn(b1.norm1(t)[None])[0]
+            t = torch.cat([t[:1], t[1:][first]])  # class token, then the kept ones in patch order
+            t = t + b1.mlp(b1.norm2(t))
+            full = torch.zeros(N).masked_scatter(first, scores(peaky.blocks[2], t))
+            second = official_ats_pick((full / full.sum())[None], N)[0]
+        assert torch.equal(masks[0][0], first) and torch.equal(masks[1][0], second)
+        assert first.sum() < N and not (second & ~first).any()  # even K = N drops tokens
 
 
 def test_random_keep_counts_and_seeded_eval(base, images):
@@ -240,7 +344,7 @@ def test_random_keep_counts_and_seeded_eval(base, images):
         ("topk", dict(pruning_loc=(2, 1)), ValueError),
         ("ats", dict(max_tokens=0), ValueError),
         ("ats", dict(max_tokens=[4, 4], pruning_loc=LOC), ValueError),
-        ("ats", {}, TypeError),  # max_tokens is required
+        ("ats", dict(max_tokens=2.5), ValueError),
         ("random", dict(keep_ratio=0.05), ValueError),  # int(64 * 0.05**3) = 0 tokens
         ("random", dict(keep_ratio=0.7, pruning_loc=(5,)), ValueError),
         ("evit", dict(keep_ratio=0.7), TypeError),  # that is random's parameter name
@@ -256,13 +360,15 @@ def test_bad_parameters_raise_and_leave_the_model_usable(base, images, method, p
         assert type(model) is type(base)
 
 
-def test_only_plain_class_token_vits_are_reducible():
+def test_only_plain_vits_are_reducible_and_class_attention_needs_a_class_token():
     with pytest.raises(TypeError, match="VisionTransformer"):
         apply_reducer(nn.Linear(2, 2), "tome", r=1)
     with pytest.raises(TypeError, match="subclass DynamicViT"):
         apply_reducer(create_student(NAME, pruning_loc=LOC, **TINY), "tome", r=1)
-    with pytest.raises(TypeError, match="class token"):
-        apply_reducer(create_teacher(NAME, global_pool="avg", class_token=False, **TINY), "tome", r=1)
+    pooled = create_teacher(NAME, global_pool="avg", class_token=False, **TINY)
+    with pytest.raises(TypeError, match="evit ranks tokens by the class token's attention"):
+        apply_reducer(copy.deepcopy(pooled), "evit", keep_rate=0.5)
+    apply_reducer(pooled, "tome", r=1)  # ToMe needs no class token
 
 
 def test_reduced_models_train_like_classifiers(base, images):

@@ -314,11 +314,6 @@ def test_unknown_model_name_suggests_close_ones() -> None:
         create_teacher("no_such_vit", **TINY)
 
 
-def test_vit_without_class_token_raises() -> None:
-    with pytest.raises(TypeError, match="class_token=True, global_pool='token'"):
-        create_student("vit_tiny_patch16_224", pruning_loc=TINY_LOC, global_pool="avg", class_token=False, **TINY)
-
-
 @pytest.mark.parametrize("factory", [create_student, create_teacher])
 def test_model_that_is_not_a_vit_raises(factory) -> None:
     with pytest.raises(TypeError, match="not a vision transformer.*pick a ViT such as deit_small_patch16_224"):

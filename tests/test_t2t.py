@@ -109,6 +109,16 @@ def test_position_embedding_is_fixed_sinusoid() -> None:
         assert pe[0, pos, i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["t2t_vit_14", "t2t_vit_t_14"])
+def test_every_layernorm_has_the_official_eps(name: str) -> None:
+    """The official T2T-ViT builds every norm (T2T layers, blocks, final) as ``nn.LayerNorm``: eps 1e-5."""
+    model = create_student(name, pruning_loc=TINY_LOC, **TINY_T2T)
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    # Two per T2T layer, two per block, the final norm, one per keep predictor.
+    assert len(norms) == 2 * 2 + 2 * 4 + 1 + 3
+    assert {name: m.eps for name, m in norms.items()} == dict.fromkeys(norms, 1e-5)
+
+
 def test_backbone_attention_uses_the_released_scale() -> None:
     # The released weights were trained with logits scaled by embed_dim ** -0.5, not head_dim ** -0.5.
     model = create_teacher("t2t_vit_14", **TINY_T2T).eval()

@@ -17,6 +17,8 @@ from dynvit.lightning.token_labeling import ScoreMapDataset
 from dynvit.models import CheckpointMismatch, LVViT, create_teacher, read_state_dict
 from dynvit.objectives.token_labeling import (
     TokenBox,
+    annotator_targets,
+    blend_with_ground_truth,
     mix_class_targets,
     mix_tokens,
     sample_token_box,
@@ -86,33 +88,49 @@ class LossRecorder(L.Callback):
         self.terms.append((float(m["train/cls"]), float(m["train/token"])))
 
 
-def test_step_is_class_loss_plus_half_token_loss_on_mixed_tokens(annotator_ckpt):
+def test_step_is_class_loss_plus_token_loss_on_mixed_tokens(annotator_ckpt):
     module = tiny_module(annotator_ckpt).train()
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
     np.random.seed(3)
     box = sample_token_box(GRID)
     assert 0 < box.area < 1
-    # Expected: labels of the *unmixed* images, then moved by the same box as the tokens.
+    # Official: targets of the *unmixed* images (the annotator's crop label as the class target), then
+    # moved by the same box as the tokens; token weight 1.
     with torch.no_grad():
-        token_targets = mix_tokens(module.annotator(x), box)
-        targets = mix_class_targets(torch.nn.functional.one_hot(y, 10).float() * 0.9 + 0.01, box)
+        labels = module.annotator(x, GRID)
+        token_targets = mix_tokens(labels.tokens, box)
+        targets = mix_class_targets(labels.cls, box)
         out = module.net(x, mix_box=box)
-        expected = token_labeling_loss(out.logits, out.aux_logits, targets, token_targets, weight=0.5).loss
+        expected = token_labeling_loss(out.logits, out.aux_logits, targets, token_targets, weight=1.0).loss
         np.random.seed(3)
         got = module.training_step((x, y), 0)
     torch.testing.assert_close(got, expected)
-    # Without MixToken the targets are the plain ones.
-    module = tiny_module(annotator_ckpt, mixtoken=False, label_smoothing=0.0).train()
+    # dynvit's earlier recipe, as options: the smoothed true label, top-k softmax targets, weight 0.5.
+    module = tiny_module(
+        annotator_ckpt, mixtoken=False, class_target="dynvit_label", token_targets="dynvit", token_weight=0.5
+    ).train()
     with torch.no_grad():
         out = module.net(x)
-        expected = token_labeling_loss(out.logits, out.aux_logits, y, module.annotator(x), weight=0.5).loss
+        label = torch.nn.functional.one_hot(y, 10).float() * 0.9 + 0.01
+        expected = token_labeling_loss(out.logits, out.aux_logits, label, module.annotator(x, GRID).tokens, 0.5).loss
         torch.testing.assert_close(module.training_step((x, y), 0), expected)
+    # The official --ground-truth blend.
+    module = tiny_module(annotator_ckpt, mixtoken=False, class_target="official_ground_truth").train()
+    with torch.no_grad():
+        out, labels = module.net(x), module.annotator(x, GRID)
+        blended = blend_with_ground_truth(labels.cls, y, 0.1)
+        expected = token_labeling_loss(out.logits, out.aux_logits, blended, labels.tokens).loss
+        torch.testing.assert_close(module.training_step((x, y), 0), expected)
+    with pytest.raises(ValueError, match="class_target"):
+        tiny_module(annotator_ckpt, class_target="label")
 
 
 def test_loss_and_both_terms_fall_over_a_few_steps(tmp_path, annotator_ckpt):
     recorder = LossRecorder()
-    # A sharp annotator: near one-hot token labels leave the token term room to fall below ln(10).
-    module = tiny_module(annotator_ckpt, annotator_temperature=0.05)
+    # A sharp annotator over all classes: near one-hot token labels leave the token term room to fall below
+    # ln(10) (its top-5 alone would share the mass with five zero logits: a random net's logits are small).
+    # The class term learns the true labels: a random annotator's label of a whole image is nearly flat.
+    module = tiny_module(annotator_ckpt, annotator_temperature=0.05, annotator_topk=None, class_target="dynvit_label")
     trainer(tmp_path, max_steps=25, limit_val_batches=0, callbacks=[recorder]).fit(module, tiny_data(batch_size=32))
     first, last = slice(0, 5), slice(-5, None)
 
@@ -237,17 +255,24 @@ def test_score_map_labels_follow_the_eval_crop_and_the_flip(tmp_path):
     folder = ImageFolderDataModule(images, img_size=32, crop_pct=1.0, verify_images=False)
     folder.setup("fit")
     kwargs = dict(img_size=32, crop_pct=1.0, interpolation="bilinear", mean=folder.mean, std=folder.std)
-    plain = ScoreMapDataset(folder.datasets["train"], tmp_path / "maps", 2, (4, 4), hflip=0.0, **kwargs)
-    flipped = ScoreMapDataset(folder.datasets["train"], tmp_path / "maps", 2, (4, 4), hflip=1.0, **kwargs)
+    plain = ScoreMapDataset(folder.datasets["train"], tmp_path / "maps", 2, hflip=0.0, **kwargs)
+    flipped = ScoreMapDataset(folder.datasets["train"], tmp_path / "maps", 2, hflip=1.0, **kwargs)
     index = [p for p, _ in plain.samples].index(str(images / "train/a/0.png"))
-    image, label, labels = plain[index]
-    assert image.shape == (3, 32, 32) and label == 0 and labels.dtype == torch.float16
+    image, label, score_map, geometry = plain[index]
+    assert image.shape == (3, 32, 32) and label == 0 and score_map.dtype == torch.float16
+    assert score_map.shape == (2, 2, 6, 6) and geometry.tolist() == [0.0, 0.25, 1.0, 0.5, 0.0]  # the middle half
+
+    def tokens(score_map: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        scores, indices = score_map[None, 0].float(), score_map[None, 1].long()
+        return annotator_targets(scores, indices, 2, (4, 4), geometry[None, :4], geometry[None, 4] > 0.5).tokens[0]
+
     # The crop is the middle half of the width: the map's boundary (half-way) falls between token columns 1 and 2.
-    top = labels.float().view(4, 4, 2).argmax(-1)
-    assert torch.equal(top, torch.tensor([[0, 0, 1, 1]] * 4))
-    image_f, _, labels_f = flipped[index]
+    labels = tokens(score_map, geometry)
+    assert torch.equal(labels.view(4, 4, 2).argmax(-1), torch.tensor([[0, 0, 1, 1]] * 4))
+    image_f, _, map_f, geometry_f = flipped[index]
     torch.testing.assert_close(image_f, image.flip(-1))
-    torch.testing.assert_close(labels_f.view(4, 4, 2), labels.view(4, 4, 2).flip(1))
+    assert torch.equal(map_f, score_map) and geometry_f[4] == 1.0
+    torch.testing.assert_close(tokens(map_f, geometry_f).view(4, 4, 2), labels.view(4, 4, 2).flip(1))
 
 
 def test_score_maps_train_the_module_end_to_end(tmp_path):
@@ -331,7 +356,10 @@ def test_print_config_of_the_lvvit_s_teacher_recipe(capsys):
     cfg = print_config("lvvit_s_teacher.yaml", capsys)
     model = cfg["model"]["init_args"]
     assert cfg["model"]["class_path"] == "dynvit.lightning.TokenLabelingModule"
-    assert model["model_name"] == "lvvit_s" and model["token_weight"] == 0.5 and model["mixtoken"] is True
+    assert model["model_name"] == "lvvit_s" and model["token_weight"] == 1.0 and model["mixtoken"] is True
+    # The official script's targets and class target.
+    assert model["token_targets"] == "official" and model["class_target"] == "official"
+    assert model["annotator_topk"] == 5 and model["label_smoothing"] == 0.1
     assert model["annotator_checkpoint"] and model["score_map_root"] is None
     assert cfg["data"]["class_path"] == "dynvit.data.ImageFolderDataModule"
 

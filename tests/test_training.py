@@ -223,6 +223,16 @@ def run_cli(*args: str) -> None:
     DynViTCLI(args=list(args))
 
 
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml") if not p.name.startswith("sweep_"))
+)
+def test_every_experiment_config_parses(config: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        run_cli("fit", "--config", str(ROOT / "experiments" / config), "--print_config")
+    assert done.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["model_name"]
+
+
 def test_print_config_of_the_deit_s_recipe_is_complete(capsys):
     with pytest.raises(SystemExit) as done:
         run_cli("fit", "--config", str(ROOT / "experiments/deit_s_prune.yaml"), "--print_config")
@@ -233,7 +243,8 @@ def test_print_config_of_the_deit_s_recipe_is_complete(capsys):
     assert cfg["model"]["init_args"]["pruning_loc"] == [3, 6, 9]
     assert cfg["model"]["init_args"]["backbone_lr_scale"] == 0.01
     assert cfg["data"]["class_path"] == "dynvit.data.ImageFolderDataModule"
-    assert cfg["checkpoint"]["monitor"] == "val/top1" and cfg["checkpoint"]["save_last"] is True
+    assert cfg["checkpoint"]["monitor"] == "val/top1" and cfg["checkpoint"]["save_last"] is False
+    assert cfg["checkpoint"]["enable_version_counter"] is False
     assert cfg["wandb"]["online"] is False
 
 
@@ -285,6 +296,7 @@ def write_tiny_config(tmp_path: Path, teacher_ckpt: str, **trainer_args) -> Path
             "class_path": "dynvit.lightning.DynamicViTModule",
             "init_args": {
                 "model_name": "deit_tiny_patch16_224",
+                "img_size": TINY["img_size"],
                 "pruning_loc": list(TINY_LOC),
                 "teacher_checkpoint": teacher_ckpt,
                 "model_kwargs": MODEL_KWARGS,
@@ -296,7 +308,6 @@ def write_tiny_config(tmp_path: Path, teacher_ckpt: str, **trainer_args) -> Path
             "class_path": "dynvit.data.SyntheticDataModule",
             "init_args": {
                 "num_classes": TINY["num_classes"],
-                "img_size": TINY["img_size"],
                 "train_size": 32,
                 "val_size": 32,
                 "batch_size": 8,

@@ -14,6 +14,7 @@ import yaml
 
 # 32-px canvas, 4-px patches (8×8 = 64 tokens), 8-px digits (at most 9 patches).
 DIGITS = dict(img_size=32, patch_size=4, digit_scale=1, train_samples_per_epoch=32, num_val=16, batch_size=8)
+FOLLOWING_DIGITS = {k: v for k, v in DIGITS.items() if k not in ("img_size", "patch_size")}
 STUDENT = dict(
     model_name="vit_tiny_patch16_224",
     pruning_loc=[1, 2, 3],
@@ -44,10 +45,11 @@ def tiny_config(root: Path, max_epochs: int = 1) -> dict:
         },
         "model": {
             "class_path": "dynvit.lightning.DynamicViTModule",
-            "init_args": {**copy.deepcopy(STUDENT), "keep_ratio": 0.7},
+            "init_args": {**copy.deepcopy(STUDENT), "keep_ratio": 0.7, "img_size": DIGITS["img_size"]},
         },
-        "data": {"class_path": "dynvit.data.ClutteredDigitsDataModule", "init_args": dict(DIGITS)},
-        "throughput": {"batch_size": 2, "warmup": 0, "repeats": 1},
+        # The model decides the canvas and patch sides; the DataModule follows it.
+        "data": {"class_path": "dynvit.data.ClutteredDigitsDataModule", "init_args": dict(FOLLOWING_DIGITS)},
+        "throughput": {"batch_size": 2, "pairs": 1, "block_time": 0.0, "warmup_time": 0.0},
     }
 
 

@@ -1,12 +1,47 @@
-"""Loader settings shared by the DataModules."""
+"""Loader settings shared by the DataModules, and how they follow the model they feed."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import Sampler
+
+from dynvit.models.factory import DataConfig, data_config
+
+
+def model_data_config(model: nn.Module) -> DataConfig | None:
+    """The :class:`~dynvit.models.DataConfig` of ``model`` (a network, or a LightningModule keeping it as
+    ``net``); None for a model that is not a timm one (no patch embedding, no ``pretrained_cfg``), which
+    leaves a DataModule's own settings."""
+    net = getattr(model, "net", model)
+    timm_model = hasattr(net, "patch_embed") or isinstance(getattr(net, "pretrained_cfg", None), dict)
+    return data_config(net) if timm_model else None
+
+
+def trainer_model(datamodule: L.LightningDataModule) -> nn.Module | None:
+    """The LightningModule of the Trainer ``datamodule`` is attached to, if any (set when ``setup`` runs)."""
+    trainer = datamodule.trainer
+    return None if trainer is None else trainer.lightning_module
+
+
+def followed_img_size(requested: int | None, config: DataConfig, in_chans: int, owner: str) -> int:
+    """The image side a DataModule makes for ``config``'s model: the model's, which ``requested`` (the
+    DataModule's own ``img_size``, None to follow) must equal; ``ValueError`` naming both sizes otherwise."""
+    height, width = config.img_size
+    if height != width:
+        raise ValueError(f"{owner} makes square images; the model expects {height}x{width}")
+    if requested is not None and requested != height:
+        raise ValueError(
+            f"{owner} has img_size={requested} but the model expects {height}x{width} images: drop the "
+            f"DataModule's img_size (it follows the model) or build the model with img_size={requested}"
+        )
+    if in_chans != config.in_chans:
+        raise ValueError(f"{owner} makes {in_chans}-channel images but the model expects {config.in_chans}")
+    return height
 
 
 def resolve_pin_memory(pin_memory: bool | None) -> bool:

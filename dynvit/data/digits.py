@@ -14,13 +14,17 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dynvit.data._common import loader_kwargs, resolve_pin_memory
+from dynvit.data._common import followed_img_size, loader_kwargs, model_data_config, resolve_pin_memory, trainer_model
 
 # Pixel statistics of the raw canvas (before normalisation) for the default settings, measured over
 # 20,000 training samples (seed 0): images are returned as (canvas - DIGITS_MEAN) / DIGITS_STD.
 # Other settings (canvas size, clutter) shift them a little; pass ``mean``/``std`` to override.
+# The canvas and patch sides without a model to follow.
+DEFAULT_IMG_SIZE = 64
+DEFAULT_PATCH_SIZE = 8
 DIGITS_MEAN = 0.0263
 DIGITS_STD = 0.1192
 
@@ -236,9 +240,13 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
     by ``seed``. Training samples are new every epoch yet a pure function of (seed, epoch, index), via
     :class:`EpochSampler`, so a resumed run sees the same data and DDP ranks see different samples.
 
+    **The model decides the geometry.** :meth:`follow` (called by ``setup()`` with the Trainer's model, and by
+    ``cli.py``) takes the canvas side and patch size from the model; explicit values must equal the model's.
+    Without a model: 64 px and 8 px patches.
+
     Args:
-        img_size: Canvas side in pixels; a multiple of ``patch_size``.
-        patch_size: Side of the model's patches, for the patch mask.
+        img_size: Canvas side in pixels, a multiple of ``patch_size``; ``None`` follows the model.
+        patch_size: Side of the model's patches, for the patch mask; ``None`` follows the model.
         digit_scale: Integer upscaling of the 8×8 scans (2 → 16×16 px).
         num_fragments: Clutter fragments per image.
         fragment_scale: Range of a fragment's side as a fraction of the digit's side.
@@ -265,8 +273,8 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        img_size: int = 64,
-        patch_size: int = 8,
+        img_size: int | None = None,
+        patch_size: int | None = None,
         digit_scale: int = 2,
         num_fragments: int = 6,
         fragment_scale: tuple[float, float] = (0.25, 0.5),
@@ -287,21 +295,18 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if img_size % patch_size:
-            raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
+        # The geometry is the model's to decide: a None here must not clash with the model's hparam.
+        self.save_hyperparameters(ignore=["img_size"])
         self.digit_size = 8 * digit_scale
-        if digit_scale < 1 or self.digit_size > img_size:
-            raise ValueError(f"digit_scale={digit_scale} gives a {self.digit_size} px digit; need 1 <= it <= img_size")
-        self.num_patches = (img_size // patch_size) ** 2
-        self.max_digit_patches = max_patches_spanned(self.digit_size, img_size, patch_size)
-        self.max_digit_fraction = self.max_digit_patches / self.num_patches
-        if self.max_digit_fraction > 1 / 6:
-            raise ValueError(
-                f"a {self.digit_size} px digit can cover {self.max_digit_patches} of {self.num_patches} patches "
-                f"({self.max_digit_fraction:.2f}); keep it at most 1/6 with a smaller digit_scale, a larger "
-                "img_size or a smaller patch_size"
-            )
+        self.datasets: dict[str, ClutteredDigits] = {}
+        self.requested_geometry = (img_size, patch_size)
+        # A size left to the model is checked against the digit once it is known (follow, or setup's
+        # defaults without a model): the defaults may not suit a digit_scale meant for the model's size.
+        self._set_geometry(
+            DEFAULT_IMG_SIZE if img_size is None else img_size,
+            DEFAULT_PATCH_SIZE if patch_size is None else patch_size,
+            check=None not in self.requested_geometry,
+        )
         if not (0 < fragment_scale[0] <= fragment_scale[1] <= 1):
             raise ValueError(f"fragment_scale must satisfy 0 < low <= high <= 1, got {fragment_scale}")
         if min(val_fraction, test_fraction) <= 0 or val_fraction + test_fraction >= 1:
@@ -311,8 +316,6 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self.hparams, name)}")
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
-        self.img_size = img_size
-        self.patch_size = patch_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         if train_samples_per_epoch < batch_size:
@@ -321,8 +324,53 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
             )
         self.pin_memory = resolve_pin_memory(pin_memory)
         self.seed = seed
-        self.datasets: dict[str, ClutteredDigits] = {}
         self.split_scans: dict[str, np.ndarray] = {}
+
+    def _set_geometry(self, img_size: int, patch_size: int, check: bool = True) -> None:
+        """Set the canvas and patch sides (and what follows from them: the patch count, coverage);
+        with ``check``, first make sure the digit suits them."""
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
+        num_patches = (img_size // patch_size) ** 2
+        max_digit_patches = max_patches_spanned(min(self.digit_size, img_size), img_size, patch_size)
+        if check and (self.hparams.digit_scale < 1 or self.digit_size > img_size):
+            raise ValueError(
+                f"digit_scale={self.hparams.digit_scale} gives a {self.digit_size} px digit; need 1 <= it <= img_size"
+            )
+        if check and max_digit_patches / num_patches > 1 / 6:
+            raise ValueError(
+                f"a {self.digit_size} px digit can cover {max_digit_patches} of {num_patches} patches "
+                f"({max_digit_patches / num_patches:.2f}) at img_size {img_size}, patch_size {patch_size}; keep it "
+                "at most 1/6 with a smaller digit_scale, a larger img_size or a smaller patch_size"
+            )
+        if self.datasets and (img_size, patch_size) != (self.img_size, self.patch_size):
+            self.datasets = {}  # made for another geometry: setup() makes them again
+        self.img_size, self.patch_size = img_size, patch_size
+        self.num_patches, self.max_digit_patches = num_patches, max_digit_patches
+        self.max_digit_fraction = max_digit_patches / num_patches
+
+    def follow(self, model: nn.Module) -> None:
+        """Draw canvases and patch masks for ``model`` (a network, or a LightningModule with ``net``): its
+        input size and patch size, which an explicit ``img_size``/``patch_size`` must equal.
+
+        Raises:
+            ValueError: an explicit size differs from the model's, or the model's geometry does not suit the
+                digits (e.g. a digit would cover more than a sixth of the patches).
+        """
+        config = model_data_config(model)
+        if config is None:
+            return
+        owner = type(self).__name__
+        img_size = followed_img_size(self.requested_geometry[0], config, self.in_chans, owner)
+        patch, requested = config.patch_size, self.requested_geometry[1]
+        if patch is None:  # no patch tokens to follow: the mask keeps the DataModule's own grid
+            patch = (self.patch_size, self.patch_size)
+        if patch[0] != patch[1] or (requested is not None and requested != patch[0]):
+            raise ValueError(
+                f"{owner} has patch_size={requested} but the model's patches are {patch[0]}x{patch[1]}: drop the "
+                "DataModule's patch_size (it follows the model)"
+            )
+        self._set_geometry(img_size, patch[0])
 
     def split_indices(self) -> dict[str, np.ndarray]:
         """Indices into ``load_digits()`` of the scans of each split (stratified by class, seeded)."""
@@ -335,8 +383,12 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
         return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
     def setup(self, stage: str | None = None) -> None:
+        model = trainer_model(self)
+        if model is not None:
+            self.follow(model)
         if self.datasets:
             return
+        self._set_geometry(self.img_size, self.patch_size)
         digits = load_digits()
         glyphs = upscale_glyphs(digits.images, self.hparams.digit_scale)
         self.split_scans = self.split_indices()

@@ -8,25 +8,86 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import timm
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dynvit.data._common import ShuffleSampler, loader_kwargs, resolve_pin_memory
+from dynvit.data._common import (
+    ShuffleSampler,
+    followed_img_size,
+    loader_kwargs,
+    model_data_config,
+    resolve_pin_memory,
+    trainer_model,
+)
 
 _MAX_LISTED = 10  # files or classes named in one error message
+DEFAULT_IMG_SIZE = 224  # without a model to follow
+
+
+# Modes of one channel wider than 8 bits: 16-bit PNG/TIFF open as I;16*, some as 32-bit I.
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open ``path`` as an RGB PIL image; any failure is re-raised as an ``OSError`` naming the file."""
+    """Open ``path`` as an 8-bit RGB PIL image; any failure is re-raised as an ``OSError`` naming the file.
+
+    16-bit greyscale images are scaled to 8 bits (``convert("RGB")`` would clip them, turning most
+    pixels white); images of other modes that 8 bits cannot hold (32-bit integer values beyond 16 bits,
+    floating point) are refused.
+    """
     try:
         with Image.open(path) as img:
+            if img.mode in _WIDE_GREY:
+                return _wide_grey_to_rgb(img, path)
+            if img.mode == "F":
+                raise ValueError("floating-point pixels (mode F) have no fixed range to scale to 8 bits")
             return img.convert("RGB")
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _wide_grey_to_rgb(img: Image.Image, path: str) -> Image.Image:
+    pixels = np.asarray(img)
+    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535:
+        raise ValueError(f"mode {img.mode} with values outside 0..65535: not a 16-bit image that can be scaled")
+    # 65535 / 257 = 255: the full 16-bit range onto the full 8-bit range.
+    grey = np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+class UnlabelledImages(Dataset):
+    """Every image file under ``root``, at any depth, in sorted path order: the predict set of a folder of
+    images without labels. Items are transformed images; ``files`` lists the paths in item order.
+
+    Args:
+        root: The folder.
+        transform: Applied to each RGB image.
+    """
+
+    def __init__(self, root: str | Path, transform=None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"predict_root {self.root} does not exist or is not a folder")
+        self.files = sorted(
+            str(p)
+            for p in self.root.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMG_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+        )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.files[index])
+        return self.transform(image) if self.transform is not None else image
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -48,18 +109,23 @@ def _class_folders(split_dir: Path) -> list[str]:
 class ImageFolderDataModule(L.LightningDataModule):
     """Images in class folders, ImageNet style: ``root/train/<class>/*`` and ``root/val/<class>/*``.
 
-    ``test`` (and ``predict``) use ``root/test`` when it exists, else the val split. Training uses timm's
+    ``test`` uses ``root/test`` when it exists, else the val split; ``predict`` uses the same, or every image
+    under ``predict_root`` (any nesting, no labels: batches are images alone). Training uses timm's
     ``create_transform`` augmentation (random resized crop, flip, RandAugment, random erasing; colour
     jitter only without ``auto_augment``, as in timm); evaluation resizes to ``img_size / crop_pct`` and
-    centre-crops ``img_size``. Normalisation: explicit ``mean``/``std`` if given, else the pretrained
-    config of the timm model ``model_name`` (the teacher), else ImageNet's. Batches are ``(images, labels)``
+    centre-crops ``img_size``. Batches are ``(images, labels)``
     with labels indexing the sorted class folder names (``class_names``). Images are read as RGB, so
     ``in_chans`` is 3. Files whose extension is not an image one (torchvision's ``IMG_EXTENSIONS``) are ignored.
 
     **Errors, all raised by** ``setup()`` **before any training**: ``FileNotFoundError`` when ``root``, its
     ``train`` or ``val`` folder is missing, or a split holds no class folders or no images;
     ``ValueError`` when train and val (or test) class folders differ (the differences are listed), when a
-    training class folder holds no images, or when an image file cannot be read.
+    training class folder holds no images, or when an image file cannot be read. A val or test class
+    folder without images is a warning naming it (a small evaluation set may lack a class; usually it
+    is a copy that failed).
+
+    **Image modes.** Images are read as 8-bit RGB; 16-bit greyscale files (PNG mode ``I;16``) are
+    scaled to 8 bits, and modes that cannot be scaled (floating point) are an error naming the file.
 
     **Unreadable images.** With ``verify_images=True`` (default), ``setup()`` opens every image file of the
     splits it prepares and runs PIL's ``verify()`` (headers and, for PNG, checksums; no decoding: 0.07 ms
@@ -68,18 +134,26 @@ class ImageFolderDataModule(L.LightningDataModule):
     passes the check but still cannot be decoded (say, a truncated JPEG) makes the loader raise an
     ``OSError`` naming the file: a bad file is never silently skipped.
 
+    **The model decides the input.** :meth:`follow` (called by ``setup()`` with the Trainer's model, and by
+    ``cli.py`` right after building both) takes the model's input size and its weights' preprocessing
+    (``mean``/``std``, ``interpolation``, ``crop_pct``: timm's ``pretrained_cfg`` of the model) for every
+    setting left at ``None``. An explicit ``img_size`` that differs from the model's is an error naming both;
+    explicit preprocessing values override the model's. Without a model: 224 px and ImageNet's settings.
+
     ``num_classes`` is known right after construction (it lists ``root/train``) so that a CLI can size the
-    model from it.
+    model from it. To predict on ``predict_root`` without the training set, leave ``root`` unset and give
+    ``num_classes`` (``cli.py predict`` takes it from the checkpoint); class names then come from the
+    checkpoint too.
 
     Args:
         root: Folder holding ``train``, ``val`` and optionally ``test``.
-        img_size: Side of the (square) model input.
-        model_name: timm model whose pretrained config gives ``mean``/``std`` and, unless given,
-            ``interpolation`` and ``crop_pct``.
-        mean: Per-channel normalisation mean; overrides the model's.
-        std: Per-channel normalisation std; overrides the model's.
-        crop_pct: Evaluation centre-crop fraction (``None``: the model's, else timm's 0.875).
-        interpolation: Resize interpolation (``None``: the model's, else ``"bicubic"``).
+        predict_root: A folder of unlabelled images (any nesting) to predict on instead of test/val.
+        num_classes: The class count when there is no ``root`` (predicting only).
+        img_size: Side of the (square) model input; ``None`` follows the model.
+        mean: Per-channel normalisation mean; ``None``: the model's.
+        std: Per-channel normalisation std; ``None``: the model's.
+        crop_pct: Evaluation centre-crop fraction; ``None``: the model's (timm's 0.875 without one).
+        interpolation: Resize interpolation; ``None``: the model's (``"bicubic"`` without one).
         auto_augment: timm auto-augment policy, e.g. ``"rand-m9-mstd0.5-inc1"`` (DeiT's); ``None`` for none.
         re_prob: Random-erasing probability.
         re_mode: Random-erasing fill, ``"pixel"`` (per-pixel noise), ``"rand"`` or ``"const"``.
@@ -99,9 +173,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str | Path,
-        img_size: int = 224,
-        model_name: str | None = None,
+        root: str | Path | None = None,
+        img_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         crop_pct: float | None = None,
@@ -119,22 +192,26 @@ class ImageFolderDataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool | None = None,
         seed: int = 0,
+        predict_root: str | Path | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.root = Path(root)
-        self.img_size = img_size
-        cfg = None
-        if model_name is not None:
-            if not timm.is_model(model_name):
-                raise ValueError(f"model_name {model_name!r} is not a timm model (see timm.list_models())")
-            cfg = timm.get_pretrained_cfg(model_name)
-        self.mean = tuple(mean if mean is not None else cfg.mean if cfg else IMAGENET_DEFAULT_MEAN)
-        self.std = tuple(std if std is not None else cfg.std if cfg else IMAGENET_DEFAULT_STD)
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
-        self.crop_pct = crop_pct if crop_pct is not None else cfg.crop_pct if cfg else DEFAULT_CROP_PCT
-        self.interpolation = interpolation if interpolation is not None else cfg.interpolation if cfg else "bicubic"
+        # num_classes and img_size are the model's hyper-parameters (the data follows the model's size);
+        # Lightning refuses a DataModule one of another value.
+        self.save_hyperparameters(ignore=["num_classes", "img_size"])
+        if root is None and predict_root is None:
+            raise ValueError("ImageFolderDataModule needs root (root/train, root/val) or predict_root, or both")
+        if root is None and num_classes is None:
+            raise ValueError(
+                "without root (a folder with train/<class>), give num_classes: the class count of the model "
+                "to predict with (`cli.py predict --ckpt_path` reads it from the checkpoint)"
+            )
+        self.root = Path(root) if root is not None else None
+        self.predict_root = Path(predict_root) if predict_root is not None else None
+        self._num_classes = num_classes
+        self.requested_img_size = img_size
+        self.img_size = img_size if img_size is not None else DEFAULT_IMG_SIZE
+        self._set_preprocessing(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic", DEFAULT_CROP_PCT)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = resolve_pin_memory(pin_memory)
@@ -142,9 +219,35 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._class_names: list[str] | None = None
         self.datasets: dict[str, ImageFolder] = {}
 
+    def _set_preprocessing(
+        self, mean: Sequence[float], std: Sequence[float], interpolation: str, crop_pct: float
+    ) -> None:
+        """Explicit settings where given, else these (the model's, or the defaults without one)."""
+        hp = self.hparams
+        self.mean = tuple(hp.mean if hp.mean is not None else mean)
+        self.std = tuple(hp.std if hp.std is not None else std)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
+        self.interpolation = hp.interpolation if hp.interpolation is not None else interpolation
+        self.crop_pct = hp.crop_pct if hp.crop_pct is not None else crop_pct
+
+    def follow(self, model: nn.Module) -> None:
+        """Take the input size and preprocessing of ``model`` (a network, or a LightningModule with ``net``).
+
+        Raises:
+            ValueError: an explicit ``img_size`` differs from the model's, or the model is not an RGB one.
+        """
+        config = model_data_config(model)
+        if config is None:
+            return
+        self.img_size = followed_img_size(self.requested_img_size, config, self.in_chans, type(self).__name__)
+        self._set_preprocessing(config.mean, config.std, config.interpolation, config.crop_pct)
+
     @property
-    def class_names(self) -> list[str]:
-        """Sorted class folder names of ``root/train``; label ``k`` is ``class_names[k]``."""
+    def class_names(self) -> list[str] | None:
+        """Sorted class folder names of ``root/train``; label ``k`` is ``class_names[k]``. None without ``root``."""
+        if self.root is None:
+            return None
         if self._class_names is None:
             if not self.root.is_dir():
                 raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder")
@@ -153,7 +256,12 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        if self.root is None:
+            return self._num_classes
+        found = len(self.class_names)
+        if self._num_classes is not None and self._num_classes != found:
+            raise ValueError(f"num_classes is {self._num_classes} but {self.root / 'train'} holds {found} classes")
+        return found
 
     def train_transform(self):
         """timm's training augmentation with this module's settings."""
@@ -205,8 +313,24 @@ class ImageFolderDataModule(L.LightningDataModule):
         return dirs
 
     def setup(self, stage: str | None = None) -> None:
+        model = trainer_model(self)
+        if model is not None:
+            self.follow(model)
+        if self.predict_root is not None and "predict" not in self.datasets and stage in ("predict", None):
+            dataset = UnlabelledImages(self.predict_root, transform=self.eval_transform())
+            if not dataset.files:
+                raise FileNotFoundError(
+                    f"predict_root {self.predict_root} holds no images (looked for {', '.join(IMG_EXTENSIONS)})"
+                )
+            self._verify(dataset.files, self.predict_root)
+            self.datasets["predict"] = dataset
+        if stage == "predict" and "predict" in self.datasets:
+            return
+        if self.root is None:
+            raise ValueError(f"stage {stage!r} needs the labelled splits: set root (root/train, root/val)")
         dirs = self._split_dirs()
-        dirs["predict"] = dirs["test"] = dirs.get("test", dirs["val"])
+        dirs["test"] = dirs.get("test", dirs["val"])
+        dirs["predict"] = dirs["test"]
         needed = {
             "fit": ("train", "val"),
             "validate": ("val",),
@@ -225,16 +349,24 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _check(self, dataset: ImageFolder, folder: Path, split: str) -> None:
         if not dataset.samples:
             raise FileNotFoundError(f"{folder} holds no images (looked for {', '.join(IMG_EXTENSIONS)})")
-        if split == "train":
-            counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
-            empty = [dataset.classes[k] for k in np.flatnonzero(counts == 0)]
-            if empty:
-                raise ValueError(f"training class folders without images in {folder}: {_listing(empty)}")
+        counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
+        empty = [str(folder / dataset.classes[k]) for k in np.flatnonzero(counts == 0)]
+        if empty and split == "train":
+            raise ValueError(f"training class folders without images: {_listing(empty)}")
+        if empty:
+            rank_zero_warn(
+                f"{split} class folders without images (their classes are never evaluated): {_listing(empty)}"
+            )
+        self._verify([path for path, _ in dataset.samples], folder)
+
+    def _verify(self, paths: Sequence[str], folder: Path) -> None:
         if self.hparams.verify_images:
             bad = []
-            for path, _ in dataset.samples:
+            for path in paths:
                 try:
                     with Image.open(path) as img:
+                        if img.mode == "F":
+                            raise ValueError("floating-point pixels (mode F) have no fixed range to scale to 8 bits")
                         img.verify()
                 except Exception as e:  # whatever PIL raises, the file is unusable
                     bad.append(f"{path} ({type(e).__name__}: {e})")

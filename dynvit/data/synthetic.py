@@ -5,9 +5,19 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dynvit.data._common import ShuffleSampler, loader_kwargs, resolve_pin_memory
+from dynvit.data._common import (
+    ShuffleSampler,
+    followed_img_size,
+    loader_kwargs,
+    model_data_config,
+    resolve_pin_memory,
+    trainer_model,
+)
+
+DEFAULT_IMG_SIZE = 32  # without a model to follow
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
@@ -61,11 +71,12 @@ class SyntheticDataModule(L.LightningDataModule):
     standard-normal image per class), so with the default ``signal=1.0`` a model can learn the labels and
     a loss falls; ``signal=0`` gives unlearnable labels (pure speed runs). Samples are generated on demand,
     so large ``img_size``/``train_size`` cost no memory. Test and predict use a separate test split of
-    ``val_size`` samples.
+    ``val_size`` samples. The image size follows the model (:meth:`follow`, called by ``setup()`` with the
+    Trainer's model and by ``cli.py``); without one it is 32.
 
     Args:
         num_classes: Number of classes.
-        img_size: Image side in pixels.
+        img_size: Image side in pixels; ``None`` follows the model, another value must equal the model's.
         in_chans: Image channels.
         train_size: Training samples (the same every epoch, in an order fixed by (seed, epoch)).
         val_size: Validation samples (also the size of the test split).
@@ -79,7 +90,7 @@ class SyntheticDataModule(L.LightningDataModule):
     def __init__(
         self,
         num_classes: int = 10,
-        img_size: int = 32,
+        img_size: int | None = None,
         in_chans: int = 3,
         train_size: int = 256,
         val_size: int = 64,
@@ -90,12 +101,17 @@ class SyntheticDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        for name in ("num_classes", "img_size", "in_chans", "train_size", "val_size"):
-            if getattr(self.hparams, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self.hparams, name)}")
+        # img_size is the model's to decide: a None here must not clash with the model's hparam.
+        self.save_hyperparameters(ignore=["img_size"])
+        sizes = dict(num_classes=num_classes, in_chans=in_chans, train_size=train_size, val_size=val_size)
+        if img_size is not None:
+            sizes["img_size"] = img_size
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.num_classes = num_classes
-        self.img_size = img_size
+        self.requested_img_size = img_size
+        self.img_size = img_size if img_size is not None else DEFAULT_IMG_SIZE
         self.in_chans = in_chans
         self.class_names = tuple(str(k) for k in range(num_classes))
         self.batch_size = batch_size
@@ -108,7 +124,20 @@ class SyntheticDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, SyntheticImages] = {}
 
+    def follow(self, model: nn.Module) -> None:
+        """Make images of the size ``model`` (a network, or a LightningModule with ``net``) expects.
+
+        Raises:
+            ValueError: an explicit ``img_size`` or ``in_chans`` differs from the model's.
+        """
+        config = model_data_config(model)
+        if config is not None:
+            self.img_size = followed_img_size(self.requested_img_size, config, self.in_chans, type(self).__name__)
+
     def setup(self, stage: str | None = None) -> None:
+        model = trainer_model(self)
+        if model is not None:
+            self.follow(model)
         hp = self.hparams
         sizes = {"train": hp.train_size, "val": hp.val_size, "test": hp.val_size}
         for split, size in sizes.items():

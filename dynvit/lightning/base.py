@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.data import Mixup
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynvit.lightning.optim import param_groups, warmup_cosine
+from dynvit.models.checkpoint import CheckpointMismatch
 
 
 class ImageClassification(L.LightningModule):
@@ -22,6 +26,9 @@ class ImageClassification(L.LightningModule):
         num_classes: Classes of the dataset (linked from the DataModule by the CLI).
         label_smoothing: For hard targets; passed to timm's Mixup when mixup/cutmix are on.
         mixup, cutmix: Alpha of timm's Mixup/CutMix (0 disables); targets then become soft.
+
+    Checkpoints carry the class names of the data the module was fitted on (``checkpoint["class_names"]``,
+    restored as ``class_names``), so predictions can be named without the training folders.
 
     Subclasses call ``save_hyperparameters()`` with these optimisation arguments, read from ``hparams``:
         lr: Learning rate at ``lr_base_batch_size`` images per optimiser step; scaled linearly to the
@@ -43,6 +50,7 @@ class ImageClassification(L.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.class_names: list[str] | None = None
 
     net: nn.Module
 
@@ -50,6 +58,19 @@ class ImageClassification(L.LightningModule):
     def lr_scales(self) -> Mapping[str, float]:
         """Learning-rate multipliers by parameter-name prefix within ``self.net``."""
         return {"": 1.0}
+
+    def frozen_networks(self) -> list[nn.Module]:
+        """Networks kept frozen in eval mode on purpose (a teacher, an annotator)."""
+        return []
+
+    def on_fit_start(self) -> None:
+        # Lightning warns when any module is in eval mode as training starts. The frozen networks are, on
+        # purpose; any other module in eval mode changes the count, and the warning then still shows.
+        frozen = sum(not m.training for net in self.frozen_networks() for m in net.modules())
+        if frozen:
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {frozen} module\(s\) in eval mode", category=PossibleUserWarning
+            )
 
     # -- shared steps ---------------------------------------------------------------------------
     def training_inputs(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +95,25 @@ class ImageClassification(L.LightningModule):
         self.log(f"{stage}/top1", top1, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/top5", top5, sync_dist=True)
 
-    def predict_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities ``probs`` (B, classes) and, for a network that drops tokens, ``masks``
+        (B, stages, N): the patches still kept after each stage. Batches are images or (images, ...)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.net(x).softmax(dim=-1)
+        if hasattr(self.net, "predict_with_masks"):
+            logits, masks = self.net.predict_with_masks(x)
+            return {"probs": logits.softmax(dim=-1), "masks": torch.stack(masks, dim=1)}
+        return {"probs": self.net(x).softmax(dim=-1)}
 
     # -- exact resume ----------------------------------------------------------------------------
     # Lightning restores weights, optimiser and loop state but not the random generators, so Gumbel
     # noise, shuffling and mixup would diverge after `--ckpt_path last`. Single-process runs carry
     # them in the checkpoint (as tensors, so the file still loads with weights_only=True).
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        names = self.class_names
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            names = getattr(self.trainer.datamodule, "class_names", None) or names
+        if names is not None:
+            checkpoint["class_names"] = [str(n) for n in names]
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
@@ -91,6 +122,8 @@ class ImageClassification(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_fits(checkpoint)
+        self.class_names = checkpoint.get("class_names", self.class_names)
         states = checkpoint.get("rng_states")
         if states is None or self._trainer is None or self.trainer.world_size != 1:
             return
@@ -99,6 +132,34 @@ class ImageClassification(L.LightningModule):
             torch.cuda.set_rng_state_all(states["cuda"])
         keys, (pos, has_gauss), cached = states["numpy"]
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+
+    def check_fits(self, checkpoint: dict[str, Any]) -> None:
+        """Raise a clear error when a Lightning checkpoint's network does not fit ``self.net`` (another class
+        count, another architecture), instead of Lightning's ``size mismatch for net.head.weight``."""
+        source = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        source = f"checkpoint {source}" if source else "the checkpoint"
+        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        classes = self.hparams.get("num_classes")
+        if saved is not None and classes is not None and saved != classes:
+            raise CheckpointMismatch(
+                f"{source} was trained for {saved} classes, but this model is built for {classes} (the data's "
+                f"class count): evaluate it on data with {saved} classes, or fine-tune it with a new head"
+            )
+        state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        own = self.net.state_dict()
+        problems = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+        problems += [f"missing from the checkpoint: {k}" for k in own if k not in state]
+        problems += [f"not in the model: {k}" for k in state if k not in own]
+        if problems:
+            shown = "\n  ".join(problems[:8]) + (f"\n  … ({len(problems) - 8} more)" if len(problems) > 8 else "")
+            raise CheckpointMismatch(
+                f"{source} does not fit this {type(self.net).__name__}:\n  {shown}\n"
+                "Was it written by another config (model_name, model_kwargs, pruning_loc)?"
+            )
 
     # -- optimisation ---------------------------------------------------------------------------
     def global_batch_size(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from dynvit.lightning.base import ImageClassification
 from dynvit.models import create_teacher, load_checkpoint
 from dynvit.objectives.dynamicvit import classification_loss
+from dynvit.reducers import apply_reducer
 
 
 class ClassifierModule(ImageClassification):
@@ -16,11 +17,17 @@ class ClassifierModule(ImageClassification):
 
     Args:
         model_name: timm model name, e.g. ``deit_small_patch16_224`` or ``vit_digits_conv``.
-        num_classes, img_size, in_chans: Linked from the DataModule by the CLI.
+        num_classes, in_chans: Linked from the DataModule by the CLI.
+        img_size: Input resolution; ``None`` (default) builds the model at its own (timm's
+            ``pretrained_cfg``). The DataModule follows the model (``follow``).
         checkpoint: Weights to start from (DeiT/timm/Lightning); see :func:`dynvit.load_checkpoint`.
         reset_head: Start a new head when the checkpoint has another class count (fine-tuning).
         pretrained: Start from timm's pretrained weights (needs the model hub).
         model_kwargs: Extra timm kwargs (``depth``, ``embed_dim``, ``drop_path_rate``, …).
+        reducer: A training-free token reducer of :mod:`dynvit.reducers` (``tome``, ``evit``, ``topk``,
+            ``ats``, ``random``) applied to the network after its weights are loaded, e.g. to validate or
+            predict with it on a teacher's checkpoint; ``reducer_params`` are its parameters
+            (``{r: 8}`` for ToMe, ``{keep_rate: 0.7}`` for EViT, …).
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """
 
@@ -28,12 +35,14 @@ class ClassifierModule(ImageClassification):
         self,
         model_name: str = "deit_small_patch16_224",
         num_classes: int = 1000,
-        img_size: int = 224,
+        img_size: int | None = None,
         in_chans: int = 3,
         checkpoint: str | None = None,
         reset_head: bool = False,
         pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        reducer: str | None = None,
+        reducer_params: dict[str, Any] | None = None,
         lr: float = 5e-4,
         lr_base_batch_size: int | None = 512,
         weight_decay: float = 0.05,
@@ -55,6 +64,9 @@ class ClassifierModule(ImageClassification):
         )
         if checkpoint is not None:
             load_checkpoint(self.net, checkpoint, reset_head=reset_head)
+        if reducer is not None:
+            # Reducers add no parameters: the network keeps the teacher's state-dict layout.
+            self.net = apply_reducer(self.net, reducer, **(reducer_params or {}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

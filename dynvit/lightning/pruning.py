@@ -4,6 +4,7 @@ hierarchical students of the journal version)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,7 @@ from torchmetrics import MeanMetric
 from dynvit.lightning.base import ImageClassification
 from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
+from dynvit.models.checkpoint import CheckpointMismatch, file_sha256
 from dynvit.models.masked_attention import set_keep_gradient
 from dynvit.objectives.spatial_pruning import pruning_objective
 
@@ -31,6 +33,9 @@ class DynamicViTModule(ImageClassification):
 
     Args:
         model_name: The backbone of teacher and student (timm name or a registered seed backbone).
+        num_classes, in_chans: Linked from the DataModule by the CLI.
+        img_size: Input resolution; ``None`` (default) builds both networks at the backbone's own (timm's
+            ``pretrained_cfg``). The DataModule follows the model (``follow``).
         keep_ratio: Base keep ratio ρ; ViTs: stage s keeps ``int(N * ρ**s)`` patch tokens at inference;
             hierarchical students: pruning stage s keeps ``int(N * (ρ − 0.2·s))`` stage-3 locations.
         pruning_loc: Blocks before which tokens are pruned (stage-3 blocks for hierarchical
@@ -56,7 +61,7 @@ class DynamicViTModule(ImageClassification):
         self,
         model_name: str = "deit_small_patch16_224",
         num_classes: int = 1000,
-        img_size: int = 224,
+        img_size: int | None = None,
         in_chans: int = 3,
         keep_ratio: float = 0.7,
         pruning_loc: Sequence[int] | None = None,
@@ -82,7 +87,9 @@ class DynamicViTModule(ImageClassification):
         super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
-        self.teacher = create_teacher(model_name, pretrained=pretrained, checkpoint=teacher_checkpoint, **build)
+        self.teacher = build_teacher(model_name, pretrained, teacher_checkpoint, build)
+        # Which teacher every checkpoint was distilled from (hashed once, here): see teacher_record.
+        self.teacher_record = teacher_record(teacher_checkpoint, model_name if pretrained else None)
         self.teacher.requires_grad_(False).eval()
         self.net = create_student(model_name, keep_ratio=keep_ratio, pruning_loc=pruning_loc, **build)
         if student_checkpoint is not None:
@@ -107,6 +114,9 @@ class DynamicViTModule(ImageClassification):
         # What pruning adds (predictors, fast paths) learns at lr, the pretrained backbone slower.
         return {**dict.fromkeys(self.net.new_param_prefixes, 1.0), "": self.hparams.backbone_lr_scale}
 
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.teacher]
+
     def train(self, mode: bool = True) -> DynamicViTModule:
         # Lightning flips the whole module to train mode each epoch; the teacher must stay in eval
         # (no dropout, no drop-path) to be the fixed target the method distils from.
@@ -125,7 +135,8 @@ class DynamicViTModule(ImageClassification):
         # LV-ViT students distil dense predictions with KL instead of features with MSE.
         mode = {"token_mode": self.net.token_distill} if hasattr(self.net, "token_distill") else {}
         terms = self.loss(out, y, self.net.stage_keep_ratios, teacher_logits, teacher_tokens, **mode)
-        logged = terms._asdict()
+        # Terms a student does not have (the distillation head of a non-distilled ViT) are None.
+        logged = {k: v for k, v in terms._asdict().items() if v is not None}
         self.check_finite(terms.total, logged)
         self.log("train/loss", logged.pop("total"), prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logged.items()})
@@ -160,7 +171,37 @@ class DynamicViTModule(ImageClassification):
         sd = checkpoint["state_dict"]
         for key in [k for k in sd if k.startswith(_TEACHER)]:
             del sd[key]
+        checkpoint.setdefault("dynvit", {})["teacher"] = dict(self.teacher_record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
+
+
+def build_teacher(model_name: str, pretrained: bool, checkpoint: str | None, build: dict[str, Any]) -> nn.Module:
+    """The frozen teacher, with errors that say what a teacher must be (no ``reset_head``: a teacher keeps
+    the data's classes)."""
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(
+            f"teacher_checkpoint {checkpoint} does not exist: train the teacher first, or point teacher_checkpoint "
+            "at its weights"
+        )
+    try:
+        return create_teacher(model_name, pretrained=pretrained, checkpoint=checkpoint, **build)
+    except CheckpointMismatch as e:
+        raise CheckpointMismatch(
+            f"teacher_checkpoint is not a {model_name} teacher for this data ({build['num_classes']} classes): {e}\n"
+            "The teacher must be trained on the data's classes, and model_name/model_kwargs must describe "
+            "its architecture"
+        ) from e
+
+
+def teacher_record(checkpoint: str | None, pretrained_name: str | None) -> dict[str, str | None]:
+    """Where a teacher's weights came from, as every student checkpoint records it under
+    ``checkpoint["dynvit"]["teacher"]``: ``{"path", "sha256"}`` of its file (the SHA-256 of its bytes),
+    ``{"pretrained"}`` for timm's weights, ``{"path": None, "sha256": None}`` for a random teacher."""
+    if checkpoint is not None:
+        return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
+    if pretrained_name is not None:
+        return {"pretrained": f"timm:{pretrained_name}"}
+    return {"path": None, "sha256": None}

@@ -1,10 +1,10 @@
 """Token labeling (Jiang et al., 2021) as a LightningModule: an LV-ViT trained on dense token targets.
 
-Each training step follows :mod:`dynvit.objectives.token_labeling`: token targets from a machine annotator on
-the *unmixed* images, a MixToken box on the token grid, the model's class and aux-head logits on the
-mixed tokens, the token targets and class targets mixed by the same box, and
-``CE(cls) + 0.5 · soft-CE(aux, token targets)``. Validation and test score LV-ViT's inference
-prediction ``head(cls) + 0.5 · max aux``.
+Each training step follows :mod:`dynvit.objectives.token_labeling`: class and token targets from a
+machine annotator on the *unmixed* images (by default made as the official LV-ViT script makes them),
+a MixToken box on the token grid, the model's class and aux-head logits on the mixed tokens, the
+token targets and class targets mixed by the same box, and ``CE(cls) + token_weight · soft-CE(aux,
+token targets)``. Validation and test score LV-ViT's inference prediction ``head(cls) + 0.5 · max aux``.
 
 Two annotators: a frozen network (``annotator_name`` + ``annotator_checkpoint``, any timm ViT or
 LV-ViT, labelling each patch with its own dense prediction) or precomputed score maps in the format
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
@@ -31,11 +30,18 @@ from dynvit.data import ImageFolderDataModule
 from dynvit.lightning.base import ImageClassification
 from dynvit.models import LVViT, create_teacher, load_checkpoint
 from dynvit.objectives.token_labeling import (
+    CLASS_TARGETS,
+    TOKEN_TARGETS,
+    AnnotatorTargets,
     TeacherAnnotator,
-    load_token_labels,
+    annotator_targets,
+    blend_with_ground_truth,
+    check_choice,
     mix_class_targets,
     mix_tokens,
+    read_score_map,
     sample_token_box,
+    smoothed_labels,
     token_labeling_loss,
 )
 
@@ -53,7 +59,9 @@ class TokenLabelingModule(ImageClassification):
     Args:
         model_name: The model trained: a registered LV-ViT (``lvvit_s``, ``lvvit_m``, ``lvvit_digits``, …),
             whose aux head gives the dense outputs token labeling trains.
-        num_classes, img_size, in_chans: Linked from the DataModule by the CLI.
+        num_classes, in_chans: Linked from the DataModule by the CLI.
+        img_size: Input resolution; ``None`` (default) builds the model at its own (timm's
+            ``pretrained_cfg``). The DataModule follows the model (``follow``).
         checkpoint: Weights to start the model from (e.g. a released LV-ViT, to fine-tune).
         reset_head: Start new heads when ``checkpoint`` has another class count.
         model_kwargs: Extra timm kwargs of the model (``drop_path_rate``, ``depth``, …).
@@ -62,13 +70,21 @@ class TokenLabelingModule(ImageClassification):
         annotator_checkpoint: The annotator's trained weights (DeiT/timm/Lightning checkpoint).
         annotator_pretrained: Take the annotator's weights from timm's hub instead.
         annotator_kwargs: Extra timm kwargs of the annotator (``patch_size``, ``depth``, …).
-        annotator_temperature: Softmax temperature of the annotator's token labels.
+        annotator_temperature: The annotator network's logits are divided by it before the targets are made.
+        annotator_topk: Classes the annotator network keeps per patch (5, as the released label files;
+            ``None``: all).
         score_map_root: Precomputed score maps instead of an annotator network (ImageFolderDataModule
             only, without random crops: see :class:`ScoreMapDataset`).
-        token_weight: Weight of the token-labeling term (0.5 in LV-ViT).
+        token_weight: Weight of the token-labeling term (1.0, the official script's ``--dense-weight``).
+        token_targets: ``"official"`` (softmax over all classes after RoI-Align, label smoothing) or
+            ``"dynvit"`` (softmax over the annotator's top-k first, no smoothing; dynvit's earlier way).
+        class_target: ``"official"`` (the annotator's soft label of the crop), ``"official_ground_truth"``
+            (the script's ``--ground-truth`` blend with the true label) or ``"dynvit_label"`` (the
+            smoothed true label; dynvit's earlier way).
         mixtoken: Apply MixToken in training.
         mixtoken_alpha: Beta(alpha, alpha) of the MixToken area (1: uniform, as LV-ViT).
-        label_smoothing: Smoothing of the class targets (before MixToken mixes them).
+        label_smoothing: ε of the class targets and of the official token targets (before MixToken
+            mixes them); 0.1 as the official script.
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """
 
@@ -76,7 +92,7 @@ class TokenLabelingModule(ImageClassification):
         self,
         model_name: str = "lvvit_s",
         num_classes: int = 1000,
-        img_size: int = 224,
+        img_size: int | None = None,
         in_chans: int = 3,
         checkpoint: str | None = None,
         reset_head: bool = False,
@@ -86,8 +102,11 @@ class TokenLabelingModule(ImageClassification):
         annotator_pretrained: bool = False,
         annotator_kwargs: dict[str, Any] | None = None,
         annotator_temperature: float = 1.0,
+        annotator_topk: int | None = 5,
         score_map_root: str | None = None,
-        token_weight: float = 0.5,
+        token_weight: float = 1.0,
+        token_targets: str = "official",
+        class_target: str = "official",
         mixtoken: bool = True,
         mixtoken_alpha: float = 1.0,
         lr: float = 1.6e-3,
@@ -112,6 +131,8 @@ class TokenLabelingModule(ImageClassification):
             )
         if token_weight < 0:
             raise ValueError(f"token_weight must be >= 0, got {token_weight}")
+        check_choice("token_targets", token_targets, TOKEN_TARGETS)
+        check_choice("class_target", class_target, CLASS_TARGETS)
         if mixtoken and mixtoken_alpha <= 0:
             raise ValueError(f"mixtoken_alpha must be positive, got {mixtoken_alpha}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -130,16 +151,26 @@ class TokenLabelingModule(ImageClassification):
 
         self.annotator: TeacherAnnotator | None = None
         if annotator_name is not None:
+            # The annotator sees the model's images, whatever its own native resolution.
             teacher = create_teacher(
                 annotator_name,
                 checkpoint=annotator_checkpoint,
                 pretrained=annotator_pretrained,
-                **build,
+                **{**build, "img_size": self.net.patch_embed.img_size},
                 **(annotator_kwargs or {}),
             )
-            self.annotator = TeacherAnnotator(teacher, temperature=annotator_temperature)
+            self.annotator = TeacherAnnotator(
+                teacher,
+                temperature=annotator_temperature,
+                topk=annotator_topk,
+                token_targets=token_targets,
+                smoothing=label_smoothing,
+            )
         elif not Path(score_map_root).is_dir():
             raise FileNotFoundError(f"score_map_root {score_map_root} is not a folder of score maps")
+
+    def frozen_networks(self) -> list[torch.nn.Module]:
+        return [self.annotator.teacher] if self.annotator is not None else []
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -166,7 +197,6 @@ class TokenLabelingModule(ImageClassification):
             train,
             self.hparams.score_map_root,
             self.hparams.num_classes,
-            self.grid_size,
             img_size=dm.img_size,
             crop_pct=dm.crop_pct,
             interpolation=dm.interpolation,
@@ -181,26 +211,40 @@ class TokenLabelingModule(ImageClassification):
         )
 
     # -- training ------------------------------------------------------------------------------------
-    def token_targets(self, x: torch.Tensor, extra: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Soft label of every patch token (B, N, classes) of the unmixed images."""
+    def annotator_targets(self, x: torch.Tensor, extra: Sequence[torch.Tensor]) -> AnnotatorTargets:
+        """The annotator's class and token targets (B, classes), (B, N, classes) of the unmixed images."""
         if self.annotator is not None:
             return self.annotator(x, self.grid_size)
-        if not extra or extra[0].ndim != 3:
+        if len(extra) < 2 or extra[0].ndim != 5 or extra[1].shape != (x.shape[0], 5):
             raise ValueError(
-                "score_map_root is set but the training batch carries no token labels (B, N, classes): the "
-                "training split must be the ScoreMapDataset this module installs in setup('fit')"
+                "score_map_root is set but the training batch carries no score maps (B, 2, k, h, w) and crop "
+                "geometry (B, 5): the training split must be the ScoreMapDataset this module installs in setup('fit')"
             )
-        return extra[0].float()
+        maps, geometry = extra[0], extra[1].float()
+        return annotator_targets(
+            maps[:, 0].float(),
+            maps[:, 1].round().long(),
+            self.hparams.num_classes,
+            self.grid_size,
+            crops=geometry[:, :4],
+            flips=geometry[:, 4] > 0.5,
+            token_targets=self.hparams.token_targets,
+            smoothing=self.hparams.label_smoothing,
+        )
 
-    def class_targets(self, y: torch.Tensor) -> torch.Tensor:
-        """Label-smoothed one-hot class targets (B, classes), ready to be mixed by MixToken."""
+    def class_targets(self, y: torch.Tensor, annotator_cls: torch.Tensor) -> torch.Tensor:
+        """Class targets (B, classes) as ``class_target`` says, ready to be mixed by MixToken."""
         eps = self.hparams.label_smoothing
-        return F.one_hot(y, self.hparams.num_classes).float() * (1.0 - eps) + eps / self.hparams.num_classes
+        if self.hparams.class_target == "official":
+            return annotator_cls
+        if self.hparams.class_target == "official_ground_truth":
+            return blend_with_ground_truth(annotator_cls, y, eps)
+        return smoothed_labels(y, self.hparams.num_classes, eps)
 
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         x, y, *extra = batch
-        token_targets = self.token_targets(x, extra)
-        targets = self.class_targets(y)
+        labels = self.annotator_targets(x, extra)
+        token_targets, targets = labels.tokens, self.class_targets(y, labels.cls)
         box = sample_token_box(self.grid_size, self.hparams.mixtoken_alpha) if self.hparams.mixtoken else None
         out = self.net(x, mix_box=box)
         if box is not None:
@@ -237,24 +281,25 @@ class TokenLabelingModule(ImageClassification):
 
 
 class ScoreMapDataset(Dataset):
-    """Image-folder samples with token labels from precomputed score maps: ``(image, label, token_labels)``.
+    """Image-folder samples with their score maps and crop geometry: ``(image, label, score_map, geometry)``.
 
-    A score map covers the whole image, so it must be cut to the crop the image went through. The data
-    pipeline does not report its random crops, so this dataset makes the geometry itself, where it is
-    known: the evaluation resize (short side to ``img_size / crop_pct``) and centre crop of
-    ``ImageFolderDataModule``, then a random horizontal flip; the score map is cut and flipped to match
-    (:func:`~dynvit.objectives.token_labeling.load_token_labels`). **Limitation:** no random resized crop, RandAugment
-    or random erasing, so training sees far less augmentation than LV-ViT's recipe; for that, label with
-    an annotator network instead.
+    A score map covers the whole image, so its targets must be cut to the crop the image went through.
+    The data pipeline does not report its random crops, so this dataset makes the geometry itself,
+    where it is known: the evaluation resize (short side to ``img_size / crop_pct``) and centre crop of
+    ``ImageFolderDataModule``, then a random horizontal flip. It returns the stored map (2, k, h, w)
+    float16 as read and ``geometry`` (5,) = (top, left, height, width, flip) of the crop as fractions of
+    the image; :class:`TokenLabelingModule` makes the targets on the batch
+    (:func:`~dynvit.objectives.token_labeling.annotator_targets`), as the official script does on the
+    GPU. **Limitation:** no random resized crop, RandAugment or random erasing, so training sees far
+    less augmentation than LV-ViT's recipe; for that, label with an annotator network instead.
 
     Maps are read from ``<root>/<class folder>/<image stem>.pt`` (the released layout); a missing file is
-    an error naming it. Token labels are returned as float16 to halve the loader's traffic.
+    an error naming it. Every map must hold the same k and size, so batches stack.
 
     Args:
         dataset: The image folder (its ``samples`` and ``loader`` are used, not its transform).
         root: Folder of the score maps.
         num_classes: Classes of the score maps.
-        grid_size: (rows, columns) of the model's patch tokens.
         img_size, crop_pct, interpolation, mean, std: The evaluation geometry and normalisation.
         hflip: Probability of the horizontal flip.
     """
@@ -264,7 +309,6 @@ class ScoreMapDataset(Dataset):
         dataset: DatasetFolder,
         root: str | Path,
         num_classes: int,
-        grid_size: tuple[int, int],
         img_size: int,
         crop_pct: float,
         interpolation: str,
@@ -278,7 +322,6 @@ class ScoreMapDataset(Dataset):
         self.loader: Callable[[str], Image.Image] = dataset.loader
         self.root = Path(root)
         self.num_classes = num_classes
-        self.grid_size = tuple(grid_size)
         self.img_size = img_size
         self.resize = math.floor(img_size / crop_pct)
         self.interpolation = str_to_interp_mode(interpolation)
@@ -286,35 +329,41 @@ class ScoreMapDataset(Dataset):
         self.hflip = hflip
         # Fail before training when the folder is not the one the images were labelled in.
         if self.samples:
-            self.token_labels(self.samples[0][0], crop=None, flip=False)
+            self.score_map(self.samples[0][0])
 
     def map_path(self, image_path: str) -> Path:
         """Score-map file of an image: ``<root>/<class folder>/<image stem>.pt``."""
         image_path = Path(image_path)
         return self.root / image_path.parent.name / f"{image_path.stem}.pt"
 
-    def token_labels(self, image_path: str, crop: tuple[float, float, float, float] | None, flip: bool) -> torch.Tensor:
+    def score_map(self, image_path: str) -> torch.Tensor:
+        """The image's stored map (2, k, h, w) float16, checked against ``num_classes``."""
         path = self.map_path(image_path)
         if not path.is_file():
             raise FileNotFoundError(f"no score map {path} for image {image_path} (expected <root>/<class>/<stem>.pt)")
-        return load_token_labels(path, self.num_classes, self.grid_size, crop=crop, flip=flip)
+        scores, indices = read_score_map(path)
+        if int(indices.max()) >= self.num_classes or int(indices.min()) < 0:
+            raise ValueError(
+                f"score map {path} has class indices outside 0..{self.num_classes - 1}: wrong num_classes?"
+            )
+        return torch.stack([scores, indices.float()]).half()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
         image = TF.resize(self.loader(path), self.resize, interpolation=self.interpolation)
         width, height = image.size
         s = self.img_size
         # torchvision's centre crop offsets, as fractions of the resized (= original) image.
         top, left = int(round((height - s) / 2.0)), int(round((width - s) / 2.0))
-        crop = (top / height, left / width, s / height, s / width)
         image = TF.normalize(TF.to_tensor(TF.center_crop(image, [s, s])), self.mean, self.std)
         flip = bool(torch.rand(()) < self.hflip)
         if flip:
             image = image.flip(-1)
-        return image, label, self.token_labels(path, crop, flip).half()
+        geometry = torch.tensor([top / height, left / width, s / height, s / width, float(flip)])
+        return image, label, self.score_map(path), geometry
 
 
 __all__ = ["ScoreMapDataset", "TokenLabelingModule"]

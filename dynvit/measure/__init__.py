@@ -8,19 +8,25 @@ from dynvit.measure.callbacks import (
     parse_dtype,
     to_display,
 )
+from dynvit.measure.environment import environment
 from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.recall import kept_token_recall, stage_recall
-from dynvit.measure.throughput import measure_throughput
+from dynvit.measure.throughput import SpeedSettings, Speedup, measure_speedup, measure_throughput, median_interval
 
 __all__ = [
     "FlopsCallback",
     "KeptTokensCallback",
+    "SpeedSettings",
+    "Speedup",
     "ThroughputCallback",
     "count_flops",
     "count_params",
+    "environment",
     "kept_token_recall",
     "kept_tokens_grid",
+    "measure_speedup",
     "measure_throughput",
+    "median_interval",
     "parse_dtype",
     "stage_recall",
     "to_display",

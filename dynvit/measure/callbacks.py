@@ -7,6 +7,7 @@ rank 0 only; the other ranks carry on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from dynvit.measure.flops import count_flops, count_params
-from dynvit.measure.throughput import keep_rng, measure_throughput
+from dynvit.measure.throughput import SpeedSettings, keep_rng, measure_speedup, time_model
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,17 +121,20 @@ class FlopsCallback(L.Callback):
 class ThroughputCallback(L.Callback):
     """Images/s of the trained network and its teacher in eval mode when fit ends, and the speedup.
 
-    Runs on the training device (GPU 0 of rank 0 under DDP) and logs ``throughput/images_per_s``,
-    ``throughput/teacher_images_per_s`` and ``throughput/speedup`` (student ÷ teacher). The defaults
-    (batch 32, 2 warm-up and 5 timed passes per model) cost a few seconds on a GPU and about half a
-    minute for DeiT-S on a 2-core CPU; raise ``batch_size``/``repeats`` for numbers to publish, or use
-    ``python cli.py benchmark``.
+    Student and teacher are timed in pairs, as ``cli.py benchmark`` times them
+    (:mod:`dynvit.measure.throughput`): the speedup is the median of per-pair ratios, logged with its
+    95 % interval. Runs on the training device (GPU 0 of rank 0 under DDP) and logs
+    ``throughput/images_per_s``, ``throughput/teacher_images_per_s``, ``throughput/speedup`` and, from
+    6 pairs on, ``throughput/speedup_low``/``_high``. The defaults (batch 32, 10 pairs) cost a few
+    seconds on a GPU and about a minute for DeiT-S on a 2-core CPU; ``python cli.py benchmark``
+    measures more pairs.
 
     Args:
-        batch_size: Images per timed forward pass.
+        batch_size: Images per timed call.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast); by default the trainer's precision.
-        warmup: Untimed passes before timing.
-        repeats: Timed passes; the median is reported.
+        pairs: Timing rounds (student and teacher back to back in each).
+        block_time: Seconds each timed block lasts at least.
+        warmup_time: Seconds of untimed calls per model before timing.
         enabled: Set False to skip the measurement (e.g. ``--throughput.enabled false`` on the CLI).
     """
 
@@ -138,13 +142,16 @@ class ThroughputCallback(L.Callback):
         self,
         batch_size: int = 32,
         dtype: Dtype | None = None,
-        warmup: int = 2,
-        repeats: int = 5,
+        pairs: int = 10,
+        block_time: float = 0.1,
+        warmup_time: float = 0.3,
         enabled: bool = True,
     ) -> None:
-        if batch_size < 1 or repeats < 1 or warmup < 0:
-            raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-        self.batch_size, self.warmup, self.repeats, self.enabled = batch_size, warmup, repeats, enabled
+        # Checked now, so a bad value fails before training rather than at its end.
+        self.settings = SpeedSettings(
+            batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time
+        )
+        self.enabled = enabled
         self.dtype = None if dtype is None else parse_dtype(dtype)
         self.metrics: dict[str, float] = {}
 
@@ -153,23 +160,21 @@ class ThroughputCallback(L.Callback):
             return
         net, teacher = networks(pl_module)
         # Lightning has already moved the module off the GPU here; measure on the training device anyway.
-        device = trainer.strategy.root_device
-        kwargs = dict(
-            batch_size=self.batch_size,
-            device=device,
-            dtype=self.dtype or precision_dtype(trainer.precision),
-            warmup=self.warmup,
-            repeats=self.repeats,
-        )
-        with keep_rng(device):
-            metrics = {"throughput/images_per_s": measure_throughput(net, **kwargs)}
-            if teacher is not None:
-                metrics["throughput/teacher_images_per_s"] = measure_throughput(teacher, **kwargs)
-                metrics["throughput/speedup"] = (
-                    metrics["throughput/images_per_s"] / metrics["throughput/teacher_images_per_s"]
-                )
-        self.metrics = metrics
-        log_to_all(trainer, metrics)
+        settings = dataclasses.replace(self.settings, device=trainer.strategy.root_device)
+        dtype = self.dtype or precision_dtype(trainer.precision)
+        if teacher is None:
+            self.metrics = {"throughput/images_per_s": time_model(net, settings, dtype).images_per_s}
+        else:
+            timing, teacher_timing = measure_speedup(net, teacher, settings, dtype)
+            speedup = timing.speedup
+            self.metrics = {
+                "throughput/images_per_s": timing.images_per_s,
+                "throughput/teacher_images_per_s": teacher_timing.images_per_s,
+                "throughput/speedup": speedup.value,
+            }
+            if speedup.low is not None:
+                self.metrics.update({"throughput/speedup_low": speedup.low, "throughput/speedup_high": speedup.high})
+        log_to_all(trainer, self.metrics)
 
 
 def to_display(images: torch.Tensor, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> torch.Tensor:

@@ -1,21 +1,312 @@
-"""Images per second in eval mode, measured the way papers report it."""
+"""Speed that repeats: paired, interleaved timings, and speedups as medians of ratios with intervals.
+
+On a shared machine the speed of *every* model drifts together (other jobs, clocks, heat): the same
+teacher ran at 464 and at 880 images/s in two calls minutes apart. A ratio of two models timed
+back to back barely moves with that drift, so speedups are estimated from many such pairs:
+
+1. every model is warmed up by ``torch.utils.benchmark.Timer.blocked_autorange``, which also
+   measures its time per call; each model's timed *block* is then as many calls as last
+   ``block_time`` (at least one);
+2. each round times every model once, each next to a fresh block of the reference, in pairs
+   whose order alternates from round to round (reference first, then the model first: an ABBA
+   design), and the models' order reverses every other round;
+3. a pair's ratio is the reference's time per call divided by the model's. Drift between the two
+   blocks of a pair pushes the ratio up in one order and down in the other, so it cancels in the
+   median, and no block serves two pairs, so the ratios are independent;
+4. the speedup is the median of the ``pairs`` ratios, with a distribution-free 95 % interval for
+   that median from the order statistics of the ratios (:func:`median_interval`). A slow spell that
+   hits one block spoils one ratio, up or down with equal odds, which the median ignores.
+
+Images/s are the median over a model's blocks: they move with the machine; the speedups do not.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import statistics
-import time
-from collections.abc import Sequence
+import timeit
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dynvit.models.dynamic_vit import input_size
 
+# A call that runs one batch through one model (eager, compiled or another runtime).
+Call = Callable[[], object]
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
+@dataclass
+class SpeedSettings:
+    """How speed is measured.
+
+    Args:
+        batch_size: Images per timed call.
+        device: Where the models run.
+        pairs: Rounds of the paired design; each gives every model one ratio to the reference
+            (two blocks per model per round).
+            At least 6 for a 95 % interval (with fewer, the speedup comes without one).
+        block_time: Seconds each timed block lasts at least (one call if a call takes longer).
+        warmup_time: Seconds of untimed calls per model before the first round
+            (``blocked_autorange``'s ``min_run_time``).
+        threads: CPU threads while timing; by default torch's current setting.
+    """
+
+    batch_size: int = 64
+    device: torch.device | str = "cpu"
+    pairs: int = 30
+    block_time: float = 0.1
+    warmup_time: float = 0.3
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.pairs < 1:
+            raise ValueError(f"need batch_size >= 1 and pairs >= 1; got {self.batch_size}, {self.pairs}")
+        if self.block_time < 0 or self.warmup_time < 0:
+            raise ValueError(f"block_time and warmup_time must be >= 0; got {self.block_time}, {self.warmup_time}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def num_threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A speedup (the median of per-pair ratios) and its 95 % interval (None below 6 pairs)."""
+
+    value: float
+    low: float | None
+    high: float | None
+    pairs: int
+
+
+@dataclass
+class Timing:
+    """One model's timed blocks in a paired run.
+
+    Attributes:
+        batch_size: Images per call.
+        seconds: Seconds per call of each timed block, in the order taken.
+        ratios: Per round, the paired reference block's seconds per call ÷ this model's (empty for
+            the reference itself and when there is none).
+    """
+
+    batch_size: int
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+    @property
+    def seconds_per_call(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / self.seconds_per_call
+
+    @property
+    def speedup(self) -> Speedup | None:
+        if not self.ratios:
+            return None
+        interval = median_interval(self.ratios)
+        low, high = interval if interval else (None, None)
+        return Speedup(statistics.median(self.ratios), low, high, len(self.ratios))
+
+
+def median_interval(samples: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median: ``(x_(k), x_(n+1-k))`` of the sorted samples.
+
+    ``k`` is the largest rank with ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``, so the interval
+    covers the true median with probability at least ``level`` whatever the distribution (the
+    samples need only be independent). None when ``n`` is too small for any such ``k`` (below 6 at 95 %).
+    """
+    n = len(samples)
+    tail = (1.0 - level) / 2
+    k, below = 0, 0.0  # below = P(Binomial(n, 1/2) <= k - 1)
+    while k < n // 2:
+        nxt = below + math.comb(n, k) / 2**n
+        if nxt > tail:
+            break
+        k, below = k + 1, nxt
+    if k == 0:
+        return None
+    ordered = sorted(samples)
+    return ordered[k - 1], ordered[n - k]
+
+
+@contextlib.contextmanager
+def quiet_logs(*names: str) -> Iterator[None]:
+    """Silence the warnings of the named loggers (the root logger for ``""``) inside the ``with``."""
+    loggers = [logging.getLogger(name or None) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _benchmark_timer() -> tuple[type, Callable[[], float]]:
+    """``torch.utils.benchmark``'s Timer and its accelerator-synchronising clock, imported on first use:
+    the import pulls in torch's C++-extension builder, which logs a warning on machines without CUDA."""
+    with quiet_logs("torch.utils.cpp_extension"):
+        from torch.utils.benchmark import Timer
+        from torch.utils.benchmark.utils.timer import timer
+    return Timer, timer
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def time_calls(
+    calls: Sequence[Call],
+    settings: SpeedSettings,
+    reference: bool = True,
+    setups: Sequence[Callable[[], object] | None] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> list[Timing]:
+    """Time ``calls`` in the paired, interleaved design of this module.
+
+    Args:
+        calls: One call per model; ``calls[0]`` is the reference when ``reference`` is True.
+        settings: Rounds, block and warm-up times, threads, batch size (for images/s).
+        reference: Whether ``calls[0]`` is the reference the others' ratios are taken to. Without
+            one, each round times every model once, in alternating order, and no ratios are taken.
+        setups: Per call, something to run (untimed) before each of its blocks, e.g. setting the
+            keep ratio of a model that several calls share; None for nothing.
+        clock: The clock blocks are read with; by default ``torch.utils.benchmark``'s, which
+            synchronises an accelerator before reading the time.
+
+    Returns:
+        One :class:`Timing` per call, in the order given.
+    """
+    if not calls:
+        raise ValueError("nothing to time")
+    Timer, synchronised_clock = _benchmark_timer()
+    clock = clock or synchronised_clock
+    threads = settings.num_threads
+    setups = list(setups) if setups is not None else [None] * len(calls)
+    if len(setups) != len(calls):
+        raise ValueError(f"{len(setups)} setups for {len(calls)} calls")
+    numbers = []
+    for call, setup in zip(calls, setups, strict=True):
+        if setup is not None:
+            setup()
+        # Warm-up and calibration in one: blocked_autorange runs the call until warmup_time has
+        # passed and reports the time per call, from which the block length follows.
+        timer = Timer("call()", globals={"call": call}, num_threads=threads, timer=clock)
+        per_call = timer.blocked_autorange(min_run_time=settings.warmup_time).median
+        numbers.append(max(1, math.ceil(settings.block_time / per_call)))
+    # The paired blocks themselves: one timeit block each, with torch.utils.benchmark's clock, which
+    # synchronises an accelerator before reading the time (Timer.timeit would add warm-up calls to
+    # every block, doubling the cost of a large model's one-call blocks).
+    clocks = [timeit.Timer(call, timer=clock) for call in calls]
+    timings = [Timing(settings.batch_size) for _ in calls]
+
+    def block(i: int) -> float:
+        if setups[i] is not None:
+            setups[i]()
+        seconds = clocks[i].timeit(numbers[i]) / numbers[i]
+        timings[i].seconds.append(seconds)
+        return seconds
+
+    others = list(range(1, len(calls))) if reference else list(range(len(calls)))
+    with _threads(threads):
+        for round_ in range(settings.pairs):
+            for i in others if round_ % 2 == 0 else others[::-1]:
+                if not reference:
+                    block(i)
+                elif (round_ + i) % 2 == 0:  # each model alternates: reference first, then itself first
+                    reference_time = block(0)
+                    timings[i].ratios.append(reference_time / block(i))
+                else:
+                    own = block(i)
+                    timings[i].ratios.append(block(0) / own)
+    return timings
+
+
+def keep_rng(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Measuring must not move the caller's random stream (fvcore and timing draw random inputs)."""
+    device = torch.device(device)
+    return torch.random.fork_rng([device.index or 0] if device.type == "cuda" else [])
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype a model's inputs should have: that of its first plain floating parameter."""
+    for p in model.parameters():
+        if type(p.data) is torch.Tensor and p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def random_images(model: nn.Module, batch_size: int, img_size: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Random images (B, C, H, W) of the size the model was built for (or ``img_size``)."""
+    in_chans, *own_size = input_size(model)
+    size = own_size if img_size is None else img_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn(batch_size, in_chans, *size)
+
+
+@contextlib.contextmanager
+def inference_call(
+    model: nn.Module,
+    images: torch.Tensor,
+    device: torch.device | str = "cpu",
+    autocast: torch.dtype | None = None,
+    compile: bool = False,
+    channels_last: bool = False,
+) -> Iterator[Call]:
+    """A call that runs ``images`` through ``model`` in eval mode under ``torch.inference_mode``.
+
+    Inside the ``with`` the model is in eval mode on ``device``; afterwards its mode, device and
+    memory format are as before.
+
+    Args:
+        images: The batch, cast to the model's dtype (bf16 for a bf16 model) and moved to ``device``.
+        autocast: ``torch.bfloat16``/``torch.float16`` to run a float32 model under autocast.
+        compile: Run ``torch.compile(model, dynamic=False)``; it compiles in the warm-up, untimed.
+        channels_last: Feed channels-last images and convert the model's 4-D weights (the patch
+            embedding convolution) to channels-last, which GPU convolution kernels prefer.
+    """
+    device = torch.device(device)
+    was_training, old_device = model.training, next(model.parameters()).device
+    model.eval().to(device)
+    x = images.to(device, model_dtype(model))
+    # Only a model that was in the default format is put back into it afterwards.
+    restore_format = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model, dynamic=False) if compile else model
+    cast = (
+        torch.autocast(device.type, dtype=autocast)
+        if autocast in (torch.float16, torch.bfloat16)
+        else contextlib.nullcontext()
+    )
+
+    def call() -> object:
+        with torch.inference_mode(), cast:
+            return run(x)
+
+    try:
+        yield call
+    finally:
+        model.train(was_training).to(old_device)
+        if restore_format:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def measure_throughput(
@@ -24,66 +315,57 @@ def measure_throughput(
     img_size: int | Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    warmup: int = 3,
-    repeats: int = 10,
+    pairs: int = 10,
+    threads: int | None = None,
     compile: bool = False,
     channels_last: bool = False,
 ) -> float:
-    """Median images/s of ``repeats`` timed forward passes after ``warmup`` untimed ones.
+    """Images/s of ``model`` in eval mode: the median over ``pairs`` timed blocks after a warm-up.
 
-    The model runs in eval mode under ``torch.inference_mode``; half types run under autocast with
-    float32 weights, as mixed-precision users run it. CUDA work is synchronised before each clock
-    read. The model's mode, device and memory format are restored afterwards.
+    The same timing as every speed figure of this toolkit (:func:`time_calls`); for a speedup
+    over another model, time both in one call of :func:`measure_speedup` instead of dividing two
+    of these. The model's mode, device and memory format are restored afterwards.
 
     Args:
         img_size: Input resolution; by default the model's own.
-        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
-        compile: Time ``torch.compile(model, dynamic=False)`` instead of the eager model. Shapes are
-            static (a student keeps a fixed token count per stage), so one graph serves every call;
-            compilation happens in the first warm-up call, which is not timed (``warmup`` must be ≥ 1).
-        channels_last: Feed channels-last images and convert the model's 4-D weights (the patch
-            embedding convolution) to channels-last, which GPU convolution kernels prefer.
+        dtype: ``torch.float32``, or ``torch.bfloat16``/``torch.float16`` to run under autocast.
+        pairs: Timed blocks.
+        threads: CPU threads while timing; by default torch's current setting.
+        compile: Time ``torch.compile(model, dynamic=False)``; it compiles during the warm-up.
+        channels_last: See :func:`inference_call`.
     """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
-    if compile and warmup < 1:
-        raise ValueError("compile=True needs warmup >= 1: the first call compiles and must not be timed")
-    device = torch.device(device)
-    in_chans, *own_size = input_size(model)
-    size = own_size if img_size is None else img_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    was_training, old_device = model.training, next(model.parameters()).device
-    model.eval().to(device)
-    x = torch.randn(batch_size, in_chans, *size, device=device)
-    # Only a model that was in the default format is put back into it afterwards.
-    restore_format = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    run = torch.compile(model, dynamic=False) if compile else model
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype in (torch.float16, torch.bfloat16)
-        else contextlib.nullcontext()
-    )
-    times = []
-    try:
-        with torch.inference_mode(), autocast:
-            for _ in range(warmup):
-                run(x)
-            _sync(device)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run(x)
-                _sync(device)
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training).to(old_device)
-        if restore_format:
-            model.to(memory_format=torch.contiguous_format)
-    return batch_size / statistics.median(times)
+    settings = SpeedSettings(batch_size=batch_size, device=device, pairs=pairs, threads=threads)
+    return time_model(model, settings, dtype, img_size, compile, channels_last).images_per_s
 
 
-def keep_rng(device: torch.device) -> contextlib.AbstractContextManager:
-    """Measuring must not move the caller's random stream (fvcore and timing draw random inputs)."""
-    return torch.random.fork_rng([device.index or 0] if device.type == "cuda" else [])
+def time_model(
+    model: nn.Module,
+    settings: SpeedSettings,
+    dtype: torch.dtype = torch.float32,
+    img_size: int | Sequence[int] | None = None,
+    compile: bool = False,
+    channels_last: bool = False,
+) -> Timing:
+    """``model`` alone, timed in ``settings.pairs`` blocks on a random batch (see :func:`measure_throughput`)."""
+    with keep_rng(settings.device):
+        images = random_images(model, settings.batch_size, img_size)
+        with inference_call(model, images, settings.device, dtype, compile, channels_last) as call:
+            (timing,) = time_calls([call], settings, reference=False)
+    return timing
+
+
+def measure_speedup(
+    model: nn.Module, reference: nn.Module, settings: SpeedSettings, dtype: torch.dtype = torch.float32
+) -> tuple[Timing, Timing]:
+    """``model`` and ``reference`` timed in pairs on the same random batch: (model's, reference's) timings.
+
+    ``model_timing.speedup`` is the median ratio with its interval.
+    """
+    with keep_rng(settings.device):
+        images = random_images(reference, settings.batch_size)
+        with (
+            inference_call(reference, images, settings.device, dtype) as ref_call,
+            inference_call(model, images, settings.device, dtype) as call,
+        ):
+            ref_timing, timing = time_calls([ref_call, call], settings)
+    return timing, ref_timing

@@ -11,12 +11,22 @@ from dynvit.models.checkpoint import (
 from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_convnext import DynamicCNN, FastPathBlock, PrunedConvNeXtStage
 from dynvit.models.dynamic_swin import DynamicSwin, FastMlpBlock, PrunedSwinStage
-from dynvit.models.dynamic_vit import DynamicViT, StudentOutput, TokenPruning, keep_counts, validate_pruning
+from dynvit.models.dynamic_vit import (
+    DynamicViT,
+    DynamicViTDistilled,
+    StudentOutput,
+    TokenPruning,
+    check_prunable,
+    keep_counts,
+    validate_pruning,
+)
 from dynvit.models.factory import (
     FAMILIES,
+    DataConfig,
     Family,
     create_student,
     create_teacher,
+    data_config,
     default_pruning_loc,
     family_of,
     forward_with_tokens,
@@ -40,11 +50,13 @@ __all__ = [
     "FAMILIES",
     "CheckpointMismatch",
     "ConvStemPatchEmbed",
+    "DataConfig",
     "DynamicCNN",
     "DynamicLVViT",
     "DynamicSwin",
     "DynamicT2TViT",
     "DynamicViT",
+    "DynamicViTDistilled",
     "Family",
     "FastMlpBlock",
     "FastPathBlock",
@@ -62,8 +74,10 @@ __all__ = [
     "StudentOutput",
     "T2TViT",
     "TokenPruning",
+    "check_prunable",
     "create_student",
     "create_teacher",
+    "data_config",
     "default_pruning_loc",
     "family_of",
     "forward_with_tokens",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 # Lightning modules of this toolkit keep the trained network as ``self.net``; other Lightning code
@@ -37,11 +41,13 @@ def own_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[st
 
 
 class LoadReport(NamedTuple):
-    """What :func:`load_checkpoint` did: keys left at their init, keys ignored, keys reset on purpose."""
+    """What :func:`load_checkpoint` did: keys left at their init, keys ignored, keys reset on purpose,
+    keys resampled to the model's patch grid (the position embedding of a checkpoint of another size)."""
 
     missing: list[str]
     unexpected: list[str]
     reset: list[str]
+    resampled: list[str]
 
 
 class CheckpointMismatch(ValueError):
@@ -84,7 +90,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False) -> LoadReport:
+def load_checkpoint(
+    model: nn.Module, path: str | Path, strict: bool = True, reset_head: bool = False, offer_reset_head: bool = True
+) -> LoadReport:
     """Load weights from ``path`` into ``model``.
 
     Reads released DynamicViT checkpoints, DeiT/timm checkpoints (``{"model": sd}`` or a plain state
@@ -93,13 +101,24 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, res
     DynamicCNN files). A teacher checkpoint loads into a student: what pruning adds (keep predictors,
     fast paths: the model's ``new_param_prefixes``) keeps its fresh init.
 
+    A checkpoint trained on another patch grid (e.g. 224-px weights into a model built at 384) has a
+    position embedding of another length: it is resampled to the model's grid as timm does for its
+    pretrained weights (bicubic over the square grid; class/register entries kept as they are), with a
+    warning, and listed in ``LoadReport.resampled``. A fixed (non-trainable) position code, such as
+    T2T-ViT's sinusoid, is the model's own instead. Any other shape clash is an error.
+
     Args:
         strict: Raise :class:`CheckpointMismatch` listing missing/unexpected keys and shape clashes.
             Otherwise load what fits and report the rest.
         reset_head: Keep the model's own (fresh) classifier head when the checkpoint's has another
             class count, e.g. to fine-tune on a new dataset. Without it, that clash is an error.
+        offer_reset_head: Suggest ``reset_head=True`` when only the class count clashes; callers that do
+            not offer it (a teacher must keep its classes) turn the suggestion off.
     """
-    return load_weights(model, read_state_dict(path), strict=strict, reset_head=reset_head, source=str(path))
+    sd = read_state_dict(path)
+    return load_weights(
+        model, sd, strict=strict, reset_head=reset_head, source=str(path), offer_reset_head=offer_reset_head
+    )
 
 
 def load_weights(
@@ -108,10 +127,12 @@ def load_weights(
     strict: bool = True,
     reset_head: bool = False,
     source: str = "state dict",
+    offer_reset_head: bool = True,
 ) -> LoadReport:
     """Load an in-memory state dict with the checks and head handling of :func:`load_checkpoint`."""
     sd = own_layout(model, dict(state_dict))
     own = model.state_dict()
+    resampled = _fit_position_embedding(model, sd, own, source)
     reset = []
     head_keys = [k for k in sd if k.startswith(_HEAD_PREFIXES) and k in own and sd[k].shape != own[k].shape]
     if head_keys and reset_head:
@@ -130,15 +151,43 @@ def load_weights(
         problems = []
         if clashes:
             problems.append("shape clashes:\n  " + "\n  ".join(clashes))
-            if head_keys and not reset_head:
-                problems.append("the classifier head has another class count: pass reset_head=True for a new head")
+            problems.extend(_class_count_clash(sd, own, head_keys, clashes, offer_reset_head))
         if strict and hard_missing:
             problems.append(f"missing keys ({len(hard_missing)}): {_short(hard_missing)}")
         if strict and unexpected:
             problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
         raise CheckpointMismatch(f"{source} does not fit {type(model).__name__}:\n" + "\n".join(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    return LoadReport(missing, unexpected, reset)
+    return LoadReport(missing, unexpected, reset, resampled)
+
+
+def _fit_position_embedding(
+    model: nn.Module, sd: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str
+) -> list[str]:
+    """Resample ``sd["pos_embed"]`` in place to the model's patch grid when the checkpoint's is another
+    square grid of the same width; returns the keys changed. Anything else is left for the shape check."""
+    key = "pos_embed"
+    if key not in sd or key not in own or sd[key].shape == own[key].shape:
+        return []
+    old, new = sd[key], own[key]
+    grid = tuple(getattr(getattr(model, "patch_embed", None), "grid_size", ()) or ())
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+    if old.ndim != 3 or old.shape[-1] != new.shape[-1] or len(grid) != 2 or new.shape[1] != prefix + math.prod(grid):
+        return []
+    side = math.isqrt(old.shape[1] - prefix)
+    if side * side != old.shape[1] - prefix:
+        return []
+    fixed = not dict(model.named_parameters()).get(key, new).requires_grad
+    if fixed:
+        sd[key] = new.clone()
+    else:
+        sd[key] = resample_abs_pos_embed(old, new_size=grid, old_size=(side, side), num_prefix_tokens=prefix)
+    how = "kept the model's own fixed position code" if fixed else "resampled it (bicubic, as timm does)"
+    warnings.warn(
+        f"{source} has a {side}x{side} position embedding, the model a {grid[0]}x{grid[1]} patch grid: {how}",
+        stacklevel=3,
+    )
+    return [key]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -157,3 +206,31 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 def _short(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", … (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def _class_count_clash(
+    sd: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    head_keys: list[str],
+    clashes: list[str],
+    offer: bool,
+) -> list[str]:
+    """The line naming both class counts when only the classifier's output rows clash (another class
+    count, not another architecture), with the ``reset_head`` suggestion where the caller offers it."""
+    keys = [c.split(":", 1)[0] for c in clashes]
+    if not keys or not all(k in head_keys and sd[k].shape[1:] == own[k].shape[1:] for k in keys):
+        return []
+    counts = f"{sd[keys[0]].shape[0]} classes in the checkpoint, {own[keys[0]].shape[0]} in the model"
+    return [
+        f"the classifier head has another class count ({counts})"
+        + (": pass reset_head=True for a new head" if offer else "")
+    ]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -184,18 +184,15 @@ def check_convertible(model: nn.Module) -> None:
         )
 
 
-def build_convnext(name: str, pretrained: bool, num_classes: int, img_size: int, **timm_kwargs) -> ConvNeXt:
-    """The timm ConvNeXt ``name``; ``img_size`` is recorded as its ``pretrained_cfg["input_size"]``."""
-    in_chans = timm_kwargs.get("in_chans", 3)
-    model = timm.create_model(
-        name,
-        pretrained=pretrained,
-        num_classes=num_classes,
-        pretrained_cfg_overlay=dict(input_size=(in_chans, img_size, img_size)),
-        **timm_kwargs,
-    )
+def build_convnext(name: str, pretrained: bool, num_classes: int, img_size: int | None, **timm_kwargs) -> ConvNeXt:
+    """The timm ConvNeXt ``name``; an ``img_size`` other than ``None`` (its own pretrained size) is
+    recorded as its ``pretrained_cfg["input_size"]``, which is where the DataModule reads the size."""
+    if img_size is not None:
+        in_chans = timm_kwargs.get("in_chans", 3)
+        timm_kwargs["pretrained_cfg_overlay"] = dict(input_size=(in_chans, img_size, img_size))
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     stride = model.feature_info[-1]["reduction"]
-    if img_size % stride:
+    if img_size is not None and img_size % stride:
         raise ValueError(
             f"img_size {img_size} is not a multiple of {name}'s total stride {stride}: use e.g. "
             f"{max(stride, img_size // stride * stride)}"
@@ -270,7 +267,9 @@ def convnext_digits(pretrained: bool = False, **kwargs) -> ConvNeXt:
     scaled 2×): stage 3 is then 8×8, one location per 16-pixel patch of the data's patch mask, so
     kept-location recall and pictures line up with it. Depths 1, 1, 6, 1 and widths 16, 32, 64, 128
     (0.42 M parameters, 0.024 GFLOPs): stage 3 holds 60 % of the compute, as the pruned stage does in
-    ConvNeXt-T, and a CPU trains it in minutes.
+    ConvNeXt-T, and a CPU trains it in minutes. The head max-pools the last map instead of averaging
+    it: the digit fills one or two of its 4×4 cells among clutter, and with average pooling the
+    network stayed at chance for 300 steps where max pooling started learning within 100.
     """
-    args = dict(in_chans=1, num_classes=10, depths=(1, 1, 6, 1), dims=(16, 32, 64, 128))
+    args = dict(in_chans=1, num_classes=10, depths=(1, 1, 6, 1), dims=(16, 32, 64, 128), global_pool="max")
     return _create_convnext("convnext_digits", pretrained=pretrained, **dict(args, **kwargs))

@@ -183,11 +183,14 @@ def check_convertible(model: nn.Module) -> None:
             )
 
 
-def build_swin(name: str, pretrained: bool, num_classes: int, img_size: int, **timm_kwargs) -> SwinTransformer:
-    """The timm Swin ``name`` at ``img_size``, which must be a multiple of its patch size."""
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs)
+def build_swin(name: str, pretrained: bool, num_classes: int, img_size: int | None, **timm_kwargs) -> SwinTransformer:
+    """The timm Swin ``name`` at ``img_size`` (None: its own pretrained size), which must be a multiple of
+    its patch size. Swin's window geometry is fixed at construction, so the size is built in."""
+    if img_size is not None:
+        timm_kwargs["img_size"] = img_size
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     patch = tuple(model.patch_embed.patch_size)
-    if img_size % patch[0] or img_size % patch[1]:
+    if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
         raise ValueError(
             f"img_size {img_size} is not a multiple of {name}'s patch size {patch}: use e.g. "
             f"{max(patch[0], img_size // patch[0] * patch[0])}"

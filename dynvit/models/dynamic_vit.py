@@ -4,6 +4,10 @@ Training keeps every token and masks dropped ones inside attention (shapes fixed
 sampled with straight-through Gumbel-softmax). Evaluation ranks tokens by their keep log-odds and
 gathers the top ``int(N * keep_ratio ** s)`` at stage ``s``, so later blocks really run on fewer
 tokens. The keep decision itself is made in :class:`~dynvit.models.predictor.KeepPredictor`.
+
+Prefix tokens (class, distillation and register tokens) are never scored and always kept. Heads
+that pool the patch tokens see only the kept ones: in training through the keep mask (an average
+weighted by it, or an attention pool whose keys it masks), in eval because only they are left.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import AttentionPoolLatent, trunc_normal_
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
-from dynvit.models.masked_attention import make_block_maskable
+from dynvit.models.masked_attention import make_block_maskable, make_pool_maskable
 from dynvit.models.predictor import KeepPredictor
 
 
@@ -25,16 +30,18 @@ class StudentOutput(NamedTuple):
     """What a student returns in training mode.
 
     Attributes:
-        logits: Class logits (B, num_classes).
+        logits: Class logits (B, num_classes); a distilled DeiT's class-token head.
         tokens: Patch tokens after the final norm (B, N, C), for token distillation.
         mask: Keep mask after the last stage (B, N), detached: which final tokens to distil.
         decisions: Keep decisions of every stage, each (B, N), differentiable (for the ratio loss).
+        dist_logits: A distilled DeiT's distillation-token head (B, num_classes); None for other models.
     """
 
     logits: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
     decisions: list[torch.Tensor]
+    dist_logits: torch.Tensor | None = None
 
 
 def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[int]:
@@ -92,6 +99,18 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def final_patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patch tokens token distillation compares, from a model's final tokens x (B, P + N, C).
+
+    These are the patch tokens after the network's last norm. Models that normalise after pooling
+    (``fc_norm``, e.g. ``global_pool='avg'`` ViTs, whose ``norm`` is then the identity) get that
+    norm applied per token, so every family distils normalised features, as the reference does.
+    """
+    tokens = x[:, model.num_prefix_tokens :]
+    fc_norm = getattr(model, "fc_norm", None)
+    return tokens if fc_norm is None or isinstance(fc_norm, nn.Identity) else fc_norm(tokens)
+
+
 class TokenPruning(nn.Module):
     """DynamicViT on any ViT-like backbone: the stage loop over ``self.blocks`` and the forwards.
 
@@ -121,7 +140,7 @@ class TokenPruning(nn.Module):
             make_block_maskable(block)
         vit.__class__ = cls
         vit.init_pruning(vit.embed_dim, vit.patch_embed.num_patches, keep_ratio, pruning_loc)
-        return vit.to(vit.cls_token.device)
+        return vit.to(next(vit.parameters()).device)
 
     def init_pruning(self, embed_dim: int, num_patches: int, keep_ratio: float, pruning_loc: Sequence[int]) -> None:
         validate_pruning(keep_ratio, pruning_loc, len(self.blocks), num_patches)
@@ -219,10 +238,10 @@ class TokenPruning(nn.Module):
         return self.train_output(self.norm(x), decisions)
 
     def train_output(self, x: torch.Tensor, decisions: list[torch.Tensor]) -> StudentOutput:
-        """Training result from the final normed tokens; a backbone with dense heads overrides it."""
+        """Training result from the final normed tokens; a backbone with another head overrides it."""
         return StudentOutput(
             logits=self.forward_head(x),
-            tokens=x[:, self.num_prefix_tokens :],
+            tokens=final_patch_tokens(self, x),
             mask=decisions[-1].detach(),
             decisions=decisions,
         )
@@ -251,12 +270,26 @@ class DynamicViT(TokenPruning, VisionTransformer):
 
     Build one with :func:`dynvit.create_student` or convert an existing timm ViT (pretrained or not)
     in place with :meth:`from_vit`. ``train()`` mode returns a :class:`StudentOutput`; ``eval()``
-    mode returns logits from the pruned forward.
+    mode returns logits from the pruned forward. Class-token, average-pooling (with or without
+    ``fc_norm``) and attention-pooling (``'map'``) heads are supported (see :func:`check_prunable`);
+    a distilled DeiT converts to :class:`DynamicViTDistilled`.
     """
 
     @classmethod
     def check_convertible(cls, model: nn.Module) -> None:
         check_prunable(model)
+        if isinstance(model, VisionTransformerDistilled) and not issubclass(cls, VisionTransformerDistilled):
+            raise TypeError(
+                "a distilled DeiT (VisionTransformerDistilled) has two heads: convert it with "
+                "DynamicViTDistilled.from_vit (dynvit.create_student picks it)"
+            )
+
+    @classmethod
+    def from_vit(cls, vit: nn.Module, keep_ratio: float = 0.7, pruning_loc: Sequence[int] = (3, 6, 9)) -> DynamicViT:
+        student = super().from_vit(vit, keep_ratio, pruning_loc)
+        if student.attn_pool is not None:
+            make_pool_maskable(student.attn_pool)
+        return student
 
     def check_input(self, x: torch.Tensor) -> None:
         expected = input_size(self)
@@ -268,23 +301,111 @@ class DynamicViT(TokenPruning, VisionTransformer):
             )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, class token and position embedding: the tokens the blocks see."""
+        """Patch embedding, prefix tokens and position embedding: the tokens the blocks see."""
         self.check_input(x)
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
+    def train_output(self, x: torch.Tensor, decisions: list[torch.Tensor]) -> StudentOutput:
+        prefix = decisions[-1].new_ones(x.shape[0], self.num_prefix_tokens)
+        keep = torch.cat([prefix, decisions[-1]], dim=1)
+        return StudentOutput(
+            logits=self.head(self.head_drop(self.fc_norm(self.pool_kept(x, keep)))),
+            tokens=final_patch_tokens(self, x),
+            mask=decisions[-1].detach(),
+            decisions=decisions,
+        )
+
+    def pool_kept(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """timm's ``pool`` over the kept tokens only, for training, where every token is still there.
+
+        Args:
+            x: Final tokens (B, P + N, C), prefix first.
+            keep: Keep mask (B, P + N), 1 on the prefix, differentiable on the patches.
+        Returns:
+            The pooled feature (B, C): the class token; for ``'avg'`` the mean over kept tokens written as
+            a keep-weighted mean (so the decisions get a gradient); for ``'map'`` the attention pool with
+            its keys masked by ``keep``.
+        """
+        if self.attn_pool is None and self.global_pool == "token":
+            return self.pool(x)
+        if not getattr(self, "pool_include_prefix", False):
+            x, keep = x[:, self.num_prefix_tokens :], keep[:, self.num_prefix_tokens :]
+        if self.attn_pool is not None:
+            return self.attn_pool(x, keep=keep)
+        weight = keep.unsqueeze(-1).to(x.dtype)
+        # The clamp keeps a stage that dropped every patch finite (the mean of nothing is 0 here).
+        return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1e-6)
+
+
+class DynamicViTDistilled(DynamicViT, VisionTransformerDistilled):
+    """DynamicViT on a distilled DeiT (timm's ``VisionTransformerDistilled``): class and distillation
+    tokens are both prefix tokens, kept at every stage.
+
+    ``eval()`` predicts as timm does, the mean of the class and distillation heads. ``train()`` returns
+    the class head's logits as ``logits`` (what the DynamicViT objective trains with the labels and
+    distils from the teacher) and the distillation head's as ``dist_logits``, which the objective
+    distils from the teacher's prediction only, as DeiT trains its distillation token.
+    """
+
+    method = "dynamicvit"  # how reports label its rows: the method, whatever the backbone
+
+    @classmethod
+    def check_convertible(cls, model: nn.Module) -> None:
+        if not isinstance(model, VisionTransformerDistilled):
+            raise TypeError(f"DynamicViTDistilled converts a distilled DeiT, got {type(model).__name__}")
+        check_prunable(model)
+
+    def train_output(self, x: torch.Tensor, decisions: list[torch.Tensor]) -> StudentOutput:
+        return StudentOutput(
+            logits=self.head(self.head_drop(x[:, 0])),
+            tokens=final_patch_tokens(self, x),
+            mask=decisions[-1].detach(),
+            decisions=decisions,
+            dist_logits=self.head_dist(self.head_drop(x[:, 1])),
+        )
+
+
+def student_class(model: nn.Module) -> type[TokenPruning]:
+    """The DynamicViT class that converts ``model``: a backbone's own ``dynamic_class`` (LV-ViT,
+    T2T-ViT), :class:`DynamicViTDistilled` for a distilled DeiT, else :class:`DynamicViT`."""
+    own = getattr(type(model), "dynamic_class", None)
+    if own is not None:
+        return own
+    return DynamicViTDistilled if isinstance(model, VisionTransformerDistilled) else DynamicViT
+
+
+SUPPORTED = (
+    "token pruning supports timm VisionTransformer models (and distilled DeiT) built from timm's Block and "
+    "Attention, whose head reads the class token (global_pool='token'), averages the patch tokens "
+    "(global_pool='avg', with or without fc_norm) or pools them by attention (global_pool='map'); class, "
+    "distillation and register tokens are kept as prefix tokens"
+)
+
 
 def check_prunable(model: nn.Module) -> None:
-    """Raise ``TypeError`` unless ``model`` is a timm ViT whose prediction comes from its class token."""
+    """Raise ``TypeError`` naming what is supported unless DynamicViT can prune ``model``."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(
-            f"{type(model).__name__} is not a timm VisionTransformer; token pruning needs a ViT such as "
-            "deit_small_patch16_224 or vit_base_patch16_224"
+            f"{type(model).__name__} is not a timm VisionTransformer (e.g. deit_small_patch16_224, "
+            f"vit_base_patch16_siglip_224); {SUPPORTED}"
         )
-    if model.cls_token is None or model.global_pool != "token" or model.attn_pool is not None:
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(getattr(block, "attn", None)) is not Attention:
+            attn = type(getattr(block, "attn", None)).__name__
+            raise TypeError(
+                f"block {i} of this ViT is {type(block).__name__}/{attn}, not timm's Block/Attention whose "
+                f"attention DynamicViT masks; {SUPPORTED}"
+            )
+    pool = model.attn_pool
+    if model.global_pool not in ("token", "avg", "map") or (
+        pool is not None and (type(pool) is not AttentionPoolLatent or pool.pos_embed is not None)
+    ):
+        # An attention pool with a position embedding of its own would need every token in place.
         raise TypeError(
-            "token pruning needs a ViT that classifies from its class token (class_token=True, "
-            f"global_pool='token'); this one has class_token={model.cls_token is not None}, "
-            f"global_pool={model.global_pool!r}"
+            f"this ViT's head uses global_pool={model.global_pool!r} with "
+            f"{type(pool).__name__ if pool is not None else 'no attention pool'}; {SUPPORTED}"
         )
     if getattr(model, "dynamic_img_size", False):
         raise TypeError("token pruning keeps a fixed token count per stage: build the ViT with dynamic_img_size=False")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise TypeError("token pruning decides which tokens to drop itself: build the ViT with patch_drop_rate=0")

@@ -12,14 +12,21 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
+from timm.data import resolve_model_data_config
 from timm.models import FeatureListNet
 from torch import nn
 
 from dynvit.models.checkpoint import load_checkpoint
-from dynvit.models.dynamic_vit import DynamicViT, validate_pruning
+from dynvit.models.dynamic_vit import (
+    final_patch_tokens,
+    input_size,
+    student_class,
+    validate_pruning,
+)
 
 # Where each backbone family prunes by default, as in the papers: 12-block DeiT/ViT before
 # blocks 3, 6, 9 (a quarter of the depth each); other depths get the same proportions.
@@ -100,13 +107,15 @@ def _not_a_vit(name: str) -> str:
     return _NOT_A_VIT.format(name=name, families=families)
 
 
-def _create_vit(name: str, pretrained: bool, num_classes: int, img_size: int, **timm_kwargs) -> nn.Module:
-    """``timm.create_model`` for a ViT-like ``name``; a model that takes no ``img_size`` is not one."""
+def _create_vit(
+    name: str, pretrained: bool, num_classes: int, img_size: int | Sequence[int] | None, **timm_kwargs
+) -> nn.Module:
+    """``timm.create_model`` for a ViT-like ``name``, at its own resolution unless ``img_size`` is given."""
     _check_name(name)
+    if img_size is not None:
+        timm_kwargs["img_size"] = img_size
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **timm_kwargs
-        )
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     except TypeError as e:
         # CNNs such as resnet18 reject img_size: say what to pick instead of timm's bare TypeError.
         if "img_size" not in str(e):
@@ -127,7 +136,7 @@ def _split_feature_args(name: str, family: Family | None, timm_kwargs: dict) -> 
 def create_teacher(
     name: str,
     num_classes: int = 1000,
-    img_size: int = 224,
+    img_size: int | Sequence[int] | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     **timm_kwargs,
@@ -141,8 +150,11 @@ def create_teacher(
         name: A timm ViT name (``deit_small_patch16_224``, ``vit_base_patch16_224``, …), a name of a
             registered :class:`Family` (``convnext_tiny``, …) or one this toolkit registers with timm.
         num_classes: Size of the classifier head.
-        img_size: Input resolution; must be a multiple of the patch size (of the total stride for
-            hierarchical backbones, which record it as their ``pretrained_cfg["input_size"]``).
+        img_size: Input resolution, a multiple of the patch size (of the total stride for hierarchical
+            backbones). ``None`` (default) builds the model at its own pretrained resolution (timm's
+            ``pretrained_cfg``: 384 for ``vit_small_patch16_384``). Another size gets another patch grid:
+            timm resamples the position embedding of pretrained weights to it, and so does
+            :func:`load_checkpoint` for a checkpoint of another grid.
         checkpoint: A DeiT/timm/DynamicViT/Lightning checkpoint, or the original layout of a registered
             family (e.g. FB ConvNeXt), to load strictly (see :func:`load_checkpoint`).
         pretrained: Fetch timm's pretrained weights (needs access to the model hub).
@@ -158,7 +170,7 @@ def create_teacher(
         _check_name(name)
         model = family.build(name, pretrained, num_classes, img_size, **timm_kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, offer_reset_head=False)
     return _feature_extractor(model, out_indices) if features_only else model
 
 
@@ -167,13 +179,17 @@ def create_student(
     keep_ratio: float = 0.7,
     pruning_loc: Sequence[int] | None = None,
     num_classes: int = 1000,
-    img_size: int = 224,
+    img_size: int | Sequence[int] | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     **timm_kwargs,
 ) -> nn.Module:
     """A DynamicViT student on the timm ViT ``name`` with one keep predictor per pruning location, or
     the dynamic spatial sparsification student of a hierarchical backbone (``convnext_tiny``, …).
+
+    Class-token, distilled (DeiT), register-token, average-pooling and attention-pooling ViTs are
+    supported (:func:`~dynvit.models.dynamic_vit.check_prunable` names what is not); LV-ViT and T2T-ViT
+    get their own student classes.
 
     Args:
         keep_ratio: Base keep ratio ρ in (0, 1]. ViTs: stage s keeps ``int(N * ρ**s)`` of N patch tokens.
@@ -193,25 +209,25 @@ def create_student(
         model = family.build(name, pretrained, num_classes, img_size, **timm_kwargs)
         student = family.to_student(model, keep_ratio, pruning_loc)
         if checkpoint is not None:
-            load_checkpoint(student, checkpoint)
+            load_checkpoint(student, checkpoint, offer_reset_head=False)
         return _feature_extractor(student, out_indices) if features_only else student
     vit = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if pruning_loc is None:
         pruning_loc = default_pruning_loc(name, len(vit.blocks))
     validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
-    from_vit = getattr(type(vit), "dynamic_class", DynamicViT).from_vit
-    student = from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
+    student = student_class(vit).from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
     if checkpoint is not None:
-        load_checkpoint(student, checkpoint)
+        load_checkpoint(student, checkpoint, offer_reset_head=False)
     return student
 
 
 def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and what token distillation compares, from an unpruned teacher.
 
-    For a ViT: the final patch tokens (B, N, C) after the final norm. For backbones with dense
-    per-token predictions (LV-ViT's ``forward_dense``): those predictions (B, N, num_classes). For a
-    registered hierarchical family: the final feature map after the final norm.
+    For a ViT: the final patch tokens (B, N, C) after the final norm (``fc_norm`` applied per token
+    where the model normalises after pooling, see :func:`~dynvit.models.dynamic_vit.final_patch_tokens`).
+    For backbones with dense per-token predictions (LV-ViT's ``forward_dense``): those predictions
+    (B, N, num_classes). For a registered hierarchical family: the final feature map after the final norm.
     """
     family = family_of(model)
     if family is not None:
@@ -219,16 +235,60 @@ def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     if hasattr(model, "forward_dense"):
         return model.forward_dense(x)
     features = model.forward_features(x)
-    return model.forward_head(features), features[:, model.num_prefix_tokens :]
+    return model.forward_head(features), final_patch_tokens(model, features)
 
 
-def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int]) -> None:
+def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int] | None) -> None:
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
         raise TypeError(_not_a_vit(name))
+    if img_size is None:
+        return
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     patch = tuple(patch_embed.patch_size)
     if any(s % p for s, p in zip(size, patch, strict=True)):
         raise ValueError(
             f"img_size {size} is not a multiple of {name}'s patch size {patch}: use e.g. {size[0] // patch[0] * patch[0]}"
         )
+
+
+class DataConfig(NamedTuple):
+    """What data must look like for a built model; DataModules follow it (``follow(model)``).
+
+    Attributes:
+        img_size: (H, W) the model was built for: its patch embedding's (not the pretrained config's: they
+            differ when a ViT was built at another ``img_size``), else its ``pretrained_cfg``'s.
+        in_chans: Image channels.
+        patch_size: (h, w) of one patch token; None for a model without patch tokens (CNNs, and
+            hierarchical backbones such as Swin, whose pruned locations are not its patches).
+        mean, std, interpolation, crop_pct: Preprocessing of the weights the model names, from timm's
+            ``pretrained_cfg`` (timm's ImageNet defaults for a model without one).
+    """
+
+    img_size: tuple[int, int]
+    in_chans: int
+    patch_size: tuple[int, int] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+
+
+def data_config(model: nn.Module) -> DataConfig:
+    """The :class:`DataConfig` of a built timm model: a ViT-like one (with a ``patch_embed``), or any
+    other with a ``pretrained_cfg``."""
+    cfg = resolve_model_data_config(model)
+    embed = getattr(model, "patch_embed", None)
+    in_chans, height, width = input_size(model) if embed is not None else cfg["input_size"]
+    if embed is None:  # the built stem's channels, which in_chans= may have changed from the config's
+        in_chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), in_chans)
+    return DataConfig(
+        img_size=(height, width),
+        in_chans=in_chans,
+        # A hierarchical backbone's patches are not the tokens it prunes: the digits keep their own grid.
+        patch_size=tuple(embed.patch_size) if embed is not None and family_of(model) is None else None,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+    )

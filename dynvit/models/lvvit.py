@@ -36,18 +36,22 @@ DEFAULT_PRUNING_LOC.update(
 AUX_WEIGHT = 0.5
 
 
-class Scale(nn.Module):
-    """Multiply by a fixed factor. No parameters, so checkpoints keep their keys."""
+class Divide(nn.Module):
+    """Divide by a fixed number, as LV-ViT divides its residual branches by ``skip_lam``.
 
-    def __init__(self, factor: float) -> None:
+    ``x / d`` rather than ``x * (1 / d)``: the two differ in the last bit when d is not a power of two.
+    No parameters, so checkpoints keep their keys.
+    """
+
+    def __init__(self, divisor: float) -> None:
         super().__init__()
-        self.factor = factor
+        self.divisor = divisor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
+        return x / self.divisor
 
     def extra_repr(self) -> str:
-        return f"{self.factor:g}"
+        return f"{self.divisor:g}"
 
 
 class ConvStemEmbed(nn.Module):
@@ -121,7 +125,7 @@ def scaled_residual_block(skip_lam: float = 1.0, **block_kwargs) -> Block:
     """
     block = Block(**block_kwargs)
     if skip_lam != 1.0:
-        block.ls1, block.ls2 = Scale(1.0 / skip_lam), Scale(1.0 / skip_lam)
+        block.ls1, block.ls2 = Divide(skip_lam), Divide(skip_lam)
     return block
 
 
@@ -148,11 +152,20 @@ class LVViT(VisionTransformer):
     For token distillation :meth:`forward_dense` gives ``(head(cls), aux_head(patches))``, and
     ``token_distill = "kl"`` tells the loss to compare those dense predictions with KL.
 
+    Layers and defaults are the official model's (``zihangJiang/TokenLabeling``, docs/reference.md
+    "Fidelity"): ``nn.LayerNorm`` with eps 1e-5 in every block and the final norm (timm's ViT default
+    is 1e-6), no qkv bias, attention scale ``head_dim ** -0.5``, MLP ratio 3, ``drop_rate`` as dropout
+    after the position embedding, the attention projection and the MLP, and the class token
+    initialised like the official one (truncated normal, std 0.02).
+
     Args:
         skip_lam: Residual branches are divided by this.
         stem_chans: Channels of the conv stem.
         mlp_ratio: MLP hidden width over token width (3 in every LV-ViT).
         qkv_bias: LV-ViT's attention has no qkv bias.
+        drop_rate: Dropout after the position embedding and inside every block (the official
+            ``drop_rate``; timm's own ``drop_rate`` would only drop before the head).
+        norm_layer: Normalisation of the blocks and the final norm.
         **kwargs: Other ``VisionTransformer`` arguments (``img_size``, ``patch_size``, ``in_chans``,
             ``num_classes``, ``embed_dim``, ``depth``, ``num_heads``, ``drop_path_rate``, …).
     """
@@ -167,11 +180,14 @@ class LVViT(VisionTransformer):
         stem_chans: int = 64,
         mlp_ratio: float = 3.0,
         qkv_bias: bool = False,
+        drop_rate: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
         **kwargs,
     ) -> None:
-        for fixed in ("embed_layer", "block_fn", "class_token", "global_pool"):
+        for fixed in ("embed_layer", "block_fn", "class_token", "global_pool", "pos_drop_rate", "proj_drop_rate"):
             if fixed in kwargs:
-                raise ValueError(f"LV-ViT fixes {fixed}; remove it from the arguments")
+                hint = "; drop_rate sets both dropouts, as in LV-ViT" if fixed.endswith("drop_rate") else ""
+                raise ValueError(f"LV-ViT fixes {fixed}; remove it from the arguments{hint}")
         super().__init__(
             embed_layer=partial(ConvStemEmbed, stem_chans=stem_chans),
             block_fn=partial(scaled_residual_block, skip_lam=skip_lam),
@@ -179,9 +195,14 @@ class LVViT(VisionTransformer):
             qkv_bias=qkv_bias,
             class_token=True,
             global_pool="token",
+            norm_layer=norm_layer,
+            pos_drop_rate=drop_rate,
+            proj_drop_rate=drop_rate,
             **kwargs,
         )
         self.skip_lam = skip_lam
+        # timm starts the class token at std 1e-6; the official model draws it like pos_embed.
+        trunc_normal_(self.cls_token, std=0.02)
         self.aux_head = self._new_head(self.num_classes)
 
     def _new_head(self, num_classes: int) -> nn.Module:
@@ -341,10 +362,10 @@ def lvvit_digits(pretrained: bool = False, **kwargs) -> LVViT:
 __all__ = [
     "AUX_WEIGHT",
     "ConvStemEmbed",
+    "Divide",
     "DynamicLVViT",
     "LVViT",
     "LVViTOutput",
-    "Scale",
     "lvvit_digits",
     "lvvit_m",
     "lvvit_s",

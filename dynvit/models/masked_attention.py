@@ -10,30 +10,36 @@ which keeps no N×N tensor for backward; :func:`masked_softmax` is the plain for
 from __future__ import annotations
 
 import torch
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from dynvit.models.masked_attention_function import KEEP_GRADIENTS, MASK_EPS, check_keep_gradient, masked_attention
 
 
-def masked_softmax(scores: torch.Tensor, keep: torch.Tensor, eps: float = MASK_EPS) -> torch.Tensor:
-    """Softmax over keys where query i sees key j only if ``keep[j] = 1`` or ``j = i``.
+def masked_softmax(
+    scores: torch.Tensor, keep: torch.Tensor, eps: float = MASK_EPS, attend_self: bool = True
+) -> torch.Tensor:
+    """Softmax over keys where query i sees key j only if ``keep[j] = 1`` (or ``j = i``).
 
     Computed in float32 for stability at any lower input dtype (float64 stays float64):
     ``w_ij = exp(a_ij - max_j a_ij) * M_ij``, ``p_ij = (w_ij + eps / N) / (sum_j w_ij + eps)``.
 
     Args:
-        scores: Attention logits (B, H, N, N).
+        scores: Attention logits (B, H, Q, N); Q = N for self-attention.
         keep: Keep mask (B, N) in [0, 1], differentiable.
+        attend_self: Let query i always see key i (self-attention, Q = N). Off for queries that are
+            not tokens of the sequence, such as an attention pool's latent query.
     Returns:
-        Attention weights (B, H, N, N) in float32 (float64 for float64 scores).
+        Attention weights (B, H, Q, N) in float32 (float64 for float64 scores).
     """
     n = scores.shape[-1]
     dtype = torch.promote_types(scores.dtype, torch.float32)
     keep = keep.to(dtype)[:, None, None, :]
-    eye = torch.eye(n, dtype=dtype, device=keep.device)
-    # A dropped token still attends to itself so its row stays a valid distribution.
-    allowed = keep + (1.0 - keep) * eye
+    allowed = keep
+    if attend_self:
+        # A dropped token still attends to itself so its row stays a valid distribution.
+        allowed = keep + (1.0 - keep) * torch.eye(n, dtype=dtype, device=keep.device)
     scores = scores.to(dtype)
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp() * allowed
     return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
@@ -97,6 +103,44 @@ class MaskedBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class MaskedAttentionPool(AttentionPoolLatent):
+    """timm's attention pool (``global_pool='map'``) whose keys can take a keep mask (B, N).
+
+    The latent query sees key j with weight ``keep_j`` inside the softmax, as :func:`masked_softmax`
+    computes it for the blocks: a dropped token then adds nothing to the pooled feature, and the
+    predictors get a gradient through the pool too (an additive ``-inf`` mask would give them none).
+    Without a mask it is timm's pool.
+    """
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if keep is None:
+            return super().forward(x, attn_mask=attn_mask)
+        B, N, C = x.shape
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, self.latent_len, self.num_heads, self.head_dim)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q.transpose(1, 2)), self.k_norm(k)
+        attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), keep, attend_self=False)
+        x = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, self.latent_len, C)
+        x = self.proj_drop(self.proj(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm(x))
+        if self.pool == "token":
+            return x[:, 0]
+        return x.mean(1) if self.pool == "avg" else x
+
+
+def make_pool_maskable(pool: nn.Module) -> None:
+    """Swap timm's ``AttentionPoolLatent`` to :class:`MaskedAttentionPool`, in place."""
+    if type(pool) is not AttentionPoolLatent or pool.pos_embed is not None:
+        # A position embedding of the pool's own would need every token in its place.
+        raise TypeError(
+            f"DynamicViT masks timm's AttentionPoolLatent without a position embedding, got {type(pool).__name__}"
+        )
+    pool.__class__ = MaskedAttentionPool
+
+
 def make_block_maskable(block: Block) -> None:
     """Swap a timm ``Block`` (and its ``Attention``) to the maskable subclasses, in place."""
     if type(block) is not Block or type(block.attn) is not Attention:
@@ -139,8 +183,10 @@ __all__ = [
     "KEEP_GRADIENTS",
     "MASK_EPS",
     "MaskedAttention",
+    "MaskedAttentionPool",
     "MaskedBlock",
     "make_block_maskable",
+    "make_pool_maskable",
     "masked_attention",
     "masked_softmax",
     "set_keep_gradient",

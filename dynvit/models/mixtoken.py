@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.data.mixup import cutmix_bbox_and_lam
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,17 @@ class TokenBox:
 
 
 def sample_token_box(grid_size: tuple[int, int], alpha: float = 1.0, lam: float | None = None) -> TokenBox:
-    """A random MixToken box: CutMix's box (timm's ``rand_bbox``) on the token grid.
+    """A random MixToken box, drawn as LV-ViT's official ``rand_bbox`` draws it.
 
-    The box covers about ``1 - lam`` of the grid, ``lam ~ Beta(alpha, alpha)``, centred uniformly and
-    clipped at the borders; :attr:`TokenBox.area` is the exact fraction after clipping. Uses NumPy's
-    global generator, as timm's Mixup does (Lightning's ``seed_everything`` seeds it).
+    ``lam ~ Beta(alpha, alpha)``; the box side along each axis is ``int(size · sqrt(1 - lam))``
+    (truncated); its centre is uniform over the grid cells (rows first, then columns); its edges are
+    ``centre ± side // 2``, clipped to the grid. So an odd side gives a box one token *smaller* than the
+    side, and clipping shrinks boxes near the border: :attr:`TokenBox.area` is the exact fraction
+    mixed. timm's ``cutmix_bbox_and_lam`` differs (upper edge ``centre + (side + 1) // 2``: a larger
+    box, mean area 0.298 instead of 0.271 on a 14×14 grid); see docs/reference.md "Fidelity".
+
+    Uses NumPy's global generator in the official order (beta, row centre, column centre), so the same
+    seed gives the official boxes; Lightning's ``seed_everything`` seeds it.
 
     Args:
         grid_size: (rows, columns) of patch tokens, e.g. ``model.patch_embed.grid_size``.
@@ -70,8 +75,12 @@ def sample_token_box(grid_size: tuple[int, int], alpha: float = 1.0, lam: float 
         lam = float(np.random.beta(alpha, alpha))
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
-    (top, bottom, left, right), _ = cutmix_bbox_and_lam((rows, cols), lam)
-    return TokenBox(int(top), int(left), int(bottom - top), int(right - left), (rows, cols))
+    cut = np.sqrt(1.0 - lam)
+    cut_rows, cut_cols = int(rows * cut), int(cols * cut)
+    centre_row, centre_col = np.random.randint(rows), np.random.randint(cols)
+    top, bottom = (int(np.clip(centre_row + d, 0, rows)) for d in (-(cut_rows // 2), cut_rows // 2))
+    left, right = (int(np.clip(centre_col + d, 0, cols)) for d in (-(cut_cols // 2), cut_cols // 2))
+    return TokenBox(top, left, bottom - top, right - left, (rows, cols))
 
 
 def mix_tokens(x: torch.Tensor, box: TokenBox) -> torch.Tensor:

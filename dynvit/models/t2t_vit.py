@@ -32,7 +32,6 @@ from torch import nn
 
 from dynvit.models.dynamic_vit import TokenPruning
 from dynvit.models.factory import DEFAULT_PRUNING_LOC
-from dynvit.models.lvvit import Scale
 
 # T2T-ViT-14 prunes like a 12-block DeiT (three full blocks, then a stage every three blocks); the
 # 7-block models prune after two full blocks, then every two.
@@ -42,6 +41,20 @@ DEFAULT_PRUNING_LOC.update(
 
 # The soft splits: (kernel, stride, padding) of each unfold.
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+
+
+class Scale(nn.Module):
+    """Multiply by a fixed factor (the backbone's query scale). No parameters, so checkpoints keep their keys."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"{self.factor:g}"
 
 
 def sinusoid_position_embedding(num_positions: int, dim: int) -> torch.Tensor:
@@ -266,6 +279,8 @@ class T2TViT(nn.Module):
                     proj_drop=drop_rate,
                     attn_drop=attn_drop_rate,
                     drop_path=rate,
+                    # The official blocks use nn.LayerNorm (eps 1e-5); timm's Block defaults to 1e-6.
+                    norm_layer=nn.LayerNorm,
                 )
                 for rate in rates
             ]
@@ -402,6 +417,7 @@ def t2t_vit_t_14(pretrained: bool = False, **kwargs) -> T2TViT:
 
 __all__ = [
     "DynamicT2TViT",
+    "Scale",
     "T2TViT",
     "TokenAttention",
     "TokenPerformer",

@@ -13,13 +13,17 @@ from dynvit.models.dynamic_vit import StudentOutput
 
 
 class LossTerms(NamedTuple):
-    """The weighted total and each unweighted term, so every term can be logged on its own."""
+    """The weighted total and each unweighted term, so every term can be logged on its own.
+
+    ``dist_head`` is the KL of a distilled DeiT's distillation head to the teacher, None for other models.
+    """
 
     total: torch.Tensor
     cls: torch.Tensor
     ratio: torch.Tensor
     distill: torch.Tensor
     token: torch.Tensor
+    dist_head: torch.Tensor | None = None
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -79,6 +83,10 @@ def token_distillation_loss(
 class DynamicViTLoss(nn.Module):
     """``CE + ratio_weight·ratio + distill_weight·KL(logits) + token_weight·token`` (docs/reference.md).
 
+    A distilled DeiT student (``out.dist_logits`` set) adds ``distill_weight·KL(dist_logits ‖ teacher)``:
+    its distillation head learns from the teacher's prediction only, as DeiT trains that token, while
+    CE and the logit KL act on the class head as in the reference.
+
     Args:
         ratio_weight: Weight of the keep-ratio MSE (2.0 in the reference).
         distill_weight: Weight of the logit KL to the teacher (0.5).
@@ -117,4 +125,8 @@ class DynamicViTLoss(nn.Module):
             else cls.new_zeros(())
         )
         total = cls + self.ratio_weight * ratio + self.distill_weight * distill + self.token_weight * token
-        return LossTerms(total, cls, ratio, distill, token)
+        dist_head = None
+        if out.dist_logits is not None:
+            dist_head = logit_distillation_loss(out.dist_logits, teacher_logits)
+            total = total + self.distill_weight * dist_head
+        return LossTerms(total, cls, ratio, distill, token, dist_head)

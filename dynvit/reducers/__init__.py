@@ -10,11 +10,13 @@ real token counts (``predict_with_counts``), and the selection methods give kept
 name          what it does                                                        parameters
 ============  ==================================================================  ===============
 ``tome``      merge the r most similar tokens in every block (ToMe)               ``r``, ``prop_attn``
-``evit``      keep the most class-attended tokens, fuse the rest into one (EViT)  ``keep_rate``, ``pruning_loc``
+``evit``      keep the most class-attended tokens, fuse the rest into one (EViT)  ``keep_rate``, ``pruning_loc``, ``fusion``
 ``topk``      EViT's selection without the fused token                            ``keep_rate``, ``pruning_loc``
 ``ats``       sample up to K tokens by class attention × value norm (ATS)         ``max_tokens``, ``pruning_loc``
 ``random``    uniformly random tokens in DynamicViT's counts (the floor)          ``keep_ratio``, ``pruning_loc``, ``seed``
 ============  ==================================================================  ===============
+
+EViT and ATS follow their authors' code (docs/reference.md, "Fidelity").
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ def _reducer(method: str) -> type[ReducedViT]:
 
 
 def apply_reducer(model: VisionTransformer, method: str, **params) -> ReducedViT:
-    """Turn a timm ``VisionTransformer`` with a class token into a reduced model in place and return it.
+    """Turn a timm ``VisionTransformer`` (or distilled DeiT) into a reduced model in place and return it.
+
+    ``tome`` and ``random`` take any head DynamicViT takes (class token, average or attention pooling,
+    registers, distillation token); ``evit``, ``topk`` and ``ats`` rank tokens by the class token's
+    attention and refuse a ViT without one.
 
     Weights are kept (no reducer adds parameters). A model reduced here may be reduced again with
     other parameters or another method.
@@ -64,7 +70,7 @@ def create_reduced(
     name: str,
     method: str,
     num_classes: int = 1000,
-    img_size: int = 224,
+    img_size: int | None = None,
     checkpoint: str | Path | None = None,
     params: dict | None = None,
     **timm_kwargs,
@@ -73,7 +79,8 @@ def create_reduced(
 
     Args:
         params: The method's parameters, e.g. ``{"r": 13}`` for ToMe.
-        Other arguments as :func:`dynvit.create_teacher` (``timm_kwargs`` go to ``timm.create_model``).
+        Other arguments as :func:`dynvit.create_teacher` (``img_size=None`` builds the model at its own
+            resolution; ``timm_kwargs`` go to ``timm.create_model``).
     """
     _reducer(method)  # an unknown method fails before a model is built
     model = create_teacher(name, num_classes=num_classes, img_size=img_size, checkpoint=checkpoint, **timm_kwargs)

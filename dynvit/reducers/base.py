@@ -3,21 +3,28 @@ where reducers act (between attention and MLP), and the reduced ``VisionTransfor
 
 A reducer converts a timm ViT in place, the way ToMe patches timm: the blocks become
 :class:`ReducerBlock` (same weights, same plain ``forward``), the model becomes a subclass of
-:class:`ReducedViT` whose ``run_blocks`` decides where tokens are merged or dropped.
+:class:`ReducedViT` whose ``run_blocks`` decides where tokens are merged or dropped. Prefix tokens
+(class, distillation, register tokens) are never reduced and stay in front; the head pools what is
+left (see :meth:`ReducedViT.pooled_head`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers.attention import maybe_add_mask
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from dynvit.models.dynamic_vit import check_prunable, validate_pruning
+from dynvit.models.dynamic_vit import TokenPruning, check_prunable, validate_pruning
 from dynvit.models.factory import default_pruning_loc
+
+# The timm classes a reducer takes over; their own embedding and head stay in use.
+BACKBONES: tuple[type[VisionTransformer], ...] = (VisionTransformer, VisionTransformerDistilled)
 
 
 class AttentionStats(NamedTuple):
@@ -38,16 +45,19 @@ class ReducedRun(NamedTuple):
     """Result of :meth:`ReducedViT.run_blocks`.
 
     Attributes:
-        tokens: Tokens after the last block (B, M, C), class token first; padded slots included (ATS).
+        tokens: Tokens after the last block (B, M, C), prefix tokens first; padded slots included (ATS).
         kept: Per reduction stage, the original patch index of every token after it (B, M_s); tokens that
             are no original patch (EViT's fused token, ATS padding) carry the index ``num_patches``.
-        counts: Real tokens (class token included, padding excluded) entering attention and MLP of every
+        counts: Real tokens (prefix tokens included, padding excluded) entering attention and MLP of every
             block (B, depth, 2), int64: what the image actually cost.
+        sizes: How many original tokens each final token stands for (B, M): ToMe's merged sizes, 0 on ATS
+            padding; None when every token stands for itself. Pooling heads weigh tokens by it.
     """
 
     tokens: torch.Tensor
     kept: list[torch.Tensor]
     counts: torch.Tensor
+    sizes: torch.Tensor | None = None
 
 
 class ReducerAttention(Attention):
@@ -133,20 +143,24 @@ class ReducedViT(VisionTransformer):
 
     Subclasses set ``method`` (the registry name), implement :meth:`configure` (the method's
     parameters, validated) and :meth:`run_blocks`. ``forward`` returns logits in train and eval mode,
-    so an ordinary classifier can fine-tune a reduced model.
+    so an ordinary classifier can fine-tune a reduced model. A distilled DeiT becomes a subclass of
+    both the reducer and ``VisionTransformerDistilled`` (:func:`reduced_class`), so its two heads stay.
     """
 
     method: str = ""
+    # Methods that score tokens by the class token's attention cannot run without one.
+    needs_class_token: bool = False
+    backbone: type[VisionTransformer] = VisionTransformer
 
     @classmethod
     def from_vit(cls, vit: VisionTransformer, **params) -> ReducedViT:
         """Turn a timm ViT (or a model already reduced here) into this reducer in place, weights kept.
 
         Raises:
-            TypeError: ``vit`` is not a plain timm ViT with one class token, or a parameter is unknown.
+            TypeError: ``vit`` is not a timm ViT this method can reduce, or a parameter is unknown.
             ValueError: a parameter is out of range for this model.
         """
-        check_reducible(vit)
+        check_reducible(vit, cls)
         try:
             inspect.signature(cls.configure).bind(vit, **params)
         except TypeError:
@@ -155,7 +169,7 @@ class ReducedViT(VisionTransformer):
                 f"{cls.method} got parameters {sorted(params)}; it accepts {accepted} (required ones have no default)"
             ) from None
         old_class = vit.__class__
-        vit.__class__ = cls
+        vit.__class__ = reduced_class(cls, vit.backbone if isinstance(vit, ReducedViT) else old_class)
         try:
             vit.configure(**params)
         except (TypeError, ValueError):
@@ -192,8 +206,27 @@ class ReducedViT(VisionTransformer):
         """Tokens after the final norm; only the reduced set remains."""
         return self.norm(self.run_blocks(self.embed(x)).tokens)
 
+    def pooled_head(self, x: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+        """The model's head on the final normed tokens x (B, M, C), each standing for ``sizes`` (B, M) tokens.
+
+        Class-token heads read their tokens as timm does. An average pool weighs each token by its size
+        (ToMe's size-weighted mean, as ToMe pools MAE models; ATS padding gets weight 0); an attention
+        pool adds ``log(size)`` to its keys (ToMe's proportional attention; ``-inf`` on padding).
+        """
+        if sizes is None or (self.attn_pool is None and self.global_pool == "token"):
+            return self.forward_head(x)
+        if not getattr(self, "pool_include_prefix", False):
+            x, sizes = x[:, self.num_prefix_tokens :], sizes[:, self.num_prefix_tokens :]
+        sizes = sizes.to(x.dtype)
+        if self.attn_pool is not None:
+            pooled = self.attn_pool(x, attn_mask=key_bias(sizes.log()))
+        else:
+            pooled = (x * sizes.unsqueeze(-1)).sum(dim=1) / sizes.sum(dim=1, keepdim=True)
+        return self.head(self.head_drop(self.fc_norm(pooled)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        run = self.run_blocks(self.embed(x))
+        return self.pooled_head(self.norm(run.tokens), run.sizes)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, ReducedRun]:
@@ -202,7 +235,7 @@ class ReducedViT(VisionTransformer):
         self.eval()
         try:
             run = self.run_blocks(self.embed(x))
-            return self.forward_head(self.norm(run.tokens)), run
+            return self.pooled_head(self.norm(run.tokens), run.sizes), run
         finally:
             self.train(was_training)
 
@@ -212,9 +245,19 @@ class ReducedViT(VisionTransformer):
         return logits, run.counts
 
     def token_schedule(self) -> list[tuple[int, int]] | None:
-        """Tokens (class token included) in attention and MLP of each block when they do not depend on
+        """Tokens (prefix tokens included) in attention and MLP of each block when they do not depend on
         the image; ``None`` for adaptive methods."""
         return None
+
+
+@functools.cache
+def reduced_class(reducer: type[ReducedViT], backbone: type[VisionTransformer]) -> type[ReducedViT]:
+    """The class a ``backbone`` model becomes under ``reducer``: the reducer itself for a plain
+    ``VisionTransformer``, else one subclass of both (made once), so the backbone's own prefix tokens
+    and head (a distilled DeiT's) stay in use, as ToMe patches timm models."""
+    if backbone is VisionTransformer:
+        return reducer
+    return type(f"{reducer.__name__}{backbone.__name__}", (reducer, backbone), {"backbone": backbone})
 
 
 class SelectionViT(ReducedViT):
@@ -234,28 +277,29 @@ class SelectionViT(ReducedViT):
         return logits, masks
 
 
-def check_reducible(model: VisionTransformer) -> None:
-    """Raise ``TypeError`` unless a reducer can take ``model`` over: a plain timm ViT built from timm's
-    ``Block``/``Attention`` that classifies from its one class token (or a model reduced here)."""
-    if isinstance(model, ReducedViT):
-        return
-    check_prunable(model)
-    if type(model) is not VisionTransformer:
+def check_reducible(model: VisionTransformer, reducer: type[ReducedViT] | None = None) -> None:
+    """Raise ``TypeError`` unless ``reducer`` (any reducer when None) can take ``model`` over: a timm
+    ``VisionTransformer`` or distilled DeiT that DynamicViT could prune (timm's ``Block``/``Attention``,
+    a class-token, average-pooling or attention-pooling head), or a model reduced here. Methods that
+    rank tokens by the class token's attention also need a class token."""
+    if isinstance(model, TokenPruning):
         raise TypeError(
-            f"token reducers take a plain timm VisionTransformer, got the subclass {type(model).__name__} "
-            "(its own forward would be bypassed); build the backbone with dynvit.create_teacher"
+            f"token reducers take a plain timm ViT, got the subclass {type(model).__name__} "
+            "(a DynamicViT student cannot be reduced again): reduce its teacher"
         )
-    if model.num_prefix_tokens != 1:
-        raise TypeError(
-            f"token reducers expect exactly one prefix (class) token, this ViT has {model.num_prefix_tokens} "
-            "(distillation or register tokens are not supported)"
-        )
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
+    if not isinstance(model, ReducedViT):
+        check_prunable(model)
+        if type(model) not in BACKBONES:
             raise TypeError(
-                f"block {i} is {type(block).__name__}/{type(block.attn).__name__}; token reducers need timm's "
-                "plain Block/Attention (a DynamicViT student cannot be reduced again)"
+                f"token reducers take a plain timm VisionTransformer or distilled DeiT, got the subclass "
+                f"{type(model).__name__} (its own forward would be bypassed); build the backbone with "
+                "dynvit.create_teacher"
             )
+    if reducer is not None and reducer.needs_class_token and model.cls_token is None:
+        raise TypeError(
+            f"{reducer.method} ranks tokens by the class token's attention, and this ViT has no class token "
+            f"(global_pool={model.global_pool!r}): use tome or random, which need none"
+        )
 
 
 __all__ = [
@@ -267,6 +311,7 @@ __all__ = [
     "SelectionViT",
     "check_reducible",
     "key_bias",
+    "reduced_class",
     "validate_loc",
     "validate_rate",
 ]

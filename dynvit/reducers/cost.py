@@ -77,12 +77,12 @@ class TokenCost:
                 attn.append(_polynomial([count_module_flops(half, tokens(n)) for n in (1, 2, 3)]))
                 half = _Call(lambda x, b=b: x + b.ls2(b.mlp(b.norm2(x))), b)
                 mlp.append(_polynomial([count_module_flops(half, tokens(n)) for n in (1, 2)]))
-            tail = _polynomial(
-                [
-                    count_module_flops(_Call(lambda x: model.forward_head(model.norm(x)), model), tokens(n))
-                    for n in (1, 2)
-                ]
-            )
+            # The head reads its prefix tokens (a distilled DeiT two), so count it from that many tokens on
+            # (at least one); the line through two counts extends to every count.
+            head = _Call(lambda x: model.forward_head(model.norm(x)), model)
+            first = max(model.num_prefix_tokens, 1)
+            f1, f2 = (count_module_flops(head, tokens(n)) for n in (first, first + 1))
+            tail = [f1 - (f2 - f1) * first, f2 - f1]
             # input_size reads in_chans, so stems whose proj is not one convolution (vit_digits) work too.
             image = torch.randn(1, *input_size(model), device=param.device, dtype=param.dtype)
             embed = _Call(lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))), model)

@@ -44,21 +44,21 @@ class RandomKeepViT(SelectionViT):
         for i in range(len(self.blocks)):
             if i in self.pruning_loc:
                 n = self.keep_counts[self.pruning_loc.index(i)]
-            counts.append((n + 1, n + 1))
+            counts.append((n + self.num_prefix_tokens, n + self.num_prefix_tokens))
         return counts
 
     def run_blocks(self, x: torch.Tensor) -> ReducedRun:
-        B = x.shape[0]
+        B, p = x.shape[0], self.num_prefix_tokens
         generator = None if self.training else torch.Generator(device=x.device).manual_seed(self.seed)
         index = torch.arange(self.num_patches, device=x.device).expand(B, -1)
         kept = []
         for i, block in enumerate(self.blocks):
             if i in self.pruning_loc:
-                k, n = self.keep_counts[self.pruning_loc.index(i)], x.shape[1] - 1
+                k, n = self.keep_counts[self.pruning_loc.index(i)], x.shape[1] - p
                 # The k largest of n uniform draws are a uniform random k-subset.
                 draws = torch.rand(B, n, generator=generator, device=x.device)
                 pos = draws.topk(k, dim=1).indices.sort(dim=1).values
-                x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], pos)], dim=1)
+                x = torch.cat([x[:, :p], gather_tokens(x[:, p:], pos)], dim=1)
                 index = torch.gather(index, 1, pos)
                 kept.append(index)
             x = block(x)

@@ -4,8 +4,11 @@ In every block, between attention and MLP, the tokens are split alternately into
 each A token is linked to its most similar B token (cosine similarity of the attention keys, mean
 over heads) and the ``r`` most similar links are merged by size-weighted averaging. Sizes (how many
 patches a token stands for) are tracked, and attention adds ``log(size)`` to its logits
-("proportional attention") so a merged token keeps the weight of the tokens it replaced. The class
-token is never merged. Training-free on a trained ViT; fine-tunes like the plain model.
+("proportional attention") so a merged token keeps the weight of the tokens it replaced. Prefix
+tokens are never merged: the last of them (the class token of a plain ViT) is the first token of set
+A, protected as in ToMe, and any before it (a distilled DeiT's class token, all registers but the last)
+stay out of the matching; a ViT without prefix tokens merges all of them, as ToMe does. Average and
+attention pools weigh tokens by size. Training-free on a trained ViT; fine-tunes like the plain model.
 """
 
 from __future__ import annotations
@@ -41,18 +44,21 @@ def max_merges(num_patches: int) -> int:
     return num_patches // 2
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> MergePlan:
-    """Pick the ``r`` most similar (A, B) pairs; token 0 (the class token) is never merged.
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = True) -> MergePlan:
+    """Pick the ``r`` most similar (A, B) pairs; token 0 (the class token) is never merged unless
+    ``protect_first`` is False (a ViT without a class token).
 
     Args:
         metric: One vector per token (B, N, D), e.g. the attention keys averaged over heads.
-        r: Tokens to merge, at most ``max_merges(N - 1)``.
+        r: Tokens to merge, at most ``max_merges(N - protect_first)``.
     """
-    if not 0 <= r <= max_merges(metric.shape[1] - 1):
-        raise ValueError(f"r={r} merges are impossible among {metric.shape[1] - 1} patch tokens")
+    patches = metric.shape[1] - int(protect_first)  # int: under jit tracing the shape is a tensor
+    if not 0 <= r <= max_merges(patches):
+        raise ValueError(f"r={r} merges are impossible among {patches} patch tokens")
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-2, -1)
-    scores[:, 0] = -float("inf")  # the class token (A's first) never finds a partner
+    if protect_first:
+        scores[:, 0] = -float("inf")  # the class token (A's first) never finds a partner
     best, partner = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     src = order[:, :r]
@@ -118,16 +124,16 @@ class ToMeViT(ReducedViT):
         self.prop_attn = bool(prop_attn)
 
     def token_schedule(self) -> list[tuple[int, int]]:
-        counts, n = [], self.num_patches + 1
+        counts, n = [], self.num_patches + self.num_prefix_tokens
         for m in self.merges:
             counts.append((n, n - m))
             n -= m
         return counts
 
     def run_blocks(self, x: torch.Tensor) -> ReducedRun:
-        x = self._merge_through(x)
+        x, size = self._merge_through(x)
         counts = torch.tensor(self.token_schedule(), device=x.device).expand(x.shape[0], -1, -1)
-        return ReducedRun(tokens=x, kept=[], counts=counts)
+        return ReducedRun(tokens=x, kept=[], counts=counts, sizes=None if size is None else size.squeeze(-1))
 
     @torch.no_grad()
     def sizes_per_block(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -136,9 +142,12 @@ class ToMeViT(ReducedViT):
         self._merge_through(self.embed(x), record=steps)
         return [(t, s if s is not None else t.new_ones(*t.shape[:2], 1)) for t, s in steps]
 
-    def _merge_through(self, x: torch.Tensor, record: list | None = None) -> torch.Tensor:
-        """Tokens through all blocks; ``record`` collects (tokens, sizes or None) after each block."""
+    def _merge_through(self, x: torch.Tensor, record: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens through all blocks and their sizes (B, M, 1), None while nothing merged; ``record``
+        collects (tokens, sizes or None) after each block."""
         size = None  # all ones until the first merge; no bias until then, so r=0 is the plain model
+        # Prefix tokens before the last one never enter the matching; the last one is A's protected first.
+        held = max(self.num_prefix_tokens - 1, 0)
         for block, r in zip(self.blocks, self.merges, strict=True):
             if size is None and r == 0:
                 x = block(x)
@@ -147,11 +156,13 @@ class ToMeViT(ReducedViT):
                 x, stats = block.attend(x, bias=bias)
                 if r:
                     size = x.new_ones(*x.shape[:2], 1) if size is None else size
-                    x, size = merge_weighted(bipartite_soft_matching(stats.keys.mean(dim=1), r), x, size)
+                    plan = bipartite_soft_matching(stats.keys.mean(dim=1)[:, held:], r, self.num_prefix_tokens > 0)
+                    merged, merged_size = merge_weighted(plan, x[:, held:], size[:, held:])
+                    x, size = torch.cat([x[:, :held], merged], dim=1), torch.cat([size[:, :held], merged_size], dim=1)
                 x = block.feed_forward(x)
             if record is not None:
                 record.append((x, size))
-        return x
+        return x, size
 
 
 __all__ = [

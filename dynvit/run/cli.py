@@ -1,4 +1,4 @@
-"""``python cli.py {fit,validate,test,predict,benchmark,sweep} --config experiments/<name>.yaml`` on LightningCLI."""
+"""``python cli.py {fit,validate,test,predict,benchmark,sweep,export} --config experiments/<name>.yaml`` on LightningCLI."""
 
 from __future__ import annotations
 
@@ -13,9 +13,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
-from dynvit.run.compare import sweep_matches
-from dynvit.run.loggers import WandbOptions, default_loggers
+from dynvit.run.benchmark import sweep_matches
+from dynvit.run.errors import run_reporting_errors
+from dynvit.run.loggers import WandbOptions, default_loggers, quiet_known_noise
+from dynvit.run.predict import PredictionWriter
 from dynvit.run.report import format_matches, write_matches
+from dynvit.run.run_folder import (
+    LastCheckpoint,
+    check_fit_folder,
+    read_checkpoint,
+    read_progress,
+    resolve_last,
+)
 from dynvit.run.sweep import (
     SweepResult,
     SweepSpec,
@@ -27,6 +36,7 @@ from dynvit.run.sweep import (
     load_sweep,
     prepare_folder,
     run_sweep,
+    sweep_environment,
     teacher_row,
 )
 from dynvit.run.trainer import DynViTTrainer
@@ -38,15 +48,26 @@ class DynViTCLI(LightningCLI):
     """LightningCLI with dynvit's defaults.
 
     - model and data classes are chosen by ``class_path`` in the YAML;
-    - the DataModule's ``num_classes``, ``img_size`` and ``in_chans`` are linked into the model;
-    - checkpoints of the best ``val/top1`` and the last epoch go to ``<default_root_dir>/checkpoints``
-      (Lightning writes them through a temporary file, so a crash never leaves half a checkpoint;
-      ``--ckpt_path last`` resumes);
+    - the DataModule's ``num_classes`` and ``in_chans`` are linked into the model; the model decides its
+      input size (its own resolution unless ``img_size`` is given) and the DataModule follows it: right
+      after both are built, ``datamodule.follow(model)`` gives it the size and the preprocessing of the
+      model's weights, so the backbone is named once, in the model;
+    - checkpoints go to ``<default_root_dir>/checkpoints``: ``best-*.ckpt``, the best ``val/top1``, and
+      ``last.ckpt``, the end of the most recent epoch whatever the metric did (both written through a
+      temporary file, so a crash never leaves half a checkpoint);
+    - a run folder holds one run: ``fit`` into a folder that holds one continues it with
+      ``--ckpt_path last`` or is refused; ``--ckpt_path last`` needs a ``last.ckpt``, and on a finished
+      run trains nothing;
     - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
-    - ``benchmark`` (``--methods`` compares other token reducers) and ``sweep`` subcommands
-      (see :class:`~dynvit.run.trainer.DynViTTrainer`).
+    - ``predict`` writes a table of predictions (and kept-token masks and pictures) under the run
+      folder (:class:`~dynvit.run.predict.PredictionWriter`, configurable as ``--prediction.*``);
+    - ``benchmark`` (``--methods`` compares other token reducers, ``--precision``/``--backend`` deployment
+      variants), ``sweep`` and ``export`` (ONNX) subcommands (see :class:`~dynvit.run.trainer.DynViTTrainer`).
     """
+
+    finished: Path | None = None
+    """After ``fit --ckpt_path …`` on a run that had already finished: that checkpoint (nothing was trained)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", LightningModule)
@@ -57,39 +78,91 @@ class DynViTCLI(LightningCLI):
         kwargs.setdefault("trainer_class", DynViTTrainer)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="step")]})
+        quiet_known_noise()
         super().__init__(*args, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "benchmark": {"model", "datamodule"}, "sweep": {"model", "datamodule"}}
+        extra = {name: {"model", "datamodule"} for name in ("benchmark", "sweep", "export")}
+        return {**LightningCLI.subcommands(), **extra}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # Measurement callbacks on by default, configurable as `--flops.*` / `--throughput.*`.
         parser.add_lightning_class_args(FlopsCallback, "flops")
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
+                # last.ckpt is LastCheckpoint's (see dynvit.run.run_folder), and a rerun never writes -v1 files.
+                "checkpoint.save_last": False,
+                "checkpoint.enable_version_counter": False,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
                 "trainer.default_root_dir": DEFAULT_RUN_DIR,
             }
         )
         parser.add_class_arguments(WandbOptions, "wandb")
-        for name in ("num_classes", "img_size", "in_chans"):
+        for name in ("num_classes", "in_chans"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
-    def instantiate_trainer(self, **kwargs: Any):
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
-        run_dir = Path(trainer_cfg.get("default_root_dir") or DEFAULT_RUN_DIR)
+    @staticmethod
+    def _run_dir(default_root_dir: str | None) -> Path:
+        run_dir = Path(default_root_dir or DEFAULT_RUN_DIR)
         # Under `wandb agent` every point runs the same config: give each its own run folder.
         if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
             run_dir = run_dir / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"]
-            trainer_cfg["default_root_dir"] = str(run_dir)
+        return run_dir
+
+    def before_instantiate_classes(self) -> None:
+        """Before anything is built: resolve ``--ckpt_path last`` to the run's ``last.ckpt`` (an error if
+        there is none), refuse a ``fit`` that would mix two runs in one folder, and size a DataModule that
+        cannot count its classes (predicting on a bare image folder) from the checkpoint."""
+        config = self.config[self.subcommand]
+        if "ckpt_path" not in config:
+            return
+        run_dir = self._run_dir(config["trainer.default_root_dir"])
+        folder = Path(config["checkpoint.dirpath"] or run_dir / "checkpoints")
+        if config["ckpt_path"] == "last":
+            config["ckpt_path"] = str(resolve_last(folder))
+        ckpt_path = config["ckpt_path"]
+        if self.subcommand == "fit":
+            check_fit_folder(folder, run_dir, ckpt_path)
+        data_args = config.get("data.init_args")
+        # ImageFolderDataModule with predict_root and no root cannot count the classes: the checkpoint can.
+        if (
+            self.subcommand == "predict"
+            and data_args is not None
+            and "root" in data_args
+            and data_args["root"] is None
+            and data_args.get("num_classes") is None
+        ):
+            if ckpt_path is None or not Path(ckpt_path).is_file():
+                raise ValueError(
+                    "predicting without data.init_args.root: give --ckpt_path (the class count is read from the "
+                    "checkpoint) or data.init_args.num_classes"
+                )
+            data_args["num_classes"] = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("num_classes")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The model decides the input; a link cannot say so, since data → model (num_classes) comes first.
+        follow = getattr(self.datamodule, "follow", None)
+        if follow is not None:
+            follow(self.model)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        run_dir = self._run_dir(trainer_cfg.get("default_root_dir"))
+        trainer_cfg["default_root_dir"] = str(run_dir)
         checkpoint = self._get(self.config_init, "checkpoint")
+        if checkpoint.save_last:
+            raise ValueError(
+                "checkpoint.save_last: dynvit writes last.ckpt itself at the end of every epoch (Lightning's "
+                "save_last would overwrite it with the last improvement only): drop checkpoint.save_last"
+            )
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(run_dir / "checkpoints")
         # `logger: true` (the default) means "dynvit's loggers"; any explicit choice is the user's.
@@ -97,7 +170,27 @@ class DynViTCLI(LightningCLI):
             wandb = self._get(self.config_init, "wandb")
             options = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**dict(wandb))
             kwargs["logger"] = default_loggers(run_dir, options)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Appended after the best-k callback, so that it stays Lightning's `trainer.checkpoint_callback`.
+        trainer.callbacks.append(LastCheckpoint(checkpoint.dirpath))
+        return trainer
+
+    def fit(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
+        """``cli.py fit``: Lightning's, except that a run that already reached its limits is not trained again."""
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path is not None and Path(ckpt_path).is_file():
+            progress = read_progress(ckpt_path)
+            limits = self.trainer.fit_loop.max_epochs, self.trainer.max_steps
+            if progress.reached(*limits):
+                shown = f"max_epochs={limits[0]}" + (f", max_steps={limits[1]}" if limits[1] != -1 else "")
+                print(
+                    f"The run of {ckpt_path} is finished ({progress}; {shown}): nothing to train. Evaluate it "
+                    f"with `validate --ckpt_path {ckpt_path}`; to train further, raise --trainer.max_epochs "
+                    "(or max_steps) and resume with --ckpt_path last."
+                )
+                self.finished = Path(ckpt_path)
+                return
+        self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def sweep(
         self,
@@ -121,6 +214,7 @@ class DynViTCLI(LightningCLI):
             config_path,
             fit=partial(fit_point, type(self)),
             teacher=lambda: teacher_row(model, datamodule, self.trainer),
+            environment=sweep_environment(self.trainer),
         )
         self._write_matches(spec, model, folder)
         return self.sweep_result
@@ -145,7 +239,9 @@ class DynViTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    DynViTCLI(args=args)
+    """The ``cli.py`` entry point: an error dynvit raises for the user ends the run with its message alone
+    (``DYNVIT_TRACEBACK=1`` shows the traceback; see :mod:`dynvit.run.errors`)."""
+    run_reporting_errors(DynViTCLI, args=args)
 
 
 if __name__ == "__main__":

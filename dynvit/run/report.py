@@ -21,8 +21,10 @@ class ResultRow:
         keep_ratio: Base keep ratio ρ (1.0 for the teacher).
         gflops: fvcore GFLOPs of one image.
         params_m: Parameters in millions.
-        images_per_s: Eval-mode throughput (None when not measured).
-        speedup: ``images_per_s`` ÷ the teacher's, measured alongside (None without a teacher).
+        images_per_s: Eval-mode throughput (None when not measured): the median over timed blocks.
+        speedup: Over the float32 eager teacher, the median of per-pair time ratios measured alongside it
+            (:mod:`dynvit.measure.throughput`; None without a teacher).
+        speedup_low, speedup_high: The speedup's 95 % interval (None below 6 pairs).
         top1: Validation top-1 as a fraction (None without data).
         recall: Per pruning stage, the share of the object's patches still kept (data with patch masks).
         run: Where the row comes from (a sweep point's folder), if anywhere.
@@ -30,6 +32,11 @@ class ResultRow:
             is then the DynamicViT keep ratio the method was matched to in GFLOPs.
         tokens: Patch tokens left in the last block (class token excluded); the mean over images for
             adaptive methods (ATS), whose ``gflops`` is then the mean too.
+        precision: ``fp32``, ``bf16`` or ``int8`` (:func:`dynvit.quantize`); GFLOPs are those of the float32 graph.
+        backend: ``eager`` (PyTorch) or ``onnxruntime`` (the exported ONNX file).
+        latency_ms: Median milliseconds of one image (batch 1).
+        latency_speedup, latency_speedup_low, latency_speedup_high: Batch-1 speedup over the teacher
+            and its 95 % interval, estimated like ``speedup``.
     """
 
     method: str
@@ -43,6 +50,25 @@ class ResultRow:
     run: str | None = None
     param: str | None = None
     tokens: float | None = None
+    precision: str = "fp32"
+    backend: str = "eager"
+    speedup_low: float | None = None
+    speedup_high: float | None = None
+    latency_ms: float | None = None
+    latency_speedup: float | None = None
+    latency_speedup_low: float | None = None
+    latency_speedup_high: float | None = None
+
+    @property
+    def variant(self) -> str:
+        """How the row ran where that is not float32 eager PyTorch: ``int8``, ``onnxruntime``, ``onnxruntime int8``."""
+        parts = [p for p, default in ((self.backend, "eager"), (self.precision, "fp32")) if p != default]
+        return " ".join(parts)
+
+    @property
+    def label(self) -> str:
+        """The method with its variant: ``dynamicvit``, ``dynamicvit int8``, ``teacher onnxruntime``."""
+        return f"{self.method} {self.variant}".strip()
 
     def flat(self) -> dict[str, Any]:
         """A flat record: ``recall`` becomes ``recall_s1``, ``recall_s2``, …"""
@@ -68,39 +94,54 @@ def records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     return [{c: record.get(c) for c in columns} for record in flat]
 
 
-def _fmt(value: Any, kind: str) -> str:
+def _fmt(value: Any, kind: str, record: dict[str, Any] | None = None, key: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if kind == "percent":
         return f"{100 * value:.2f}"
     if kind == "ratio":
-        return f"{value:.2f}×"
+        low, high = (record or {}).get(f"{key}_low"), (record or {}).get(f"{key}_high")
+        interval = f" ({low:.2f}–{high:.2f})" if low is not None and high is not None else ""
+        return f"{value:.2f}×{interval}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
 def format_table(rows: Sequence[ResultRow]) -> str:
-    """A Markdown table: method, ρ, setting, GFLOPs, tokens, params, images/s, speedup, top-1 %,
-    recall % per stage (columns nothing was measured for are left out)."""
+    """A Markdown table: method, ρ, setting, precision, backend, GFLOPs, tokens, params, images/s,
+    speedup (95 % interval), batch-1 latency and its speedup, top-1 %, recall % per stage.
+
+    Columns nothing was measured for are left out, and so are precision and backend while every row
+    is float32 eager PyTorch.
+    """
     recs = records(rows)
     columns = [
         ("method", "method", "text"),
         ("run", "run", "text"),
         ("keep_ratio", "ρ", "float"),
         ("param", "setting", "text"),
+        ("precision", "precision", "text"),
+        ("backend", "backend", "text"),
         ("gflops", "GFLOPs", "float"),
         ("tokens", "tokens", "float"),
         ("params_m", "params (M)", "float"),
         ("images_per_s", "images/s", "float"),
-        ("speedup", "speedup", "ratio"),
+        ("speedup", "speedup (95 % CI)", "ratio"),
+        ("latency_ms", "latency ms (batch 1)", "float"),
+        ("latency_speedup", "latency speedup (95 % CI)", "ratio"),
         ("top1", "top-1 %", "percent"),
     ]
     columns += [(k, f"recall s{k.removeprefix('recall_s')} %", "percent") for k in recs[0] if k.startswith("recall_s")]
-    keep = [c for c in columns if any(r[c[0]] is not None for r in recs)]  # columns nothing was measured for go
+    defaults = {"precision": "fp32", "backend": "eager"}
+    keep = [
+        c
+        for c in columns
+        if any(r[c[0]] is not None and r[c[0]] != defaults.get(c[0]) for r in recs)  # unmeasured columns go
+    ]
     lines = ["| " + " | ".join(title for _, title, _ in keep) + " |", "|" + "|".join("---" for _ in keep) + "|"]
     for rec in recs:
-        lines.append("| " + " | ".join(_fmt(rec[key], kind) for key, _, kind in keep) + " |")
+        lines.append("| " + " | ".join(_fmt(rec[key], kind, rec, key) for key, _, kind in keep) + " |")
     return "\n".join(lines)
 
 
@@ -117,9 +158,11 @@ def _legend_label(method: str, params: Sequence[str]) -> str:
 def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None = None) -> Path:
     """Left: top-1 against GFLOPs (GFLOPs against ρ without accuracy); right: speedup against ρ.
 
-    The teacher is a star; each method a line through its operating points in its own marker.
-    DynamicViT's points are labelled with ρ; methods matched to it list their settings (``r=7, 11``),
-    highest ρ first, in the legend, and share its ρ on the right-hand axis.
+    Each method in each precision and backend (``dynamicvit``, ``dynamicvit int8``, …) is a line
+    through its operating points in its own marker; speedups carry their 95 % intervals as error bars.
+    The float32 teacher is a star, its other variants crosses. DynamicViT's points are labelled with ρ;
+    methods matched to it list their settings (``r=7, 11``), highest ρ first, in the legend, and share
+    its ρ on the right-hand axis.
     """
     import matplotlib
 
@@ -129,33 +172,51 @@ def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None
     path = Path(path)
     has_top1 = any(r.top1 is not None for r in rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
-    methods = list(dict.fromkeys(r.method for r in rows if r.method != "teacher"))  # first-seen order
-    for method, marker in zip(methods, itertools.cycle("os^Dvp<>h"), strict=False):
-        pts = sorted((r for r in rows if r.method == method), key=lambda r: r.keep_ratio)
+    curves = list(dict.fromkeys(r.label for r in rows if r.method != "teacher"))  # first-seen order
+    teachers = [r for r in rows if r.method == "teacher"]
+
+    def errorbar(ax, pts: Sequence[ResultRow], xs: Sequence[float], **style) -> None:
+        ys = [r.speedup for r in pts]
+        yerr = [
+            [r.speedup - r.speedup_low if r.speedup_low is not None else 0.0 for r in pts],
+            [r.speedup_high - r.speedup if r.speedup_high is not None else 0.0 for r in pts],
+        ]
+        ax.errorbar(xs, ys, yerr=yerr, capsize=3, **style)
+
+    for label, marker in zip(curves, itertools.cycle("os^Dvp<>h"), strict=False):
+        pts = sorted((r for r in rows if r.label == label), key=lambda r: r.keep_ratio)
         if has_top1:
             xs, ys = [r.gflops for r in pts], [100 * r.top1 if r.top1 is not None else math.nan for r in pts]
         else:
             xs, ys = [r.keep_ratio for r in pts], [r.gflops for r in pts]
-        label = _legend_label(method, [r.param for r in reversed(pts) if r.param])
-        (line,) = left.plot(xs, ys, marker=marker, linestyle="-", label=label)
+        legend = _legend_label(label, [r.param for r in reversed(pts) if r.param])
+        left.plot(xs, ys, marker=marker, linestyle="-", label=legend)
         for r, x, y in zip(pts, xs, ys, strict=True):
-            if not r.param:  # matched methods share DynamicViT's GFLOPs: their settings go in the legend
+            if not r.param and not r.variant:  # one label per point is enough: on the float32 eager curve
                 left.annotate(f"ρ={r.keep_ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        speed = [(r.keep_ratio, r.speedup) for r in pts if r.speedup is not None]
-        if speed:
-            right.plot(*zip(*speed, strict=True), marker=marker, linestyle="-", label=method)
-    for teacher in (r for r in rows if r.method == "teacher"):
+        timed = [r for r in pts if r.speedup is not None]
+        if timed:
+            errorbar(right, timed, [r.keep_ratio for r in timed], marker=marker, linestyle="-", label=label)
+    # The float32 teacher is a black star; its other variants grey crosses, pluses, diamonds, …
+    shades = zip(itertools.cycle(["0.35", "0.55", "0.7", "0.85"]), itertools.cycle("XPdv"), strict=False)
+    for teacher, (grey, mark) in zip(teachers, itertools.chain([("k", "*")], shades), strict=False):
+        style = dict(marker=mark, color=grey, linestyle="none", markersize=10, label=teacher.label)
         if has_top1 and teacher.top1 is not None:
-            left.plot([teacher.gflops], [100 * teacher.top1], "k*", markersize=12, label="teacher")
-        elif not has_top1:
-            left.plot([1.0], [teacher.gflops], "k*", markersize=12, label="teacher")
-        right.plot([1.0], [1.0], "k*", markersize=12, label="teacher")
+            left.plot([teacher.gflops], [100 * teacher.top1], **style)
+        elif not has_top1 and not teacher.variant:
+            left.plot([1.0], [teacher.gflops], **style)
+        if teacher.speedup is not None:
+            errorbar(right, [teacher], [1.0], **style)
     right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     if has_top1:
         left.set(xlabel="GFLOPs per image", ylabel="validation top-1 (%)", title="accuracy vs cost")
     else:
         left.set(xlabel="keep ratio ρ", ylabel="GFLOPs per image", title="cost vs keep ratio")
-    right.set(xlabel="keep ratio ρ", ylabel="speedup over the teacher (images/s)", title="speedup vs keep ratio")
+    right.set(
+        xlabel="keep ratio ρ",
+        ylabel="speedup over the fp32 teacher (95 % CI)",
+        title="speedup vs keep ratio",
+    )
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -168,26 +229,42 @@ def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None
 
 
 def write_report(
-    rows: Sequence[ResultRow], out_dir: str | Path, stem: str = "results", title: str | None = None
+    rows: Sequence[ResultRow],
+    out_dir: str | Path,
+    stem: str = "results",
+    title: str | None = None,
+    environment: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``<stem>.csv``, ``<stem>.json`` and ``tradeoff.png`` into ``out_dir``; return their paths."""
+    """Write ``<stem>.csv``, ``<stem>.json`` and ``tradeoff.png`` into ``out_dir``; return their paths.
+
+    ``environment`` (:func:`dynvit.measure.environment`) goes into both files: as ``env_*`` columns of
+    every CSV row, so a row read on its own still names its machine, and as the JSON's
+    ``"environment"`` beside its ``"rows"``.
+    """
     if not rows:
         raise ValueError("no results to report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recs = records(rows)
+    env = dict(environment or {})
     paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "figure": out / "tradeoff.png"}
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(recs[0]))
+        columns = list(recs[0]) + [f"env_{k}" for k in env]
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(recs)
-    paths["json"].write_text(json.dumps(recs, indent=2) + "\n")
+        writer.writerows({**rec, **{f"env_{k}": v for k, v in env.items()}} for rec in recs)
+    paths["json"].write_text(json.dumps({"environment": env, "rows": recs}, indent=2) + "\n")
     plot_tradeoff(rows, paths["figure"], title)
     return paths
 
 
+def read_rows(path: str | Path) -> list[ResultRow]:
+    """The rows of a ``results.json``/``summary.json`` written by :func:`write_report`."""
+    return [ResultRow.from_flat(record) for record in json.loads(Path(path).read_text())["rows"]]
+
+
 def format_matches(records: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.run.compare.matched_records``)."""
+    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.run.benchmark.matched_records``)."""
     if not records:
         raise ValueError("no matched settings to format")
     columns = list(dict.fromkeys(key for record in records for key in record))

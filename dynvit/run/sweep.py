@@ -16,6 +16,7 @@ Layout of a sweep folder::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import json
@@ -34,8 +35,10 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
+from dynvit.measure.environment import environment
 from dynvit.measure.flops import count_flops, count_params
-from dynvit.run.benchmark import SpeedSettings, check_ratios, dynamicvit_at, measure_point
+from dynvit.measure.throughput import keep_rng, time_model
+from dynvit.run.benchmark import check_ratios, dynamicvit_at, evaluate
 from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
@@ -196,23 +199,36 @@ def prepare_folder(out: Path, config_text: str) -> Path:
 def teacher_row(
     module: L.LightningModule, datamodule: L.LightningDataModule | None, trainer: L.Trainer
 ) -> ResultRow | None:
-    """The teacher measured once, as the ``fit`` runs would (their throughput settings and device)."""
+    """The teacher measured once, as the ``fit`` runs' throughput callbacks time it (their settings and device).
+
+    Each point's speedup comes from its own fit, where the callback timed the student in pairs with
+    this teacher; the teacher's images/s here is for the table only.
+    """
     _, teacher = networks(module)
     if teacher is None:
         return None
-    speed = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputCallback)), None)
-    settings = SpeedSettings(device=trainer.strategy.root_device, dtype=precision_dtype(trainer.precision))
-    if speed is not None:
-        settings.batch_size, settings.warmup, settings.repeats = speed.batch_size, speed.warmup, speed.repeats
-        settings.dtype = speed.dtype or settings.dtype
+    speed = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputCallback)), ThroughputCallback())
+    device = trainer.strategy.root_device
+    settings = dataclasses.replace(speed.settings, device=device)
     loader = None
     if datamodule is not None:
         datamodule.prepare_data()
         datamodule.setup("validate")
         loader = datamodule.val_dataloader()
-    row = measure_point(teacher, "teacher", 1.0, settings, loader)
-    row.speedup = 1.0
+    teacher.to(device)
+    with keep_rng(device):
+        row = ResultRow("teacher", 1.0, count_flops(teacher), count_params(teacher), speedup=1.0)
+    row.images_per_s = time_model(teacher, settings, speed.dtype or precision_dtype(trainer.precision)).images_per_s
+    if loader is not None:
+        row.top1, row.recall = evaluate(teacher, loader, device)
     return row
+
+
+def sweep_environment(trainer: L.Trainer) -> dict[str, Any]:
+    """The machine and the throughput callback's settings the points are timed with."""
+    speed = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputCallback)), ThroughputCallback())
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(speed.dtype or precision_dtype(trainer.precision))
+    return environment(trainer.strategy.root_device, speed.settings.batch_size, [precision or "fp32"])
 
 
 def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> ResultRow:
@@ -229,6 +245,8 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
         params_m=count_params(net),
         images_per_s=speed.get("throughput/images_per_s"),
         speedup=speed.get("throughput/speedup"),
+        speedup_low=speed.get("throughput/speedup_low"),
+        speedup_high=speed.get("throughput/speedup_high"),
         top1=metrics.get("val/top1"),
         recall=recall,
         run=run,
@@ -238,7 +256,7 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
 def fit_point(
     cli_class: Callable[..., Any], config_path: Path, point: dict[str, Any], run_dir: Path, group: str
 ) -> ResultRow:
-    """Train one point in this process (resuming from its ``last.ckpt`` if there is one) and return its row."""
+    """Train one point in this process (continuing from its ``last.ckpt`` if there is one) and return its row."""
     args = [
         "fit",
         f"--config={config_path}",
@@ -257,9 +275,10 @@ def fit_point(
     try:
         if cli.trainer.interrupted:
             raise RuntimeError(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
-        if "val/top1" not in cli.trainer.callback_metrics:
-            # Resumed from a run that had already trained to the end: fit did no validation.
-            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        if cli.finished is not None or "val/top1" not in cli.trainer.callback_metrics:
+            # The point had already trained to the end (it stopped before writing done.json): fit trained
+            # nothing and did no validation, so validate its last checkpoint.
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.finished, verbose=False)
         return point_row(cli.trainer, cli.model, run_dir.name)
     finally:
         import wandb
@@ -283,6 +302,7 @@ def run_sweep(
     config_path: Path,
     fit: Callable[[Path, dict[str, Any], Path, str], ResultRow],
     teacher: Callable[[], ResultRow | None],
+    environment: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Run the grid's unfinished points one by one, then write the summary.
 
@@ -292,6 +312,7 @@ def run_sweep(
         config_path: The fit config every point starts from.
         fit: Trains one point: ``fit(config_path, point, run_dir, group) -> row``.
         teacher: Measures the teacher row (called once; cached in ``teacher.json``).
+        environment: The machine and timing settings, written into the summary files.
     """
     group = spec.name or out.name
     teacher_file = out / TEACHER
@@ -312,7 +333,7 @@ def run_sweep(
             _write_json_atomic(row.flat(), done)
             trained.append(run_dir.name)
         rows.append(ResultRow.from_flat(json.loads(done.read_text())))
-    paths = write_report(rows, out, stem="summary", title=f"sweep {group}")
+    paths = write_report(rows, out, stem="summary", title=f"sweep {group}", environment=environment)
     print(format_table(rows))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return SweepResult(rows, trained, paths)

@@ -8,14 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
+import torch
 
-from dynvit.measure.callbacks import Dtype, networks, parse_dtype
+from dynvit.deploy import export_onnx
+from dynvit.measure.callbacks import networks
+from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import load_checkpoint
-from dynvit.run.benchmark import DEFAULT_RATIOS, SpeedSettings, check_ratios, dynamicvit_at
-from dynvit.run.compare import LABELS, check_comparable, check_methods, compare, first_images
-from dynvit.run.report import ResultRow, format_table, write_report
+from dynvit.run.benchmark import (
+    DEFAULT_RATIOS,
+    LABELS,
+    BenchmarkResult,
+    benchmark,
+    check_comparable,
+    check_methods,
+    check_precisions,
+    check_ratios,
+    dynamicvit_at,
+    first_images,
+    report,
+)
+from dynvit.run.run_folder import describe_teachers
 
 
 class DynViTTrainer(L.Trainer):
@@ -29,34 +44,43 @@ class DynViTTrainer(L.Trainer):
         ratios: Sequence[float] = DEFAULT_RATIOS,
         out: str | None = None,
         batch_size: int = 64,
-        dtype: Dtype = "fp32",
+        precision: str = "fp32",
+        backend: Literal["eager", "onnxruntime"] = "eager",
+        latency: bool = True,
         device: str | None = None,
-        warmup: int = 3,
-        repeats: int = 10,
-        rounds: int = 3,
+        pairs: int = 30,
+        block_time: float = 0.1,
+        warmup_time: float = 0.3,
+        threads: int | None = None,
         accuracy: bool = True,
         methods: Sequence[str] = ("dynamicvit",),
         calibration_images: int = 256,
-    ) -> list[ResultRow]:
+    ) -> BenchmarkResult:
         """Cost, speed and accuracy of one set of weights at several keep ratios, and of the teacher;
-        optionally of other token-reduction methods on the teacher's weights at the same GFLOPs.
+        optionally of other token-reduction methods on the teacher's weights at the same GFLOPs, in
+        reduced precision and in onnxruntime.
 
         The student's ``keep_ratio`` is set to each ratio in turn; the weights stay the same. Every
         other method runs training-free on the teacher, set to DynamicViT's GFLOPs at each ratio
-        (see :mod:`dynvit.run.compare`). Writes ``results.csv``, ``results.json`` and ``tradeoff.png``
-        and prints the table.
+        (see :mod:`dynvit.run.benchmark`). Speedups are medians of paired timings with the float32
+        teacher, with 95 % intervals. Writes ``results.csv``, ``results.json`` and ``tradeoff.png``
+        (with the machine and settings) and prints the table.
 
         Args:
             ckpt_path: Student weights (a ``.ckpt`` of this toolkit or a released DynamicViT file);
                 by default the weights the config builds.
             ratios: Keep ratios in (0, 1], e.g. ``--ratios [0.5,0.7,0.9]``.
             out: Output folder; ``<trainer.default_root_dir>/benchmark`` by default.
-            batch_size: Images per timed forward pass.
-            dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast) for timing and accuracy.
+            batch_size: Images per timed call.
+            precision: Comma-separated precisions of every row, e.g. ``fp32,bf16,int8`` (float32 always).
+            backend: ``onnxruntime`` also times every row's exported ONNX file beside eager PyTorch
+                (the files go to ``<out>/onnx``).
+            latency: Also time every row at batch 1.
             device: ``cpu``, ``cuda``, ``cuda:1``, …; by default the trainer's device.
-            warmup: Untimed passes before timing.
-            repeats: Timed passes per round (the median is reported).
-            rounds: Rounds over all rows in turn; each row reports its median round.
+            pairs: Timing rounds; each gives every row one time ratio to the teacher.
+            block_time: Seconds each timed block lasts at least.
+            warmup_time: Seconds of untimed calls per row before timing.
+            threads: CPU threads while timing (by default torch's setting).
             accuracy: Measure validation top-1 (and kept-token recall when batches carry patch
                 masks) on the DataModule's validation set.
             methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``:
@@ -65,15 +89,16 @@ class DynViTTrainer(L.Trainer):
         """
         ratios = check_ratios(ratios)
         methods = check_methods(methods)
+        precisions = check_precisions(precision)
         if calibration_images < 1:
             raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
         settings = SpeedSettings(
             batch_size=batch_size,
-            dtype=parse_dtype(dtype),
             device=device or self.strategy.root_device,
-            warmup=warmup,
-            repeats=repeats,
-            rounds=rounds,
+            pairs=pairs,
+            block_time=block_time,
+            warmup_time=warmup_time,
+            threads=threads,
         )
         student, teacher = networks(model)
         model_at = dynamicvit_at(student)
@@ -85,6 +110,8 @@ class DynViTTrainer(L.Trainer):
         model_at(original)
         if ckpt_path is not None:
             load_checkpoint(student, ckpt_path)
+        for line in describe_teachers(ckpt_path, getattr(model, "teacher_record", None)):
+            print(line)
         loader = calibration = None
         if (accuracy or "ats" in methods) and datamodule is not None:
             datamodule.prepare_data()
@@ -94,14 +121,68 @@ class DynViTTrainer(L.Trainer):
             if loader is None:
                 raise ValueError("ATS is matched on validation images: give the config a DataModule")
             calibration = first_images(loader, calibration_images)
-        rows, _ = compare(student, teacher, ratios, methods, loader if accuracy else None, settings, calibration)
-        model_at(original)
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
+        result = benchmark(
+            student,
+            teacher,
+            ratios,
+            methods,
+            loader if accuracy else None,
+            settings,
+            calibration,
+            precisions=precisions,
+            backend=backend,
+            latency=latency,
+            onnx_dir=out_dir / "onnx",
+        )
         names = ", ".join(LABELS.get(m, m) for m in methods)
-        paths = write_report(rows, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
-        print(format_table(rows))
-        print("\n".join(f"wrote {p}" for p in paths.values()))
-        return rows
+        report(result, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
+        return result
+
+    def export(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        format: Literal["onnx"] = "onnx",
+        out: str = "model.onnx",
+        keep_ratio: float | None = None,
+        check_images: int = 16,
+    ) -> Path:
+        """Write the eval-mode network of this config (the student, or a teacher config's model) as ONNX.
+
+        The batch size is dynamic; a student's token counts are those its keep ratio fixes. The file
+        is checked in onnxruntime against eager PyTorch on the first validation images (random
+        images without a DataModule) and refused if an op cannot be exported.
+
+        Args:
+            ckpt_path: Weights to export (a ``.ckpt`` of this toolkit or a released checkpoint).
+            format: ``onnx``.
+            out: The file to write.
+            keep_ratio: Export a student at this keep ratio instead of its configured one.
+            check_images: Validation images the export is checked on.
+        """
+        if format != "onnx":
+            raise ValueError(f"unknown export format {format!r}: choose 'onnx'")
+        net, _ = networks(model)
+        if keep_ratio is not None:
+            dynamicvit_at(net)(keep_ratio)
+        if ckpt_path is not None:
+            load_checkpoint(net, ckpt_path)
+        images = None
+        if datamodule is not None:
+            datamodule.prepare_data()
+            datamodule.setup("validate")
+            images = torch.cat(first_images(datamodule.val_dataloader(), check_images))
+        was_training = net.training
+        try:
+            path = export_onnx(net.eval(), out, images=images)
+        finally:
+            net.train(was_training)
+        print(
+            f"wrote {path} (checked in onnxruntime against eager PyTorch on {len(images) if images is not None else 2} images)"
+        )
+        return path
 
     def sweep(
         self,

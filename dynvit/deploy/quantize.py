@@ -1,0 +1,134 @@
+"""Reduced-precision copies of a model for inference: bfloat16, or int8 Linear layers through torchao.
+
+:func:`quantize` works on any model of this toolkit (teachers, DynamicViT students of every
+backbone, the token reducers) because it only touches ``nn.Linear`` layers (int8) or casts the whole
+model (bf16): a student prunes, gathers and ranks tokens as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dynvit.measure.throughput import quiet_logs
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+
+# Layers int8 leaves in float32, by module-name pattern. The keep predictors decide which tokens a
+# student keeps: their ranking must not move with quantization noise, and they cost < 5 % of the
+# compute. The heads see one token (LV-ViT's aux head: every token, but only through a max).
+KEEP_FP32: tuple[str, ...] = ("score_predictor.*", "head", "aux_head")
+
+# Layers whose projection weights are read directly by their parent instead of through the Linear's
+# forward, which int8 weights cannot serve: quantizing them would fail at run time or silently
+# leave them in float32.
+_UNSUPPORTED = (nn.MultiheadAttention, nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+class QuantizationError(ValueError):
+    """A model that cannot be prepared in the precision asked for."""
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ValueError`` listing them."""
+    if precision not in PRECISIONS:
+        close = difflib.get_close_matches(str(precision), PRECISIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown precision {precision!r}: choose from {list(PRECISIONS)}{hint}")
+    return precision
+
+
+def check_inference_ready(model: nn.Module, what: str) -> None:
+    """Raise unless ``model`` is in eval mode: deployment copies freeze the inference path."""
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise QuantizationError(
+            f"{what} needs a model in eval mode, but {training[0]!r} is in training mode (a student would "
+            "mask instead of pruning, dropout would be on): call model.eval() first"
+        )
+
+
+def _quantized_layers(model: nn.Module) -> list[str]:
+    """Names of layers that already hold quantized weights (torch.ao modules or torchao tensors)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("torch.ao.nn.quantized")
+        or (isinstance(module, nn.Linear) and type(module.weight.data) is not torch.Tensor)
+    ]
+
+
+def _check_layers(model: nn.Module, precision: str) -> None:
+    quantized = _quantized_layers(model)
+    if quantized:
+        raise QuantizationError(
+            f"layer {quantized[0]!r} is already quantized ({len(quantized)} such layers): quantize the "
+            "float32 model, not a quantized copy"
+        )
+    if precision != "int8":
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, _UNSUPPORTED):
+            raise QuantizationError(
+                f"int8 cannot quantize {name!r} ({type(module).__name__}): it reads its projection weights "
+                "directly instead of calling its Linear layers; use bf16, or a timm Attention in its place"
+            )
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise QuantizationError(f"{type(model).__name__} has no nn.Linear layer: int8 has nothing to quantize")
+
+
+def quantize(model: nn.Module, precision: str, keep_fp32: Sequence[str] = KEEP_FP32) -> nn.Module:
+    """A copy of an eval-mode ``model`` for inference in ``precision``; the model itself is not changed.
+
+    - ``fp32``: a plain copy.
+    - ``bf16``: every parameter and buffer in bfloat16; the copy takes bfloat16 images (cast yours
+      with ``x.to(torch.bfloat16)``) and returns bfloat16 logits.
+    - ``int8``: torchao's dynamic quantization of the ``nn.Linear`` layers
+      (``Int8DynamicActivationInt8WeightConfig``): int8 weights per output channel, activations
+      quantized to int8 per token at run time, int8 matrix products. Everything else (the patch
+      embedding, norms, attention's own products, token ranking and gathering) stays float32, as do
+      the Linear layers named by ``keep_fp32``. Meant for CPUs with int8 dot-product instructions
+      (AVX-512 VNNI, AMX).
+
+    Args:
+        model: A model in eval mode (``model.eval()``).
+        precision: One of :data:`PRECISIONS`.
+        keep_fp32: ``fnmatch`` patterns of module names whose Linear layers int8 leaves in float32
+            (by default the keep predictors and the heads: :data:`KEEP_FP32`).
+
+    Raises:
+        ValueError: an unknown precision.
+        QuantizationError: a model in training mode, one already quantized, or (int8) a layer int8
+            cannot quantize or no Linear layer at all.
+    """
+    check_precision(precision)
+    check_inference_ready(model, f"quantize(model, {precision!r})")
+    _check_layers(model, precision)
+    out = copy.deepcopy(model)
+    if precision == "bf16":
+        return out.to(torch.bfloat16)
+    if precision == "int8":
+        # torchao is imported here: importing it costs seconds and logs warnings nothing else needs.
+        with quiet_logs("torch.utils._pytree", "torch.utils.cpp_extension"):
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        def selected(module: nn.Module, name: str) -> bool:
+            return isinstance(module, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in keep_fp32)
+
+        # set_inductor_config=False: it changes torch.compile's global settings, which a benchmark
+        # that compiles other models must not inherit.
+        quantize_(out, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False), filter_fn=selected)
+    return out
+
+
+def precision_of(model: nn.Module) -> str:
+    """``int8`` if any Linear layer holds quantized weights, ``bf16`` for bfloat16 parameters, else ``fp32``."""
+    if _quantized_layers(model):
+        return "int8"
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return "bf16" if dtypes == {torch.bfloat16} else "fp32"

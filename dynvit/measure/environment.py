@@ -1,0 +1,96 @@
+"""What a speed figure was measured on: processor, threads, library versions, precision, batch, device.
+
+A speed figure means nothing without the machine and settings behind it, so every results file and
+report header carries :func:`environment`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# CPU features that decide which reduced-precision kernels a CPU can run fast.
+_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str | None, list[str]]:
+    """The CPU model name and its reduced-precision features, from ``/proc/cpuinfo`` (Linux)."""
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return None, []
+    name, flags = None, set()
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return name, [f for f in _CPU_FEATURES if f in flags]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """The machine and settings of a measurement, as a flat record of strings and numbers.
+
+    Args:
+        device: Where the models ran.
+        batch_size: Images per timed call.
+        precisions: The precisions measured (``fp32``, ``bf16``, ``int8``, …).
+        threads: CPU threads the timing used; by default torch's current setting.
+    """
+    device = torch.device(device)
+    cpu, features = _cpuinfo()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "device": str(device),
+        "cpu": cpu or platform.processor() or platform.machine(),
+        "cpu_features": " ".join(features),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "batch_size": batch_size,
+        "precision": ",".join(precisions),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "torchao": _version("torchao"),
+        "onnxruntime": _version("onnxruntime"),
+        "python": platform.python_version(),
+        # The machine's load when measuring began: on a shared machine, the first thing to check.
+        "load_average_1min": round(load, 2) if load is not None else None,
+    }
+
+
+def describe(env: dict[str, Any]) -> str:
+    """One line for a report header: ``cpu (features) · N threads · batch B · fp32 · torch … · timm …``."""
+    where = env.get("gpu") or env.get("cpu")
+    features = f" ({env['cpu_features']})" if env.get("cpu_features") and not env.get("gpu") else ""
+    parts = [
+        f"{where}{features} on {env.get('device')}",
+        f"{env.get('threads')} threads",
+        f"batch {env.get('batch_size')}",
+        str(env.get("precision")),
+        f"torch {env.get('torch')}",
+        f"timm {env.get('timm')}",
+    ]
+    if env.get("load_average_1min") is not None:
+        parts.append(f"load {env['load_average_1min']}")
+    return " · ".join(parts)

@@ -1,0 +1,221 @@
+"""Deployment: quantized copies (bf16, int8 through torchao) and ONNX export checked in onnxruntime."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dynvit import create_student, create_teacher, export_onnx, quantize
+from dynvit.data import ClutteredDigitsDataModule
+from dynvit.deploy import ExportError, QuantizationError, compare_onnx, onnx_session, run_onnx
+from dynvit.deploy.quantize import KEEP_FP32
+from dynvit.reducers import create_reduced
+from tests.tiny_config import DIGITS
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10, in_chans=1)
+LOC = (1, 2, 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def decisive(model: nn.Module) -> nn.Module:
+    """Weights whose choices do not hinge on rounding, as a trained model's do not: a freshly initialised
+    keep predictor scores every token within ~1e-6 of the others (any kernel change reorders the top-k),
+    and a fresh head's logits are nearly equal. Random weights with spread-out scores and logits instead."""
+    torch.manual_seed(0)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ("score_predictor" in name or name in ("head", "aux_head")):
+            nn.init.normal_(module.weight, std=2.0 / module.in_features**0.5)
+    return model.eval()
+
+
+def digits(n: int = 64) -> torch.Tensor:
+    data = ClutteredDigitsDataModule(**{**DIGITS, "num_val": n, "batch_size": n, "train_samples_per_epoch": max(n, 32)})
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))[0]
+
+
+def vit_student() -> nn.Module:
+    return decisive(create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=LOC, **TINY))
+
+
+# --- quantize ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("precision", "agreement"), [("bf16", 0.95), ("int8", 0.95)])
+def test_a_quantized_student_predicts_what_the_float32_one_does(precision, agreement):
+    """On a fixed batch of 64 digits, the quantized copy's top-1 class equals the float32 one's on at
+    least 95 % of the images (61 of 64), and it keeps at least 95 % of the same tokens."""
+    student = vit_student()
+    x = digits()
+    quantized = quantize(student, precision)
+    with torch.inference_mode():
+        logits, masks = student.predict_with_masks(x)
+        q_logits, q_masks = quantized.predict_with_masks(x.to(torch.bfloat16 if precision == "bf16" else torch.float32))
+    assert q_logits.shape == logits.shape
+    assert (q_logits.float().argmax(-1) == logits.argmax(-1)).float().mean() >= agreement
+    for q_mask, mask in zip(q_masks, masks, strict=True):
+        assert ((q_mask & mask).sum() / mask.sum()).item() >= 0.95
+    # A copy: the float32 student is untouched, and the copy prunes like it (same class, same keep ratio).
+    assert all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in student.parameters())
+    assert type(quantized) is type(student) and quantized.keep_ratio == student.keep_ratio
+
+
+def test_int8_quantizes_the_linear_layers_and_keeps_predictors_and_head_in_float32():
+    quantized = quantize(vit_student(), "int8")
+    qkv = quantized.blocks[0].attn.qkv.weight
+    assert type(qkv).__name__ == "Int8Tensor" and qkv.qdata.dtype == torch.int8
+    assert type(quantized.score_predictor[0].out_conv[0].weight.data) is torch.Tensor
+    assert type(quantized.head.weight.data) is torch.Tensor
+    assert KEEP_FP32 == ("score_predictor.*", "head", "aux_head")
+    everything = quantize(vit_student(), "int8", keep_fp32=())
+    assert type(everything.head.weight).__name__ == "Int8Tensor"
+    with torch.inference_mode():
+        everything.keep_ratio = 0.5  # the keep ratio still moves
+        assert everything(digits(4)).shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: create_teacher("vit_tiny_patch16_224", **TINY),
+        lambda: create_student(
+            "lvvit_digits", keep_ratio=0.7, num_classes=10, depth=4, embed_dim=32, num_heads=2, pruning_loc=LOC
+        ),
+        lambda: create_student(
+            "t2t_vit_7",
+            keep_ratio=0.7,
+            num_classes=10,
+            img_size=64,
+            depth=4,
+            embed_dim=32,
+            num_heads=2,
+            pruning_loc=LOC,
+        ),
+        lambda: create_reduced(
+            "vit_tiny_patch16_224", "evit", params={"keep_rate": 0.7, "pruning_loc": (1, 2)}, **TINY
+        ),
+        lambda: create_reduced("vit_tiny_patch16_224", "tome", params={"r": 4}, **TINY),
+    ],
+    ids=["teacher", "lvvit-student", "t2t-student", "evit", "tome"],
+)
+def test_every_kind_of_model_quantizes(build):
+    model = decisive(build())
+    x = torch.randn(3, *_input_shape(model))
+    with torch.inference_mode():
+        reference = model(x)
+        for precision in ("bf16", "int8"):
+            q = quantize(model, precision)
+            out = q(x.to(torch.bfloat16) if precision == "bf16" else x).float()
+            assert out.shape == reference.shape
+            assert (out - reference).norm() / reference.norm() < 0.1, precision
+
+
+def _input_shape(model: nn.Module) -> tuple[int, ...]:
+    from dynvit.models.dynamic_vit import input_size
+
+    return input_size(model)
+
+
+def test_quantize_refuses_what_it_cannot_do():
+    student = vit_student()
+    with pytest.raises(ValueError, match=r"unknown precision 'int4'.*did you mean 'int8'"):
+        quantize(student, "int4")
+    with pytest.raises(QuantizationError, match=r"eval mode.*call model.eval\(\)"):
+        quantize(copy.deepcopy(student).train(), "int8")
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize(quantize(student, "int8"), "bf16")
+
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(QuantizationError, match=r"int8 cannot quantize 'attn' \(MultiheadAttention\)"):
+        quantize(WithMHA().eval(), "int8")
+    assert quantize(WithMHA().eval(), "bf16").attn.in_proj_weight.dtype == torch.bfloat16
+    with pytest.raises(QuantizationError, match="no nn.Linear layer"):
+        quantize(nn.Conv2d(1, 1, 3).eval(), "int8")
+
+
+# --- ONNX export ------------------------------------------------------------------------------------
+
+EXPORTABLE = {
+    "vit-student": vit_student,
+    "lvvit-student": lambda: decisive(
+        create_student(
+            "lvvit_digits",
+            keep_ratio=0.7,
+            num_classes=10,
+            img_size=32,
+            depth=3,
+            embed_dim=32,
+            num_heads=2,
+            pruning_loc=(1, 2),
+        )
+    ),
+    "t2t-student": lambda: decisive(
+        create_student(
+            "t2t_vit_7",
+            keep_ratio=0.7,
+            num_classes=10,
+            img_size=64,
+            depth=3,
+            embed_dim=32,
+            num_heads=2,
+            pruning_loc=(1, 2),
+        )
+    ),
+    "teacher": lambda: decisive(create_teacher("vit_tiny_patch16_224", **{**TINY, "depth": 2})),
+    "topk-reducer": lambda: decisive(
+        create_reduced(
+            "vit_tiny_patch16_224", "topk", params={"keep_rate": 0.7, "pruning_loc": (1,)}, **{**TINY, "depth": 2}
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORTABLE))
+def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(name, tmp_path):
+    model = EXPORTABLE[name]()
+    shape = _input_shape(model)
+    images = digits(2) if shape == (1, 32, 32) else torch.randn(2, *shape)
+    path = export_onnx(model, tmp_path / f"{name}.onnx", images=images)  # traced at batch 2
+    session = onnx_session(path, threads=1)
+    (batch,) = session.get_inputs()[0].shape[:1]
+    assert isinstance(batch, str)  # a symbolic batch dimension
+    three = digits(3) if shape == (1, 32, 32) else torch.randn(3, *shape)
+    with torch.inference_mode():
+        eager = model(three)
+    ort = run_onnx(session, three)
+    assert ort.shape == eager.shape == (3, 10)
+    assert ((ort - eager).abs().max() / eager.abs().max()).item() <= 1e-4
+    assert compare_onnx(model, path, torch.randn(5, *shape)) <= 1e-4
+    assert model.training is False  # exported as it was
+
+
+def test_export_refuses_training_mode_quantized_models_and_unexportable_ops(tmp_path):
+    student = vit_student()
+    with pytest.raises(QuantizationError, match=r"eval mode.*call model.eval\(\)"):
+        export_onnx(copy.deepcopy(student).train(), tmp_path / "train.onnx")
+    with pytest.raises(QuantizationError, match="exports float32 models; this one is int8"):
+        export_onnx(quantize(student, "int8"), tmp_path / "int8.onnx")
+    # ATS keeps a number of tokens that depends on the image: no fixed-shape graph exists.
+    ats = create_reduced(
+        "vit_tiny_patch16_224", "ats", params={"max_tokens": 20, "pruning_loc": (1,)}, **{**TINY, "depth": 2}
+    )
+    with pytest.raises(ExportError, match="ATSViT cannot be exported to ONNX"):
+        export_onnx(ats.eval(), tmp_path / "ats.onnx")
+    assert not (tmp_path / "ats.onnx").exists() and not (tmp_path / "train.onnx").exists()

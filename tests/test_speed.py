@@ -1,0 +1,161 @@
+"""The paired speed estimator on a fake clock, its interval, and the environment every results file records."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from dynvit import create_student, create_teacher, environment, measure_speedup
+from dynvit.measure.throughput import SpeedSettings, median_interval, time_calls
+from dynvit.run.report import ResultRow, read_rows, write_report
+from tests.conftest import TINY, TINY_LOC
+
+
+class DriftingMachine:
+    """A fake clock and models whose call costs ``cost × drift(now) × noise``.
+
+    The drift swings the machine's speed by a factor of 2.5 over a few dozen calls (the teacher's
+    rate moved 464 → 880 images/s between two calls on the shared VM); the noise is log-normal
+    per call, and one call in ten is a 3× slow spell (another job taking the core).
+    """
+
+    def __init__(self, seed: int, noise: float = 0.15) -> None:
+        self.now = 0.0
+        self.rng = random.Random(seed)
+        self.noise = noise
+
+    def clock(self) -> float:
+        return self.now
+
+    def model(self, cost: float):
+        def call() -> None:
+            drift = 1.75 + 0.75 * math.sin(self.now / 40.0)
+            spell = 3.0 if self.rng.random() < 0.1 else 1.0
+            self.now += cost * drift * spell * math.exp(self.rng.gauss(0.0, self.noise))
+
+        return call
+
+
+FAKE = dict(block_time=0.0, warmup_time=0.0)
+
+
+def test_paired_median_recovers_a_known_speedup_on_a_drifting_machine():
+    """Over 40 machines (seeds): the median of pair ratios is unbiased and its 95 % interval covers the truth."""
+    errors, covered = {1.5: [], 2.0: []}, {1.5: 0, 2.0: 0}
+    for seed in range(40):
+        machine = DriftingMachine(seed)
+        calls = [machine.model(1.0), machine.model(1 / 1.5), machine.model(1 / 2.0)]
+        teacher, *timed = time_calls(calls, SpeedSettings(pairs=30, **FAKE), clock=machine.clock)
+        assert teacher.ratios == [] and teacher.speedup is None
+        assert len(teacher.seconds) == 30 * 2  # a fresh reference block for every pair
+        for timing, true in zip(timed, (1.5, 2.0), strict=True):
+            speedup = timing.speedup
+            assert speedup.pairs == 30 and len(timing.seconds) == 30
+            assert speedup.low <= speedup.value <= speedup.high
+            errors[true].append(math.log(speedup.value / true))
+            covered[true] += speedup.low <= true <= speedup.high
+    for true in (1.5, 2.0):
+        # One estimate scatters by ~6 % here (noise, 3× spells, a 2.5× drift); their mean is on target.
+        assert abs(sum(errors[true]) / 40) < 0.025, true
+        assert max(abs(e) for e in errors[true]) < 0.2, true
+        assert covered[true] >= 34, true  # ≥ 85 % of 40 intervals (95 % expected; 34 is 3 s.d. below)
+
+
+def test_the_interval_narrows_with_more_pairs():
+    widths = {}
+    for pairs in (10, 80):
+        machine = DriftingMachine(seed=3)
+        _, timing = time_calls(
+            [machine.model(1.0), machine.model(0.5)], SpeedSettings(pairs=pairs, **FAKE), clock=machine.clock
+        )
+        widths[pairs] = timing.speedup.high - timing.speedup.low
+        assert timing.speedup.low <= 2.0 <= timing.speedup.high
+    assert widths[80] < widths[10] / 1.8
+
+
+def test_pairs_alternate_their_order_and_the_models_alternate_theirs():
+    order = []
+    machine = DriftingMachine(seed=0, noise=0.0)
+    calls = [machine.model(1.0), machine.model(0.5), machine.model(0.25)]
+    logged = [lambda i=i, call=call: (order.append(i), call()) for i, call in enumerate(calls)]
+    time_calls(logged, SpeedSettings(pairs=2, **FAKE), clock=machine.clock)
+    timed = order[6:]  # after blocked_autorange's warm-up: its block-size probe and one block, per model
+    assert order[:6] == [0, 0, 1, 1, 2, 2]
+    # Round 1: model 1 before its reference block, model 2 after; round 2: models reversed, and so are the pairs.
+    assert timed == [1, 0, 0, 2] + [2, 0, 0, 1]
+
+
+def test_setups_run_before_every_block_and_no_reference_times_each_model_once_per_round():
+    machine = DriftingMachine(seed=0)
+    setups = []
+    calls = [machine.model(1.0), machine.model(2.0)]
+    timings = time_calls(
+        calls,
+        SpeedSettings(pairs=5, **FAKE),
+        reference=False,
+        setups=[lambda: setups.append("a"), None],
+        clock=machine.clock,
+    )
+    assert setups == ["a"] * 6  # warm-up and five blocks
+    assert [len(t.seconds) for t in timings] == [5, 5] and all(t.speedup is None for t in timings)
+    with pytest.raises(ValueError, match="2 setups for 1 calls"):
+        time_calls(calls[:1], SpeedSettings(pairs=1), setups=[None, None], clock=machine.clock)
+
+
+def test_median_interval_is_the_order_statistic_interval():
+    samples = list(range(1, 31))
+    # n = 30: P(Binomial(30, 1/2) <= 9) = 0.0214 <= 0.025 < P(<= 10) = 0.0494, so ranks 10 and 21.
+    assert median_interval(samples) == (10, 21)
+    assert median_interval([5.0, 1.0, 3.0, 2.0, 6.0, 4.0]) == (1.0, 6.0)  # n = 6: 1 - 2/64 = 96.9 %
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # n = 5: even (min, max) covers only 93.8 %
+    for n in (6, 11, 30, 100):
+        low, high = median_interval(list(range(n)))
+        k = low + 1
+        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+        assert coverage >= 0.95 and high == n - k
+        assert 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n < 0.95  # and k is the largest
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="pairs >= 1"):
+        SpeedSettings(pairs=0)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        SpeedSettings(threads=0)
+
+
+def test_measure_speedup_times_student_and_teacher_in_pairs_and_restores_them():
+    teacher = create_teacher("vit_tiny_patch16_224", **TINY).train()
+    student = create_student("vit_tiny_patch16_224", keep_ratio=0.5, pruning_loc=TINY_LOC, **TINY).train()
+    timing, reference = measure_speedup(
+        student, teacher, SpeedSettings(batch_size=2, pairs=6, block_time=0.01, warmup_time=0.01)
+    )
+    assert len(timing.ratios) == 6 and len(reference.seconds) == 6  # one reference block per pair
+    assert timing.speedup.low <= timing.speedup.value <= timing.speedup.high
+    assert student.training and teacher.training
+
+
+def test_environment_names_the_machine_and_settings():
+    env = environment("cpu", batch_size=32, precisions=["fp32", "int8"], threads=2)
+    assert env["device"] == "cpu" and env["batch_size"] == 32 and env["threads"] == 2
+    assert env["precision"] == "fp32,int8" and env["torch"] == torch.__version__
+    assert env["timm"] and env["cpu"] and env["gpu"] is None
+
+
+def test_results_files_record_the_environment(tmp_path):
+    rows = [
+        ResultRow("teacher", 1.0, 4.6, 22.0, 100.0, 1.0),
+        ResultRow("dynamicvit", 0.7, 3.0, 22.8, 150.0, 1.5, speedup_low=1.4, speedup_high=1.6, precision="int8"),
+    ]
+    env = environment("cpu", batch_size=8)
+    paths = write_report(rows, tmp_path, environment=env)
+    data = json.loads(paths["json"].read_text())
+    assert data["environment"] == env and [r["precision"] for r in data["rows"]] == ["fp32", "int8"]
+    assert [r.speedup_high for r in read_rows(paths["json"])] == [None, 1.6]
+    with open(paths["csv"]) as f:
+        first = next(csv.DictReader(f))
+    assert first["env_cpu"] == env["cpu"] and first["env_batch_size"] == "8" and first["env_torch"] == torch.__version__

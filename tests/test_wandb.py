@@ -1,0 +1,84 @@
+"""W&B: credentials are asked of wandb itself, an online run never hangs, and a normal run prints no noise.
+
+Each case runs in its own process: wandb keeps session state (credentials, the current run) per process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.tiny_config import tiny_config, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_KEY = "0123456789abcdef" * 2 + "01234567"  # 40 characters, like a real key
+# Printed by a run in the past and meaning nothing to the user; none may come back.
+SILENCED = (
+    "in eval mode",  # Lightning, about the frozen teacher
+    "anonymous setting has no effect",  # W&B, about an argument Lightning always passes
+    "LeafSpec",  # torch deprecation raised by Lightning's code
+    "Tip: For seamless cloud logging",  # Lightning's advertisement
+)
+
+
+def _env(home: Path, **env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return clean | {"HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | env
+
+
+def start(code: str, home: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=_env(home, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def python(code: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=_env(home, **env), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_credentials_come_from_wandb_itself(tmp_path):
+    check = "from dynvit.run.loggers import has_wandb_credentials; print(has_wandb_credentials())"
+    homes = {name: tmp_path / name for name in ("bare", "env", "login")}
+    for home in homes.values():
+        home.mkdir()
+    # Three fresh processes (wandb caches credentials per process), started together: each spends
+    # most of its time importing torch and Lightning.
+    bare = start(check, homes["bare"])
+    env = start(check, homes["env"], WANDB_API_KEY=FAKE_KEY)
+    # What `wandb login` stores, wherever and under whatever host name the installed wandb writes it.
+    login = python(f"import wandb; wandb.login(key={FAKE_KEY!r}, verify=False)", homes["login"])
+    assert login.returncode == 0, login.stderr
+    logged_in = start(check, homes["login"])
+    answers = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in (bare, env, logged_in)]
+    assert answers == ["False", "True", "True"]
+
+
+def test_online_without_network_falls_back_to_offline_and_prints_no_noise(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    config["throughput"]["enabled"] = False
+    config["wandb"] = {"online": True, "init_timeout": 3}
+    path = write_config(tmp_path / "config.yaml", config)
+    home = tmp_path / "home"
+    home.mkdir()
+    start = time.perf_counter()
+    done = python(
+        f"import sys; from dynvit.run.cli import main; main(['fit', '--config={path}'])",
+        home,
+        WANDB_API_KEY=FAKE_KEY,
+        WANDB_BASE_URL="http://127.0.0.1:9",  # nothing listens there: no network
+    )
+    elapsed = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "W&B could not start an online run" in output and "logging offline" in output
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert elapsed < 120  # the 3 s init timeout, not wandb's 90 s and its retries
+    for noise in SILENCED:
+        assert noise not in output, noise
