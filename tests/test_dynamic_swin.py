@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 
 from dynvit import DynamicSwin, count_flops, create_student, create_teacher, forward_with_tokens, load_checkpoint
-from dynvit.models import CheckpointMismatch, SpatialOutput, keep_location_counts
+from dynvit.data import ClutteredDigitsDataModule
+from dynvit.models import CheckpointMismatch, SpatialOutput, data_config, keep_location_counts
 from dynvit.models.spatial_pruning import rank_locations
 from tests.reference_dynamic_swin import DynamicSwinReference
 
@@ -332,6 +333,24 @@ def test_teacher_gives_logits_and_the_normed_final_map() -> None:
     torch.testing.assert_close(logits, teacher(x))
     torch.testing.assert_close(feature_map, expected, rtol=1e-5, atol=1e-5)
     assert feature_map.shape == (2, 4, 4, 128)
+
+
+# --- native resolution: the model decides the input -----------------------------------------------
+
+
+def test_built_at_its_own_size_unless_told_and_the_digits_follow_it() -> None:
+    assert data_config(create_teacher(NAME)).img_size == (224, 224)
+    small = dict(num_classes=10, embed_dim=8, depths=(1, 1, 4, 1), num_heads=(1, 1, 1, 2))
+    own = create_student("swin_digits", **small)
+    assert own.mask_grid == (8, 8) and data_config(own).patch_size is None
+    digits = ClutteredDigitsDataModule(patch_size=16, digit_scale=2)
+    digits.follow(own)
+    # The canvas is the model's 128 px; the mask keeps the DataModule's 16-px grid, the stage-3 map's.
+    assert (digits.img_size, digits.patch_size, digits.num_patches) == (128, 16, own.num_locations)
+    smaller = create_student("swin_digits", img_size=64, **small)
+    assert smaller.mask_grid == (4, 4) and smaller(torch.randn(1, 1, 64, 64)).logits.shape == (1, 10)
+    with pytest.raises(ValueError, match=r"img_size=256 but the model expects 128x128"):
+        ClutteredDigitsDataModule(img_size=256, patch_size=16, digit_scale=2).follow(own)
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -84,7 +84,14 @@ def test_benchmark_and_sweep_run_on_the_student(fitted: Path, tmp_path: Path, mo
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     config = write_config(tmp_path / "tiny.yaml", swin_config(tmp_path / "run"))
     ckpt = fitted / "run" / "checkpoints" / "last.ckpt"
-    bench = ["--ratios=[0.7,0.9]", "--batch_size=2", "--pairs=1", "--block_time=0", "--warmup_time=0", "--latency=false"]
+    bench = [
+        "--ratios=[0.7,0.9]",
+        "--batch_size=2",
+        "--pairs=1",
+        "--block_time=0",
+        "--warmup_time=0",
+        "--latency=false",
+    ]
     DynViTCLI(args=["benchmark", f"--config={config}", f"--ckpt_path={ckpt}", f"--out={tmp_path / 'bench'}", *bench])
     records = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
