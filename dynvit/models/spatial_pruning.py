@@ -124,10 +124,23 @@ def rank_locations(scores: torch.Tensor) -> torch.Tensor:
     in float32 once a predictor is confident (odds past ~e^17), where the odds still tell locations
     apart. (Ranking by the odds alone is the same order mathematically, but rounding flips near-equal
     neighbours: at the predictors' initialisation about one cut in 400 then keeps another location.)
+
     """
-    by_odds = torch.argsort(scores[..., 0] - scores[..., 1], dim=1, descending=True, stable=True)
-    by_keep = torch.argsort(scores[..., 0].gather(1, by_odds), dim=1, descending=True, stable=True)
+    by_odds = argsort_descending(scores[..., 0] - scores[..., 1])
+    by_keep = argsort_descending(scores[..., 0].gather(1, by_odds))
     return by_odds.gather(1, by_keep)
+
+
+def argsort_descending(keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting ``keys`` (B, N) from largest to smallest, equal keys in their incoming order.
+
+    ONNX has no stable-sort op (``argsort(stable=True)`` does not export), but a plain ``argsort``
+    exports as ONNX ``TopK``, which puts equal keys in index order too: an exported student ranks
+    exactly as eager PyTorch does.
+    """
+    if torch.compiler.is_exporting():
+        return torch.argsort(keys, dim=1, descending=True)
+    return torch.argsort(keys, dim=1, descending=True, stable=True)
 
 
 def gather_locations(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
