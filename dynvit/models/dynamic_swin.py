@@ -247,12 +247,15 @@ default_cfgs = generate_default_cfgs(
 def swin_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """A narrow Swin for the one-channel cluttered digits on a 128-px canvas.
 
-    The data as ``convnext_digits`` takes it (``ClutteredDigitsDataModule(img_size=128, patch_size=16,
-    digit_scale=4)``, the default digits scaled 2×): Swin's own 4-pixel patches put stage 3 at 8×8,
-    one location per 16-pixel patch of the data's patch mask, so kept-location recall and pictures
-    line up with it. Windows of 4 (stage 3: four windows, shifted by 2 in every other block; stage 4 is
-    one window). Depths 1, 1, 6, 1 (stage 3 six blocks with predictors before 1, 2, 3, as in Swin-T's
-    2, 2, 6, 2), widths 16, 32, 64, 128: narrow enough for a CPU to train it in minutes.
+    The data of ``convnext_digits`` (``ClutteredDigitsDataModule(patch_size=16, digit_scale=4)``
+    following the model's 128 px: the default digits scaled 2×): Swin's own 4-pixel patches put stage 3
+    at 8×8, one location per 16-pixel patch of the data's patch mask, so kept-location recall and
+    pictures line up with it. Windows of 4 (stage 3: four windows, shifted by 2 in every other block;
+    stage 4 is one window). Depths 1, 1, 6, 1 (stage 3 six blocks with predictors before 1, 2, 3, as in
+    Swin-T's 2, 2, 6, 2), widths 16, 32, 64, 128: narrow enough for a CPU to train it in minutes. The
+    head max-pools the last map, as ``convnext_digits``'s does and for the same reason: with average
+    pooling the teacher stayed at chance (validation top-1 9–12 %) for 4 epochs, with max pooling it
+    reached 38 %.
     """
     args = dict(
         img_size=128,
@@ -263,5 +266,6 @@ def swin_digits(pretrained: bool = False, **kwargs) -> SwinTransformer:
         embed_dim=16,
         depths=(1, 1, 6, 1),
         num_heads=(1, 1, 2, 4),
+        global_pool="max",
     )
     return _create_swin_transformer("swin_digits", pretrained=pretrained, **dict(args, **kwargs))
