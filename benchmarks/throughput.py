@@ -1,4 +1,4 @@
-"""Speed of a ViT teacher and its DynamicViT students, in every precision and backend, in one run.
+"""Speed of a teacher and its DynamicViT students (ViTs, DynamicCNN, DynamicSwin), in every precision and backend, in one run.
 
 Every row is timed in pairs with the float32 teacher (``dynvit.measure.throughput``): the speedup is
 the median of per-pair time ratios with a 95 % interval, so a slow spell of a shared machine moves
@@ -10,6 +10,7 @@ onnxruntime check would compare two different (near-tied) token selections.
     python benchmarks/throughput.py                                  # DeiT-S, batch 32, fp32, CPU
     python benchmarks/throughput.py --precision fp32,bf16,int8 --backend onnxruntime --latency --json deit_s.json
     python benchmarks/throughput.py --ratios 0.7 --pairs 30          # the repeatability check (run it 3 times)
+    python benchmarks/throughput.py --model swin_tiny_patch4_window7_224 --ratios 0.9 0.7   # DynamicSwin-T
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from dynvit import create_student, create_teacher
 from dynvit.measure.environment import describe
 from dynvit.measure.throughput import SpeedSettings
+from dynvit.models import data_config
 from dynvit.run.benchmark import benchmark, check_precisions
 from dynvit.run.report import format_table, records
 
@@ -36,7 +38,11 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="deit_small_patch16_224", help="timm ViT name (teacher and backbone)")
+    p.add_argument(
+        "--model",
+        default="deit_small_patch16_224",
+        help="timm model name (teacher and backbone): a ViT, ConvNeXt or Swin",
+    )
     p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.7, 0.5], help="student keep ratios ρ")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
@@ -59,7 +65,8 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
     student = create_student(args.model, keep_ratio=max(args.ratios), **kwargs)
     student.load_state_dict(teacher.state_dict(), strict=False)
     with torch.no_grad():
-        for predictor in student.score_predictor:
+        # A hierarchical student keeps its predictors in the pruned stage.
+        for predictor in getattr(student, "pruned_stage", student).score_predictor:
             torch.nn.init.normal_(predictor.out_conv[-2].weight, std=1.0)  # spread-out keep scores
     return student.eval(), teacher.eval()
 
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             latency=args.latency,
             onnx_dir=onnx_dir,
         )
-    size = student.patch_embed.img_size[0]
+    size = data_config(student).img_size[0]
     print(f"{args.model}, {size}², {describe(result.environment)}; {args.pairs} pairs per speedup\n")
     print(format_table(result.rows))
     for reason in result.skipped:

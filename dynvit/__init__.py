@@ -4,6 +4,7 @@ from dynvit.deploy import export_onnx, quantize
 from dynvit.measure import count_flops, count_params, environment, measure_speedup, measure_throughput
 from dynvit.models import (
     DynamicCNN,
+    DynamicSwin,
     DynamicViT,
     SpatialOutput,
     StudentOutput,
@@ -15,6 +16,7 @@ from dynvit.models import (
 
 __all__ = [
     "DynamicCNN",
+    "DynamicSwin",
     "DynamicViT",
     "SpatialOutput",
     "StudentOutput",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import warnings
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from dynvit import create_student, create_teacher, export_onnx, quantize
 from dynvit.data import ClutteredDigitsDataModule
 from dynvit.deploy import ExportError, QuantizationError, compare_onnx, onnx_session, run_onnx
 from dynvit.deploy.quantize import KEEP_FP32
+from dynvit.models.spatial_pruning import rank_locations
 from dynvit.reducers import create_reduced
 from tests.tiny_config import DIGITS
 
@@ -33,13 +37,40 @@ def decisive(model: nn.Module) -> nn.Module:
     and a fresh head's logits are nearly equal. Random weights with spread-out scores and logits instead."""
     torch.manual_seed(0)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and ("score_predictor" in name or name in ("head", "aux_head")):
+        if isinstance(module, nn.Linear) and ("score_predictor" in name or name.split(".")[0] in ("head", "aux_head")):
             nn.init.normal_(module.weight, std=2.0 / module.in_features**0.5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):  # ConvNeXt's layer scales start at 1e-6: blocks would add nothing
+                p.fill_(0.5)
     return model.eval()
 
 
 def digits(n: int = 64) -> torch.Tensor:
     data = ClutteredDigitsDataModule(**{**DIGITS, "num_val": n, "batch_size": n, "train_samples_per_epoch": max(n, 32)})
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))[0]
+
+
+# Tiny hierarchical students on a 128-px canvas: stage 3 is 8×8 (64 locations), 4 blocks, predictors
+# before blocks 1, 2, 3.
+HIERARCHICAL = {
+    "dynamiccnn": lambda: decisive(
+        create_student(
+            "convnext_digits", keep_ratio=0.7, num_classes=10, img_size=128, depths=(1, 1, 4, 1), dims=(8, 16, 32, 64)
+        )
+    ),
+    "dynamicswin": lambda: decisive(
+        create_student(
+            "swin_digits", keep_ratio=0.7, num_classes=10, embed_dim=8, depths=(1, 1, 4, 1), num_heads=(1, 1, 1, 2)
+        )
+    ),
+}
+
+
+def canvas_digits(n: int = 64) -> torch.Tensor:
+    """Validation digits on the hierarchical students' 128-px canvas (16-px digits)."""
+    data = ClutteredDigitsDataModule(img_size=128, patch_size=16, digit_scale=2, num_val=n, batch_size=n)
     data.setup("validate")
     return next(iter(data.val_dataloader()))[0]
 
@@ -76,12 +107,44 @@ def test_int8_quantizes_the_linear_layers_and_keeps_predictors_and_head_in_float
     assert type(qkv).__name__ == "Int8Tensor" and qkv.qdata.dtype == torch.int8
     assert type(quantized.score_predictor[0].out_conv[0].weight.data) is torch.Tensor
     assert type(quantized.head.weight.data) is torch.Tensor
-    assert KEEP_FP32 == ("score_predictor.*", "head", "aux_head")
+    assert KEEP_FP32 == ("*score_predictor.*", "head", "head.*", "aux_head")
     everything = quantize(vit_student(), "int8", keep_fp32=())
     assert type(everything.head.weight).__name__ == "Int8Tensor"
     with torch.inference_mode():
         everything.keep_ratio = 0.5  # the keep ratio still moves
         assert everything(digits(4)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("family", list(HIERARCHICAL))
+def test_a_quantized_hierarchical_student_predicts_and_keeps_what_the_float32_one_does(family, precision):
+    """On 64 digits the quantized copy's top-1 class equals the float32 one's on at least 90 % of the
+    images (random weights: near-tied logits flip), and each pruning stage sends at least 95 % of the
+    same stage-3 locations to the slow path."""
+    student = HIERARCHICAL[family]()
+    x = canvas_digits()
+    quantized = quantize(student, precision)
+    with torch.inference_mode():
+        logits, masks = student.predict_with_masks(x)
+        q_logits, q_masks = quantized.predict_with_masks(x.to(torch.bfloat16 if precision == "bf16" else torch.float32))
+    assert (q_logits.float().argmax(-1) == logits.argmax(-1)).float().mean() >= 0.9
+    assert (q_logits.float() - logits).norm() / logits.norm() < 0.1
+    assert [m.sum(1).tolist() for m in q_masks] == [m.sum(1).tolist() for m in masks]  # the counts are ρ's
+    for q_mask, mask in zip(q_masks, masks, strict=True):
+        assert ((q_mask & mask).sum() / mask.sum()).item() >= 0.95
+
+
+@pytest.mark.parametrize("family", list(HIERARCHICAL))
+def test_int8_keeps_a_hierarchical_students_predictors_and_head_in_float32_and_quantizes_its_paths(family):
+    quantized = quantize(HIERARCHICAL[family](), "int8")
+    kinds = {name: type(m.weight).__name__ for name, m in quantized.named_modules() if isinstance(m, nn.Linear)}
+    fp32 = {name for name, kind in kinds.items() if kind != "Int8Tensor"}
+    # The predictors sit in the pruned stage (stages.2 / layers.2), the classifier is head.fc.
+    assert fp32 == {name for name in kinds if ".score_predictor." in name or name.startswith("head.")}
+    assert len([n for n in fp32 if "score_predictor" in n]) == 3 * 4 and "head.fc" in fp32
+    # The fast paths (LayerNorm + Linear C→C on dropped locations) are int8, like the MLPs.
+    fast = [n for n in kinds if ".fast_path." in n or ".fastmlp." in n]
+    assert len(fast) == 3 and all(kinds[n] == "Int8Tensor" for n in fast)
 
 
 @pytest.mark.parametrize(
@@ -179,6 +242,8 @@ EXPORTABLE = {
         )
     ),
     "teacher": lambda: decisive(create_teacher("vit_tiny_patch16_224", **{**TINY, "depth": 2})),
+    # Split inference: ranking (two sorts), row gathers of each path's locations, scatter back.
+    **HIERARCHICAL,
     "topk-reducer": lambda: decisive(
         create_reduced(
             "vit_tiny_patch16_224", "topk", params={"keep_rate": 0.7, "pruning_loc": (1,)}, **{**TINY, "depth": 2}
@@ -191,12 +256,12 @@ EXPORTABLE = {
 def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(name, tmp_path):
     model = EXPORTABLE[name]()
     shape = _input_shape(model)
-    images = digits(2) if shape == (1, 32, 32) else torch.randn(2, *shape)
+    images = {(1, 32, 32): digits, (1, 128, 128): canvas_digits}.get(shape, lambda n: torch.randn(n, *shape))(2)
     path = export_onnx(model, tmp_path / f"{name}.onnx", images=images)  # traced at batch 2
     session = onnx_session(path, threads=1)
     (batch,) = session.get_inputs()[0].shape[:1]
     assert isinstance(batch, str)  # a symbolic batch dimension
-    three = digits(3) if shape == (1, 32, 32) else torch.randn(3, *shape)
+    three = {(1, 32, 32): digits, (1, 128, 128): canvas_digits}.get(shape, lambda n: torch.randn(n, *shape))(3)
     with torch.inference_mode():
         eager = model(three)
     ort = run_onnx(session, three)
@@ -204,6 +269,32 @@ def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(name, tmp_p
     assert ((ort - eager).abs().max() / eager.abs().max()).item() <= 1e-4
     assert compare_onnx(model, path, torch.randn(5, *shape)) <= 1e-4
     assert model.training is False  # exported as it was
+
+
+def test_exported_ranking_breaks_ties_as_eager_does(tmp_path):
+    """Stage-3 locations are ranked by two sorts, the second relying on the first's order among equal keys.
+    ONNX has no stable sort; the exported TopK must still give eager PyTorch's permutation, ties included."""
+
+    class Rank(nn.Module):
+        def forward(self, scores: torch.Tensor) -> torch.Tensor:
+            return rank_locations(scores)
+
+    g = torch.Generator().manual_seed(0)
+    # Keep/drop log-probabilities with exact ties in both keys: a saturated predictor's log p(keep) = 0.0
+    # for many locations, which only the odds tell apart, and some locations equal in both.
+    keep = torch.randint(-3, 1, (3, 64), generator=g).float()
+    drop = torch.where(keep == 0, -torch.randint(18, 21, (3, 64), generator=g).float(), torch.zeros(3, 64))
+    scores = torch.stack([keep, drop], -1)
+    path = tmp_path / "rank.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Rank(), (scores,), str(path), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    session = onnx_session(path, threads=1)
+    (exported,) = session.run(None, {session.get_inputs()[0].name: scores.numpy()})
+    eager = rank_locations(scores)
+    assert torch.equal(torch.from_numpy(exported), eager)
+    # The ties are real: equal keys whose order only the sorts' tie rule decides.
+    assert (keep == 0).sum() > 30 and len(set(zip(keep[0].tolist(), drop[0].tolist(), strict=True))) < 64
 
 
 def test_export_refuses_training_mode_quantized_models_and_unexportable_ops(tmp_path):

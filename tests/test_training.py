@@ -223,6 +223,16 @@ def run_cli(*args: str) -> None:
     DynViTCLI(args=list(args))
 
 
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml") if not p.name.startswith("sweep_"))
+)
+def test_every_experiment_config_parses(config: str, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        run_cli("fit", "--config", str(ROOT / "experiments" / config), "--print_config")
+    assert done.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["model_name"]
+
+
 def test_print_config_of_the_deit_s_recipe_is_complete(capsys):
     with pytest.raises(SystemExit) as done:
         run_cli("fit", "--config", str(ROOT / "experiments/deit_s_prune.yaml"), "--print_config")

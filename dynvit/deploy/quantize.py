@@ -19,10 +19,14 @@ from dynvit.measure.throughput import quiet_logs
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 
-# Layers int8 leaves in float32, by module-name pattern. The keep predictors decide which tokens a
-# student keeps: their ranking must not move with quantization noise, and they cost < 5 % of the
-# compute. The heads see one token (LV-ViT's aux head: every token, but only through a max).
-KEEP_FP32: tuple[str, ...] = ("score_predictor.*", "head", "aux_head")
+# Layers int8 leaves in float32, by module-name pattern (``fnmatch`` on the whole name). The keep
+# predictors decide which tokens a student keeps: their ranking must not move with quantization noise,
+# and they cost < 5 % of the compute; a hierarchical student keeps them in its pruned stage
+# (``stages.2.score_predictor.*``, ``layers.2.score_predictor.*``). The heads see one token (LV-ViT's
+# aux head: every token, but only through a max); ConvNeXt's and Swin's are modules (``head.fc``).
+# Fast paths are quantized: like the MLPs they add to the map and choose nothing, so int8 noise there
+# is as harmless as in the MLPs, and they run on every dropped location.
+KEEP_FP32: tuple[str, ...] = ("*score_predictor.*", "head", "head.*", "aux_head")
 
 # Layers whose projection weights are read directly by their parent instead of through the Linear's
 # forward, which int8 weights cannot serve: quantizing them would fail at run time or silently

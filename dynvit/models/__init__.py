@@ -10,6 +10,7 @@ from dynvit.models.checkpoint import (
 )
 from dynvit.models.conv_stem import ConvStemPatchEmbed
 from dynvit.models.dynamic_convnext import DynamicCNN, FastPathBlock, PrunedConvNeXtStage
+from dynvit.models.dynamic_swin import DynamicSwin, FastMlpBlock, PrunedSwinStage
 from dynvit.models.dynamic_vit import (
     DynamicViT,
     DynamicViTDistilled,
@@ -52,10 +53,12 @@ __all__ = [
     "DataConfig",
     "DynamicCNN",
     "DynamicLVViT",
+    "DynamicSwin",
     "DynamicT2TViT",
     "DynamicViT",
     "DynamicViTDistilled",
     "Family",
+    "FastMlpBlock",
     "FastPathBlock",
     "KeepPredictor",
     "LVViT",
@@ -64,6 +67,7 @@ __all__ = [
     "MaskedAttention",
     "MaskedBlock",
     "PrunedConvNeXtStage",
+    "PrunedSwinStage",
     "SpatialOutput",
     "SpatialPruningStage",
     "SpatialPruningStudent",

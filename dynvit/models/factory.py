@@ -259,7 +259,8 @@ class DataConfig(NamedTuple):
         img_size: (H, W) the model was built for: its patch embedding's (not the pretrained config's: they
             differ when a ViT was built at another ``img_size``), else its ``pretrained_cfg``'s.
         in_chans: Image channels.
-        patch_size: (h, w) of one patch token; None for a model without a patch embedding.
+        patch_size: (h, w) of one patch token; None for a model without patch tokens (CNNs, and
+            hierarchical backbones such as Swin, whose pruned locations are not its patches).
         mean, std, interpolation, crop_pct: Preprocessing of the weights the model names, from timm's
             ``pretrained_cfg`` (timm's ImageNet defaults for a model without one).
     """
@@ -284,7 +285,8 @@ def data_config(model: nn.Module) -> DataConfig:
     return DataConfig(
         img_size=(height, width),
         in_chans=in_chans,
-        patch_size=tuple(embed.patch_size) if embed is not None else None,
+        # A hierarchical backbone's patches are not the tokens it prunes: the digits keep their own grid.
+        patch_size=tuple(embed.patch_size) if embed is not None and family_of(model) is None else None,
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         interpolation=cfg["interpolation"],

@@ -118,11 +118,29 @@ def validate_spatial_pruning(keep_ratio: float, pruning_loc: Sequence[int], dept
 def rank_locations(scores: torch.Tensor) -> torch.Tensor:
     """Locations of each image from most to least worth keeping: (B, N) indices.
 
-    Ranked by the keep log-odds ``score_keep − score_drop`` rather than by ``log p(keep)`` as the
-    reference does: the two orders agree, but ``log p(keep)`` rounds to exactly 0 in float32 once a
-    predictor is confident, and ties then decide which locations keep the slow path.
+    Ranked by ``log p(keep)``, the reference's key, so the slow path gets exactly the reference's
+    locations whenever its choice is defined. Exact ties, which the reference breaks arbitrarily,
+    are broken by the keep log-odds ``score_keep − score_drop``: ``log p(keep)`` rounds to exactly 0
+    in float32 once a predictor is confident (odds past ~e^17), where the odds still tell locations
+    apart. (Ranking by the odds alone is the same order mathematically, but rounding flips near-equal
+    neighbours: at the predictors' initialisation about one cut in 400 then keeps another location.)
+
     """
-    return torch.argsort(scores[..., 0] - scores[..., 1], dim=1, descending=True)
+    by_odds = argsort_descending(scores[..., 0] - scores[..., 1])
+    by_keep = argsort_descending(scores[..., 0].gather(1, by_odds))
+    return by_odds.gather(1, by_keep)
+
+
+def argsort_descending(keys: torch.Tensor) -> torch.Tensor:
+    """Indices sorting ``keys`` (B, N) from largest to smallest, equal keys in their incoming order.
+
+    ONNX has no stable-sort op (``argsort(stable=True)`` does not export), but a plain ``argsort``
+    exports as ONNX ``TopK``, which puts equal keys in index order too: an exported student ranks
+    exactly as eager PyTorch does.
+    """
+    if torch.compiler.is_exporting():
+        return torch.argsort(keys, dim=1, descending=True)
+    return torch.argsort(keys, dim=1, descending=True, stable=True)
 
 
 def gather_locations(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

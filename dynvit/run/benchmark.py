@@ -57,6 +57,7 @@ from dynvit.measure.throughput import (
     random_images,
     time_calls,
 )
+from dynvit.models.factory import family_of
 from dynvit.reducers import REDUCERS, ReducedViT, TokenCost, apply_reducer
 from dynvit.reducers.base import check_reducible
 from dynvit.reducers.matching import Match, match_keep_rate, match_tome_r, nearest
@@ -370,8 +371,8 @@ def final_tokens(model: nn.Module) -> float | None:
         return None if schedule is None else float(schedule[-1][1] - model.num_prefix_tokens)
     if hasattr(model, "stage_keep_counts"):
         return float(model.stage_keep_counts[-1])
-    # A CNN teacher has no patch tokens.
-    return float(model.patch_embed.num_patches) if hasattr(model, "patch_embed") else None
+    # A CNN teacher has no patch tokens; a hierarchical one (Swin) has patches, but not of the pruned map.
+    return float(model.patch_embed.num_patches) if hasattr(model, "patch_embed") and family_of(model) is None else None
 
 
 @dataclass
