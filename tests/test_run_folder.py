@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dynvit import create_teacher
-from dynvit.run.cli import DynViTCLI, main
+from dynvit.run.cli import DynViTCLI, main, typed_model_options
 from tests.tiny_config import STUDENT, tiny_config, write_config
 
 TEACHER = {k: v for k, v in STUDENT.items() if k != "pruning_loc"}
@@ -159,3 +159,49 @@ def test_student_checkpoints_record_their_teacher_and_benchmark_prints_it(tmp_pa
     out = capsys.readouterr().out
     assert f"student {last}: distilled from {teacher_path.resolve()} (sha256 {sha})" in out
     assert f"teacher here: {teacher_path.resolve()} (sha256 {sha}) (the same file)" in out
+
+
+def test_model_options_typed_with_ckpt_path_win_over_the_checkpoint_hyperparameters(tmp_path):
+    """Lightning 2.6 replaces the parsed model config by the checkpoint's hyperparameters; an option the
+    user types (a moved teacher file, another keep ratio) must still be the one used."""
+    torch.manual_seed(0)
+    teacher = create_teacher("vit_tiny_patch16_224", num_classes=10, img_size=32, in_chans=1, **TEACHER["model_kwargs"])
+    trained_with = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, trained_with)
+    config = tiny_config(tmp_path / "run")
+    config["model"]["init_args"] |= {"teacher_checkpoint": str(trained_with), "keep_ratio": 0.7}
+    config["throughput"]["enabled"] = False
+    config["wandb"] = {"enabled": False}
+    fit(tmp_path, config)
+    moved = trained_with.rename(tmp_path / "moved_teacher.pth")
+    path = write_config(tmp_path / "config.yaml", config)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cli = DynViTCLI(
+        args=[
+            "validate",
+            f"--config={path}",
+            f"--ckpt_path={last}",
+            f"--model.init_args.teacher_checkpoint={moved}",
+            "--model.keep_ratio=0.5",
+        ]
+    )
+    assert cli.model.net.keep_ratio == 0.5
+    assert cli.model.hparams.teacher_checkpoint == str(moved)
+    assert torch.equal(cli.model.teacher.state_dict()["head.weight"], teacher.state_dict()["head.weight"])
+
+
+def test_typed_model_options_name_config_keys():
+    line = [
+        "fit",
+        "--model.init_args.keep_ratio=0.5",
+        "--model.lr",
+        "1e-3",
+        "--model.model_kwargs.depth=2",
+        "--data.x=1",
+    ]
+    assert typed_model_options(line) == [
+        "model.init_args.keep_ratio",
+        "model.init_args.lr",
+        "model.init_args.model_kwargs",
+    ]
+    assert typed_model_options(None) == []

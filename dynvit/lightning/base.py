@@ -82,7 +82,7 @@ class ImageClassification(L.LightningModule):
     def check_finite(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor]) -> None:
         """Stop with a clear message rather than train on (and checkpoint) NaN/inf weights."""
         if not torch.isfinite(loss):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step} ({detail}); the last good checkpoint is kept. "
                 "Lower model.lr, set trainer.gradient_clip_val (e.g. 1.0), or use precision 32 to continue."

@@ -4,9 +4,8 @@ On a shared machine the speed of *every* model drifts together (other jobs, cloc
 teacher ran at 464 and at 880 images/s in two calls minutes apart. A ratio of two models timed
 back to back barely moves with that drift, so speedups are estimated from many such pairs:
 
-1. every model is warmed up by ``torch.utils.benchmark.Timer.blocked_autorange``, which also
-   measures its time per call; each model's timed *block* is then as many calls as last
-   ``block_time`` (at least one);
+1. every model is warmed up for ``warmup_time`` (:func:`warm_up`), which also measures its time per
+   call; each model's timed *block* is then as many calls as last ``block_time`` (at least one);
 2. each round times every model once, each next to a fresh block of the reference, in pairs
    whose order alternates from round to round (reference first, then the model first: an ABBA
    design), and the models' order reverses every other round;
@@ -50,8 +49,7 @@ class SpeedSettings:
             (two blocks per model per round).
             At least 6 for a 95 % interval (with fewer, the speedup comes without one).
         block_time: Seconds each timed block lasts at least (one call if a call takes longer).
-        warmup_time: Seconds of untimed calls per model before the first round
-            (``blocked_autorange``'s ``min_run_time``).
+        warmup_time: Seconds of untimed calls per model before the first round (:func:`warm_up`).
         threads: CPU threads while timing; by default torch's current setting.
     """
 
@@ -152,13 +150,13 @@ def quiet_logs(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _benchmark_timer() -> tuple[type, Callable[[], float]]:
-    """``torch.utils.benchmark``'s Timer and its accelerator-synchronising clock, imported on first use:
-    the import pulls in torch's C++-extension builder, which logs a warning on machines without CUDA."""
+def _synchronised_clock() -> Callable[[], float]:
+    """``torch.utils.benchmark``'s clock, which synchronises an accelerator before reading the time;
+    imported on first use: the import pulls in torch's C++-extension builder, which logs a warning
+    on machines without CUDA."""
     with quiet_logs("torch.utils.cpp_extension"):
-        from torch.utils.benchmark import Timer
         from torch.utils.benchmark.utils.timer import timer
-    return Timer, timer
+    return timer
 
 
 @contextlib.contextmanager
@@ -169,6 +167,25 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def warm_up(call: Call, warmup_time: float, clock: Callable[[], float]) -> float:
+    """Run ``call`` for about ``warmup_time`` seconds and return its seconds per call.
+
+    Blocks of 1, 2, 4, … calls until the time is spent, so the warm-up lasts less than twice
+    ``warmup_time`` plus two calls; with a positive ``warmup_time`` the estimate never comes from the
+    first call alone (it pays for one-off set-up such as kernel selection). ``warmup_time=0`` makes
+    one call. ``torch.utils.benchmark``'s ``blocked_autorange`` is not used here: its block-size probe
+    grows tenfold, so for a 2 ms model it ran about 4 s whatever time it was given.
+    """
+    runner = timeit.Timer(call, timer=clock)
+    number, spent = 1, 0.0
+    while True:
+        seconds = runner.timeit(number)
+        spent += seconds
+        if spent >= warmup_time and (warmup_time == 0 or number > 1):
+            return seconds / number
+        number *= 2
 
 
 def time_calls(
@@ -195,8 +212,7 @@ def time_calls(
     """
     if not calls:
         raise ValueError("nothing to time")
-    Timer, synchronised_clock = _benchmark_timer()
-    clock = clock or synchronised_clock
+    clock = clock or _synchronised_clock()
     threads = settings.num_threads
     setups = list(setups) if setups is not None else [None] * len(calls)
     if len(setups) != len(calls):
@@ -205,10 +221,8 @@ def time_calls(
     for call, setup in zip(calls, setups, strict=True):
         if setup is not None:
             setup()
-        # Warm-up and calibration in one: blocked_autorange runs the call until warmup_time has
-        # passed and reports the time per call, from which the block length follows.
-        timer = Timer("call()", globals={"call": call}, num_threads=threads, timer=clock)
-        per_call = timer.blocked_autorange(min_run_time=settings.warmup_time).median
+        with _threads(threads):
+            per_call = warm_up(call, settings.warmup_time, clock)
         numbers.append(max(1, math.ceil(settings.block_time / per_call)))
     # The paired blocks themselves: one timeit block each, with torch.utils.benchmark's clock, which
     # synchronises an accelerator before reading the time (Timer.timeit would add warm-up calls to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,23 @@ class DynViTCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="step")]})
         quiet_known_noise()
+        command_line = kwargs.get("args")
+        self.typed_model_options = typed_model_options(sys.argv[1:] if command_line is None else command_line)
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning rebuilds the model from a ``--ckpt_path`` checkpoint's hyperparameters, which replace
+        the parsed config; a model option typed on this command line (another ``keep_ratio``, a moved
+        ``teacher_checkpoint``) still wins, since it is what the user asked for now."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self.typed_model_options:
+            return super()._parse_ckpt_path()
+        config = self.config[subcommand]
+        typed = {key: config.get(key) for key in self.typed_model_options if config.get(key) is not None}
+        super()._parse_ckpt_path()
+        config = self.config[subcommand]
+        for key, value in typed.items():
+            config[key] = value
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -236,6 +253,22 @@ class DynViTCLI(LightningCLI):
             paths = write_matches(matches, folder)
             print(format_matches(matches))
             print("\n".join(f"wrote {p}" for p in paths.values()))
+
+
+def typed_model_options(command_line: Any) -> list[str]:
+    """Config keys of the ``--model.…`` options in a command line, as ``model.init_args.<name>``
+    (``--model.init_args.keep_ratio=0.5`` and ``--model.keep_ratio 0.5`` both give
+    ``model.init_args.keep_ratio``; a nested option gives its top-level argument)."""
+    if not isinstance(command_line, (list, tuple)):
+        return []
+    keys = []
+    for token in command_line:
+        if not isinstance(token, str) or not token.startswith("--model."):
+            continue
+        name = token[len("--model.") :].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
+        if name and name not in {"class_path", "init_args", "dict_kwargs"}:
+            keys.append(f"model.init_args.{name}")
+    return keys
 
 
 def main(args: list[str] | None = None) -> None:
