@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dynvit import create_student, create_teacher, environment, measure_speedup
-from dynvit.measure.throughput import SpeedSettings, median_interval, time_calls
+from dynvit.measure.throughput import SpeedSettings, median_interval, time_calls, warm_up
 from dynvit.run.report import ResultRow, read_rows, write_report
 from tests.conftest import TINY, TINY_LOC
 
@@ -76,6 +76,26 @@ def test_the_interval_narrows_with_more_pairs():
         widths[pairs] = timing.speedup.high - timing.speedup.low
         assert timing.speedup.low <= 2.0 <= timing.speedup.high
     assert widths[80] < widths[10] / 1.8
+
+
+@pytest.mark.parametrize("cost", [0.002, 0.05, 1.0])
+def test_warm_up_lasts_about_the_time_asked_and_skips_the_first_call(cost: float) -> None:
+    """A 2 ms model warms up for 0.3 s, not the ~4 s of torch's blocked_autorange; a slow first call
+    (one-off set-up) is never the per-call estimate."""
+    machine = DriftingMachine(seed=0, noise=0.0)
+    calls = []
+
+    def call() -> None:
+        machine.now += cost * (10.0 if not calls else 1.0)
+        calls.append(machine.now)
+
+    per_call = warm_up(call, 0.3, machine.clock)
+    assert per_call == pytest.approx(cost)
+    assert len(calls) >= 3
+    assert machine.now < 2 * 0.3 + 10 * cost + 2 * cost
+    before = len(calls)
+    assert warm_up(call, 0.0, machine.clock) == pytest.approx(cost)
+    assert len(calls) == before + 1
 
 
 def test_pairs_alternate_their_order_and_the_models_alternate_theirs():
