@@ -15,7 +15,7 @@ from dynvit.models import CheckpointMismatch
 from dynvit.run.benchmark import benchmark, dynamicvit_at
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import ResultRow, format_table
-from tests.tiny_config import DIGITS, tiny_config, write_config
+from tests.tiny_config import DIGITS, QUICK_BENCHMARK, tiny_config, write_config
 
 ARCH = dict(num_classes=10, img_size=32, in_chans=1, patch_size=4, embed_dim=32, depth=4, num_heads=2)
 FAST = SpeedSettings(batch_size=2, pairs=1, block_time=0.0, warmup_time=0.0)
@@ -122,11 +122,7 @@ def run_benchmark(tmp_path, *extra: str) -> None:
             f"--config={config}",
             f"--out={tmp_path / 'bench'}",
             "--ratios=[0.5,0.9]",
-            "--batch_size=2",
-            "--pairs=1",
-            "--block_time=0",
-            "--warmup_time=0",
-            "--latency=false",
+            *QUICK_BENCHMARK,
             *extra,
         ]
     )

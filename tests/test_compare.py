@@ -29,7 +29,7 @@ from dynvit.run.benchmark import (
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import format_matches, write_matches
 from dynvit.run.sweep import SweepSpec
-from tests.tiny_config import DIGITS, tiny_config, write_config
+from tests.tiny_config import DIGITS, benchmark_rows, tiny_config, write_config
 
 # 36 patch tokens and 3 blocks: fvcore traces (the bulk of matching) stay short.
 ARCH = dict(num_classes=10, img_size=48, in_chans=1, patch_size=8, embed_dim=32, depth=3, num_heads=2)
@@ -195,22 +195,9 @@ def test_cli_writes_one_table_csv_json_and_figure_for_all_methods(tmp_path, caps
     config["data"]["init_args"].update(num_val=8)
     path = write_config(tmp_path / "tiny.yaml", config)
     out = tmp_path / "bench"
-    DynViTCLI(
-        args=[
-            "benchmark",
-            f"--config={path}",
-            f"--out={out}",
-            "--ratios=[0.5]",
-            "--methods=[dynamicvit,tome,ats,random]",
-            "--calibration_images=8",
-            "--batch_size=2",
-            "--pairs=1",
-            "--block_time=0",
-            "--warmup_time=0",
-            "--latency=false",
-        ]
+    records = benchmark_rows(
+        path, out, "--ratios=[0.5]", "--methods=[dynamicvit,tome,ats,random]", "--calibration_images=8"
     )
-    records = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
         ("teacher", 1.0),
         ("dynamicvit", 0.5),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from dynvit.lightning.optim import param_groups
 from dynvit.models import SpatialOutput
 from dynvit.objectives import DynamicViTLoss, SpatialPruningLoss, pruning_objective
 from dynvit.run.cli import DynViTCLI
-from tests.tiny_config import tiny_config, write_config
+from tests.tiny_config import benchmark_rows, fit_offline, tiny_config, write_config
 
 # The model is built at 128 px and the digits follow it: a 128-px canvas puts ConvNeXt's stage 3 at 8×8, one location per 16-px patch of the digit mask.
 DIGITS = dict(patch_size=16, digit_scale=2, train_samples_per_epoch=16, num_val=8, batch_size=8)
@@ -106,12 +105,7 @@ def test_keep_gradient_other_than_the_reference_is_refused() -> None:
 def fitted(tmp_path_factory) -> Path:
     """One epoch of a tiny DynamicCNN on the digits, with FLOPs, throughput and kept-location pictures."""
     root = tmp_path_factory.mktemp("cnn")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_DIR", str(root))
-        mp.setenv("WANDB_SILENT", "true")
-        config = write_config(root / "tiny.yaml", cnn_config(root / "run"))
-        DynViTCLI(args=["fit", f"--config={config}"])
+    fit_offline(root, cnn_config(root / "run"))
     return root
 
 
@@ -136,21 +130,7 @@ def test_kept_location_picture_shows_the_stage_3_grid(fitted: Path) -> None:
 def test_benchmark_and_sweep_run_on_the_student(fitted: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "tiny.yaml", cnn_config(tmp_path / "run"))
     ckpt = fitted / "run" / "checkpoints" / "last.ckpt"
-    DynViTCLI(
-        args=[
-            "benchmark",
-            f"--config={config}",
-            f"--ckpt_path={ckpt}",
-            f"--out={tmp_path / 'bench'}",
-            "--ratios=[0.7,0.9]",
-            "--batch_size=2",
-            "--pairs=1",
-            "--block_time=0",
-            "--warmup_time=0",
-            "--latency=false",
-        ]
-    )
-    records = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    records = benchmark_rows(config, tmp_path / "bench", f"--ckpt_path={ckpt}", "--ratios=[0.7,0.9]")
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
         ("teacher", 1.0),
         ("dynamiccnn", 0.9),

@@ -4,7 +4,6 @@ without fc_norm, attention pooling; and clear errors for the families it cannot 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import timm
@@ -19,7 +18,7 @@ from dynvit.models.masked_attention import MaskedAttentionPool
 from dynvit.objectives.dynamicvit import DynamicViTLoss, logit_distillation_loss
 from dynvit.reducers import TokenCost, apply_reducer
 from dynvit.run.cli import DynViTCLI
-from tests.tiny_config import tiny_config, write_config
+from tests.tiny_config import benchmark_rows, tiny_config, write_config
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=5)
 LOC = (1, 2, 3)
@@ -377,13 +376,10 @@ def test_cli_fits_and_benchmarks_other_families(tmp_path, name: str, bench: bool
     assert (tmp_path / "run/kept_tokens/epoch_000.png").is_file()
     if not bench:
         return
-    out = tmp_path / "bench"
-    DynViTCLI(
-        args=["benchmark", f"--config={path}", f"--ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}", f"--out={out}"]
-        + ["--ratios=[0.5]", "--methods=[dynamicvit,tome,random]", "--batch_size=2", "--pairs=1", "--block_time=0"]
-        + ["--warmup_time=0", "--latency=false"]
+    ckpt = tmp_path / "run/checkpoints/last.ckpt"
+    rows = benchmark_rows(
+        path, tmp_path / "bench", f"--ckpt_path={ckpt}", "--ratios=[0.5]", "--methods=[dynamicvit,tome,random]"
     )
-    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["teacher", "dynamicvit", "tome", "random"]
     assert all(r["gflops"] > 0 and r["images_per_s"] > 0 and r["top1"] is not None for r in rows)
     assert rows[1]["gflops"] < rows[0]["gflops"]

@@ -19,7 +19,7 @@ import torch
 
 from dynvit import create_teacher
 from dynvit.run.cli import DynViTCLI, main, typed_model_options
-from tests.tiny_config import STUDENT, tiny_config, write_config
+from tests.tiny_config import STUDENT, benchmark_rows, tiny_config, write_config
 
 TEACHER = {k: v for k, v in STUDENT.items() if k != "pruning_loc"}
 BATCHES = 2  # training batches per epoch in tiny_config
@@ -146,16 +146,7 @@ def test_student_checkpoints_record_their_teacher_and_benchmark_prints_it(tmp_pa
     assert record == {"path": str(teacher_path.resolve()), "sha256": sha}
     capsys.readouterr()
     path = write_config(tmp_path / "config.yaml", config)
-    bench = [
-        "--ratios=[0.7]",
-        "--batch_size=2",
-        "--pairs=1",
-        "--block_time=0",
-        "--warmup_time=0",
-        "--latency=false",
-        "--accuracy=false",
-    ]
-    DynViTCLI(args=["benchmark", f"--config={path}", f"--ckpt_path={last}", f"--out={tmp_path / 'b'}", *bench])
+    benchmark_rows(path, tmp_path / "b", f"--ckpt_path={last}", "--ratios=[0.7]", "--accuracy=false")
     out = capsys.readouterr().out
     assert f"student {last}: distilled from {teacher_path.resolve()} (sha256 {sha})" in out
     assert f"teacher here: {teacher_path.resolve()} (sha256 {sha}) (the same file)" in out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from torchvision.io import read_image
 from dynvit.lightning import DynamicViTModule
 from dynvit.lightning.optim import param_groups
 from dynvit.run.cli import DynViTCLI
-from tests.tiny_config import tiny_config, write_config
+from tests.tiny_config import benchmark_rows, fit_offline, tiny_config, write_config
 
 # The model is built at 128 px and the digits follow it: swin_digits' 4-px patches put its stage 3 at
 # 8×8, one location per 16-px patch of the digit mask (the DataModule's own grid: Swin's patches are not
@@ -45,12 +44,7 @@ def swin_config(root: Path, **init_args) -> dict:
 def fitted(tmp_path_factory) -> Path:
     """One epoch of a tiny DynamicSwin on the digits, with FLOPs, throughput and kept-location pictures."""
     root = tmp_path_factory.mktemp("swin")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_DIR", str(root))
-        mp.setenv("WANDB_SILENT", "true")
-        config = write_config(root / "tiny.yaml", swin_config(root / "run"))
-        DynViTCLI(args=["fit", f"--config={config}"])
+    fit_offline(root, swin_config(root / "run"))
     return root
 
 
@@ -84,16 +78,7 @@ def test_benchmark_and_sweep_run_on_the_student(fitted: Path, tmp_path: Path, mo
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     config = write_config(tmp_path / "tiny.yaml", swin_config(tmp_path / "run"))
     ckpt = fitted / "run" / "checkpoints" / "last.ckpt"
-    bench = [
-        "--ratios=[0.7,0.9]",
-        "--batch_size=2",
-        "--pairs=1",
-        "--block_time=0",
-        "--warmup_time=0",
-        "--latency=false",
-    ]
-    DynViTCLI(args=["benchmark", f"--config={config}", f"--ckpt_path={ckpt}", f"--out={tmp_path / 'bench'}", *bench])
-    records = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    records = benchmark_rows(config, tmp_path / "bench", f"--ckpt_path={ckpt}", "--ratios=[0.7,0.9]")
     assert [(r["method"], r["keep_ratio"]) for r in records] == [
         ("teacher", 1.0),
         ("dynamicswin", 0.9),

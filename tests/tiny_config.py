@@ -8,9 +8,13 @@ have an object to score and outline; images are one-channel and normalised with 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
+import pytest
 import yaml
+
+from dynvit.run.cli import DynViTCLI
 
 # 32-px canvas, 4-px patches (8×8 = 64 tokens), 8-px digits (at most 9 patches).
 DIGITS = dict(img_size=32, patch_size=4, digit_scale=1, train_samples_per_epoch=32, num_val=16, batch_size=8)
@@ -56,3 +60,24 @@ def tiny_config(root: Path, max_epochs: int = 1) -> dict:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+# Benchmark options that make a call take moments: one timing pair per row, no warm-up, no batch-1 latency.
+QUICK_BENCHMARK = ["--batch_size=2", "--pairs=1", "--block_time=0", "--warmup_time=0", "--latency=false"]
+
+
+def benchmark_rows(config: Path, out: Path, *options: str) -> list[dict]:
+    """``cli.py benchmark --config config --out out`` with :data:`QUICK_BENCHMARK` and ``options``; the
+    rows of its ``results.json``."""
+    DynViTCLI(args=["benchmark", f"--config={config}", f"--out={out}", *QUICK_BENCHMARK, *options])
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def fit_offline(root: Path, config: dict) -> None:
+    """``cli.py fit`` of ``config`` (written to ``root/tiny.yaml``) with W&B offline under ``root``: for
+    module-scoped fixtures, which cannot use the ``monkeypatch`` fixture."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_DIR", str(root))
+        mp.setenv("WANDB_SILENT", "true")
+        DynViTCLI(args=["fit", f"--config={write_config(root / 'tiny.yaml', config)}"])
