@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=positive_int, default=30, help="timing rounds (one ratio per row each)")
     p.add_argument("--block-time", type=float, default=0.1, help="seconds each timed block lasts at least")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make glibc keep freed memory before timing (dynvit.measure.allocator); --no-… times with its default",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")
     args = p.parse_args(argv)
     check_precisions(args.precision)
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs=args.pairs,
         block_time=args.block_time,
         threads=args.threads,
+        keep_freed_memory=args.keep_freed_memory,
     )
     with tempfile.TemporaryDirectory() as onnx_dir:
         result = benchmark(

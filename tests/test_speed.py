@@ -5,12 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import platform
 import random
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dynvit import create_student, create_teacher, environment, measure_speedup
+from dynvit.measure.environment import describe
 from dynvit.measure.throughput import SpeedSettings, median_interval, time_calls, warm_up
 from dynvit.run.report import ResultRow, read_rows, write_report
 from tests.conftest import TINY, TINY_LOC
@@ -179,3 +185,43 @@ def test_results_files_record_the_environment(tmp_path):
     with open(paths["csv"]) as f:
         first = next(csv.DictReader(f))
     assert first["env_cpu"] == env["cpu"] and first["env_batch_size"] == "8" and first["env_torch"] == torch.__version__
+
+
+# Run in a fresh interpreter: keeping freed memory lasts for the rest of a process, and the page
+# faults to count must not depend on what the test session allocated before.
+FAULTS_SCRIPT = """
+import json, resource
+import torch
+from dynvit.measure.allocator import allocator, keep_freed_memory
+from dynvit.measure.environment import describe
+from dynvit.measure.throughput import SpeedSettings, time_calls
+
+def faults_per_tensor():
+    for _ in range(2):  # 64 MiB, written and freed: the heap grows to hold them (as in a warm-up)
+        torch.ones(16 * 2**20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 * 2**20)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+
+quick = dict(pairs=1, block_time=0.0, warmup_time=0.0)
+record = {"default": faults_per_tensor(), "allocator_default": allocator()}
+time_calls([lambda: None], SpeedSettings(keep_freed_memory=False, **quick), reference=False)
+record["allocator_opted_out"] = allocator()
+time_calls([lambda: None], SpeedSettings(**quick), reference=False)
+record.update(kept=faults_per_tensor(), allocator_kept=allocator(), again=keep_freed_memory())
+print(json.dumps(record))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or "LD_PRELOAD" in os.environ, reason="glibc's malloc only")
+def test_timing_makes_glibc_reuse_freed_memory_instead_of_faulting_it_in_again():
+    """By default glibc serves a 64 MiB tensor with a fresh mmap: ~16k page faults on every call.
+    After timing, freed memory is reused and the results files say so; opting out leaves glibc as it is."""
+    done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True)
+    record = json.loads(done.stdout.splitlines()[-1])
+    pages = 64 * 2**20 / resource.getpagesize()
+    assert record["default"] > 0.9 * pages and record["kept"] < 0.01 * pages
+    assert record["allocator_default"] == record["allocator_opted_out"] == "glibc"
+    assert record["allocator_kept"] == "glibc (freed memory kept)" and record["again"] is True
+    assert "malloc glibc" in describe(environment("cpu"))

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from dynvit.measure.allocator import allocator
+
 # CPU features that decide which reduced-precision kernels a CPU can run fast.
 _CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -74,6 +76,7 @@ def environment(
         "torchao": _version("torchao"),
         "onnxruntime": _version("onnxruntime"),
         "python": platform.python_version(),
+        "allocator": allocator(),
         # The machine's load when measuring began: on a shared machine, the first thing to check.
         "load_average_1min": round(load, 2) if load is not None else None,
     }
@@ -91,6 +94,8 @@ def describe(env: dict[str, Any]) -> str:
         f"torch {env.get('torch')}",
         f"timm {env.get('timm')}",
     ]
+    if env.get("allocator"):
+        parts.append(f"malloc {env['allocator']}")
     if env.get("load_average_1min") is not None:
         parts.append(f"load {env['load_average_1min']}")
     return " · ".join(parts)

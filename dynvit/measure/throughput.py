@@ -17,6 +17,10 @@ back to back barely moves with that drift, so speedups are estimated from many s
    hits one block spoils one ratio, up or down with equal odds, which the median ignores.
 
 Images/s are the median over a model's blocks: they move with the machine; the speedups do not.
+
+Pairing cannot cancel what differs from one process to the next and hits the models unequally.
+glibc's ``malloc`` was such a thing (:mod:`dynvit.measure.allocator`), so timing first makes it keep
+freed memory (``SpeedSettings.keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dynvit.measure.allocator import keep_freed_memory
 from dynvit.models.dynamic_vit import input_size
 
 # A call that runs one batch through one model (eager, compiled or another runtime).
@@ -51,6 +56,9 @@ class SpeedSettings:
         block_time: Seconds each timed block lasts at least (one call if a call takes longer).
         warmup_time: Seconds of untimed calls per model before the first round (:func:`warm_up`).
         threads: CPU threads while timing; by default torch's current setting.
+        keep_freed_memory: Make glibc keep freed memory in the heap for the rest of the process
+            before timing (:func:`~dynvit.measure.allocator.keep_freed_memory`), so that large
+            tensors do not page-fault on some processes' calls and not on others'.
     """
 
     batch_size: int = 64
@@ -59,6 +67,7 @@ class SpeedSettings:
     block_time: float = 0.1
     warmup_time: float = 0.3
     threads: int | None = None
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.pairs < 1:
@@ -213,6 +222,8 @@ def time_calls(
     if not calls:
         raise ValueError("nothing to time")
     clock = clock or _synchronised_clock()
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     threads = settings.num_threads
     setups = list(setups) if setups is not None else [None] * len(calls)
     if len(setups) != len(calls):

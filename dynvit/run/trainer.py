@@ -52,6 +52,7 @@ class DynViTTrainer(L.Trainer):
         block_time: float = 0.1,
         warmup_time: float = 0.3,
         threads: int | None = None,
+        keep_freed_memory: bool = True,
         accuracy: bool = True,
         methods: Sequence[str] = ("dynamicvit",),
         calibration_images: int = 256,
@@ -81,6 +82,9 @@ class DynViTTrainer(L.Trainer):
             block_time: Seconds each timed block lasts at least.
             warmup_time: Seconds of untimed calls per row before timing.
             threads: CPU threads while timing (by default torch's setting).
+            keep_freed_memory: Make glibc keep freed memory in the heap before timing, so that large
+                tensors page-fault in no call rather than in some processes' calls
+                (:mod:`dynvit.measure.allocator`); ``false`` times with glibc's default.
             accuracy: Measure validation top-1 (and kept-token recall when batches carry patch
                 masks) on the DataModule's validation set.
             methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``:
@@ -99,6 +103,7 @@ class DynViTTrainer(L.Trainer):
             block_time=block_time,
             warmup_time=warmup_time,
             threads=threads,
+            keep_freed_memory=keep_freed_memory,
         )
         student, teacher = networks(model)
         model_at = dynamicvit_at(student)
