@@ -9,7 +9,7 @@ onnxruntime check would compare two different (near-tied) token selections.
 
     python benchmarks/throughput.py                                  # DeiT-S, batch 32, fp32, CPU
     python benchmarks/throughput.py --precision fp32,bf16,int8 --backend onnxruntime --latency --json deit_s.json
-    python benchmarks/throughput.py --ratios 0.7 --pairs 30          # the repeatability check (run it 3 times)
+    python benchmarks/repeat.py --calls 3 -- --ratios 0.7         # does it repeat? three fresh processes
     python benchmarks/throughput.py --model swin_tiny_patch4_window7_224 --ratios 0.9 0.7   # DynamicSwin-T
 """
 

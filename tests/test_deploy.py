@@ -271,6 +271,18 @@ def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(name, tmp_p
     assert model.training is False  # exported as it was
 
 
+def test_onnx_sessions_do_not_spin_unless_asked(tmp_path):
+    """Spinning intra-op threads keep the cores busy after a run, slowing whatever is timed next."""
+    from onnx import TensorProto, helper, save
+
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in ("x", "y"))
+    path = tmp_path / "identity.onnx"
+    save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])), path)
+    spinning = "session.intra_op.allow_spinning"
+    assert onnx_session(path).get_session_options().get_session_config_entry(spinning) == "0"
+    assert onnx_session(path, spin=True).get_session_options().get_session_config_entry(spinning) == "1"
+
+
 def test_exported_ranking_breaks_ties_as_eager_does(tmp_path):
     """Stage-3 locations are ranked by two sorts, the second relying on the first's order among equal keys.
     ONNX has no stable sort; the exported TopK must still give eager PyTorch's permutation, ties included."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import random
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +227,37 @@ def test_timing_makes_glibc_reuse_freed_memory_instead_of_faulting_it_in_again()
     assert record["allocator_default"] == record["allocator_opted_out"] == "glibc"
     assert record["allocator_kept"] == "glibc (freed memory kept)" and record["again"] is True
     assert "malloc glibc" in describe(environment("cpu"))
+
+
+def _benchmark_script(name: str):
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repeat_benchmark_runs_fresh_processes_and_reports_their_spread(tmp_path, capsys):
+    """One real call (with glibc's default allocator: the setting only a fresh process can show),
+    then the spread of three calls' speedups."""
+    repeat = _benchmark_script("repeat")
+    out = tmp_path / "repeat.json"
+    quick = ["--model", "vit_digits", "--ratios", "0.7", "--batch-size", "2", "--pairs", "2", "--block-time", "0"]
+    repeat.main(["--calls", "1", "--allocator", "default", "--json", str(out), "--", *quick])
+    data = json.loads(out.read_text())
+    assert [call["allocator"] for call in data["calls"]] == ["default"]
+    if platform.libc_ver()[0] == "glibc" and "LD_PRELOAD" not in os.environ:
+        assert data["calls"][0]["environment"]["allocator"] == "glibc"
+    assert [s["row"] for s in data["summary"]] == ["dynamicvit ρ 0.7 fp32 eager"]
+    assert "largest deviation 0.0 %" in capsys.readouterr().out  # one call: no spread
+
+    teacher, student = data["calls"][0]["rows"]
+    calls = [
+        {"allocator": "kept", "rows": [dict(teacher, images_per_s=rate), dict(student, speedup=s)]}
+        for rate, s in [(100.0, 1.2), (110.0, 1.3), (90.0, 1.1)]
+    ]
+    (summary,) = repeat.summarise(calls)
+    assert summary["speedups"] == [1.2, 1.3, 1.1] and summary["teacher_images_per_s"] == [100.0, 110.0, 90.0]
+    assert summary["mean"] == pytest.approx(1.2) and summary["deviation"] == pytest.approx(0.1 / 1.2)
+    with pytest.raises(SystemExit):
+        repeat.parse_args(["--", "--json", "x.json"])

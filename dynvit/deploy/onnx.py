@@ -110,13 +110,22 @@ def export_onnx(
     return path
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU ``InferenceSession`` of ``path`` using ``threads`` intra-op threads (torch's by default)."""
+def onnx_session(path: str | Path, threads: int | None = None, spin: bool = False):
+    """An onnxruntime CPU ``InferenceSession`` of ``path`` using ``threads`` intra-op threads (torch's by default).
+
+    Args:
+        spin: Let the intra-op threads spin-wait for work after each run (onnxruntime's default).
+            Off by default: a spinning pool keeps the cores busy after ``run`` returns, which slowed
+            the eager model timed next in a pair by ~10 % on 2 cores and widened the intervals of
+            every row (BENCHMARKS.md, "Deploy"). A process that runs nothing but onnxruntime may
+            turn it on for lower latency on small models.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
