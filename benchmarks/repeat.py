@@ -26,23 +26,18 @@ THROUGHPUT = Path(__file__).with_name("throughput.py")
 ALLOCATORS = {"kept": [], "default": ["--no-keep-freed-memory"]}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], usage="%(prog)s [--calls N] [--allocator …] -- THROUGHPUT_ARGS"
     )
-    p.add_argument("--calls", type=positive_int, default=3, help="fresh processes per allocator setting")
+    p.add_argument("--calls", type=int, default=3, help="fresh processes per allocator setting")
     p.add_argument("--allocator", choices=["kept", "default", "both"], default="kept")
     p.add_argument("--json", metavar="PATH", help="also write every call's results as JSON")
     p.add_argument("throughput_args", nargs=argparse.REMAINDER, help="after --: arguments of throughput.py")
     args = p.parse_args(argv)
     args.throughput_args = [a for a in args.throughput_args if a != "--"]
+    if args.calls < 1:
+        p.error(f"--calls must be at least 1, got {args.calls}")
     if any(a == "--json" or a.startswith("--json=") for a in args.throughput_args):
         p.error("--json belongs before --: each call's JSON is written by this script")
     return args
@@ -53,7 +48,10 @@ def run_call(throughput_args: Sequence[str], allocator: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "call.json"
         command = [sys.executable, str(THROUGHPUT), *throughput_args, *ALLOCATORS[allocator], "--json", str(out)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no message"]
+            raise SystemExit(f"throughput.py {' '.join(throughput_args)} failed: {last[0]}")
         return json.loads(out.read_text())
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from dynvit.measure.allocator import allocator
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name
 from tests.test_callbacks import wandb_records
@@ -129,6 +132,9 @@ def test_two_point_sweep_summarises_and_reruns_without_training(tmp_path):
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"][1]["run"] == "keep_ratio_0.5" and summary["environment"]["batch_size"] == 2
+    # The record names the allocator the points were timed with, though it was written before them.
+    assert summary["environment"]["allocator"] == allocator()
+    assert "freed memory kept" in allocator() or platform.libc_ver()[0] != "glibc" or "LD_PRELOAD" in os.environ
 
     # Each point is its own run folder and its own offline W&B run, all in one group.
     for name, ratio in (("keep_ratio_0.5", 0.5), ("keep_ratio_0.9", 0.9)):

@@ -34,6 +34,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 
+from dynvit.measure.allocator import keep_freed_memory
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
 from dynvit.measure.environment import environment
 from dynvit.measure.flops import count_flops, count_params
@@ -228,6 +229,9 @@ def sweep_environment(trainer: L.Trainer) -> dict[str, Any]:
     """The machine and the throughput callback's settings the points are timed with."""
     speed = next((cb for cb in trainer.callbacks if isinstance(cb, ThroughputCallback)), ThroughputCallback())
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(speed.dtype or precision_dtype(trainer.precision))
+    if speed.settings.keep_freed_memory:
+        # The points' timing will keep freed memory; from now on, so that the record is true of all of them.
+        keep_freed_memory()
     return environment(trainer.strategy.root_device, speed.settings.batch_size, [precision or "fp32"])
 
 
