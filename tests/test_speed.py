@@ -195,7 +195,6 @@ FAULTS_SCRIPT = """
 import json, resource
 import torch
 from dynvit.measure.allocator import allocator, keep_freed_memory
-from dynvit.measure.environment import describe
 from dynvit.measure.throughput import SpeedSettings, time_calls
 
 def faults_of_one_tensor():
