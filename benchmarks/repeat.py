@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"call {i + 1}, freed memory {allocator}: teacher {result['rows'][0]['images_per_s']:.1f} img/s; {rates}"
             )
     print()
-    for s in summarise(calls):
+    summary = summarise(calls)
+    for s in summary:
         values = ", ".join(f"{v:.2f}×" for v in s["speedups"])
         teacher = f"{min(s['teacher_images_per_s']):.0f}–{max(s['teacher_images_per_s']):.0f}"
         print(
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * s['deviation']:.1f} % (teacher {teacher} img/s)"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"calls": calls, "summary": summarise(calls)}, indent=2))
+        Path(args.json).write_text(json.dumps({"calls": calls, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":
