@@ -1,0 +1,151 @@
+"""The method registry: every token-reduction method dynvit runs, declared once beside its code.
+
+A method is one record (:class:`Method`) registered by the file that implements it, the way timm
+registers a model with ``@register_model``. Everything that needs to know about methods (benchmark,
+sweep, predict, export, the FLOP and throughput callbacks, the docs table) reads this registry
+instead of keeping its own list, so adding a method is one file and one :func:`register` call.
+
+This module imports nothing heavy: the records are plain data, and the implementations register
+themselves when :mod:`dynvit.reducers` is imported (which :func:`get` and :func:`registered` do).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# What a method can report beyond logits:
+# - "counts": real tokens entering each block's attention and MLP (every method);
+# - "masks": which original patches are still tokens after each stage (selection methods);
+# - "sources": which original patches each merged token stands for (mergers);
+# - "assignments": which output token (cluster) each input token went to (clustering methods).
+REPORTS = ("counts", "masks", "sources", "assignments")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The one parameter that sets a method's cost, and how to search it.
+
+    Attributes:
+        name: The parameter's name, as the method's ``configure`` takes it (``"keep_rate"``, ``"r"``).
+        low: Smallest value allowed.
+        high: Largest value allowed, or a function of the model (ToMe's r is at most N // 2).
+        integer: Whether only integers are allowed (r, max_tokens) or a fraction (keep rates).
+        cheaper: Which direction costs fewer FLOPs: ``"lower"`` (keep rates, max_tokens) or
+            ``"higher"`` (merge counts r).
+    """
+
+    name: str
+    low: float
+    high: float | Callable[[Any], float]
+    integer: bool = False
+    cheaper: Literal["lower", "higher"] = "lower"
+
+    def bounds(self, model: Any) -> tuple[float, float]:
+        """(low, high) for this model."""
+        high = self.high(model) if callable(self.high) else self.high
+        return self.low, high
+
+    def candidates(self, model: Any, steps: int = 100) -> list[float]:
+        """Values to search, from the least reduction (most FLOPs) to the most: every integer in
+        [low, high], or ``steps`` evenly spaced fractions in (low, high] (keep rates to two decimals)."""
+        low, high = self.bounds(model)
+        if self.integer:
+            values = [float(v) for v in range(int(low), int(high) + 1)]
+        else:
+            # A fraction's low end is excluded: a keep rate of 0 keeps nothing.
+            values = sorted(round(high - i * (high - low) / steps, 10) for i in range(steps))
+        return values if self.cheaper == "higher" else values[::-1]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One token-reduction method as dynvit runs it.
+
+    Attributes:
+        name: Registry key and CLI name (``"tome"``, ``"kmedoids"``).
+        summary: One line for the docs table: what it does, and whose code it follows.
+        learned: True when the method adds parameters that are trained (DynamicViT's predictors,
+            PatchMerger's queries); False when it runs on a trained ViT as is (training-free).
+        build: Turns a plain timm ViT into the method's model in place, weights kept, new modules at
+            init: ``build(vit, **params) -> model``. For reducers this is ``ReducerClass.from_vit``.
+        knob: The parameter that sets the cost, its range and direction.
+        cost: How a cost is counted for matching: ``"schedule"`` when the token counts are fixed by the
+            parameters (fvcore on one forward is exact), ``"images"`` when they depend on the image (ATS:
+            the mean over calibration images).
+        defaults: The method's default parameters for a given model, locations included
+            (``{"reduction_loc": (3, 6, 9)}`` on a 12-block ViT), or None for none.
+        reports: What the model reports beyond logits, a subset of :data:`REPORTS`.
+        needs_class_token: The method ranks by the class token's attention and refuses a ViT without one.
+        onnx: None when the model exports to ONNX; else why it cannot (shown as the refusal).
+        reference: Where the authors' code is (``"JoakimHaurum/TokenReduction models/kmedoids.py"``).
+        objective: For learned methods, the name of the training objective beyond cross-entropy, or None.
+    """
+
+    name: str
+    summary: str
+    learned: bool
+    build: Callable[..., Any]
+    knob: Knob
+    cost: Literal["schedule", "images"] = "schedule"
+    defaults: Callable[[Any], dict[str, Any]] | None = None
+    reports: frozenset[str] = field(default_factory=lambda: frozenset({"counts"}))
+    needs_class_token: bool = False
+    onnx: str | None = None
+    reference: str = ""
+    objective: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.reports) - set(REPORTS)
+        if unknown:
+            raise ValueError(f"method {self.name!r} reports {sorted(unknown)}; known reports are {REPORTS}")
+        if "counts" not in self.reports:
+            object.__setattr__(self, "reports", frozenset(self.reports) | {"counts"})
+
+    @property
+    def kind(self) -> str:
+        return "learned" if self.learned else "training-free"
+
+    def default_params(self, model: Any) -> dict[str, Any]:
+        """The method's default parameters for ``model`` (a plain timm ViT)."""
+        return dict(self.defaults(model)) if self.defaults is not None else {}
+
+
+_REGISTRY: dict[str, Method] = {}
+# Modules whose import registers methods; :func:`registered` imports them once.
+_IMPLEMENTATIONS = ("dynvit.reducers",)
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (once per name) and return it."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] != method:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def registered() -> dict[str, Method]:
+    """Every registered method by name, in registration order."""
+    for module in _IMPLEMENTATIONS:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The method registered as ``name``.
+
+    Raises:
+        ValueError: no such method; the message lists the registered ones and the nearest name.
+    """
+    methods = registered()
+    if name not in methods:
+        close = difflib.get_close_matches(str(name), methods, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown token-reduction method {name!r}: choose one of {sorted(methods)}{hint}")
+    return methods[name]
+
+
+__all__ = ["REPORTS", "Knob", "Method", "get", "register", "registered"]
