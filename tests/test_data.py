@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_digits, load_sample_images
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
@@ -306,6 +306,68 @@ def test_image_folder_training_augmentation_is_configurable(folder):
     assert any(isinstance(t, T.ColorJitter) for t in tf)  # timm uses colour jitter only without auto-augment
 
 
+def _photo_crops(size: int = 64) -> list:
+    """Square crops of scikit-learn's two sample photos (427×640 RGB JPEG scans shipped with it)."""
+    from PIL import Image
+
+    crops = []
+    for pixels in load_sample_images().images:
+        photo = Image.fromarray(pixels)
+        crops += [photo.crop((x, y, x + size, y + size)) for x in (0, 200, 400) for y in (0, 150, 300)]
+    return crops
+
+
+@pytest.mark.parametrize("bits", range(9))
+def test_posterize_keeps_the_old_pillow_meaning_of_every_bit_count(bits):
+    from dynvit.data.imagefolder import posterize
+
+    photo = _photo_crops()[4]
+    pixels = np.asarray(photo).astype(np.int64)
+    # Pillow <= 12: a look-up table of value & ~(2 ** (8 - bits) - 1); with 0 bits, every value becomes 0.
+    expected = pixels & ~(2 ** (8 - bits) - 1)
+    out = posterize(photo, bits)
+    assert out.mode == "RGB" and out.size == photo.size
+    np.testing.assert_array_equal(np.asarray(out), expected.astype(np.uint8))
+    assert (bits == 0) == (expected.max() == 0)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "v0", "augmix-m5-w4-d2"])
+def test_no_auto_augment_policy_keeps_timms_posterize(folder, policy):
+    from timm.data import auto_augment
+
+    tf = _folder_dm(folder, auto_augment=policy).train_transform().transforms
+    step = next(t for t in tf if isinstance(t, (RandAugment, auto_augment.AutoAugment, auto_augment.AugMixAugment)))
+    ops = [op for sub in step.policy for op in sub] if policy == "v0" else step.ops
+    posterize_ops = [op for op in ops if "Posterize" in op.name]
+    assert posterize_ops and all(op.aug_fn is not auto_augment.posterize for op in posterize_ops)
+
+
+def test_default_augmentation_runs_on_thousands_of_photo_crops(folder):
+    """The default RandAugment asks for 0 bits in about 0.2 % of images; each such image is black."""
+    import random
+
+    tf = _folder_dm(folder, img_size=32).train_transform()
+    rand_augment = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    op = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize, black = op.aug_fn, []
+
+    def recording(img, bits, **kwargs):
+        out = posterize(img, bits, **kwargs)
+        if bits == 0:
+            black.append(np.asarray(out).max() == 0)
+        return out
+
+    op.aug_fn = recording
+    crops = _photo_crops()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for i in range(3000):
+        x = tf(crops[i % len(crops)])
+        assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
+    assert len(black) >= 2 and all(black)
+
+
 def test_image_folder_missing_root_or_split(tmp_path, folder):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _folder_dm(tmp_path / "nowhere").setup("fit")
@@ -341,13 +403,34 @@ def test_image_folder_class_mismatch_lists_the_differences(folder):
 def test_image_folder_corrupt_image_is_named(folder):
     bad = folder / "val" / "bee" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
-    with pytest.raises(ValueError, match=f"1 unreadable image.*{bad}"):
+    with pytest.raises(ValueError, match=f"1 image\\(s\\) in {folder / 'val'} cannot be decoded: {bad}"):
         _folder_dm(folder).setup("fit")
     # Unchecked, the loader fails on the file and names it rather than skipping it.
     dm = _folder_dm(folder, verify_images=False, batch_size=16)
     dm.setup("validate")
     with pytest.raises(OSError, match=f"cannot read image {bad}"):
         list(dm.val_dataloader())
+
+
+def test_a_truncated_jpeg_with_a_valid_header_is_caught_before_training(folder):
+    from PIL import Image
+
+    photo = folder / "photo.jpg"
+    Image.fromarray(load_sample_images().images[0]).save(photo, quality=90)
+    whole = photo.read_bytes()
+    photo.unlink()
+    cut = [folder / "train" / "cat" / "cut_0.jpg", folder / "train" / "ant" / "cut_1.jpg"]
+    for path, kept in zip(cut, (0.5, 0.99), strict=True):
+        path.write_bytes(whole[: int(len(whole) * kept)])  # a copy that stopped part-way
+        with Image.open(path) as img:
+            img.verify()  # the header is whole: a header check passes the file
+    (folder / "train" / "bee" / "whole.jpg").write_bytes(whole)
+    with pytest.raises(ValueError, match=r"2 image\(s\) in .*train cannot be decoded: ") as raised:
+        _folder_dm(folder).setup("fit")
+    listed = str(raised.value)
+    assert all(f"{path} (OSError: image file is truncated" in listed for path in cut)
+    assert "whole.jpg" not in listed
+    assert listed.index(str(cut[1])) < listed.index(str(cut[0]))  # in the dataset's (class, file) order
 
 
 def test_image_folder_empty_val_class_is_a_warning_naming_the_folder(folder):

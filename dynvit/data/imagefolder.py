@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
-from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import Compose
 
 from dynvit.data._common import (
     ShuffleSampler,
@@ -25,8 +29,11 @@ from dynvit.data._common import (
     trainer_model,
 )
 
+PREPROCESSING = ("mean", "std", "interpolation", "crop_pct")  # settings taken from the model unless given
 _MAX_LISTED = 10  # files or classes named in one error message
 DEFAULT_IMG_SIZE = 224  # without a model to follow
+_ANNOUNCED_CHECK = 10_000  # images: a check this long says what it is doing
+_CHECK_CHUNK = 64  # files per task of the image check: few tasks for a million files, all threads busy for a hundred
 
 
 # Modes of one channel wider than 8 bits: 16-bit PNG/TIFF open as I;16*, some as 32-bit I.
@@ -41,14 +48,40 @@ def load_rgb(path: str) -> Image.Image:
     floating point) are refused.
     """
     try:
-        with Image.open(path) as img:
-            if img.mode in _WIDE_GREY:
-                return _wide_grey_to_rgb(img, path)
-            if img.mode == "F":
-                raise ValueError("floating-point pixels (mode F) have no fixed range to scale to 8 bits")
-            return img.convert("RGB")
+        return _read_rgb(path)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
         raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _read_rgb(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        if img.mode in _WIDE_GREY:
+            return _wide_grey_to_rgb(img, path)
+        if img.mode == "F":
+            raise ValueError("floating-point pixels (mode F) have no fixed range to scale to 8 bits")
+        return img.convert("RGB")  # decodes every pixel: a truncated file fails here
+
+
+def _unreadable(paths: Sequence[str]) -> list[str]:
+    """``path (error)`` for each of ``paths`` that :func:`load_rgb` cannot read."""
+    bad = []
+    for path in paths:
+        try:
+            _read_rgb(path)
+        except Exception as e:  # whatever PIL raises, the loader would stop on this file
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+    return bad
+
+
+def unreadable_images(paths: Sequence[str], threads: int | None = None) -> list[str]:
+    """Decode every image of ``paths`` in full, as the loader will, on ``threads`` threads (default: one
+    per CPU this process may use; Pillow decodes without holding the GIL); ``path (error)`` for each
+    file that fails, in the order of ``paths``."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    chunks = [paths[i : i + _CHECK_CHUNK] for i in range(0, len(paths), _CHECK_CHUNK)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
+        return [entry for bad in pool.map(_unreadable, chunks) for entry in bad]
 
 
 def _wide_grey_to_rgb(img: Image.Image, path: str) -> Image.Image:
@@ -58,6 +91,36 @@ def _wide_grey_to_rgb(img: Image.Image, path: str) -> Image.Image:
     # 65535 / 257 = 255: the full 16-bit range onto the full 8-bit range.
     grey = np.round(pixels.astype(np.float64) / 257.0).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's auto-augment posterize, with the meaning that keeping 0 bits had before Pillow 13: black.
+
+    RandAugment's ``PosterizeIncreasing`` keeps ``4 - int(4 * magnitude / 10)`` bits, 0 at magnitude 10,
+    which ``rand-m9-mstd0.5`` reaches (a magnitude drawn from N(9, 0.5²), clipped to 10) for 2.3 % of the
+    posterize draws; AutoAugment's ``v0`` policies keep 0 bits at magnitude 2. Pillow up to 12 masked
+    every channel value with ``~(2 ** (8 - bits) - 1)``, which is 0 for ``bits <= 0``; Pillow 13 raises
+    ``ValueError`` instead. Other bit counts go to timm's op unchanged.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def with_old_posterize(transform: Compose) -> Compose:
+    """``transform`` (timm's ``create_transform`` output) with every auto-augment posterize op replaced by
+    :func:`posterize`, in place: the augmentation the recipes were tuned with, on any Pillow."""
+    for step in transform.transforms:
+        if isinstance(step, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            ops = step.ops
+        elif isinstance(step, auto_augment.AutoAugment):
+            ops = [op for sub_policy in step.policy for op in sub_policy]
+        else:
+            continue
+        for op in ops:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
 
 
 class UnlabelledImages(Dataset):
@@ -112,26 +175,29 @@ class ImageFolderDataModule(L.LightningDataModule):
     ``test`` uses ``root/test`` when it exists, else the val split; ``predict`` uses the same, or every image
     under ``predict_root`` (any nesting, no labels: batches are images alone). Training uses timm's
     ``create_transform`` augmentation (random resized crop, flip, RandAugment, random erasing; colour
-    jitter only without ``auto_augment``, as in timm); evaluation resizes to ``img_size / crop_pct`` and
-    centre-crops ``img_size``. Batches are ``(images, labels)``
+    jitter only without ``auto_augment``, as in timm; posterize keeps the meaning that 0 bits had before
+    Pillow 13, a black image, where Pillow 13 raises: see :func:`posterize`); evaluation resizes to
+    ``img_size / crop_pct`` and centre-crops ``img_size``. Batches are ``(images, labels)``
     with labels indexing the sorted class folder names (``class_names``). Images are read as RGB, so
     ``in_chans`` is 3. Files whose extension is not an image one (torchvision's ``IMG_EXTENSIONS``) are ignored.
 
     **Errors, all raised by** ``setup()`` **before any training**: ``FileNotFoundError`` when ``root``, its
     ``train`` or ``val`` folder is missing, or a split holds no class folders or no images;
     ``ValueError`` when train and val (or test) class folders differ (the differences are listed), when a
-    training class folder holds no images, or when an image file cannot be read. A val or test class
+    training class folder holds no images, or when an image file cannot be decoded. A val or test class
     folder without images is a warning naming it (a small evaluation set may lack a class; usually it
     is a copy that failed).
 
     **Image modes.** Images are read as 8-bit RGB; 16-bit greyscale files (PNG mode ``I;16``) are
     scaled to 8 bits, and modes that cannot be scaled (floating point) are an error naming the file.
 
-    **Unreadable images.** With ``verify_images=True`` (default), ``setup()`` opens every image file of the
-    splits it prepares and runs PIL's ``verify()`` (headers and, for PNG, checksums; no decoding: 0.07 ms
-    of CPU for a 500×375 JPEG, so ImageNet's 1.3 M files take minutes, mostly file-system reads) and fails
-    naming the bad files. Turn it off for very large sets once they are known to be clean. A file that
-    passes the check but still cannot be decoded (say, a truncated JPEG) makes the loader raise an
+    **Unreadable images.** With ``verify_images=True`` (default), ``setup()`` decodes every image file of
+    the splits it prepares, in full and exactly as the loader will (:func:`load_rgb`), on one thread per
+    CPU, and fails naming the files that do not decode: a truncated JPEG (a copy cut short) has a valid
+    header, so a header check would pass it and training would stop on it mid-epoch. Decoding costs
+    about 3 ms of CPU for a 640×427 JPEG, so a set of ten thousand photos takes seconds, ImageNet's
+    1.3 M files minutes on a many-core machine. Turn it off (``verify_images=False``) for very large sets
+    once they are known to be clean; a file that cannot be decoded then makes the loader raise an
     ``OSError`` naming the file: a bad file is never silently skipped.
 
     **The model decides the input.** :meth:`follow` (called by ``setup()`` with the Trainer's model, and by
@@ -139,6 +205,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     (``mean``/``std``, ``interpolation``, ``crop_pct``: timm's ``pretrained_cfg`` of the model) for every
     setting left at ``None``. An explicit ``img_size`` that differs from the model's is an error naming both;
     explicit preprocessing values override the model's. Without a model: 224 px and ImageNet's settings.
+    A model whose ``mean``/``std`` are not RGB ones (the one-channel digits models) needs explicit RGB values;
+    the error says so. Checkpoints store the preprocessing used (:meth:`state_dict`), and ``cli.py
+    validate``/``test``/``predict`` reuse it for every setting left at ``None``.
 
     ``num_classes`` is known right after construction (it lists ``root/train``) so that a CLI can size the
     model from it. To predict on ``predict_root`` without the training set, leave ``root`` unset and give
@@ -162,7 +231,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         ratio: Aspect-ratio range of the random resized crop.
         hflip: Horizontal flip probability.
         color_jitter: Colour-jitter strength (only used when ``auto_augment`` is ``None``).
-        verify_images: Check every image file in ``setup()`` (see above).
+        verify_images: Decode every image file in ``setup()`` (see above).
         batch_size: Samples per batch (per device).
         num_workers: DataLoader worker processes (persistent when > 0).
         pin_memory: Pin host memory; ``None`` means "when CUDA is available".
@@ -206,6 +275,9 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "without root (a folder with train/<class>), give num_classes: the class count of the model "
                 "to predict with (`cli.py predict --ckpt_path` reads it from the checkpoint)"
             )
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) != 3:
+                raise ValueError(f"{name} needs 3 values (R, G, B), got {tuple(values)}")
         self.root = Path(root) if root is not None else None
         self.predict_root = Path(predict_root) if predict_root is not None else None
         self._num_classes = num_classes
@@ -226,8 +298,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         hp = self.hparams
         self.mean = tuple(hp.mean if hp.mean is not None else mean)
         self.std = tuple(hp.std if hp.std is not None else std)
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
         self.interpolation = hp.interpolation if hp.interpolation is not None else interpolation
         self.crop_pct = hp.crop_pct if hp.crop_pct is not None else crop_pct
 
@@ -235,13 +305,32 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Take the input size and preprocessing of ``model`` (a network, or a LightningModule with ``net``).
 
         Raises:
-            ValueError: an explicit ``img_size`` differs from the model's, or the model is not an RGB one.
+            ValueError: an explicit ``img_size`` differs from the model's, the model is not an RGB one, or
+                its preprocessing (``mean``/``std``) is not for RGB images and the DataModule gives none.
         """
         config = model_data_config(model)
         if config is None:
             return
         self.img_size = followed_img_size(self.requested_img_size, config, self.in_chans, type(self).__name__)
         self._set_preprocessing(config.mean, config.std, config.interpolation, config.crop_pct)
+        wrong = [f"{name}={values}" for name, values in (("mean", self.mean), ("std", self.std)) if len(values) != 3]
+        if wrong:
+            net = getattr(model, "net", model)
+            source = getattr(net, "pretrained_cfg", {}).get("architecture") or type(net).__name__
+            raise ValueError(
+                f"{type(self).__name__} reads RGB images, but the model gives it {' and '.join(wrong)}: these "
+                f"come from the pretrained_cfg of {source}, made for {len(config.mean)}-channel images (building it with "
+                f"in_chans={config.in_chans} changed its stem, not these values). Give the DataModule RGB values, "
+                "e.g. --data.init_args.mean '[0.5,0.5,0.5]' --data.init_args.std '[0.5,0.5,0.5]' (ImageNet's: "
+                "[0.485,0.456,0.406] and [0.229,0.224,0.225]), or use a model made for RGB images"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning stores in checkpoints under this class's name: the preprocessing the network was
+        trained with (``preprocessing``: ``mean``, ``std``, ``interpolation``, ``crop_pct``), which
+        ``cli.py`` gives back to a ``validate``/``test``/``predict`` DataModule that leaves them unset
+        (:func:`use_stored_preprocessing`)."""
+        return {"preprocessing": {name: getattr(self, name) for name in PREPROCESSING}}
 
     @property
     def class_names(self) -> list[str] | None:
@@ -264,9 +353,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         return found
 
     def train_transform(self):
-        """timm's training augmentation with this module's settings."""
+        """timm's training augmentation with this module's settings (posterize as before Pillow 13: see
+        :func:`posterize`)."""
         hp = self.hparams
-        return create_transform(
+        transform = create_transform(
             self.img_size,
             is_training=True,
             scale=tuple(hp.scale),
@@ -281,6 +371,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             re_mode=hp.re_mode,
             re_count=hp.re_count,
         )
+        return with_old_posterize(transform)
 
     def eval_transform(self):
         """Resize to ``img_size / crop_pct``, centre-crop ``img_size``, normalise."""
@@ -360,21 +451,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._verify([path for path, _ in dataset.samples], folder)
 
     def _verify(self, paths: Sequence[str], folder: Path) -> None:
-        if self.hparams.verify_images:
-            bad = []
-            for path in paths:
-                try:
-                    with Image.open(path) as img:
-                        if img.mode == "F":
-                            raise ValueError("floating-point pixels (mode F) have no fixed range to scale to 8 bits")
-                        img.verify()
-                except Exception as e:  # whatever PIL raises, the file is unusable
-                    bad.append(f"{path} ({type(e).__name__}: {e})")
-            if bad:
-                raise ValueError(
-                    f"{len(bad)} unreadable image(s) in {folder}: {_listing(bad)}. Remove or replace them "
-                    "(verify_images=False skips this check; the loader then fails on them mid-epoch)"
-                )
+        if not self.hparams.verify_images:
+            return
+        if len(paths) >= _ANNOUNCED_CHECK:
+            rank_zero_info(f"checking that the {len(paths)} images of {folder} decode (verify_images=False skips it)")
+        bad = unreadable_images(paths)
+        if bad:
+            raise ValueError(
+                f"{len(bad)} image(s) in {folder} cannot be decoded: {_listing(bad)}. Replace or remove them "
+                "(a file cut short by a failed copy: copy it again); verify_images=False skips this check, and "
+                "training then stops at the first of them"
+            )
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:
@@ -396,6 +483,16 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
+
+
+def use_stored_preprocessing(data_args: MutableMapping[str, Any], checkpoint: Mapping[str, Any]) -> None:
+    """Set each of ``data_args``' :data:`PREPROCESSING` settings that is None (unset) to the value
+    stored in ``checkpoint`` by an :class:`ImageFolderDataModule` at fit time, so that evaluation and
+    prediction normalise images as training did without the user restating it."""
+    stored = checkpoint.get(ImageFolderDataModule.__qualname__, {}).get("preprocessing", {})
+    for name, value in stored.items():
+        if name in data_args and data_args[name] is None:
+            data_args[name] = value
 
 
 def write_image_folder(

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dynvit.data.imagefolder import use_stored_preprocessing
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
 from dynvit.run.benchmark import sweep_matches
 from dynvit.run.errors import run_reporting_errors
@@ -135,8 +136,9 @@ class DynViTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Before anything is built: resolve ``--ckpt_path last`` to the run's ``last.ckpt`` (an error if
-        there is none), refuse a ``fit`` that would mix two runs in one folder, and size a DataModule that
-        cannot count its classes (predicting on a bare image folder) from the checkpoint."""
+        there is none), refuse a ``fit`` that would mix two runs in one folder, give an image-folder
+        DataModule the normalisation stored in the checkpoint where it sets none, and size a DataModule
+        that cannot count its classes (predicting on a bare image folder) from the checkpoint."""
         config = self.config[self.subcommand]
         if "ckpt_path" not in config:
             return
@@ -148,6 +150,9 @@ class DynViTCLI(LightningCLI):
         if self.subcommand == "fit":
             check_fit_folder(folder, run_dir, ckpt_path)
         data_args = config.get("data.init_args")
+        if self.subcommand != "fit" and data_args is not None and ckpt_path is not None and Path(ckpt_path).is_file():
+            # Evaluate and predict with the normalisation the network was trained with.
+            use_stored_preprocessing(data_args, read_checkpoint(ckpt_path))
         # ImageFolderDataModule with predict_root and no root cannot count the classes: the checkpoint can.
         if (
             self.subcommand == "predict"
