@@ -296,6 +296,19 @@ def test_image_folder_normalisation_follows_the_model(folder):
     assert _folder_dm(folder).mean == tuple(timm.data.IMAGENET_DEFAULT_MEAN)
 
 
+def test_image_folder_normalisation_must_be_rgb(folder):
+    with pytest.raises(ValueError, match=r"std needs 3 values \(R, G, B\), got \(0.5,\)"):
+        _folder_dm(folder, std=(0.5,))
+    digits_model = timm.create_model("vit_digits", in_chans=3, img_size=16, depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError, match=r"the model gives it mean=\(0.0,\) and std=\(1.0,\): these come from"):
+        _folder_dm(folder).follow(digits_model)
+    with pytest.raises(ValueError, match=r"the model gives it std=\(1.0,\): these come from"):
+        _folder_dm(folder, mean=(0.5, 0.5, 0.5)).follow(digits_model)
+    rgb = _folder_dm(folder, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    rgb.follow(digits_model)
+    assert (rgb.mean, rgb.std, rgb.crop_pct) == ((0.5,) * 3, (0.25,) * 3, 1.0)  # the crop is still the model's
+
+
 def test_image_folder_training_augmentation_is_configurable(folder):
     tf = _folder_dm(folder, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.3).train_transform().transforms
     assert any(isinstance(t, RandAugment) for t in tf)

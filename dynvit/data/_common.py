@@ -40,7 +40,10 @@ def followed_img_size(requested: int | None, config: DataConfig, in_chans: int, 
             f"DataModule's img_size (it follows the model) or build the model with img_size={requested}"
         )
     if in_chans != config.in_chans:
-        raise ValueError(f"{owner} makes {in_chans}-channel images but the model expects {config.in_chans}")
+        raise ValueError(
+            f"{owner} makes {in_chans}-channel images but the model expects {config.in_chans}: build the model "
+            f"with in_chans={in_chans}"
+        )
     return height
 
 
