@@ -195,8 +195,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     the splits it prepares, in full and exactly as the loader will (:func:`load_rgb`), on one thread per
     CPU, and fails naming the files that do not decode: a truncated JPEG (a copy cut short) has a valid
     header, so a header check would pass it and training would stop on it mid-epoch. Decoding costs
-    about 3 ms of CPU for a 640×427 JPEG, so a set of ten thousand photos takes seconds, ImageNet's
-    1.3 M files minutes on a many-core machine. Turn it off (``verify_images=False``) for very large sets
+    about 3 ms of CPU for a 640×427 JPEG: seconds for ten thousand photos; for ImageNet's 1.3 M files,
+    about an hour of CPU, minutes on a many-core machine. Turn it off (``verify_images=False``) for very large sets
     once they are known to be clean; a file that cannot be decoded then makes the loader raise an
     ``OSError`` naming the file: a bad file is never silently skipped.
 
@@ -316,13 +316,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         wrong = [f"{name}={values}" for name, values in (("mean", self.mean), ("std", self.std)) if len(values) != 3]
         if wrong:
             net = getattr(model, "net", model)
-            source = getattr(net, "pretrained_cfg", {}).get("architecture") or type(net).__name__
+            source = (getattr(net, "pretrained_cfg", None) or {}).get("architecture") or type(net).__name__
             raise ValueError(
                 f"{type(self).__name__} reads RGB images, but the model gives it {' and '.join(wrong)}: these "
-                f"come from the pretrained_cfg of {source}, made for {len(config.mean)}-channel images (building it with "
-                f"in_chans={config.in_chans} changed its stem, not these values). Give the DataModule RGB values, "
-                "e.g. --data.init_args.mean '[0.5,0.5,0.5]' --data.init_args.std '[0.5,0.5,0.5]' (ImageNet's: "
-                "[0.485,0.456,0.406] and [0.229,0.224,0.225]), or use a model made for RGB images"
+                f"come from the pretrained_cfg of {source}, made for {len(config.mean)}-channel images "
+                f"(building it with in_chans={config.in_chans} changed its stem, not these values). Give the "
+                "DataModule RGB values, e.g. --data.init_args.mean '[0.5,0.5,0.5]' --data.init_args.std "
+                "'[0.5,0.5,0.5]' (ImageNet's: [0.485,0.456,0.406] and [0.229,0.224,0.225]), or use a model "
+                "made for RGB images"
             )
 
     def state_dict(self) -> dict[str, Any]:
