@@ -277,7 +277,8 @@ def _tie(
         e_keys, e_indices, o_keys, o_indices = e_keys[image], e_indices[image], o_keys[image], o_indices[image]
         k = o_indices.shape[-1]
         if e_keys.shape != o_keys.shape or e_keys.dim() != 1 or e_indices.shape[-1] < k:
-            return f"its top-k {j + 1} has keys of shape {tuple(o_keys.shape)} in the graph, {tuple(e_keys.shape)} in eager"
+            shapes = f"{tuple(o_keys.shape)} in the graph, {tuple(e_keys.shape)} in eager"
+            return f"cannot compare its top-k {j + 1}, whose keys have shape {shapes}"
         e_indices = e_indices[:k]
         if torch.equal(e_indices, o_indices):
             continue
@@ -287,7 +288,10 @@ def _tie(
         if keys_differ > allowed:
             return f"the keys of top-k {j + 1} differ by {keys_differ:.1e}, above {allowed:.0e}"
         if gap > allowed:
-            return f"top-k {j + 1} kept other tokens, whose keys differ by {gap:.1e} from eager's choice, above {allowed:.0e}"
+            return (
+                f"top-k {j + 1} kept other tokens, whose keys differ by {gap:.1e} from eager's choice, "
+                f"above {allowed:.0e}"
+            )
         return Tie(image, j, len(eager), gap)
     return "both kept the same tokens"
 

@@ -135,7 +135,7 @@ class DynViTCLI(LightningCLI):
             config[key] = value
 
     def _check_ckpt_path(self, subcommand: str, ckpt_path: str) -> Any:
-        """``--ckpt_path``'s contents, or an error naming the fix (see :func:`~dynvit.run.run_folder.read_ckpt_path`)."""
+        """``--ckpt_path``'s contents, or an error naming the fix (:func:`~dynvit.run.run_folder.read_ckpt_path`)."""
         init_args = self.config[subcommand].get("model.init_args") or {}
         option = next((name for name in ("student_checkpoint", "checkpoint") if name in init_args), None)
         return read_ckpt_path(

@@ -4,7 +4,12 @@ dynvit checks its inputs and raises errors whose message says what to fix. Raise
 builds the model or data, such an error reaches the user wrapped by jsonargparse ("Does not validate
 against any of the Union subtypes … Given value: Namespace(...)") under two chained tracebacks.
 :func:`run_reporting_errors` prints dynvit's message alone instead, and exits with status 1.
-``DYNVIT_TRACEBACK=1`` in the environment shows the full traceback instead.
+
+A mistake the parser catches (a mistyped option, a value outside an option's choices) reaches the user as
+the whole usage plus jsonargparse's tree of the subtypes it tried; :func:`short_parser_error` turns it
+into one line naming the option and the nearest valid one (the CLI's parser prints it and exits with
+status 2). ``DYNVIT_TRACEBACK=1`` in the environment shows the full traceback (and jsonargparse's
+message) instead.
 """
 
 from __future__ import annotations
@@ -107,8 +112,8 @@ def short_parser_error(message: str, options: Sequence[str] = ()) -> str:
         given = f"--{match.group(2)}"
         return f"{match.group(1)} has no option {given} (from the config file){_did_you_mean(given, options)}"
     if match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
-        choices = re.findall(r"'([^']*)'", match.group(2))
-        return f"no subcommand {match.group(1)!r}: choose from {', '.join(choices)}{_did_you_mean(match.group(1), choices)}"
+        given, choices = match.group(1), re.findall(r"'([^']*)'", match.group(2))
+        return f"no subcommand {given!r}: choose from {', '.join(choices)}{_did_you_mean(given, choices)}"
     path, leaf = _failed_option(message)
     if path is not None and leaf is not None:
         return _describe(path, leaf)
@@ -173,20 +178,19 @@ def _failed_option(message: str) -> tuple[str | None, _Leaf | None]:
 
 def _option_path(stack: list[tuple[int, str, str]]) -> str:
     """``--model.init_args.keep_gradient`` from the open nodes model > class > keep_gradient."""
-    parts = []
-    for _, kind, value in stack:
-        parts.append("init_args" if kind == "class" else value)
+    parts = ["init_args" if kind == "class" else value for _, kind, value in stack]
     while parts and parts[-1] == "init_args":
         parts.pop()
     return "--" + ".".join(parts)
 
 
 def _describe(option: str, leaf: _Leaf) -> str:
+    """The line for a finding about ``option``."""
     if leaf.kind == "unknown":
-        name = f"{option}.init_args.{leaf.detail}" if leaf.class_path else f"{option}.{leaf.detail}"
-        return f"unknown option {name}: {leaf.class_path or option} takes no argument {leaf.detail!r}" + _did_you_mean(
-            leaf.detail, _parameters(leaf.class_path), prefix=name.rsplit(".", 1)[0] + "."
-        )
+        parent = f"{option}.init_args" if leaf.class_path else option
+        owner = leaf.class_path or option
+        suggestion = _did_you_mean(leaf.detail, _parameters(leaf.class_path), prefix=f"{parent}.")
+        return f"unknown option {parent}.{leaf.detail}: {owner} takes no argument {leaf.detail!r}{suggestion}"
     if leaf.kind == "file":
         return f"{option}: there is no file {leaf.detail}"
     if leaf.kind == "class":
@@ -198,10 +202,9 @@ def _describe(option: str, leaf: _Leaf) -> str:
             leaf.detail, names, prefix=f"{leaf.given}."
         )
     choices = _literal_choices(leaf.detail)
-    given = leaf.given if leaf.given is not None else "this value"
     if choices:
-        return f"{option} {given}: choose from {', '.join(choices)}" + _did_you_mean(str(given), choices)
-    return f"{option} {given}: expected {_type_names(leaf.detail)}"
+        return f"{option} {leaf.given}: choose from {', '.join(choices)}" + _did_you_mean(str(leaf.given), choices)
+    return f"{option} {leaf.given}: expected {_type_names(leaf.detail)}"
 
 
 def _parameters(class_path: str | None) -> list[str]:
@@ -239,7 +242,8 @@ def _type_names(detail: str) -> str:
 
 
 def _did_you_mean(given: str, valid: Sequence[str], prefix: str = "") -> str:
-    """``"; did you mean X?"`` for the valid name nearest ``given``, or nothing."""
+    """``"; did you mean <prefix>X?"`` for the valid name X nearest ``given``, or nothing (``prefix`` is
+    also taken off ``given`` and the valid names before they are compared)."""
     key = given.removeprefix(prefix)
     names = [v.removeprefix(prefix) for v in valid]
     nearest = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
