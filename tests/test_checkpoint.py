@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from dynvit import create_student, create_teacher, load_checkpoint
-from dynvit.models import CheckpointMismatch, masked_softmax, read_state_dict
+from dynvit.models import CheckpointMismatch, UnreadableCheckpoint, masked_softmax, read_state_dict
 from dynvit.models.checkpoint import save_atomic
 from tests.conftest import TINY, TINY_LOC
 from tests.reference_dynamicvit import VisionTransformerDiffPruning, softmax_with_policy
@@ -244,3 +244,30 @@ def test_masked_softmax_is_the_reference_formula() -> None:
         theirs = softmax_with_policy(scores.to(dtype), keep[..., None].to(dtype))
         assert ours.dtype == torch.float32
         torch.testing.assert_close(ours.to(dtype), theirs, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (None, FileNotFoundError, "checkpoint {path} does not exist"),
+        (
+            "truncated",
+            UnreadableCheckpoint,
+            "checkpoint {path} is truncated or damaged: torch cannot read its 600 bytes",
+        ),
+        (b"\x13\x37" * 300, UnreadableCheckpoint, "checkpoint {path} is not a PyTorch checkpoint: its 600 bytes"),
+        (b"", UnreadableCheckpoint, "checkpoint {path} is not a PyTorch checkpoint: its 0 bytes"),
+        (b"\x13\x37" * 300, UnreadableCheckpoint, "checkpoint {path} is not a readable safetensors file"),
+    ],
+)
+def test_files_that_are_no_checkpoints_are_named_in_the_error(tmp_path: Path, content, error, message) -> None:
+    path = tmp_path / ("student.safetensors" if "safetensors" in message else "student.pth")
+    if content == "truncated":
+        whole = _save({"model": create_teacher("deit_tiny_patch16_224", **TINY).state_dict()}, tmp_path / "whole.pth")
+        path.write_bytes(whole.read_bytes()[:600])
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error) as raised:
+        load_checkpoint(create_student("deit_tiny_patch16_224", pruning_loc=TINY_LOC, **TINY), path)
+    assert str(raised.value).startswith(message.format(path=path))
+    assert "weights_only" not in str(raised.value)

@@ -6,10 +6,13 @@ tracebacks and ``Given value: Namespace(...)`` dump; ``DYNVIT_TRACEBACK=1`` show
 
 from __future__ import annotations
 
+import copy
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import pytest
@@ -19,7 +22,7 @@ from dynvit import create_teacher
 from dynvit.data import SyntheticDataModule
 from dynvit.lightning import ClassifierModule
 from dynvit.models import CheckpointMismatch
-from dynvit.run.cli import main
+from dynvit.run.cli import DynViTCLI, main, oversubscription
 from dynvit.run.errors import TRACEBACK_ENV
 from tests.tiny_config import STUDENT, tiny_config, write_config
 
@@ -48,23 +51,189 @@ def save_teacher(path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ("--model.init_args.keep_ratio=0", "error: keep_ratio must be in (0, 1], got 0.0"),
-        (
-            "--model.init_args.pruning_loc=[1,2,4]",
-            "error: pruning_loc (1, 2, 4) must index blocks 0..3 of this 4-block model",
-        ),
-        (
-            "--model.init_args.img_size=30",
-            "error: img_size (30, 30) is not a multiple of vit_tiny_patch16_224's patch size (4, 4): use e.g. 28",
-        ),
-    ],
-)
-def test_config_errors_end_with_their_message(tmp_path, capsys, change, message):
-    lines = error_lines(capsys, "fit", f"--config={config_path(tmp_path)}", change)
-    assert lines == [message]
+class Mistake(NamedTuple):
+    """A first-week mistake: the command line (``{config}``, ``{tmp}``: the test's config file and folder)
+    and the one line the user sees last, with the exit status (1: dynvit's check, 2: the parser's)."""
+
+    name: str
+    args: tuple[str, ...]
+    line: str
+    status: int = 1
+
+
+# The mistakes of docs/reference.md, "First-week mistakes", in its order.
+MISTAKES = [
+    Mistake(
+        "keep ratio of 0",
+        ("fit", "--config={config}", "--model.init_args.keep_ratio=0"),
+        "error: keep_ratio must be in (0, 1], got 0.0",
+    ),
+    Mistake(
+        "pruning location past the last block",
+        ("fit", "--config={config}", "--model.init_args.pruning_loc=[1,2,4]"),
+        "error: pruning_loc (1, 2, 4) must index blocks 0..3 of this 4-block model",
+    ),
+    Mistake(
+        "image size not a multiple of the patch",
+        ("fit", "--config={config}", "--model.init_args.img_size=30"),
+        "error: img_size (30, 30) is not a multiple of vit_tiny_patch16_224's patch size (4, 4): use e.g. 28",
+    ),
+    Mistake(
+        "mistyped model option",
+        ("fit", "--config={config}", "--model.init_args.keep_ration=0.5"),
+        "error: unknown option --model.init_args.keep_ration: dynvit.lightning.DynamicViTModule takes no argument "
+        "'keep_ration'; did you mean --model.init_args.keep_ratio?",
+        2,
+    ),
+    Mistake(
+        "mistyped model option in the config file",
+        ("fit", "--config={tmp}/keep_ration.yaml"),
+        "error: unknown option --model.init_args.keep_ration: dynvit.lightning.DynamicViTModule takes no argument "
+        "'keep_ration'; did you mean --model.init_args.keep_ratio?",
+        2,
+    ),
+    Mistake(
+        "mistyped data option",
+        ("fit", "--config={config}", "--data.init_args.batch_sise=3"),
+        "error: unknown option --data.init_args.batch_sise: dynvit.data.ClutteredDigitsDataModule takes no "
+        "argument 'batch_sise'; did you mean --data.init_args.batch_size?",
+        2,
+    ),
+    Mistake(
+        "mistyped trainer option",
+        ("fit", "--config={config}", "--trainer.maxepochs=3"),
+        "error: unknown option --trainer.maxepochs; did you mean --trainer.max_epochs?",
+        2,
+    ),
+    Mistake(
+        "mistyped trainer key in the config file",
+        ("fit", "--config={tmp}/max_epoch.yaml"),
+        "error: fit has no option --trainer.max_epoch (from the config file); did you mean --trainer.max_epochs?",
+        2,
+    ),
+    Mistake(
+        "a value outside an option's choices",
+        ("fit", "--config={config}", "--model.init_args.keep_gradient=secnt"),
+        "error: --model.init_args.keep_gradient secnt: choose from tangent, secant; did you mean secant?",
+        2,
+    ),
+    Mistake(
+        "a word for a number",
+        ("fit", "--config={config}", "--trainer.max_epochs=ten"),
+        "error: --trainer.max_epochs ten: expected int or null",
+        2,
+    ),
+    Mistake(
+        "mistyped model class",
+        ("fit", "--config={config}", "--model=dynvit.lightning.DynamicViTModul"),
+        "error: --model: dynvit.lightning has no DynamicViTModul; did you mean dynvit.lightning.DynamicViTModule?",
+        2,
+    ),
+    Mistake(
+        "mistyped subcommand",
+        ("fitt", "--config={config}"),
+        "error: no subcommand 'fitt': choose from fit, validate, test, predict, benchmark, sweep, export; did you "
+        "mean fit?",
+        2,
+    ),
+    Mistake(
+        "config file that is not there",
+        ("fit", "--config={tmp}/missing.yaml"),
+        "error: --config: there is no file '{tmp}/missing.yaml'",
+        2,
+    ),
+    Mistake(
+        "checkpoint that is not there",
+        ("validate", "--config={config}", "--ckpt_path={tmp}/missing.ckpt"),
+        "error: --ckpt_path {tmp}/missing.ckpt does not exist",
+    ),
+    Mistake(
+        "a folder for a checkpoint",
+        ("validate", "--config={config}", "--ckpt_path={tmp}"),
+        "error: --ckpt_path {tmp} is a folder, not a checkpoint file",
+    ),
+    Mistake(
+        "truncated checkpoint",
+        ("validate", "--config={config}", "--ckpt_path={tmp}/truncated.ckpt"),
+        "error: --ckpt_path {tmp}/truncated.ckpt is truncated or damaged: torch cannot read its 1000 bytes as a "
+        "checkpoint. Was its saving or copying interrupted? Save or copy it again",
+    ),
+    Mistake(
+        "a file of random bytes for a checkpoint",
+        ("predict", "--config={config}", "--ckpt_path={tmp}/random.ckpt"),
+        "error: --ckpt_path {tmp}/random.ckpt is not a PyTorch checkpoint: its 4000 bytes are neither a "
+        "torch.save archive nor a pickle. Is it another kind of file?",
+    ),
+    Mistake(
+        "a file of random bytes to export",
+        ("export", "--config={config}", "--ckpt_path={tmp}/random.ckpt"),
+        "error: --ckpt_path {tmp}/random.ckpt is not a PyTorch checkpoint: its 4000 bytes are neither a "
+        "torch.save archive nor a pickle. Is it another kind of file?",
+    ),
+    *(
+        Mistake(
+            f"plain weights (a timm .pth) to {command}",
+            (command, "--config={config}", "--ckpt_path={tmp}/weights.pth"),
+            "error: --ckpt_path {tmp}/weights.pth holds plain model weights, not a Lightning checkpoint of a dynvit "
+            "run: --ckpt_path restores a run that cli.py fit wrote (its .ckpt files); start from its weights with "
+            "--model.init_args.student_checkpoint {tmp}/weights.pth instead (and no --ckpt_path)",
+        )
+        for command in ("validate", "predict", "fit")
+    ),
+    Mistake(
+        "an export format that does not exist",
+        ("export", "--config={config}", "--format=onxx"),
+        "error: --format onxx: choose from onnx; did you mean onnx?",
+        2,
+    ),
+    Mistake(
+        "an export check tolerance of 0",
+        ("export", "--config={config}", "--check_tolerance=0"),
+        "error: check_tolerance must be > 0, got 0.0",
+    ),
+]
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> dict[str, str]:
+    """The files the mistakes name: the tiny config, config files with a typo, and bad checkpoints."""
+    config = tiny_config(tmp_path / "run")
+    config["wandb"] = {"enabled": False}
+    write_config(tmp_path / "config.yaml", config)
+    typo = copy.deepcopy(config)
+    typo["model"]["init_args"]["keep_ration"] = typo["model"]["init_args"].pop("keep_ratio")
+    write_config(tmp_path / "keep_ration.yaml", typo)
+    typo = copy.deepcopy(config)
+    typo["trainer"]["max_epoch"] = typo["trainer"].pop("max_epochs")
+    write_config(tmp_path / "max_epoch.yaml", typo)
+    torch.save({"weights": torch.zeros(1000)}, tmp_path / "whole.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:1000])
+    (tmp_path / "random.ckpt").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4000)))
+    torch.save(
+        create_teacher("vit_tiny_patch16_224", **ARCH, img_size=32, in_chans=1).state_dict(), tmp_path / "weights.pth"
+    )
+    return {"config": str(tmp_path / "config.yaml"), "tmp": str(tmp_path)}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[m.name for m in MISTAKES])
+def test_a_mistake_ends_with_one_error_line_and_changes_nothing(workspace, capsys, mistake):
+    args = [arg.format(**workspace) for arg in mistake.args]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == mistake.status
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == mistake.line.format(**workspace)
+    assert "Traceback" not in err and "Given value" not in err
+    assert not (Path(workspace["tmp"]) / "run").exists()
+
+
+def test_every_mistake_is_listed_with_its_line_in_the_reference():
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    section = reference.split("## First-week mistakes", 1)[1].split("\n## ", 1)[0]
+    for mistake in MISTAKES:
+        row = f"| {mistake.name} | `{' '.join(mistake.args)}` | `{mistake.line}` |"
+        assert row in section, row
+    assert f"{len(MISTAKES)} mistakes" in section
 
 
 def test_a_data_size_other_than_the_models_names_both(tmp_path, capsys):
@@ -190,3 +359,59 @@ def test_cli_py_exits_1_with_the_message_as_its_last_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == "error: keep_ratio must be in (0, 1], got 0.0"
     assert "Traceback" not in done.stderr
+
+
+def test_export_of_a_freshly_pruned_student_passes_the_check(workspace, capsys):
+    """Predictors at their initial state, started at the target keep rate as digits_prune.yaml does: their keep
+    scores differ by 0 to ~1e-6, so ties at a top-k cut are common. Both runtimes break them by index."""
+    out = Path(workspace["tmp"]) / "fresh.onnx"
+    main(["export", f"--config={workspace['config']}", "--model.init_args.start_at_target=true", f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (checked in onnxruntime against eager PyTorch on 16 images: logits agree to " in printed
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "warning", "checked"),
+    [
+        ("--check=false", r"fresh.onnx was not checked in onnxruntime against eager PyTorch \(--check false\)", False),
+        ("--check_tolerance=0.01", r"--check_tolerance 0.01 accepts larger differences than the default 0.0001", True),
+    ],
+)
+def test_the_export_check_can_be_loosened_or_skipped_with_a_warning(workspace, capsys, option, warning, checked):
+    out = Path(workspace["tmp"]) / "fresh.onnx"
+    with pytest.warns(UserWarning, match=warning):
+        main(["export", f"--config={workspace['config']}", f"--out={out}", option])
+    assert ("checked in onnxruntime" in capsys.readouterr().out) is checked
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("processes", "threads", "cores", "advice"),
+    [
+        (3, 1, 2, "Use --trainer.devices 2 or fewer on this machine"),
+        (2, 2, 2, "Use --trainer.devices 1 on this machine"),
+        (2, 1, 2, None),
+        (1, 2, 2, None),
+    ],
+)
+def test_more_threads_than_cores_is_warned_about(processes, threads, cores, advice):
+    message = oversubscription(processes, threads, cores)
+    if advice is None:
+        assert message is None
+    else:
+        assert message == (
+            f"--trainer.devices {processes} starts {processes} training processes of {threads} thread(s) each on "
+            f"{cores} CPU core(s): they take turns on the cores and train slower than one process. {advice}"
+        )
+
+
+def test_three_cpu_devices_on_two_cores_warn_before_training(workspace, monkeypatch):
+    monkeypatch.setattr("dynvit.run.cli.cpu_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # Lightning gives each of the 3 processes max(1, 2 // 3) = 1 thread. The warning comes as the trainer is
+    # built, before any subcommand runs: this one then stops at its own check, before starting any process.
+    args = ["export", f"--config={workspace['config']}", "--trainer.devices=3", "--check_tolerance=0"]
+    warned = r"--trainer.devices 3 starts 3 training processes of 1 thread\(s\) each"
+    with pytest.warns(UserWarning, match=warned), pytest.raises(ValueError, match="check_tolerance must be > 0"):
+        DynViTCLI(args=args)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from dynvit import create_student, create_teacher, export_onnx, quantize
 from dynvit.data import ClutteredDigitsDataModule
 from dynvit.deploy import ExportError, QuantizationError, compare_onnx, onnx_session, run_onnx
+from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx
 from dynvit.deploy.quantize import KEEP_FP32
 from dynvit.models.spatial_pruning import rank_locations
 from dynvit.reducers import create_reduced
@@ -322,3 +324,81 @@ def test_export_refuses_training_mode_quantized_models_and_unexportable_ops(tmp_
     with pytest.raises(ExportError, match="ATSViT cannot be exported to ONNX"):
         export_onnx(ats.eval(), tmp_path / "ats.onnx")
     assert not (tmp_path / "ats.onnx").exists() and not (tmp_path / "train.onnx").exists()
+
+
+# --- the export check: ties at a top-k cut ------------------------------------------------------------
+
+
+def test_keep_scores_that_tie_exactly_keep_the_first_tokens_in_eager_and_onnxruntime(tmp_path):
+    """A keep predictor whose last layer outputs its bias alone scores every token alike (a fresh one
+    scores them within ~1e-6, often exactly alike). Both runtimes break the tie by index: the first tokens."""
+    student = vit_student()
+    with torch.no_grad():
+        for predictor in student.score_predictor:
+            predictor.out_conv[4].weight.zero_()
+    x = digits(8)
+    _, masks = student.predict_with_masks(x)
+    for mask, count in zip(masks, student.stage_keep_counts, strict=True):
+        assert all(m.nonzero().flatten().tolist() == list(range(count)) for m in mask)
+    path = export_onnx(student, tmp_path / "tied.onnx", images=x)
+    with torch.inference_mode():
+        eager = student(x)
+    assert ((run_onnx(onnx_session(path, threads=1), x) - eager).abs().max() / eager.abs().max()).item() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def near_tie(tmp_path_factory) -> tuple[nn.Module, Path, torch.Tensor]:
+    """An exported student whose keep scores differ by ~1e-7 between tokens, as a fresh predictor's do."""
+    student = vit_student()
+    with torch.no_grad():
+        for predictor in student.score_predictor:
+            predictor.out_conv[4].weight.mul_(1e-7)
+    x = digits(8)
+    return student, export_onnx(student, tmp_path_factory.mktemp("near_tie") / "student.onnx", images=x), x
+
+
+def test_the_check_calls_other_tokens_kept_at_a_near_tie_a_tie(near_tie):
+    student, path, x = near_tie
+    # The same network with its near-tied keep scores in reverse order: eager PyTorch now keeps other tokens
+    # than the exported graph at the first cut, with keys that differ by less than the tie tolerance.
+    mirrored = copy.deepcopy(student)
+    with torch.no_grad():
+        for predictor in mirrored.score_predictor:
+            predictor.out_conv[4].weight.neg_()
+    with torch.inference_mode():
+        eager = mirrored(x)
+    ort = run_onnx(onnx_session(path), x)
+    differing = ((ort - eager).abs().amax(1) / eager.abs().max() > TOLERANCE).nonzero().flatten().tolist()
+    assert differing  # the choice matters to the logits
+    found = check_onnx(mirrored, path, x)
+    assert [t.image for t in found.ties] == differing
+    assert all(t.selection == 0 and t.selections == 3 and t.gap <= TIE_TOLERANCE for t in found.ties)
+    assert found.difference <= TOLERANCE
+    assert f"tie at the top-k cut in image {differing[0]} (top-k 1 of 3, gap " in str(found)
+    assert str(found).startswith("checked in onnxruntime against eager PyTorch on 8 images: logits agree to ")
+
+
+def test_the_check_refuses_other_logits_from_the_same_tokens(near_tie):
+    student, path, x = near_tie
+    shifted = copy.deepcopy(student)
+    with torch.no_grad():
+        shifted.head.bias[3] += 1.0
+    with pytest.raises(
+        ExportError, match=r"on 8 of 8 check images.*image 0: logits differ by .*both kept the same tokens"
+    ):
+        check_onnx(shifted, path, x)
+
+
+def test_the_check_refuses_a_graph_that_keeps_other_tokens_than_its_scores_say(tmp_path):
+    """A graph whose first TopK keeps the smallest keys: the keys agree, the choice does not."""
+    import onnx
+
+    student = vit_student()
+    x = digits(8)
+    path = export_onnx(student, tmp_path / "student.onnx", images=x)
+    graph = onnx.load(str(path))
+    first = next(node for node in graph.graph.node if node.op_type == "TopK")
+    next(a for a in first.attribute if a.name == "largest").i = 0
+    onnx.save(graph, str(path))
+    with pytest.raises(ExportError, match=r"image 0: .*top-k 1 kept other tokens, whose keys differ by"):
+        check_onnx(student, path, x)

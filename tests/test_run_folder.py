@@ -10,6 +10,7 @@ their teacher.
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from dynvit import create_teacher
 from dynvit.run.cli import DynViTCLI, main, typed_model_options
+from dynvit.run.loggers import WandbOptions, default_loggers
 from tests.tiny_config import STUDENT, benchmark_rows, tiny_config, write_config
 
 TEACHER = {k: v for k, v in STUDENT.items() if k != "pruning_loc"}
@@ -196,3 +198,42 @@ def test_typed_model_options_name_config_keys():
         "model.init_args.model_kwargs",
     ]
     assert typed_model_options(None) == []
+
+
+def test_a_resumed_fit_logs_into_its_first_csv_and_evaluations_into_their_own_folders(tmp_path, capsys):
+    run = tmp_path / "run"
+    config = tiny_config(run)
+    config["throughput"]["enabled"] = False
+    config["wandb"] = {"enabled": False}
+    fit(tmp_path, config)
+    started = (run / "csv" / "version_0" / "config.yaml").read_bytes()
+    config["trainer"]["max_epochs"] = 2
+    fit(tmp_path, config, "--ckpt_path=last")
+    path = tmp_path / "config.yaml"
+    DynViTCLI(args=["validate", f"--config={path}", "--ckpt_path=last"])
+    # One run, one metrics file: epoch 0 from the first fit, epoch 1 from the resumed one.
+    assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0"]
+    with open(run / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows if row["val/top1"]] == ["0", "1"]
+    # The resumed run's config goes beside the first one's, which stays as it was.
+    assert (run / "csv" / "version_0" / "config.yaml").read_bytes() == started
+    assert "max_epochs: 2" in (run / "csv" / "version_0" / "config-resumed-1.yaml").read_text()
+    with open(run / "validate" / "csv" / "version_0" / "metrics.csv") as f:
+        (evaluation,) = [row for row in csv.DictReader(f) if row["val/top1"]]
+    assert 0 <= float(evaluation["val/top1"]) <= 1
+    # The trained student exports and passes the onnxruntime check.
+    DynViTCLI(args=["export", f"--config={path}", "--ckpt_path=last", f"--out={tmp_path / 'student.onnx'}"])
+    assert "checked in onnxruntime against eager PyTorch on 16 images" in capsys.readouterr().out
+
+
+def test_a_resumed_fit_continues_its_wandb_run_and_an_evaluation_logs_apart(tmp_path):
+    options = WandbOptions()
+    first = default_loggers(tmp_path, options)[1]
+    resumed = default_loggers(tmp_path, options, resume=True)[1]
+    assert resumed.version == first.version == (tmp_path / "wandb" / "run-id").read_text()
+    assert default_loggers(tmp_path, options)[1].version != first.version  # a new run in the folder
+    csv_logger, evaluation = default_loggers(tmp_path, options, job="validate")
+    assert csv_logger.root_dir == str(tmp_path / "validate" / "csv")
+    assert evaluation.save_dir == str(tmp_path / "validate") and evaluation.version is None  # W&B names it
+    assert not (tmp_path / "validate").exists()  # made when something is logged

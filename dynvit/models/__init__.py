@@ -3,6 +3,7 @@
 from dynvit.models.checkpoint import (
     CheckpointMismatch,
     LoadReport,
+    UnreadableCheckpoint,
     load_checkpoint,
     load_weights,
     read_state_dict,
@@ -74,6 +75,7 @@ __all__ = [
     "StudentOutput",
     "T2TViT",
     "TokenPruning",
+    "UnreadableCheckpoint",
     "check_prunable",
     "create_student",
     "create_teacher",

@@ -54,25 +54,79 @@ class CheckpointMismatch(ValueError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint path that names a folder, a file that cannot be read, or one torch cannot load."""
+
+
+# How the files torch.save writes begin: a zip archive (torch >= 1.6) or a pickle (the legacy format).
+_ZIP, _PICKLE = b"PK", b"\x80"
+
+
+def read_checkpoint_file(path: str | Path, mmap: bool = False, what: str = "checkpoint") -> Any:
+    """What ``torch.save`` wrote to ``path``, on the CPU.
+
+    Tensors only are unpickled where they suffice; a file that also pickles objects (Lightning checkpoints
+    may hold a config namespace among their hyper-parameters) is loaded whole, as a local file of the user's.
+
+    Args:
+        path: The file.
+        mmap: Map the tensors rather than read them (they are read when touched); zip-format files only.
+        what: How messages name the path, e.g. ``--ckpt_path``.
+
+    Raises:
+        FileNotFoundError: there is no ``path``.
+        UnreadableCheckpoint: a folder, a file that cannot be read, or one that is not a whole checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise UnreadableCheckpoint(f"{what} {path} is a folder, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise UnreadableCheckpoint(f"{what} {path} cannot be read: {e.strerror}") from e
+    size = path.stat().st_size
+    if not head.startswith((_ZIP, _PICKLE)):
+        raise UnreadableCheckpoint(
+            f"{what} {path} is not a PyTorch checkpoint: its {size} bytes are neither a torch.save archive nor a "
+            "pickle. Is it another kind of file?"
+        )
+    zipped = head == _ZIP
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipped)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise UnreadableCheckpoint(
+            f"{what} {path} is truncated or damaged: torch cannot read its {size} bytes as a checkpoint. Was its "
+            "saving or copying interrupted? Save or copy it again"
+        ) from e
+
+
+def is_lightning_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` (a loaded checkpoint) is what Lightning's ``Trainer.save_checkpoint`` writes."""
+    return isinstance(obj, Mapping) and "state_dict" in obj and "pytorch-lightning_version" in obj
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights in ``path`` (``.safetensors``, ``.pth``/``.pth.tar`` or Lightning ``.ckpt``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints may pickle hyper-parameters (e.g. a config namespace); still local files.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    return _unwrap(obj, path)
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise UnreadableCheckpoint(f"checkpoint {path} is not a readable safetensors file: {e}") from e
+    return _unwrap(read_checkpoint_file(path), path)
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and "state_dict" in obj and "pytorch-lightning_version" in obj:
+    if is_lightning_checkpoint(obj):
         sd = obj["state_dict"]
         counts = {p: sum(k.startswith(p) for k in sd) for p in _LIGHTNING_PREFIXES}
         prefix = max(counts, key=counts.get)

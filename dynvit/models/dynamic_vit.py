@@ -99,6 +99,20 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def top_indices(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest keys of each row of ``keys`` (B, N), largest first, equal keys in index order.
+
+    One tie rule for eager PyTorch and an exported graph, so that both keep the same tokens when keys tie
+    at the cut (a freshly initialised keep predictor scores tokens within ~1e-6 of each other, often
+    exactly equal): ``torch.topk`` returns equal keys in no fixed order on the CPU, so eager mode sorts
+    stably; a stable sort has no ONNX function (torch 2.15), so while exporting ``torch.topk`` is used,
+    which becomes ONNX ``TopK``, whose specification puts equal values in index order.
+    """
+    if torch.compiler.is_exporting():
+        return torch.topk(keys, k, dim=1).indices
+    return torch.argsort(keys, dim=1, descending=True, stable=True)[:, :k]
+
+
 def final_patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The patch tokens token distillation compares, from a model's final tokens x (B, P + N, C).
 
@@ -218,7 +232,7 @@ class TokenPruning(nn.Module):
                 # two orders agree, but log p(keep) rounds to exactly 0 in float32 once the odds pass
                 # ~e^17, and a predictor trained to keep nearly everything then ties on every token.
                 keep_odds = scores[..., 0] - scores[..., 1]
-                top = torch.topk(keep_odds, self.stage_keep_counts[stage], dim=1).indices
+                top = top_indices(keep_odds, self.stage_keep_counts[stage])
                 x = torch.cat([x[:, :p], gather_tokens(patches, top)], dim=1)
                 patch_index = torch.gather(patch_index, 1, top)
                 kept.append(patch_index)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynvit.models.dynamic_vit import init_predictor
+from dynvit.models.dynamic_vit import init_predictor, top_indices
 from dynvit.models.predictor import KeepPredictor
 
 # Each pruning stage keeps this much less of the full map than the one before: [ρ, ρ − 0.2, ρ − 0.4].
@@ -126,21 +126,12 @@ def rank_locations(scores: torch.Tensor) -> torch.Tensor:
     neighbours: at the predictors' initialisation about one cut in 400 then keeps another location.)
 
     """
-    by_odds = argsort_descending(scores[..., 0] - scores[..., 1])
-    by_keep = argsort_descending(scores[..., 0].gather(1, by_odds))
+    n = scores.shape[1]
+    # Both sorts put equal keys in index order (top_indices), in eager PyTorch and in an exported graph
+    # alike: the second keeps the first's order among equal log p(keep).
+    by_odds = top_indices(scores[..., 0] - scores[..., 1], n)
+    by_keep = top_indices(scores[..., 0].gather(1, by_odds), n)
     return by_odds.gather(1, by_keep)
-
-
-def argsort_descending(keys: torch.Tensor) -> torch.Tensor:
-    """Indices sorting ``keys`` (B, N) from largest to smallest, equal keys in their incoming order.
-
-    ONNX has no stable-sort op (``argsort(stable=True)`` does not export), but a plain ``argsort``
-    exports as ONNX ``TopK``, which puts equal keys in index order too: an exported student ranks
-    exactly as eager PyTorch does.
-    """
-    if torch.compiler.is_exporting():
-        return torch.argsort(keys, dim=1, descending=True)
-    return torch.argsort(keys, dim=1, descending=True, stable=True)
 
 
 def gather_locations(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit.data.imagefolder import use_stored_preprocessing
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
+from dynvit.models.checkpoint import is_lightning_checkpoint
 from dynvit.run.benchmark import sweep_matches
-from dynvit.run.errors import run_reporting_errors
+from dynvit.run.errors import TRACEBACK_ENV, run_reporting_errors, short_parser_error
 from dynvit.run.loggers import WandbOptions, default_loggers, quiet_known_noise
 from dynvit.run.predict import PredictionWriter
 from dynvit.run.report import format_matches, write_matches
 from dynvit.run.run_folder import (
+    LAST,
     LastCheckpoint,
     check_fit_folder,
     read_checkpoint,
+    read_ckpt_path,
     read_progress,
     resolve_last,
 )
@@ -44,6 +50,26 @@ from dynvit.run.sweep import (
 from dynvit.run.trainer import DynViTTrainer
 
 DEFAULT_RUN_DIR = "runs/default"
+# Subcommands whose --ckpt_path restores a Lightning run (the others load weights from any checkpoint).
+RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# --ckpt_path values that name no file: Lightning's own, and dynvit's `last` (resolved before the run).
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+
+
+class DynViTArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors end the run with one line: the option, what is wrong with it and,
+    for a typo, the nearest valid option or value (:func:`~dynvit.run.errors.short_parser_error`), instead
+    of the usage and jsonargparse's tree of subtypes tried. ``DYNVIT_TRACEBACK=1`` shows jsonargparse's own."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # While jsonargparse tries subtypes it raises instead of exiting: that error is not the user's yet.
+        if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "").lower() in ("1", "true", "yes"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [option for action in parser._actions for option in action.option_strings]
+        sys.stdout.flush()
+        print(f"error: {short_parser_error(message, options)}", file=sys.stderr)
+        sys.exit(2)
 
 
 class DynViTCLI(LightningCLI):
@@ -72,6 +98,7 @@ class DynViTCLI(LightningCLI):
     """After ``fit --ckpt_path …`` on a run that had already finished: that checkpoint (nothing was trained)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", DynViTArgumentParser)
         kwargs.setdefault("model_class", LightningModule)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -88,16 +115,33 @@ class DynViTCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning rebuilds the model from a ``--ckpt_path`` checkpoint's hyperparameters, which replace
         the parsed config; a model option typed on this command line (another ``keep_ratio``, a moved
-        ``teacher_checkpoint``) still wins, since it is what the user asked for now."""
+        ``teacher_checkpoint``) still wins, since it is what the user asked for now.
+
+        The file is checked first (:meth:`_check_ckpt_path`); plain weights given to ``export`` or
+        ``benchmark`` have no hyperparameters to read."""
         subcommand = self.config.get("subcommand")
-        if not subcommand or not self.typed_model_options:
+        if not subcommand:
             return super()._parse_ckpt_path()
         config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        named = ckpt_path is None or ckpt_path in LIGHTNING_CKPT_NAMES
+        if not named and not is_lightning_checkpoint(self._check_ckpt_path(subcommand, ckpt_path)):
+            return None
+        if not self.typed_model_options:
+            return super()._parse_ckpt_path()
         typed = {key: config.get(key) for key in self.typed_model_options if config.get(key) is not None}
         super()._parse_ckpt_path()
         config = self.config[subcommand]
         for key, value in typed.items():
             config[key] = value
+
+    def _check_ckpt_path(self, subcommand: str, ckpt_path: str) -> Any:
+        """``--ckpt_path``'s contents, or an error naming the fix (:func:`~dynvit.run.run_folder.read_ckpt_path`)."""
+        init_args = self.config[subcommand].get("model.init_args") or {}
+        option = next((name for name in ("student_checkpoint", "checkpoint") if name in init_args), None)
+        return read_ckpt_path(
+            ckpt_path, run=subcommand in RUN_SUBCOMMANDS, weights_option=option and f"--model.init_args.{option}"
+        )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -146,6 +190,7 @@ class DynViTCLI(LightningCLI):
         folder = Path(config["checkpoint.dirpath"] or run_dir / "checkpoints")
         if config["ckpt_path"] == "last":
             config["ckpt_path"] = str(resolve_last(folder))
+            self._check_ckpt_path(self.subcommand, config["ckpt_path"])
         ckpt_path = config["ckpt_path"]
         if self.subcommand == "fit":
             check_fit_folder(folder, run_dir, ckpt_path)
@@ -191,11 +236,25 @@ class DynViTCLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True):
             wandb = self._get(self.config_init, "wandb")
             options = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**dict(wandb))
-            kwargs["logger"] = default_loggers(run_dir, options)
+            job = self.subcommand or "fit"
+            resume = job == "fit" and self._resumes(Path(checkpoint.dirpath))
+            # Under `wandb agent` the agent names each run.
+            loggers = default_loggers(run_dir, options, job, resume, wandb_id="WANDB_RUN_ID" not in os.environ)
+            kwargs["logger"] = loggers
+            config = Path(loggers[0].log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
+            if resume and config.exists():
+                # The resumed run logs beside its start: its config goes beside the first one's.
+                self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": free_name(config, "resumed")}
         trainer = super().instantiate_trainer(**kwargs)
         # Appended after the best-k callback, so that it stays Lightning's `trainer.checkpoint_callback`.
         trainer.callbacks.append(LastCheckpoint(checkpoint.dirpath))
+        warn_if_oversubscribed(trainer)
         return trainer
+
+    def _resumes(self, folder: Path) -> bool:
+        """Whether this command continues the run of the checkpoint folder ``folder`` (from its ``last.ckpt``)."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        return ckpt_path is not None and Path(ckpt_path).resolve() == (folder / LAST).resolve()
 
     def fit(self, model: LightningModule, datamodule: LightningDataModule | None = None, **kwargs: Any) -> None:
         """``cli.py fit``: Lightning's, except that a run that already reached its limits is not trained again."""
@@ -258,6 +317,47 @@ class DynViTCLI(LightningCLI):
             paths = write_matches(matches, folder)
             print(format_matches(matches))
             print("\n".join(f"wrote {p}" for p in paths.values()))
+
+
+def free_name(path: Path, tag: str) -> str:
+    """The first of ``<stem>-<tag>-1<suffix>``, ``<stem>-<tag>-2<suffix>``, … not in ``path``'s folder."""
+    names = (f"{path.stem}-{tag}-{n}{path.suffix}" for n in itertools.count(1))
+    return next(name for name in names if not (path.parent / name).exists())
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's share), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def oversubscription(processes: int, threads: int, cores: int) -> str | None:
+    """A warning when ``processes`` training processes of ``threads`` threads each need more than ``cores``
+    cores (they then take turns on them, and run slower together than one process would), else None."""
+    if processes * threads <= cores:
+        return None
+    fits = max(1, cores // threads)
+    return (
+        f"--trainer.devices {processes} starts {processes} training processes of {threads} thread(s) each on "
+        f"{cores} CPU core(s): they take turns on the cores and train slower than one process. Use "
+        f"--trainer.devices {fits}" + (" or fewer" if fits > 1 else "") + " on this machine"
+    )
+
+
+def warn_if_oversubscribed(trainer: Trainer) -> None:
+    """Warn when a CPU trainer's processes, times their threads, exceed this machine's cores."""
+    if not isinstance(trainer.accelerator, CPUAccelerator) or trainer.num_devices < 2:
+        return
+    cores = cpu_cores()
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    # Without OMP_NUM_THREADS Lightning gives each of n CPU processes max(1, cores // n) threads
+    # (lightning.fabric.utilities.distributed._suggested_max_num_threads).
+    threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, cores // trainer.num_devices)
+    message = oversubscription(trainer.num_devices, threads, cores)
+    if message is not None:
+        rank_zero_warn(message)
 
 
 def typed_model_options(command_line: Any) -> list[str]:

@@ -10,14 +10,14 @@ CLI keeps Lightning's callback for ``best-*.ckpt`` only (``save_last`` off) and 
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Checkpoint
+
+from dynvit.models.checkpoint import is_lightning_checkpoint, read_checkpoint_file
 
 LAST = "last.ckpt"
 
@@ -68,13 +68,38 @@ class Progress:
         return f"{self.epochs} epoch(s), step {self.steps}"
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint's contents, memory-mapped (tensors are read only when touched)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        # Hyper-parameters may be pickled objects (e.g. a config namespace); these are local run files.
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint's contents, memory-mapped (tensors are read only when touched); a missing, unreadable or
+    damaged file is an error naming it as ``what`` (see :func:`~dynvit.models.checkpoint.read_checkpoint_file`)."""
+    return read_checkpoint_file(path, mmap=True, what=what)
+
+
+def read_ckpt_path(path: str | Path, run: bool, weights_option: str | None = None) -> Any:
+    """The contents of a ``--ckpt_path``, checked before Lightning loads it: an error naming the fix for a
+    missing, unreadable or damaged file and, where a run is restored, for a file that is no Lightning
+    checkpoint.
+
+    Args:
+        path: The file.
+        run: Whether the subcommand restores a run from it (``fit``, ``validate``, ``test``, ``predict``:
+            Lightning reads the run's state, which plain model weights do not have), or loads weights
+            only (``export``, ``benchmark``: any checkpoint :func:`~dynvit.load_checkpoint` reads).
+        weights_option: The model's option that loads plain weights (``--model.init_args.checkpoint``),
+            suggested for them; None if the model has none.
+    """
+    contents = read_checkpoint(path, what="--ckpt_path")
+    if run and not is_lightning_checkpoint(contents):
+        holds = "plain model weights" if isinstance(contents, dict) else f"a {type(contents).__name__}"
+        instead = (
+            f"start from its weights with {weights_option} {path} instead (and no --ckpt_path)"
+            if weights_option
+            else "load its weights into the model instead"
+        )
+        raise RunFolderError(
+            f"--ckpt_path {path} holds {holds}, not a Lightning checkpoint of a dynvit run: --ckpt_path restores "
+            f"a run that cli.py fit wrote (its .ckpt files); {instead}"
+        )
+    return contents
 
 
 def read_progress(path: str | Path) -> Progress:

@@ -12,10 +12,12 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit.deploy import export_onnx
+from dynvit.deploy.onnx import TOLERANCE, ExportError, check_onnx
 from dynvit.measure.callbacks import networks
-from dynvit.measure.throughput import SpeedSettings
+from dynvit.measure.throughput import SpeedSettings, random_images
 from dynvit.models import load_checkpoint
 from dynvit.run.benchmark import (
     DEFAULT_RATIOS,
@@ -153,12 +155,17 @@ class DynViTTrainer(L.Trainer):
         out: str = "model.onnx",
         keep_ratio: float | None = None,
         check_images: int = 16,
+        check: bool = True,
+        check_tolerance: float = TOLERANCE,
     ) -> Path:
         """Write the eval-mode network of this config (the student, or a teacher config's model) as ONNX.
 
         The batch size is dynamic; a student's token counts are those its keep ratio fixes. The file
         is checked in onnxruntime against eager PyTorch on the first validation images (random
-        images without a DataModule) and refused if an op cannot be exported.
+        images without a DataModule; :func:`~dynvit.deploy.onnx.check_onnx`): each image's logits must
+        agree, or the two runtimes must have kept different tokens only where their keep scores tie at a
+        top-k cut (which the check reports). A file that fails the check, or an op that cannot be
+        exported, is refused and no file is left.
 
         Args:
             ckpt_path: Weights to export (a ``.ckpt`` of this toolkit or a released checkpoint).
@@ -166,9 +173,14 @@ class DynViTTrainer(L.Trainer):
             out: The file to write.
             keep_ratio: Export a student at this keep ratio instead of its configured one.
             check_images: Validation images the export is checked on.
+            check: Check the file in onnxruntime; ``false`` writes it unchecked, with a warning.
+            check_tolerance: Largest relative logit difference (to the largest eager logit) the check
+                accepts; raising it above the default is warned about.
         """
         if format != "onnx":
             raise ValueError(f"unknown export format {format!r}: choose 'onnx'")
+        if not check_tolerance > 0:
+            raise ValueError(f"check_tolerance must be > 0, got {check_tolerance}")
         net, _ = networks(model)
         if keep_ratio is not None:
             dynamicvit_at(net)(keep_ratio)
@@ -181,12 +193,25 @@ class DynViTTrainer(L.Trainer):
             images = torch.cat(first_images(datamodule.val_dataloader(), check_images))
         was_training = net.training
         try:
-            path = export_onnx(net.eval(), out, images=images)
+            path = export_onnx(net.eval(), out, images=images, check=False)
+            if not check:
+                print(f"wrote {path}")
+                rank_zero_warn(f"{path} was not checked in onnxruntime against eager PyTorch (--check false)")
+                return path
+            if check_tolerance > TOLERANCE:
+                rank_zero_warn(
+                    f"--check_tolerance {check_tolerance:g} accepts larger differences than the default {TOLERANCE:g}"
+                )
+            try:
+                found = check_onnx(net, path, random_images(net, 2) if images is None else images, check_tolerance)
+            except ExportError as e:
+                path.unlink(missing_ok=True)
+                raise ExportError(
+                    f"{e}. No file was written. To write it anyway: --check_tolerance <larger> or --check false"
+                ) from e
         finally:
             net.train(was_training)
-        print(
-            f"wrote {path} (checked in onnxruntime against eager PyTorch on {len(images) if images is not None else 2} images)"
-        )
+        print(f"wrote {path} ({found})")
         return path
 
     def sweep(
