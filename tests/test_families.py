@@ -145,8 +145,8 @@ def explicit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def per_image_gather(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One image at a time: at each stage rank its patch tokens by keep log-odds, keep the top ones,
-    run the remaining blocks on them, then the head."""
+    """One image at a time: at each stage rank its patch tokens by keep log-odds, keep the top ones (equal
+    odds in index order), run the remaining blocks on them, then the head."""
     logits = []
     p = model.num_prefix_tokens
     counts = model.stage_keep_counts
@@ -157,7 +157,9 @@ def per_image_gather(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if stage < len(LOC) and i == LOC[stage]:
                 patches = t[:, p:]
                 scores = model.score_predictor[stage](patches, torch.ones(1, patches.shape[1], 1))
-                top = (scores[0, :, 0] - scores[0, :, 1]).topk(counts[stage]).indices
+                odds = scores[0, :, 0] - scores[0, :, 1]
+                # The largest odds, equal ones in index order (fresh predictors score many tokens alike).
+                top = torch.argsort(odds, descending=True, stable=True)[: counts[stage]]
                 t = torch.cat([t[:, :p], patches[:, top]], dim=1)
                 stage += 1
             t = block(t)

@@ -57,6 +57,7 @@ class DynViTWandbLogger(WandbLogger):
     - Offline is chosen with ``wandb.init(mode="offline")`` rather than Lightning's ``offline=True``,
       which sets ``WANDB_MODE`` for the whole process.
     - Its folder is made when the run starts, not before.
+    - An offline run that replaces an online one gets its own id (wandb holds on to the online one's).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -76,6 +77,11 @@ class DynViTWandbLogger(WandbLogger):
                 return WandbLogger.experiment.fget(self)
             except (wandb.errors.Error, TimeoutError) as error:
                 self._wandb_init["mode"] = "offline"
+                # wandb keeps the failed run's id taken in this process ("run ID … is in use"): the
+                # offline run gets its own.
+                self._wandb_init.pop("id", None)
+                self._wandb_init.pop("resume", None)
+                self._id = None
                 rank_zero_warn(
                     f"W&B could not start an online run ({type(error).__name__}: {str(error).splitlines()[0]}); "
                     f"logging offline to {self.save_dir}/wandb/offline-run-* instead. Upload it later with "
