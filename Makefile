@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-# uv installs the torch/timm stack in seconds and hard-links from its cache on re-creation.
+# uv installs the torch/timm stack in seconds and hard-links from its cache on re-creation. It writes no
+# bytecode unless asked: without it every interpreter compiles torch's sources again where Python may not
+# cache them (PYTHONDONTWRITEBYTECODE, a read-only venv), about half of `import dynvit`'s time.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	test -x $(UV) || $(PY) -m pip install -q uv
-	$(UV) pip install -q --python $(PY) -e ".[dev]"
+	$(UV) pip install -q --compile-bytecode --python $(PY) -e ".[dev]"
 	touch $(STAMP)
 
 test: install

@@ -14,6 +14,16 @@ from dynvit.models import (
     load_checkpoint,
 )
 
+
+def __getattr__(name: str) -> object:
+    # The reducers load on first use: `import dynvit` stays what every user needs.
+    if name == "create_reduced":
+        from dynvit.reducers import create_reduced
+
+        return create_reduced
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DynamicCNN",
     "DynamicSwin",
@@ -22,6 +32,7 @@ __all__ = [
     "StudentOutput",
     "count_flops",
     "count_params",
+    "create_reduced",
     "create_student",
     "create_teacher",
     "environment",

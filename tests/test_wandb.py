@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.tiny_config import tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +31,11 @@ def _env(home: Path, **env: str) -> dict[str, str]:
     return clean | {"HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | env
 
 
-def start(code: str, home: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", code], env=_env(home, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def start(code: str, home: Path, stderr: Path, **env: str) -> subprocess.Popen:
+    with stderr.open("w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-c", code], env=_env(home, **env), stdout=subprocess.PIPE, stderr=err, text=True
+        )
 
 
 def python(code: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -41,21 +44,61 @@ def python(code: str, home: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_credentials_come_from_wandb_itself(tmp_path):
-    check = "from dynvit.run.loggers import has_wandb_credentials; print(has_wandb_credentials())"
+# The check's answer, then the processes it left running as this process's children (wandb-core would be
+# one: wandb starts it as a child and waits for it at exit).
+CHECK = """
+import os
+from dynvit.run.loggers import has_wandb_credentials
+
+def children(pid):
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except (OSError, ValueError):
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == str(pid):
+            found.append(stat.split(" ", 2)[1])
+    return found
+
+print(has_wandb_credentials(), flush=True)
+print(children(os.getpid()), flush=True)
+"""
+EXIT_S = 60  # from the check's last line to the process's end; a hang lasted until the process was killed
+
+
+def answer_and_exit(process: subprocess.Popen, stderr: Path) -> tuple[str, str]:
+    """The check's two lines; fails if the process has not ended ``EXIT_S`` seconds after printing them."""
+    lines = (process.stdout.readline().strip(), process.stdout.readline().strip())
+    try:
+        process.wait(timeout=EXIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the credentials check printed {lines} but was still running {EXIT_S} s later")
+    assert process.returncode == 0, stderr.read_text()[-3000:]
+    return lines
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="lists child processes through /proc")
+def test_credentials_come_from_wandb_itself_and_the_check_exits(tmp_path):
     homes = {name: tmp_path / name for name in ("bare", "env", "login")}
     for home in homes.values():
         home.mkdir()
     # Three fresh processes (wandb caches credentials per process), started together: each spends
     # most of its time importing torch and Lightning.
-    bare = start(check, homes["bare"])
-    env = start(check, homes["env"], WANDB_API_KEY=FAKE_KEY)
-    # What `wandb login` stores, wherever and under whatever host name the installed wandb writes it.
-    login = python(f"import wandb; wandb.login(key={FAKE_KEY!r}, verify=False)", homes["login"])
+    bare = start(CHECK, homes["bare"], tmp_path / "bare.err")
+    env = start(CHECK, homes["env"], tmp_path / "env.err", WANDB_API_KEY=FAKE_KEY)
+    # What `wandb login` stores, wherever and under whatever host name the installed wandb writes it
+    # (silently: a login that prints starts wandb-core, see has_wandb_credentials).
+    login = python(f"import wandb; wandb.login(key={FAKE_KEY!r}, verify=False)", homes["login"], WANDB_SILENT="true")
     assert login.returncode == 0, login.stderr
-    logged_in = start(check, homes["login"])
-    answers = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in (bare, env, logged_in)]
-    assert answers == ["False", "True", "True"]
+    logged_in = start(CHECK, homes["login"], tmp_path / "login.err")
+    results = [
+        answer_and_exit(p, tmp_path / f"{name}.err") for p, name in ((bare, "bare"), (env, "env"), (logged_in, "login"))
+    ]
+    assert [answer for answer, _ in results] == ["False", "True", "True"]
+    # No wandb-core: the check asks nothing of the server, so there is no service to wait for at exit.
+    assert [children for _, children in results] == ["[]", "[]", "[]"]
 
 
 def test_online_without_network_falls_back_to_offline_and_prints_no_noise(tmp_path):

@@ -92,10 +92,22 @@ class DynViTWandbLogger(WandbLogger):
 
 def has_wandb_credentials() -> bool:
     """Whether wandb finds credentials for its server (``WANDB_API_KEY``, ``wandb login``'s file, its settings),
-    asked of wandb itself, without a prompt and without the network."""
-    import wandb
+    asked of wandb itself, without a prompt, without the network and without starting wandb's service.
 
-    return bool(wandb.login(prompt=False, verify=False))
+    The login is made silent for the check: a login that prints asks the server whose key it is, which
+    starts ``wandb-core`` for this process, and without a network that request can leave the process
+    waiting forever at exit (docs/reference.md, "W&B at exit").
+    """
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    settings = wandb_setup.singleton().settings
+    silent = settings.silent
+    settings.silent = True
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    finally:
+        settings.silent = silent
 
 
 class _ContinuingWriter(ExperimentWriter):
