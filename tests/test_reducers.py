@@ -13,12 +13,12 @@ from torch import nn
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.measure.flops import count_module_flops
 from dynvit.models import keep_counts
+from dynvit.models.tokens import bipartite_soft_matching, merge_weighted
 from dynvit.reducers import REDUCERS, TokenCost, apply_reducer, create_reduced, matching, realised_gflops
 from dynvit.reducers.ats import inverse_transform_sample, significance
 from dynvit.reducers.base import AttentionStats
 from dynvit.reducers.evit import attentive_count
 from dynvit.reducers.matching import match_keep_rate, match_tome_r, nearest
-from dynvit.reducers.tome import bipartite_soft_matching, merge_weighted
 
 NAME = "deit_small_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)

@@ -1,0 +1,73 @@
+"""What every token-reducing model offers, as Protocols instead of ``hasattr`` checks.
+
+:class:`TokenReducingModel` is met by every model a registered method builds (a reducer, a DynamicViT
+student); the capability protocols say what else a model can report, and are checked with
+``isinstance`` (they are ``runtime_checkable``). The registry (:mod:`dynvit.methods`) records which of
+them each method offers; the contract test checks that record against the model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class TokenReducingModel(Protocol):
+    """A classifier that runs on fewer tokens than it was given, and says how many.
+
+    Attributes:
+        method: The registry name of the method that built it (``dynvit.methods.get(model.method)``).
+        num_prefix_tokens: Tokens in front that are never reduced (class, distillation, register tokens).
+    """
+
+    method: str
+    num_prefix_tokens: int
+
+    def predict_with_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits (B, classes) and the real tokens (B, depth, 2), prefix tokens included, that
+        entered every block's attention and MLP."""
+        ...
+
+    def token_schedule(self) -> list[tuple[int, int]] | None:
+        """The (attention, MLP) token counts of every block when they do not depend on the image, else None."""
+        ...
+
+
+@runtime_checkable
+class MaskReporting(Protocol):
+    """A model that can say which original patches are still tokens of their own after each stage."""
+
+    def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits and, per stage, a bool mask (B, N) over the original patches."""
+        ...
+
+
+@runtime_checkable
+class SourceReporting(Protocol):
+    """A model whose tokens stand for sets of original patches (mergers)."""
+
+    def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits and which original patches (B, M, N) bool each final non-prefix token stands for."""
+        ...
+
+
+@runtime_checkable
+class AssignmentReporting(Protocol):
+    """A model that assigns tokens to clusters (clustering methods)."""
+
+    def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits and, per stage, the output token (B, n_in) int64 each input non-prefix token went to."""
+        ...
+
+
+# The protocol behind each report a method can declare (dynvit.methods.REPORTS).
+REPORT_PROTOCOLS: dict[str, type] = {
+    "counts": TokenReducingModel,
+    "masks": MaskReporting,
+    "sources": SourceReporting,
+    "assignments": AssignmentReporting,
+}
+
+__all__ = ["REPORT_PROTOCOLS", "AssignmentReporting", "MaskReporting", "SourceReporting", "TokenReducingModel"]
