@@ -190,4 +190,20 @@ def get(name: str) -> Method:
     return methods[name]
 
 
-__all__ = ["REPORTS", "Knob", "Method", "get", "of", "register", "registered"]
+def markdown_table() -> str:
+    """The table of registered methods README shows (a test keeps README's copy equal to this)."""
+    costs = {"schedule": "nearest GFLOPs", "images": "nearest mean GFLOPs on images", "keep_ratio": "DynamicViT's ρ"}
+    lines = [
+        "| method | kind | cost knob | matched by | reports | ONNX | what it does |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in registered().values():
+        kind = "int" if m.knob.integer else "fraction"
+        knob = f"`{m.knob.name}` ({kind}, {'more' if m.knob.cheaper == 'higher' else 'less'} is cheaper)"
+        reports = ", ".join(r for r in REPORTS if r in m.reports)
+        onnx = "yes" if m.onnx is None else "no"
+        lines.append(f"| `{m.name}` | {m.kind} | {knob} | {costs[m.cost]} | {reports} | {onnx} | {m.summary} |")
+    return "\n".join(lines)
+
+
+__all__ = ["REPORTS", "Knob", "Method", "get", "markdown_table", "of", "register", "registered"]

@@ -12,7 +12,8 @@ from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import CheckpointMismatch
-from dynvit.run.benchmark import benchmark, dynamicvit_at
+from dynvit.reducers.matching import student_at
+from dynvit.run.benchmark import benchmark
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import ResultRow, format_table
 from tests.tiny_config import DIGITS, QUICK_BENCHMARK, tiny_config, write_config
@@ -97,7 +98,7 @@ def test_bad_ratios_and_non_pruned_models_are_refused():
         with pytest.raises(ValueError, match=r"\(0, 1\]|no keep ratios"):
             benchmark(student, ratios=bad, settings=FAST)
     with pytest.raises(TypeError, match="no keep_ratio"):
-        dynamicvit_at(create_teacher("vit_tiny_patch16_224", **ARCH))
+        student_at(create_teacher("vit_tiny_patch16_224", **ARCH))
 
 
 def test_table_shows_percentages_and_hides_unmeasured_columns():

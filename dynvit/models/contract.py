@@ -62,6 +62,26 @@ class AssignmentReporting(Protocol):
         ...
 
 
+@runtime_checkable
+class DensePredicting(Protocol):
+    """A ViT with a dense head besides its classifier (LV-ViT's auxiliary head): a class prediction per patch."""
+
+    def forward_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (B, classes) and per-patch class logits (B, N, classes)."""
+        ...
+
+
+@runtime_checkable
+class DenseDistilling(Protocol):
+    """A student distilled on its teacher's dense predictions rather than its features.
+
+    Attributes:
+        token_distill: How the loss compares them (``"kl"``).
+    """
+
+    token_distill: str
+
+
 # The protocol behind each report a method can declare (dynvit.methods.REPORTS).
 REPORT_PROTOCOLS: dict[str, type] = {
     "counts": TokenReducingModel,
@@ -70,4 +90,12 @@ REPORT_PROTOCOLS: dict[str, type] = {
     "assignments": AssignmentReporting,
 }
 
-__all__ = ["REPORT_PROTOCOLS", "AssignmentReporting", "MaskReporting", "SourceReporting", "TokenReducingModel"]
+__all__ = [
+    "REPORT_PROTOCOLS",
+    "AssignmentReporting",
+    "DenseDistilling",
+    "DensePredicting",
+    "MaskReporting",
+    "SourceReporting",
+    "TokenReducingModel",
+]

@@ -22,6 +22,7 @@ from torch import nn
 
 from dynvit.methods import Knob, Method, register
 from dynvit.models.checkpoint import load_checkpoint
+from dynvit.models.contract import DensePredicting
 from dynvit.models.dynamic_vit import (
     TokenPruning,
     final_patch_tokens,
@@ -271,7 +272,7 @@ def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     family = family_of(model)
     if family is not None:
         return family.distilled_features(model, x)
-    if hasattr(model, "forward_dense"):
+    if isinstance(model, DensePredicting):
         return model.forward_dense(x)
     features = model.forward_features(x)
     return model.forward_head(features), final_patch_tokens(model, features)

@@ -259,7 +259,7 @@ class ReducedViT(VisionTransformer):
             TypeError: ``vit`` is not a timm ViT this method can reduce, or a parameter is unknown.
             ValueError: a parameter is out of range for this model.
         """
-        check_reducible(vit, cls)
+        check_reducible(vit, cls.method)
         try:
             inspect.signature(cls.configure).bind(vit, **params)
         except TypeError:
@@ -440,8 +440,8 @@ def reduced_class(reducer: type[ReducedViT], backbone: type[VisionTransformer]) 
     return type(f"{reducer.__name__}{backbone.__name__}", (reducer, backbone), {"backbone": backbone})
 
 
-def check_reducible(model: VisionTransformer, reducer: type[ReducedViT] | None = None) -> None:
-    """Raise ``TypeError`` unless ``reducer`` (any reducer when None) can take ``model`` over: a timm
+def check_reducible(model: VisionTransformer, method: str | None = None) -> None:
+    """Raise ``TypeError`` unless the registered reducer ``method`` (any reducer when None) can take ``model`` over: a timm
     ``VisionTransformer`` or distilled DeiT that DynamicViT could prune (timm's ``Block``/``Attention``,
     a class-token, average-pooling or attention-pooling head), or a model reduced here. Methods that
     rank tokens by the class token's attention (``needs_class_token`` in their registry entry) also
@@ -459,10 +459,10 @@ def check_reducible(model: VisionTransformer, reducer: type[ReducedViT] | None =
                 f"{type(model).__name__} (its own forward would be bypassed); build the backbone with "
                 "dynvit.create_teacher"
             )
-    if reducer is not None and methods.get(reducer.method).needs_class_token and model.cls_token is None:
+    if method is not None and methods.get(method).needs_class_token and model.cls_token is None:
         free = sorted(m.name for m in methods.registered().values() if not m.needs_class_token and not m.learned)
         raise TypeError(
-            f"{reducer.method} ranks tokens by the class token's attention, and this ViT has no class token "
+            f"{method} ranks tokens by the class token's attention, and this ViT has no class token "
             f"(global_pool={model.global_pool!r}): use {' or '.join(free)}, which need none"
         )
 

@@ -104,8 +104,8 @@ register(
         knob=Knob("r", 0, lambda vit: max_merges(vit.patch_embed.num_patches), integer=True, cheaper="higher"),
         cost="schedule",
         reports=frozenset({"counts", "masks", "sources"}),
-        onnx="its merge (a scatter-add into strided views) fails in the ONNX decomposition of torch 2.15 "
-        "('Cannot view a tensor')",
+        onnx="after a merge, torch 2.15's ONNX decomposition cannot view the attention output of the merged "
+        "tokens ('Cannot view a tensor')",
         reference="facebookresearch/ToMe tome/merge.py, tome/patch/timm.py",
     )
 )
