@@ -86,11 +86,12 @@ class Method:
             per token schedule), ``"images"`` when they depend on the image (ATS: the mean over calibration
             images), ``"keep_ratio"`` when the knob is DynamicViT's keep ratio itself and is set to the
             compared keep ratio, not searched (random keep: DynamicViT's token counts, no predictors).
-        defaults: The method's default parameters for a given model, locations included
-            (``{"reduction_loc": (3, 6, 9)}`` on a 12-block ViT), or None for none.
+        defaults: The method's default parameters for a given model beyond its locations, or None for none.
         at_stages: The parameters that place the method at given stage blocks of a ``depth``-block ViT,
             ``at_stages(stages, depth)``, so a comparison reduces where the DynamicViT student does (ATS:
-            every block from the first stage on); None for a method that acts in every block (ToMe).
+            every block from the first stage on); None for a method that acts in every block (ToMe). Its
+            default locations are these at DynamicViT's default stage blocks (3, 6, 9 on a 12-block ViT);
+            :func:`locations` makes the usual one.
         set_params: Sets parameters on a model this method built: ``set_params(model, **params) -> model``
             (a student's keep ratio); None when ``build`` on the built model does it (reducers reconfigure
             in place).
@@ -136,8 +137,15 @@ class Method:
         return f"{self.name} (training-free)" if self.fine_tuned_in_paper else self.name
 
     def default_params(self, model: Any) -> dict[str, Any]:
-        """The method's default parameters for ``model`` (a plain timm ViT)."""
-        return dict(self.defaults(model)) if self.defaults is not None else {}
+        """The method's default parameters for ``model`` (a plain timm ViT), locations included
+        (``{"pruning_loc": (3, 6, 9)}`` on a 12-block ViT)."""
+        params = dict(self.defaults(model)) if self.defaults is not None else {}
+        if self.at_stages is None:
+            return params
+        # Imported here: the registry itself stays free of model code.
+        from dynvit.models.factory import default_stage_blocks
+
+        return {**self.stage_params(default_stage_blocks(model), len(model.blocks)), **params}
 
     def stage_params(self, stages: Sequence[int], depth: int) -> dict[str, Any]:
         """The parameters that place the method at DynamicViT's ``stages`` (none for a method without locations)."""
@@ -148,6 +156,16 @@ class Method:
         if self.set_params is not None:
             return self.set_params(model, **params)
         return self.build(model, **params)
+
+
+def locations(name: str) -> Callable[[tuple[int, ...], int], dict[str, Any]]:
+    """The usual ``Method.at_stages``: the method's location parameter ``name`` (``"pruning_loc"``,
+    ``"reduction_loc"``) set to the stage blocks themselves."""
+
+    def at_stages(stages: tuple[int, ...], depth: int) -> dict[str, Any]:
+        return {name: tuple(stages)}
+
+    return at_stages
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -206,4 +224,4 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REPORTS", "Knob", "Method", "get", "markdown_table", "of", "register", "registered"]
+__all__ = ["REPORTS", "Knob", "Method", "get", "locations", "markdown_table", "of", "register", "registered"]

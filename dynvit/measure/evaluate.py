@@ -27,7 +27,10 @@ class LimitedLoader:
     Args:
         loader: Validation batches.
         limit: Lightning's setting: an int is a number of batches, a float in [0, 1] a fraction of the
-            loader's length (rounded down, at least one batch); None or 1.0 keeps them all.
+            loader's length (rounded down); None or 1.0 keeps them all.
+
+    Raises:
+        ValueError: a fraction that leaves no batch (as Lightning refuses it), or a limit out of range.
     """
 
     def __init__(self, loader: Iterable, limit: int | float | None = None) -> None:
@@ -38,11 +41,13 @@ class LimitedLoader:
         if isinstance(limit, int) and limit < 0:
             raise ValueError(f"limit must be >= 0 batches, got {limit}")
         self.loader = loader
-        if limit == 1.0 and isinstance(limit, float):
-            limit = None
-        elif isinstance(limit, float):
-            # Lightning's rounding: int(len · fraction), at least one batch unless the fraction is 0.
-            limit = max(1, int(len(loader) * limit)) if limit > 0 else 0
+        if isinstance(limit, float):
+            batches = int(len(loader) * limit)  # Lightning's rounding
+            if batches == 0 and limit > 0:
+                raise ValueError(
+                    f"a limit of {limit} of {len(loader)} validation batches leaves none: use at least {1 / len(loader):g}"
+                )
+            limit = None if limit == 1.0 else batches
         self.limit = limit
 
     def __iter__(self) -> Iterator:

@@ -20,7 +20,7 @@ from timm.data import resolve_model_data_config
 from timm.models import FeatureListNet
 from torch import nn
 
-from dynvit.methods import Knob, Method, register
+from dynvit.methods import Knob, Method, locations, register
 from dynvit.models.checkpoint import load_checkpoint
 from dynvit.models.contract import DensePredicting
 from dynvit.models.dynamic_vit import (
@@ -334,10 +334,6 @@ def data_config(model: nn.Module) -> DataConfig:
     )
 
 
-def _at_stages(stages: tuple[int, ...], depth: int) -> dict[str, tuple[int, ...]]:
-    return {"pruning_loc": stages}
-
-
 register(
     Method(
         name="dynamicvit",
@@ -346,8 +342,7 @@ register(
         build=to_student,
         knob=Knob("keep_ratio", 0.0, 1.0),
         cost="schedule",
-        defaults=lambda vit: _at_stages(default_stage_blocks(vit), len(vit.blocks)),
-        at_stages=_at_stages,
+        at_stages=locations("pruning_loc"),
         set_params=set_keep_ratio,
         reports=frozenset({"counts", "masks"}),
         reference="raoyongming/DynamicViT",

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 import torch
 
 from dynvit.methods import Knob, Method, register
-from dynvit.models.factory import default_stage_blocks
 from dynvit.models.tokens import validate_loc
 from dynvit.reducers.base import AttentionStats, ReducedViT, TokenState
 
@@ -189,7 +188,6 @@ register(
         build=ATSViT.from_vit,
         knob=Knob("max_tokens", 1, lambda vit: vit.patch_embed.num_patches, integer=True, short="K"),
         cost="images",
-        defaults=lambda vit: _at_stages(default_stage_blocks(vit), len(vit.blocks)),
         at_stages=_at_stages,
         reports=frozenset({"counts", "masks"}),
         needs_class_token=True,

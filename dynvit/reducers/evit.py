@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dynvit.methods import Knob, Method, register
-from dynvit.models.factory import default_stage_blocks
+from dynvit.methods import Knob, Method, locations, register
 from dynvit.models.tokens import validate_loc
 from dynvit.reducers.base import AttentionStats, ReducedViT, TokenState, validate_rate
 
@@ -149,10 +148,6 @@ class TopKViT(AttentiveViT):
     method = "topk"
 
 
-def _at_stages(stages: tuple[int, ...], depth: int) -> dict[str, tuple[int, ...]]:
-    return {"pruning_loc": stages}
-
-
 register(
     Method(
         name="evit",
@@ -161,8 +156,7 @@ register(
         build=EViT.from_vit,
         knob=Knob("keep_rate", 0.0, 1.0),
         cost="schedule",
-        defaults=lambda vit: _at_stages(default_stage_blocks(vit), len(vit.blocks)),
-        at_stages=_at_stages,
+        at_stages=locations("pruning_loc"),
         reports=frozenset({"counts", "masks"}),
         needs_class_token=True,
         fine_tuned_in_paper=True,
@@ -177,8 +171,7 @@ register(
         build=TopKViT.from_vit,
         knob=Knob("keep_rate", 0.0, 1.0),
         cost="schedule",
-        defaults=lambda vit: _at_stages(default_stage_blocks(vit), len(vit.blocks)),
-        at_stages=_at_stages,
+        at_stages=locations("pruning_loc"),
         reports=frozenset({"counts", "masks"}),
         needs_class_token=True,
         reference="JoakimHaurum/TokenReduction models/topk.py",

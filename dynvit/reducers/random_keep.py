@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dynvit.methods import Knob, Method, register
+from dynvit.methods import Knob, Method, locations, register
 from dynvit.models.dynamic_vit import keep_counts, validate_pruning
-from dynvit.models.factory import default_stage_blocks
 from dynvit.reducers.base import ReducedViT, TokenState
 
 
@@ -63,10 +62,6 @@ class RandomKeepViT(ReducedViT):
         return x
 
 
-def _at_stages(stages: tuple[int, ...], depth: int) -> dict[str, tuple[int, ...]]:
-    return {"pruning_loc": stages}
-
-
 register(
     Method(
         name="random",
@@ -75,8 +70,7 @@ register(
         build=RandomKeepViT.from_vit,
         knob=Knob("keep_ratio", 0.0, 1.0),
         cost="keep_ratio",
-        defaults=lambda vit: _at_stages(default_stage_blocks(vit), len(vit.blocks)),
-        at_stages=_at_stages,
+        at_stages=locations("pruning_loc"),
         reports=frozenset({"counts", "masks"}),
         onnx="it draws random numbers at inference (a generator seeded on every call), which the exporter cannot trace",
     )
