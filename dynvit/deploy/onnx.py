@@ -69,7 +69,9 @@ def export_onnx(
     check_inference_ready(model, "export_onnx")
     method = methods.of(model)
     if method is not None and method.onnx is not None:
-        raise ExportError(f"{type(model).__name__} cannot be exported to ONNX: {method.name} {method.onnx}")
+        raise ExportError(
+            f"{type(model).__name__} cannot be exported to ONNX: {method.onnx} ({method.name}'s registry entry)"
+        )
     if precision_of(model) != "fp32":
         raise QuantizationError(
             f"export_onnx exports float32 models; this one is {precision_of(model)}: export the float32 "

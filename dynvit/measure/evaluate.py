@@ -1,9 +1,10 @@
 """Accuracy, kept-token recall and merge purity of any registered model on a validation loader.
 
-What a model can report decides what is scored: every model gives logits (top-1); a model that reports
-kept-token masks (:class:`~dynvit.models.contract.MaskReporting`) gets recall per stage, and one whose
-tokens stand for sets of patches (:class:`~dynvit.models.contract.SourceReporting`) gets purity, both
-when the batches carry the object's patch mask ``(x, y, patch_mask)``. Benchmark and sweep score every
+What a model reports (:func:`~dynvit.models.contract.reports`: its registry entry's declaration) decides
+what is scored: every model gives logits (top-1); a model that reports kept-token masks
+(:class:`~dynvit.models.contract.MaskReporting`) gets recall per stage, and one whose tokens stand for sets
+of patches (:class:`~dynvit.models.contract.SourceReporting`) gets purity, both when the batches carry the
+object's patch mask ``(x, y, patch_mask)``. Benchmark and sweep score every
 row of one table here, on the same images (:class:`LimitedLoader`).
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from dynvit.measure.recall import source_purity, stage_recall
 from dynvit.measure.throughput import model_dtype
-from dynvit.models.contract import MaskReporting, SourceReporting
+from dynvit.models.contract import reports
 
 
 class LimitedLoader:
@@ -97,6 +98,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
     dtype = model_dtype(model)
     was_training = model.training
     model.eval()
+    offers = reports(model)
     correct = seen = 0
     recall_sum = purity_sum = None  # over images that show the object
     recall_count = purity_count = 0
@@ -104,7 +106,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
         for batch in loader:
             x, y, *rest = batch
             x, y = x.to(device, dtype), y.to(device)
-            if isinstance(model, MaskReporting):
+            if "masks" in offers:
                 logits, masks = model.predict_with_masks(x)
             else:
                 logits, masks = model(x), []
@@ -118,7 +120,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
                 sums = torch.stack([r.sum() for r in per_stage]).double()
                 recall_sum = sums if recall_sum is None else recall_sum + sums
                 recall_count += per_stage[0].numel()
-            if isinstance(model, SourceReporting):
+            if "sources" in offers:
                 purity = source_purity(model.predict_with_sources(x)[1].cpu(), target).double()
                 purity_sum = purity.sum() if purity_sum is None else purity_sum + purity.sum()
                 purity_count += purity.numel()

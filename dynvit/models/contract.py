@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
+
+from dynvit import methods
 
 
 @runtime_checkable
@@ -90,6 +93,17 @@ REPORT_PROTOCOLS: dict[str, type] = {
     "assignments": AssignmentReporting,
 }
 
+
+def reports(model: nn.Module) -> frozenset[str]:
+    """What ``model`` reports (:data:`dynvit.methods.REPORTS`): its registered method's declared reports, else
+    those whose protocol it meets. A reducer that tracks no original patches (a learned merger's new tokens)
+    offers ``predict_with_masks`` but does not declare masks, and is not scored on them."""
+    method = methods.of(model)
+    if method is not None:
+        return method.reports
+    return frozenset(name for name, protocol in REPORT_PROTOCOLS.items() if isinstance(model, protocol))
+
+
 __all__ = [
     "REPORT_PROTOCOLS",
     "AssignmentReporting",
@@ -98,4 +112,5 @@ __all__ = [
     "MaskReporting",
     "SourceReporting",
     "TokenReducingModel",
+    "reports",
 ]
