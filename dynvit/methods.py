@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ class Knob:
         integer: Whether only integers are allowed (r, max_tokens) or a fraction (keep rates).
         cheaper: Which direction costs fewer FLOPs: ``"lower"`` (keep rates, max_tokens) or
             ``"higher"`` (merge counts r).
+        short: How tables show the setting, when not by ``name`` (``"K"`` for ATS's ``max_tokens``).
     """
 
     name: str
@@ -43,6 +44,7 @@ class Knob:
     high: float | Callable[[Any], float]
     integer: bool = False
     cheaper: Literal["lower", "higher"] = "lower"
+    short: str = ""
 
     def bounds(self, model: Any) -> tuple[float, float]:
         """(low, high) for this model."""
@@ -52,13 +54,19 @@ class Knob:
     def candidates(self, model: Any, steps: int = 100) -> list[float]:
         """Values to search, from the least reduction (most FLOPs) to the most: every integer in
         [low, high], or ``steps`` evenly spaced fractions in (low, high] (keep rates to two decimals)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         low, high = self.bounds(model)
         if self.integer:
-            values = [float(v) for v in range(int(low), int(high) + 1)]
+            values = list(range(int(low), int(high) + 1))
         else:
             # A fraction's low end is excluded: a keep rate of 0 keeps nothing.
-            values = sorted(round(high - i * (high - low) / steps, 10) for i in range(steps))
+            values = [round(low + (high - low) * i / steps, 10) for i in range(1, steps + 1)]
         return values if self.cheaper == "higher" else values[::-1]
+
+    def label(self, value: float) -> str:
+        """``r=3``, ``keep_rate=0.62``, ``K=20``: a setting as tables show it."""
+        return f"{self.short or self.name}={value:g}"
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,22 @@ class Method:
         build: Turns a plain timm ViT into the method's model in place, weights kept, new modules at
             init: ``build(vit, **params) -> model``. For reducers this is ``ReducerClass.from_vit``.
         knob: The parameter that sets the cost, its range and direction.
-        cost: How a cost is counted for matching: ``"schedule"`` when the token counts are fixed by the
-            parameters (fvcore on one forward is exact), ``"images"`` when they depend on the image (ATS:
-            the mean over calibration images).
-        defaults: The method's default parameters for a given model, locations included
-            (``{"reduction_loc": (3, 6, 9)}`` on a 12-block ViT), or None for none.
+        cost: How the knob is matched to a GFLOPs target (:mod:`dynvit.reducers.matching`): ``"schedule"``
+            when the token counts are fixed by the parameters (fvcore on one forward is exact, counted once
+            per token schedule), ``"images"`` when they depend on the image (ATS: the mean over calibration
+            images), ``"keep_ratio"`` when the knob is DynamicViT's keep ratio itself and is set to the
+            compared keep ratio, not searched (random keep: DynamicViT's token counts, no predictors).
+        defaults: The method's default parameters for a given model beyond its locations, or None for none.
+        at_stages: The parameters that place the method at given stage blocks of a ``depth``-block ViT,
+            ``at_stages(stages, depth)``, so a comparison reduces where the DynamicViT student does (ATS:
+            every block from the first stage on); None for a method that acts in every block (ToMe). Its
+            default locations are these at DynamicViT's default stage blocks (3, 6, 9 on a 12-block ViT);
+            :func:`locations` makes the usual one.
+        set_params: Sets parameters on a model this method built: ``set_params(model, **params) -> model``
+            (a student's keep ratio); None when ``build`` on the built model does it (reducers reconfigure
+            in place).
+        fine_tuned_in_paper: The method's paper fine-tunes the reduced model, while dynvit runs it on the
+            teacher's weights as they are: its benchmark rows say "training-free".
         reports: What the model reports beyond logits, a subset of :data:`REPORTS`.
         needs_class_token: The method ranks by the class token's attention and refuses a ViT without one.
         onnx: None when the model exports to ONNX; else why it cannot (shown as the refusal).
@@ -90,13 +109,16 @@ class Method:
     learned: bool
     build: Callable[..., Any]
     knob: Knob
-    cost: Literal["schedule", "images"] = "schedule"
+    cost: Literal["schedule", "images", "keep_ratio"] = "schedule"
     defaults: Callable[[Any], dict[str, Any]] | None = None
     reports: frozenset[str] = field(default_factory=lambda: frozenset({"counts"}))
     needs_class_token: bool = False
     onnx: str | None = None
     reference: str = ""
     objective: str | None = None
+    at_stages: Callable[[tuple[int, ...], int], dict[str, Any]] | None = None
+    set_params: Callable[..., Any] | None = None
+    fine_tuned_in_paper: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.reports) - set(REPORTS)
@@ -109,14 +131,46 @@ class Method:
     def kind(self) -> str:
         return "learned" if self.learned else "training-free"
 
+    @property
+    def label(self) -> str:
+        """How benchmark rows name the method: ``evit (training-free)`` where the paper fine-tunes."""
+        return f"{self.name} (training-free)" if self.fine_tuned_in_paper else self.name
+
     def default_params(self, model: Any) -> dict[str, Any]:
-        """The method's default parameters for ``model`` (a plain timm ViT)."""
-        return dict(self.defaults(model)) if self.defaults is not None else {}
+        """The method's default parameters for ``model`` (a plain timm ViT), locations included
+        (``{"pruning_loc": (3, 6, 9)}`` on a 12-block ViT)."""
+        params = dict(self.defaults(model)) if self.defaults is not None else {}
+        if self.at_stages is None:
+            return params
+        # Imported here: the registry itself stays free of model code.
+        from dynvit.models.factory import default_stage_blocks
+
+        return {**self.stage_params(default_stage_blocks(model), len(model.blocks)), **params}
+
+    def stage_params(self, stages: Sequence[int], depth: int) -> dict[str, Any]:
+        """The parameters that place the method at DynamicViT's ``stages`` (none for a method without locations)."""
+        return dict(self.at_stages(tuple(stages), depth)) if self.at_stages is not None else {}
+
+    def apply(self, model: Any, **params: Any) -> Any:
+        """``model`` (a plain ViT, or one this method built) with ``params`` set, in place."""
+        if self.set_params is not None:
+            return self.set_params(model, **params)
+        return self.build(model, **params)
+
+
+def locations(name: str) -> Callable[[tuple[int, ...], int], dict[str, Any]]:
+    """The usual ``Method.at_stages``: the method's location parameter ``name`` (``"pruning_loc"``,
+    ``"reduction_loc"``) set to the stage blocks themselves."""
+
+    def at_stages(stages: tuple[int, ...], depth: int) -> dict[str, Any]:
+        return {name: tuple(stages)}
+
+    return at_stages
 
 
 _REGISTRY: dict[str, Method] = {}
 # Modules whose import registers methods; :func:`registered` imports them once.
-_IMPLEMENTATIONS = ("dynvit.reducers",)
+_IMPLEMENTATIONS = ("dynvit.models.factory", "dynvit.reducers")
 
 
 def register(method: Method) -> Method:
@@ -134,6 +188,12 @@ def registered() -> dict[str, Method]:
     return dict(_REGISTRY)
 
 
+def of(model: Any) -> Method | None:
+    """The registered method that built ``model`` (by its ``method`` attribute), or None for a plain model."""
+    name = getattr(model, "method", None)
+    return registered().get(name) if isinstance(name, str) else None
+
+
 def get(name: str) -> Method:
     """The method registered as ``name``.
 
@@ -148,4 +208,20 @@ def get(name: str) -> Method:
     return methods[name]
 
 
-__all__ = ["REPORTS", "Knob", "Method", "get", "register", "registered"]
+def markdown_table() -> str:
+    """The table of registered methods README shows (a test keeps README's copy equal to this)."""
+    costs = {"schedule": "nearest GFLOPs", "images": "nearest mean GFLOPs on images", "keep_ratio": "DynamicViT's ρ"}
+    lines = [
+        "| method | kind | cost knob | matched by | reports | ONNX | what it does |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in registered().values():
+        kind = "int" if m.knob.integer else "fraction"
+        knob = f"`{m.knob.name}` ({kind}, {'more' if m.knob.cheaper == 'higher' else 'less'} is cheaper)"
+        reports = ", ".join(r for r in REPORTS if r in m.reports)
+        onnx = "yes" if m.onnx is None else "no"
+        lines.append(f"| `{m.name}` | {m.kind} | {knob} | {costs[m.cost]} | {reports} | {onnx} | {m.summary} |")
+    return "\n".join(lines)
+
+
+__all__ = ["REPORTS", "Knob", "Method", "get", "locations", "markdown_table", "of", "register", "registered"]

@@ -12,7 +12,8 @@ from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import CheckpointMismatch
-from dynvit.run.benchmark import benchmark, dynamicvit_at
+from dynvit.reducers.matching import student_at
+from dynvit.run.benchmark import benchmark
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import ResultRow, format_table
 from tests.tiny_config import DIGITS, QUICK_BENCHMARK, tiny_config, write_config
@@ -97,7 +98,7 @@ def test_bad_ratios_and_non_pruned_models_are_refused():
         with pytest.raises(ValueError, match=r"\(0, 1\]|no keep ratios"):
             benchmark(student, ratios=bad, settings=FAST)
     with pytest.raises(TypeError, match="no keep_ratio"):
-        dynamicvit_at(create_teacher("vit_tiny_patch16_224", **ARCH))
+        student_at(create_teacher("vit_tiny_patch16_224", **ARCH))
 
 
 def test_table_shows_percentages_and_hides_unmeasured_columns():
@@ -129,7 +130,7 @@ def run_benchmark(tmp_path, *extra: str) -> None:
 
 
 def test_cli_writes_csv_json_and_figure(tmp_path, capsys):
-    run_benchmark(tmp_path)
+    run_benchmark(tmp_path, "--trainer.limit_val_batches=0.5")
     out = tmp_path / "bench"
     data = json.loads((out / "results.json").read_text())
     records = data["rows"]
@@ -142,10 +143,13 @@ def test_cli_writes_csv_json_and_figure(tmp_path, capsys):
     assert records[0]["gflops"] > records[1]["gflops"] > records[2]["gflops"]
     assert all(0.0 <= r["top1"] <= 1.0 for r in records)
     assert records[1]["recall_s1"] is not None and records[0]["recall_s1"] is None
+    # --trainer.limit_val_batches=0.5 leaves one batch, 8 of the 16 validation images, for every row.
+    assert {r["images"] for r in records} == {8} and data["environment"]["val_images"] == 8
     with open(out / "results.csv") as f:
         assert [float(r["gflops"]) for r in csv.DictReader(f)] == pytest.approx([r["gflops"] for r in records])
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| dynamicvit | 0.5 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| dynamicvit | 0.5 |" in printed and "Every row scored on the same 8 validation images" in printed
 
 
 def test_cli_loads_student_weights_from_ckpt_path(tmp_path):

@@ -13,19 +13,13 @@ import torch
 
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule
+from dynvit.measure.evaluate import evaluate
 from dynvit.measure.throughput import SpeedSettings
 from dynvit.reducers import TokenCost, apply_reducer, realised_gflops
 from dynvit.reducers.evit import attentive_schedule
+from dynvit.reducers.matching import check_comparable, check_methods, mean_cost
 from dynvit.reducers.tome import merge_schedule
-from dynvit.run.benchmark import (
-    benchmark,
-    check_comparable,
-    check_methods,
-    evaluate,
-    first_images,
-    mean_cost,
-    sweep_matches,
-)
+from dynvit.run.benchmark import benchmark, first_images, sweep_matches
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import format_matches, write_matches
 from dynvit.run.sweep import SweepSpec
@@ -100,8 +94,14 @@ def test_one_row_per_method_per_ratio_plus_the_teacher(compared):
             assert row.params_m == teacher_params  # training-free: the teacher's weights, nothing added
         if m.method in ("tome", "evit", "topk", "random"):
             assert row.gflops == pytest.approx(m.gflops, rel=1e-9)  # the matcher's count is the row's
-        # Recall per stage where the method keeps a subset of the patches (ToMe merges them).
-        assert len(row.recall) == {"tome": 0, "ats": len(range(LOC[0], 3))}.get(m.method, len(LOC))
+        # Recall per stage: ToMe's stages are its merging blocks, ATS samples in every block from the first stage on.
+        if m.method == "tome":
+            assert len(row.recall) == sum(r > 0 for r in merge_schedule(N, 3, m.value))
+        else:
+            assert len(row.recall) == {"ats": len(range(LOC[0], 3))}.get(m.method, len(LOC))
+        # Purity where tokens stand for sets of patches: ToMe's merges.
+        assert (row.purity is not None) == (m.method == "tome")
+        assert row.images == 16  # every row on the same validation images
     student.keep_ratio = 0.9
 
     row = {(r.method.split()[0], r.keep_ratio): r for r in rows}
@@ -205,7 +205,9 @@ def test_cli_writes_one_table_csv_json_and_figure_for_all_methods(tmp_path, caps
         ("ats", 0.5),
         ("random", 0.5),
     ]
-    assert records[2]["recall_s1"] is None and records[4]["recall_s2"] is not None
+    assert records[2]["recall_s1"] is not None and records[4]["recall_s2"] is not None  # ToMe's kept maps too
+    assert records[2]["purity"] is not None and records[4]["purity"] is None
+    assert {r["images"] for r in records} == {8}
     k = int(re.fullmatch(r"K=(\d+)", records[3]["param"]).group(1))
     assert records[3]["tokens"] <= k and records[3]["recall_s1"] is not None
     with open(out / "results.csv") as f:

@@ -112,7 +112,8 @@ def classifier(**init) -> dict:
         ),
         (classifier(), 0, {}),
         (classifier(reducer="evit", reducer_params={"keep_rate": 0.7, "pruning_loc": [1, 2]}), 2, {}),
-        (classifier(reducer="tome", reducer_params={"r": 4}), 0, {}),
+        # ToMe merges in each of its 4 blocks: one kept map per merging block.
+        (classifier(reducer="tome", reducer_params={"r": 4}), 4, {}),
     ],
     ids=["lvvit-student", "t2t-student", "teacher", "evit", "tome"],
 )

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from dynvit import count_flops, create_student, create_teacher
+from dynvit import count_flops, create_student, create_teacher, methods
 from dynvit.measure.flops import count_module_flops
 from dynvit.models import keep_counts
-from dynvit.reducers import REDUCERS, TokenCost, apply_reducer, create_reduced, matching, realised_gflops
+from dynvit.models.tokens import bipartite_soft_matching, merge_weighted
+from dynvit.reducers import TokenCost, apply_reducer, create_reduced, matching, realised_gflops
 from dynvit.reducers.ats import inverse_transform_sample, significance
 from dynvit.reducers.base import AttentionStats
 from dynvit.reducers.evit import attentive_count
-from dynvit.reducers.matching import match_keep_rate, match_tome_r, nearest
-from dynvit.reducers.tome import bipartite_soft_matching, merge_weighted
+from dynvit.reducers.matching import match_gflops, nearest
 
 NAME = "deit_small_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
@@ -356,7 +356,7 @@ def test_bad_parameters_raise_and_leave_the_model_usable(base, images, method, p
         apply_reducer(model, method, **params)
     with torch.no_grad():
         torch.testing.assert_close(model(images), base(images), rtol=0, atol=0)
-    if method in REDUCERS:
+    if method in methods.registered():
         assert type(model) is type(base)
 
 
@@ -457,10 +457,7 @@ def test_matching_agrees_with_a_brute_force_sweep(counted, method):
     assert lo < hi
     for target in (hi + 1, hi, (lo + hi) / 2, lo + (hi - lo) / 7, lo - 1):
         want = min(range(len(candidates)), key=lambda i: (abs(sweep[i] - target), i))
-        if method == "tome":
-            got = match_tome_r(factory, target)
-        else:
-            got = match_keep_rate(factory, target, method=method, steps=10, **extra)
+        got = match_gflops(method, factory(), target, steps=10, **extra)
         assert got == (candidates[want], sweep[want])
 
 

@@ -36,6 +36,9 @@ def sweep_file(path: Path, parameters: dict, method: str = "grid", name: str = "
 
 def run_cli_sweep(tmp_path: Path, sweep: Path, **config_changes) -> DynViTCLI:
     config = tiny_config(tmp_path / "run")
+    # Half of the 2 validation batches: fit's validation and the teacher row see 8 of the 16 images. (An
+    # int 1 would not do: the CLI reads it as the float 1.0, every batch.)
+    config["trainer"]["limit_val_batches"] = 0.5
     config["trainer"].update(config_changes)
     path = write_config(tmp_path / "tiny.yaml", config)
     return DynViTCLI(args=["sweep", f"--config={path}", f"--sweep={sweep}", f"--out={tmp_path / 'sweep'}"])
@@ -128,6 +131,8 @@ def test_two_point_sweep_summarises_and_reruns_without_training(tmp_path):
     gflops = [float(r["gflops"]) for r in rows]
     assert gflops[1] < gflops[2] < gflops[0]
     assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
+    # The teacher is scored on the batches the points' validation sees (limit_val_batches=0.5: 8 of 16 images).
+    assert [int(r["images"]) for r in rows] == [8, 8, 8]
     assert float(rows[1]["speedup"]) > 0 and float(rows[2]["recall_s1"]) > float(rows[1]["recall_s1"])
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())

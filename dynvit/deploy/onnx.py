@@ -4,9 +4,9 @@ A pruned student exports as the graph it runs at inference: keep predictors, ``t
 with the token counts its keep ratio fixes (``int(N · ρ^s)`` at stage s), and a dynamic batch size.
 Export goes through ``torch.onnx.export(..., dynamo=True)`` (``torch.export``, then ONNX).
 
-What cannot be exported is refused with :class:`ExportError`: models whose token counts depend on
-the image (ATS: a data-dependent shape), that draw random numbers at inference (random keep), or use
-an op the exporter cannot decompose (ToMe's merge, on torch 2.15).
+What cannot be exported is refused with :class:`ExportError`: a registered method whose entry says why
+(``dynvit.methods``: ATS's data-dependent shape, random keep's draws at inference, ToMe's merge) is refused
+with that reason before any tracing; any other model the exporter fails on, with the exporter's own cause.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from dynvit import methods
 from dynvit.deploy.quantize import QuantizationError, check_inference_ready, precision_of
-from dynvit.measure.throughput import random_images
+from dynvit.measure.throughput import quiet_logs, random_images
 
 INPUT, OUTPUT = "images", "logits"
 # Largest |onnxruntime − eager| / max |eager| accepted by the export check (float32 rounding of a
@@ -76,6 +77,11 @@ def export_onnx(
         ExportError: an op the exporter cannot handle, or onnxruntime disagreeing with eager beyond a tie.
     """
     check_inference_ready(model, "export_onnx")
+    method = methods.of(model)
+    if method is not None and method.onnx is not None:
+        raise ExportError(
+            f"{type(model).__name__} cannot be exported to ONNX: {method.onnx} ({method.name}'s registry entry)"
+        )
     if precision_of(model) != "fp32":
         raise QuantizationError(
             f"export_onnx exports float32 models; this one is {precision_of(model)}: export the float32 "
@@ -330,3 +336,26 @@ def compare_onnx(model: nn.Module, path: str | Path, images: torch.Tensor) -> fl
         eager = model(images.to(device, torch.float32)).float().cpu()
     ort_logits = run_onnx(onnx_session(path), images)
     return ((ort_logits - eager).abs().max() / eager.abs().max().clamp_min(1e-12)).item()
+
+
+def quantize_onnx(path: str | Path) -> Path:
+    """onnxruntime's dynamic int8 quantization of an exported file (int8 weights, int8 activations per call),
+    written beside it as ``<stem>.int8.onnx``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    out = path.with_name(f"{path.stem}.int8.onnx")
+    with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An onnxruntime session behind a module's call, so it is scored like any eager model."""
+
+    def __init__(self, session) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_onnx(self.session, x)

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dynvit.lightning.optim import param_groups, warmup_cosine
 from dynvit.models.checkpoint import CheckpointMismatch
+from dynvit.models.contract import reports
 
 
 class ImageClassification(L.LightningModule):
@@ -99,7 +100,7 @@ class ImageClassification(L.LightningModule):
         """Class probabilities ``probs`` (B, classes) and, for a network that drops tokens, ``masks``
         (B, stages, N): the patches still kept after each stage. Batches are images or (images, ...)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if hasattr(self.net, "predict_with_masks"):
+        if "masks" in reports(self.net):
             logits, masks = self.net.predict_with_masks(x)
             return {"probs": logits.softmax(dim=-1), "masks": torch.stack(masks, dim=1)}
         return {"probs": self.net(x).softmax(dim=-1)}

@@ -24,9 +24,9 @@ class ClassifierModule(ImageClassification):
         reset_head: Start a new head when the checkpoint has another class count (fine-tuning).
         pretrained: Start from timm's pretrained weights (needs the model hub).
         model_kwargs: Extra timm kwargs (``depth``, ``embed_dim``, ``drop_path_rate``, …).
-        reducer: A training-free token reducer of :mod:`dynvit.reducers` (``tome``, ``evit``, ``topk``,
-            ``ats``, ``random``) applied to the network after its weights are loaded, e.g. to validate or
-            predict with it on a teacher's checkpoint; ``reducer_params`` are its parameters
+        reducer: A training-free method of the registry (``dynvit.methods.registered()``: ``tome``, ``evit``,
+            ``topk``, ``ats``, ``random``, …) applied to the network after its weights are loaded, e.g. to
+            validate or predict with it on a teacher's checkpoint; ``reducer_params`` are its parameters
             (``{r: 8}`` for ToMe, ``{keep_rate: 0.7}`` for EViT, …).
         Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
     """

@@ -15,6 +15,7 @@ from dynvit.lightning.base import ImageClassification
 from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
 from dynvit.models.checkpoint import CheckpointMismatch, file_sha256
+from dynvit.models.contract import DenseDistilling
 from dynvit.models.masked_attention import set_keep_gradient
 from dynvit.objectives.spatial_pruning import pruning_objective
 
@@ -133,7 +134,7 @@ class DynamicViTModule(ImageClassification):
             teacher_logits, teacher_tokens = forward_with_tokens(self.teacher, x)
         out = self.net(x)
         # LV-ViT students distil dense predictions with KL instead of features with MSE.
-        mode = {"token_mode": self.net.token_distill} if hasattr(self.net, "token_distill") else {}
+        mode = {"token_mode": self.net.token_distill} if isinstance(self.net, DenseDistilling) else {}
         terms = self.loss(out, y, self.net.stage_keep_ratios, teacher_logits, teacher_tokens, **mode)
         # Terms a student does not have (the distillation head of a non-distilled ViT) are None.
         logged = {k: v for k, v in terms._asdict().items() if v is not None}

@@ -23,6 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.throughput import SpeedSettings, keep_rng, measure_speedup, time_model
+from dynvit.models.contract import reports
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -280,7 +281,7 @@ class KeptTokensCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net, _ = networks(pl_module)
-        if not hasattr(net, "predict_with_masks"):
+        if "masks" not in reports(net):
             raise TypeError(
                 f"KeptTokensCallback draws the tokens a pruned model keeps, but {type(net).__name__} has no "
                 "predict_with_masks(); use it with DynamicViTModule (or drop it from trainer.callbacks)"

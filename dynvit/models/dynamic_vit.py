@@ -24,6 +24,7 @@ from torch import nn
 
 from dynvit.models.masked_attention import make_block_maskable, make_pool_maskable
 from dynvit.models.predictor import KeepPredictor
+from dynvit.models.tokens import embed_tokens, gather_tokens, index_to_mask, top_indices, validate_loc, weighted_mean
 
 
 class StudentOutput(NamedTuple):
@@ -57,13 +58,7 @@ def validate_pruning(keep_ratio: float, pruning_loc: Sequence[int], depth: int, 
     """Raise ``ValueError`` naming the fix when a pruning setup cannot work on this backbone."""
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    locs = list(pruning_loc)
-    if not locs:
-        raise ValueError("pruning_loc is empty: give at least one block index, e.g. (3, 6, 9)")
-    if any(b <= a for a, b in zip(locs, locs[1:], strict=False)):
-        raise ValueError(f"pruning_loc must be strictly increasing, got {tuple(locs)}")
-    if locs[0] < 0 or locs[-1] >= depth:
-        raise ValueError(f"pruning_loc {tuple(locs)} must index blocks 0..{depth - 1} of this {depth}-block model")
+    locs = validate_loc(pruning_loc, depth)
     counts = keep_counts(num_patches, keep_ratio, len(locs))
     if counts[-1] < 1:
         raise ValueError(
@@ -94,25 +89,6 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return (chans, *embed.img_size)
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Batched ``x[b, index[b]]`` for tokens x (B, N, C) and indices (B, K): one kernel, no loop."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def top_indices(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest keys of each row of ``keys`` (B, N), largest first, equal keys in index order.
-
-    One tie rule for eager PyTorch and an exported graph, so that both keep the same tokens when keys tie
-    at the cut (a freshly initialised keep predictor scores tokens within ~1e-6 of each other, often
-    exactly equal): ``torch.topk`` returns equal keys in no fixed order on the CPU, so eager mode sorts
-    stably; a stable sort has no ONNX function (torch 2.15), so while exporting ``torch.topk`` is used,
-    which becomes ONNX ``TopK``, whose specification puts equal values in index order.
-    """
-    if torch.compiler.is_exporting():
-        return torch.topk(keys, k, dim=1).indices
-    return torch.argsort(keys, dim=1, descending=True, stable=True)[:, :k]
-
-
 def final_patch_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The patch tokens token distillation compares, from a model's final tokens x (B, P + N, C).
 
@@ -137,6 +113,8 @@ class TokenPruning(nn.Module):
     blocks: nn.Sequential
     num_prefix_tokens: int
     score_predictor: nn.ModuleList
+    # The registry name (dynvit.methods) and how reports label its rows: the method, whatever the backbone.
+    method = "dynamicvit"
     # Parameter-name prefixes of what pruning adds: trained at the full learning rate, absent from teachers.
     new_param_prefixes: tuple[str, ...] = ("score_predictor.",)
 
@@ -270,13 +248,25 @@ class TokenPruning(nn.Module):
         x, kept = self._run_gathered(self.embed(x))
         return self.forward_head(self.norm(x)), self.kept_masks(kept)
 
+    def token_schedule(self) -> list[tuple[int, int]]:
+        """Tokens (prefix tokens included) in attention and MLP of each block at inference: the stage
+        gathers come before their block, so both halves of a block see the same count."""
+        counts, n = [], self.num_patches
+        stage_counts = dict(zip(self.pruning_loc, self.stage_keep_counts, strict=True))
+        for i in range(len(self.blocks)):
+            n = stage_counts.get(i, n)
+            counts.append((n + self.num_prefix_tokens,) * 2)
+        return counts
+
+    def predict_with_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the pruned forward plus the token counts (B, depth, 2) in every block's attention and MLP."""
+        logits, _ = self.predict_with_masks(x)
+        counts = torch.tensor(self.token_schedule(), device=logits.device)
+        return logits, counts.expand(logits.shape[0], -1, -1)
+
     def kept_masks(self, kept: list[torch.Tensor]) -> list[torch.Tensor]:
         """Turn per-stage kept indices into boolean masks (B, N) over the original patch grid."""
-        masks = []
-        for index in kept:
-            mask = torch.zeros(index.shape[0], self.num_patches, dtype=torch.bool, device=index.device)
-            masks.append(mask.scatter_(1, index, True))
-        return masks
+        return [index_to_mask(index, self.num_patches) for index in kept]
 
 
 class DynamicViT(TokenPruning, VisionTransformer):
@@ -317,7 +307,7 @@ class DynamicViT(TokenPruning, VisionTransformer):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding, prefix tokens and position embedding: the tokens the blocks see."""
         self.check_input(x)
-        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return embed_tokens(self, x)
 
     def train_output(self, x: torch.Tensor, decisions: list[torch.Tensor]) -> StudentOutput:
         prefix = decisions[-1].new_ones(x.shape[0], self.num_prefix_tokens)
@@ -346,9 +336,8 @@ class DynamicViT(TokenPruning, VisionTransformer):
             x, keep = x[:, self.num_prefix_tokens :], keep[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
             return self.attn_pool(x, keep=keep)
-        weight = keep.unsqueeze(-1).to(x.dtype)
-        # The clamp keeps a stage that dropped every patch finite (the mean of nothing is 0 here).
-        return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1e-6)
+        # The floor keeps a stage that dropped every patch finite (the mean of nothing is 0 here).
+        return weighted_mean(x, keep, min_total=1e-6)
 
 
 class DynamicViTDistilled(DynamicViT, VisionTransformerDistilled):
@@ -360,8 +349,6 @@ class DynamicViTDistilled(DynamicViT, VisionTransformerDistilled):
     distils from the teacher) and the distillation head's as ``dist_logits``, which the objective
     distils from the teacher's prediction only, as DeiT trains its distillation token.
     """
-
-    method = "dynamicvit"  # how reports label its rows: the method, whatever the backbone
 
     @classmethod
     def check_convertible(cls, model: nn.Module) -> None:

@@ -20,13 +20,17 @@ from timm.data import resolve_model_data_config
 from timm.models import FeatureListNet
 from torch import nn
 
+from dynvit.methods import Knob, Method, locations, register
 from dynvit.models.checkpoint import load_checkpoint
+from dynvit.models.contract import DensePredicting
 from dynvit.models.dynamic_vit import (
+    TokenPruning,
     final_patch_tokens,
     input_size,
     student_class,
     validate_pruning,
 )
+from dynvit.models.spatial_pruning import SpatialPruningStudent
 
 # Where each backbone family prunes by default, as in the papers: 12-block DeiT/ViT before
 # blocks 3, 6, 9 (a quarter of the depth each); other depths get the same proportions.
@@ -93,6 +97,13 @@ def default_pruning_loc(name: str, depth: int) -> tuple[int, ...]:
     if name in DEFAULT_PRUNING_LOC:
         return DEFAULT_PRUNING_LOC[name]
     return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def default_stage_blocks(vit: nn.Module) -> tuple[int, ...]:
+    """:func:`default_pruning_loc` of a built ViT (by its ``pretrained_cfg`` architecture): where DynamicViT,
+    and methods placed like it, reduce unless told otherwise (3, 6, 9 on a 12-block ViT)."""
+    architecture = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture", "")
+    return default_pruning_loc(architecture, len(vit.blocks))
 
 
 def _check_name(name: str) -> None:
@@ -214,10 +225,39 @@ def create_student(
     vit = _create_vit(name, pretrained, num_classes, img_size, **timm_kwargs)
     if pruning_loc is None:
         pruning_loc = default_pruning_loc(name, len(vit.blocks))
-    validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
-    student = student_class(vit).from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
+    student = to_student(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
     if checkpoint is not None:
         load_checkpoint(student, checkpoint, offer_reset_head=False)
+    return student
+
+
+def to_student(vit: nn.Module, keep_ratio: float = 0.7, pruning_loc: Sequence[int] | None = None) -> TokenPruning:
+    """A built ViT (pretrained or not) turned into its DynamicViT student in place, weights kept and the keep
+    predictors at their init: the registry's builder of ``dynamicvit``.
+
+    Args:
+        pruning_loc: Blocks before which tokens are pruned; ``None`` picks the backbone's default
+            (:func:`default_pruning_loc` of its ``pretrained_cfg`` architecture).
+    """
+    if pruning_loc is None:
+        pruning_loc = default_stage_blocks(vit)
+    validate_pruning(keep_ratio, pruning_loc, len(vit.blocks), vit.patch_embed.num_patches)
+    return student_class(vit).from_vit(vit, keep_ratio=keep_ratio, pruning_loc=pruning_loc)
+
+
+def set_keep_ratio(student: nn.Module, keep_ratio: float) -> nn.Module:
+    """A trained student at another keep ratio ρ (its predictors unchanged), in place.
+
+    Raises:
+        TypeError: ``student`` is no pruning student (a DynamicViT, or a hierarchical family's).
+        ValueError: ρ outside (0, 1], or keeping no token at some stage of this model.
+    """
+    if not isinstance(student, TokenPruning | SpatialPruningStudent):
+        raise TypeError(
+            f"{type(student).__name__} has no keep_ratio to vary: it needs a pruned student "
+            "(e.g. DynamicViTModule's net)"
+        )
+    student.keep_ratio = keep_ratio
     return student
 
 
@@ -232,7 +272,7 @@ def forward_with_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     family = family_of(model)
     if family is not None:
         return family.distilled_features(model, x)
-    if hasattr(model, "forward_dense"):
+    if isinstance(model, DensePredicting):
         return model.forward_dense(x)
     features = model.forward_features(x)
     return model.forward_head(features), final_patch_tokens(model, features)
@@ -292,3 +332,20 @@ def data_config(model: nn.Module) -> DataConfig:
         interpolation=cfg["interpolation"],
         crop_pct=cfg["crop_pct"],
     )
+
+
+register(
+    Method(
+        name="dynamicvit",
+        summary="learned keep predictors before chosen blocks drop the least useful tokens (DynamicViT)",
+        learned=True,
+        build=to_student,
+        knob=Knob("keep_ratio", 0.0, 1.0),
+        cost="schedule",
+        at_stages=locations("pruning_loc"),
+        set_params=set_keep_ratio,
+        reports=frozenset({"counts", "masks"}),
+        reference="raoyongming/DynamicViT",
+        objective="dynamicvit",
+    )
+)

@@ -45,6 +45,26 @@ def masked_softmax(
     return (weights + eps / n) / (weights.sum(dim=-1, keepdim=True) + eps)
 
 
+def attention_inputs(
+    attn: Attention, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """timm ``Attention``'s queries, keys and values (B, H, N, head_dim) of x (B, N, C), q/k norms applied,
+    and its output gate (None without one): what every attention variant here starts from."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v, gate
+
+
+def attention_output(attn: Attention, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """timm ``Attention``'s way from the heads' outputs x (B, H, N, head_dim) to its output (B, N, C)."""
+    B, _, N, _ = x.shape
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
+
+
 class MaskedAttention(Attention):
     """timm's ``Attention`` plus a keep-masked path; without a mask it is timm's fused attention.
 
@@ -67,10 +87,7 @@ class MaskedAttention(Attention):
     ) -> torch.Tensor:
         if keep is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v, gate = attention_inputs(self, x)
         if self.recompute and not (self.training and self.attn_drop.p > 0):
             x = masked_attention(q, k, v, keep, self.scale, keep_gradient=self.keep_gradient)
         elif self.keep_gradient != "tangent":
@@ -81,10 +98,7 @@ class MaskedAttention(Attention):
         else:
             attn = masked_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
             x = self.attn_drop(attn).to(v.dtype) @ v
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return attention_output(self, x, gate)
 
 
 class MaskedBlock(Block):
@@ -185,6 +199,8 @@ __all__ = [
     "MaskedAttention",
     "MaskedAttentionPool",
     "MaskedBlock",
+    "attention_inputs",
+    "attention_output",
     "make_block_maskable",
     "make_pool_maskable",
     "masked_attention",

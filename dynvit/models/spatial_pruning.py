@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynvit.models.dynamic_vit import init_predictor, top_indices
+from dynvit.models.dynamic_vit import init_predictor
 from dynvit.models.predictor import KeepPredictor
+from dynvit.models.tokens import top_indices
 
 # Each pruning stage keeps this much less of the full map than the one before: [ρ, ρ − 0.2, ρ − 0.4].
 RATIO_STEP = 0.2

@@ -51,6 +51,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchvision.ops import roi_align
 
+from dynvit.models.contract import DensePredicting
 from dynvit.models.mixtoken import TokenBox, mix_class_targets, mix_tokens, sample_token_box
 
 
@@ -217,7 +218,7 @@ def dense_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     classifier is applied to every final patch token, as the paper's annotator applies its classifier
     to every location of a feature map.
     """
-    if hasattr(model, "forward_dense"):
+    if isinstance(model, DensePredicting):
         return model.forward_dense(images)[1]
     head = model.get_classifier()
     if not isinstance(head, nn.Module):

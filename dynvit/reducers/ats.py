@@ -35,8 +35,9 @@ from collections.abc import Sequence
 
 import torch
 
-from dynvit.models.dynamic_vit import gather_tokens
-from dynvit.reducers.base import AttentionStats, ReducedRun, SelectionViT, key_bias, validate_loc
+from dynvit.methods import Knob, Method, register
+from dynvit.models.tokens import validate_loc
+from dynvit.reducers.base import AttentionStats, ReducedViT, TokenState
 
 
 def significance(stats: AttentionStats, num_prefix: int = 1) -> torch.Tensor:
@@ -95,38 +96,31 @@ def inverse_transform_sample(
     )
 
 
-def sample_tokens(
-    x: torch.Tensor,
-    stats: AttentionStats,
-    valid: torch.Tensor,
-    k: int,
-    zero_floor: torch.Tensor | None = None,
-    num_prefix: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ATS stage on tokens x (B, P + n, C) of which ``valid`` (B, n) are real (the rest padding).
+def sample_positions(
+    stats: AttentionStats, valid: torch.Tensor, k: int, zero_floor: torch.Tensor | None = None, num_prefix: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ATS stage's choice among n non-prefix tokens of which ``valid`` (B, n) are real (the rest padding).
 
-    Returns the new tokens (B, P + m, C) with m the batch's largest kept count — the P prefix tokens,
-    kept tokens in their current order, then padding —, their positions (B, m) among the n, and which
-    of them are real (B, m). ``zero_floor``: see :func:`inverse_transform_sample`.
+    Returns the positions (B, m) to keep, m the batch's largest kept count — kept positions in their current
+    order, then padding —, and which of them are real (B, m). ``zero_floor``: see :func:`inverse_transform_sample`.
     """
     keep = inverse_transform_sample(significance(stats, num_prefix), k, zero_floor) & valid
     n = keep.shape[1]
     m = int(keep.sum(dim=1).max())
-    arange = torch.arange(n, device=x.device)
+    arange = torch.arange(n, device=keep.device)
     # Kept positions in ascending order first, the rest behind them; cut at the longest kept set.
     pos = torch.where(keep, arange, arange + n).argsort(dim=1)[:, :m]
-    p = num_prefix
-    return torch.cat([x[:, :p], gather_tokens(x[:, p:], pos)], dim=1), pos, keep.gather(1, pos)
+    return pos, keep.gather(1, pos)
 
 
-class ATSViT(SelectionViT):
+class ATSViT(ReducedViT):
     """A timm ViT with adaptive token sampling at ``pruning_loc`` blocks.
 
     Build with ``apply_reducer(vit, "ats")`` (the authors' setting) or ``apply_reducer(vit, "ats", max_tokens=K)``.
     """
 
     method = "ats"
-    needs_class_token = True
+    class_attention = True
 
     def configure(
         self,
@@ -147,8 +141,8 @@ class ATSViT(SelectionViT):
             a batch adds zero scores, so an image's later samples depend on the images beside it (one
             image at a time has none). Both cost the same.
         """
-        loc = tuple(range(self.default_loc()[0], len(self.blocks))) if pruning_loc is None else tuple(pruning_loc)
-        validate_loc(loc, len(self.blocks), self.num_patches)
+        loc = _at_stages(self.default_loc(), len(self.blocks))["pruning_loc"] if pruning_loc is None else pruning_loc
+        loc = validate_loc(loc, len(self.blocks))
         if max_tokens is None:
             max_tokens = self.num_patches
         ks = list(max_tokens) if isinstance(max_tokens, Sequence) else [max_tokens] * len(loc)
@@ -158,36 +152,49 @@ class ATSViT(SelectionViT):
             )
         self.max_tokens, self.pruning_loc, self.drop_tokens = tuple(ks), loc, bool(drop_tokens)
 
-    def run_blocks(self, x: torch.Tensor) -> ReducedRun:
-        B, N, p = x.shape[0], self.num_patches, self.num_prefix_tokens
-        index = torch.arange(N, device=x.device).expand(B, -1)  # original patch index; padding gets N
-        valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        bias, kept, counts, stage = None, [], [], 0
-        for i, block in enumerate(self.blocks):
-            before = valid.sum(dim=1) + p
-            if stage == len(self.pruning_loc) or i != self.pruning_loc[stage]:
-                x = block(x, attn_mask=bias)
-            else:
-                x, stats = block.attend(x, bias=bias, cls_attn=True)
-                # Without dropping, the removed tokens' zero rows are still in the authors' sequence.
-                floor = None if self.drop_tokens else (valid.sum(dim=1, keepdim=True) < N)
-                x, pos, valid = sample_tokens(x, stats, valid, self.max_tokens[stage], floor, p)
-                index = torch.gather(index, 1, pos).masked_fill(~valid, N)
-                kept.append(index)
-                bias = None if bool(valid.all()) else key_bias(padding_bias(valid, x.dtype, p))
-                x = block.feed_forward(x)
-                stage += 1
-            counts.append(torch.stack([before, valid.sum(dim=1) + p], dim=1))
-        # Padding stands for no token: pooling heads give it no weight.
-        sizes = None if bool(valid.all()) else torch.cat([valid.new_ones(B, p), valid], dim=1).to(x.dtype)
-        return ReducedRun(tokens=x, kept=kept, counts=torch.stack(counts, dim=1), sizes=sizes)
+    def start(self, state: TokenState) -> None:
+        # Padding has size 0, which proportional attention turns into -inf on its keys: hidden from attention.
+        state.valid = state.index.new_ones(state.index.shape, dtype=torch.bool)
+        state.proportional = True
+
+    def acts_between(self, i: int) -> bool:
+        return i in self.pruning_loc
+
+    def between(self, i: int, x: torch.Tensor, stats: AttentionStats, state: TokenState) -> torch.Tensor:
+        N, p = self.num_patches, self.num_prefix_tokens
+        # Without dropping, the removed tokens' zero rows are still in the authors' sequence.
+        floor = None if self.drop_tokens else (state.valid.sum(dim=1, keepdim=True) < N)
+        pos, valid = sample_positions(stats, state.valid, self.max_tokens[self.pruning_loc.index(i)], floor, p)
+        x = state.select(x, pos)
+        state.valid, state.index = valid, state.index.masked_fill(~valid, N)
+        # Padding stands for no token: proportional attention hides it, pooling heads give it no weight.
+        state.sizes = (
+            None if bool(valid.all()) else torch.cat([valid.new_ones(x.shape[0], p), valid], dim=1).to(x.dtype)
+        )
+        state.mark_stage()
+        return x
 
 
-def padding_bias(valid: torch.Tensor, dtype: torch.dtype, num_prefix: int = 1) -> torch.Tensor:
-    """Additive key bias (B, P + m): 0 for the P prefix tokens and real tokens, ``-inf`` for padding."""
-    bias = torch.zeros(valid.shape[0], valid.shape[1] + num_prefix, dtype=dtype, device=valid.device)
-    real = torch.cat([valid.new_ones(valid.shape[0], num_prefix), valid], dim=1)
-    return bias.masked_fill(real.logical_not(), -float("inf"))
+def _at_stages(stages: tuple[int, ...], depth: int) -> dict[str, tuple[int, ...]]:
+    """Samplers in every block from the first stage block on, as the ATS paper places them."""
+    return {"pruning_loc": tuple(range(stages[0], depth))}
 
 
-__all__ = ["ATSViT", "inverse_transform_sample", "padding_bias", "sample_points", "sample_tokens", "significance"]
+register(
+    Method(
+        name="ats",
+        summary="sample up to K tokens by class attention × value norm; the count adapts to the image (ATS)",
+        learned=False,
+        build=ATSViT.from_vit,
+        knob=Knob("max_tokens", 1, lambda vit: vit.patch_embed.num_patches, integer=True, short="K"),
+        cost="images",
+        at_stages=_at_stages,
+        reports=frozenset({"counts", "masks"}),
+        needs_class_token=True,
+        onnx="it keeps a different number of tokens per image, so its batch holds as many slots as the largest "
+        "kept set: a data-dependent size torch.export refuses",
+        reference="adaptivetokensampling/ATS",
+    )
+)
+
+__all__ = ["ATSViT", "inverse_transform_sample", "sample_points", "sample_positions", "significance"]

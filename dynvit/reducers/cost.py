@@ -18,6 +18,7 @@ from torch import nn
 
 from dynvit.measure.flops import count_module_flops
 from dynvit.models.dynamic_vit import input_size
+from dynvit.models.tokens import embed_tokens
 from dynvit.reducers.base import ReducedViT
 
 
@@ -85,7 +86,7 @@ class TokenCost:
             tail = [f1 - (f2 - f1) * first, f2 - f1]
             # input_size reads in_chans, so stems whose proj is not one convolution (vit_digits) work too.
             image = torch.randn(1, *input_size(model), device=param.device, dtype=param.dtype)
-            embed = _Call(lambda x: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x)))), model)
+            embed = _Call(lambda x: embed_tokens(model, x), model)
             fixed = count_module_flops(embed, image)
         finally:
             model.train(was_training)

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
-from dynvit.models.dynamic_vit import gather_tokens
-from dynvit.reducers.base import ReducedRun, SelectionViT, validate_loc, validate_rate
+from dynvit.methods import Knob, Method, locations, register
+from dynvit.models.tokens import validate_loc
+from dynvit.reducers.base import AttentionStats, ReducedViT, TokenState, validate_rate
 
 # How EViT fuses the dropped tokens: the official sum weighted by raw class attention, or dynvit's
 # attention-weighted mean (the same weights renormalised to sum to 1 over the dropped tokens).
@@ -36,36 +37,27 @@ def attentive_count(keep_rate: float, num_tokens: int) -> int:
     return math.ceil(keep_rate * num_tokens)
 
 
-def keep_attentive(
-    x: torch.Tensor, cls_attn: torch.Tensor, keep: int, fusion: str | None, num_prefix: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``keep`` non-prefix tokens the class token attends to most; optionally fuse the rest.
+def attentive_positions(cls_attn: torch.Tensor, keep: int, num_prefix: int = 1) -> torch.Tensor | None:
+    """Positions (B, keep), ascending, of the ``keep`` non-prefix tokens the class token attends to most
+    (``cls_attn`` (B, P + n), averaged over heads); None when ``keep >= n`` keeps them all."""
+    scores = cls_attn[:, num_prefix:]
+    if keep >= scores.shape[1]:
+        return None
+    return scores.topk(keep, dim=1).indices.sort(dim=1).values
 
-    Args:
-        x: Tokens (B, P + n, C), the P prefix tokens (class token first) in front.
-        cls_attn: The class token's attention over the same tokens (B, P + n), averaged over heads.
-        keep: Non-prefix tokens to keep, 1..n. ``keep = n`` returns x unchanged (nothing to fuse).
-        fusion: ``None`` drops the rest; ``"official"`` appends ``Σ_dropped a_i x_i`` (EViT's token,
-            raw attention weights); ``"dynvit_mean"`` appends the attention-weighted mean of the dropped.
-        num_prefix: P, the tokens always kept.
-    Returns:
-        The new tokens (B, P + keep [+ 1], C) — prefix tokens, kept ones in their original order, fused
-        one — and the positions (B, keep) of the kept tokens among the n non-prefix ones.
-    """
-    if fusion is not None and fusion not in FUSIONS:
+
+def fused_token(
+    x: torch.Tensor, cls_attn: torch.Tensor, top: torch.Tensor, fusion: str, num_prefix: int = 1
+) -> torch.Tensor:
+    """EViT's token (B, 1, C) made of the non-prefix tokens of x (B, P + n, C) not at positions ``top``:
+    ``"official"``: ``Σ_dropped a_i x_i`` with a the class attention as the softmax gave it;
+    ``"dynvit_mean"``: the same weights renormalised to sum 1 over the dropped tokens."""
+    if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS} or None, got {fusion!r}")
-    tokens, scores = x[:, num_prefix:], cls_attn[:, num_prefix:]
-    n = tokens.shape[1]
-    if keep >= n:
-        return x, torch.arange(n, device=x.device).expand(x.shape[0], -1)
-    top = scores.topk(keep, dim=1).indices.sort(dim=1).values
-    parts = [x[:, :num_prefix], gather_tokens(tokens, top)]
-    if fusion is not None:
-        weight = scores.scatter(1, top, 0.0)  # attention of the dropped tokens, zero on the kept
-        if fusion == "dynvit_mean":
-            weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
-        parts.append((weight.unsqueeze(-1) * tokens).sum(dim=1, keepdim=True))
-    return torch.cat(parts, dim=1), top
+    weight = cls_attn[:, num_prefix:].scatter(1, top, 0.0)  # attention of the dropped tokens, zero on the kept
+    if fusion == "dynvit_mean":
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+    return (weight.unsqueeze(-1) * x[:, num_prefix:]).sum(dim=1, keepdim=True)
 
 
 def attentive_schedule(
@@ -82,14 +74,14 @@ def attentive_schedule(
     return counts
 
 
-class AttentiveViT(SelectionViT):
+class AttentiveViT(ReducedViT):
     """A timm ViT that keeps the class token's most attended tokens at ``pruning_loc`` blocks.
 
     Build with ``apply_reducer(vit, "evit", keep_rate=0.7)`` or ``"topk"``.
     """
 
     fusion: str | None = None  # EViT's fused token (see FUSIONS); None drops the rest
-    needs_class_token = True
+    class_attention = True
 
     @property
     def fuse(self) -> bool:
@@ -103,8 +95,7 @@ class AttentiveViT(SelectionViT):
             stage blocks (3, 6, 9 for a 12-block ViT, EViT's 4th, 7th and 10th).
         """
         validate_rate("keep_rate", keep_rate)
-        loc = self.default_loc() if pruning_loc is None else tuple(pruning_loc)
-        validate_loc(loc, len(self.blocks), self.num_patches)
+        loc = validate_loc(self.default_loc() if pruning_loc is None else pruning_loc, len(self.blocks))
         self.keep_rate, self.pruning_loc = float(keep_rate), loc
 
     def token_schedule(self) -> list[tuple[int, int]]:
@@ -112,27 +103,23 @@ class AttentiveViT(SelectionViT):
             self.num_patches, len(self.blocks), self.keep_rate, self.pruning_loc, self.fuse, self.num_prefix_tokens
         )
 
-    def run_blocks(self, x: torch.Tensor) -> ReducedRun:
-        B = x.shape[0]
-        # Original patch index of each non-class token; the fused token gets num_patches.
-        index = torch.arange(self.num_patches, device=x.device).expand(B, -1)
-        kept, n = [], self.num_patches  # n: current non-class tokens, a Python int even under jit tracing
-        for i, block in enumerate(self.blocks):
-            if i not in self.pruning_loc:
-                x = block(x)
-                continue
-            x, stats = block.attend(x, cls_attn=True)
-            keep = attentive_count(self.keep_rate, n)
-            x, top = keep_attentive(x, stats.cls_attn.mean(dim=1), keep, self.fusion, self.num_prefix_tokens)
-            index = torch.gather(index, 1, top)
-            fused = self.fuse and keep < n  # nothing dropped, nothing to fuse
-            if fused:
-                index = torch.cat([index, index.new_full((B, 1), self.num_patches)], dim=1)
-            n = keep + fused
-            kept.append(index)
-            x = block.feed_forward(x)
-        counts = torch.tensor(self.token_schedule(), device=x.device).expand(B, -1, -1)
-        return ReducedRun(tokens=x, kept=kept, counts=counts)
+    def acts_between(self, i: int) -> bool:
+        return i in self.pruning_loc
+
+    def between(self, i: int, x: torch.Tensor, stats: AttentionStats, state: TokenState) -> torch.Tensor:
+        # The current count from the schedule: a Python int, even under jit tracing.
+        n = self.token_schedule()[i][0] - self.num_prefix_tokens
+        cls_attn = stats.cls_attn.mean(dim=1)
+        top = attentive_positions(cls_attn, attentive_count(self.keep_rate, n), self.num_prefix_tokens)
+        if top is not None:  # else nothing is dropped, and nothing fused
+            kept = state.select(x, top)
+            x = (
+                kept
+                if self.fusion is None
+                else state.append(kept, fused_token(x, cls_attn, top, self.fusion, self.num_prefix_tokens))
+            )
+        state.mark_stage()
+        return x
 
 
 class EViT(AttentiveViT):
@@ -161,12 +148,43 @@ class TopKViT(AttentiveViT):
     method = "topk"
 
 
+register(
+    Method(
+        name="evit",
+        summary="keep the tokens the class token attends to most, fuse the rest into one token (EViT)",
+        learned=False,
+        build=EViT.from_vit,
+        knob=Knob("keep_rate", 0.0, 1.0),
+        cost="schedule",
+        at_stages=locations("pruning_loc"),
+        reports=frozenset({"counts", "masks"}),
+        needs_class_token=True,
+        fine_tuned_in_paper=True,
+        reference="youweiliang/evit evit.py",
+    )
+)
+register(
+    Method(
+        name="topk",
+        summary="keep the tokens the class token attends to most, drop the rest (EViT without fusion)",
+        learned=False,
+        build=TopKViT.from_vit,
+        knob=Knob("keep_rate", 0.0, 1.0),
+        cost="schedule",
+        at_stages=locations("pruning_loc"),
+        reports=frozenset({"counts", "masks"}),
+        needs_class_token=True,
+        reference="JoakimHaurum/TokenReduction models/topk.py",
+    )
+)
+
 __all__ = [
     "FUSIONS",
     "AttentiveViT",
     "EViT",
     "TopKViT",
     "attentive_count",
+    "attentive_positions",
     "attentive_schedule",
-    "keep_attentive",
+    "fused_token",
 ]

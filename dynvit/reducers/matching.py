@@ -1,26 +1,39 @@
-"""Match reducers to a FLOPs budget: the ToMe ``r`` or EViT/top-k keep rate nearest a target GFLOPs.
+"""Match any registered method to a FLOPs budget: the value of its knob whose GFLOPs is nearest a target.
 
-FLOPs fall monotonically as a reducer's parameter reduces more (larger r, smaller keep rate), so a
-bisection finds the two candidates around the target with a handful of fvcore counts; counts are
-cached by token schedule, since parameters with the same schedule cost the same. Ties go to the
-candidate that reduces less (smaller r, larger keep rate).
+One search serves every method: the registry (:mod:`dynvit.methods`) gives the knob's candidates, ordered
+from the least reduction to the most, so GFLOPs never rise along them, and a bisection finds the two
+around the target with a handful of counts. How one candidate is counted is the method's ``cost``:
+
+- ``"schedule"``: token counts fixed by the parameters; fvcore on one forward, counted once per token
+  schedule (parameters with the same schedule cost the same);
+- ``"images"``: token counts that depend on the image (ATS); the mean over calibration images, each
+  priced at its own counts (:class:`~dynvit.reducers.cost.TokenCost`);
+- ``"keep_ratio"``: not searched; the knob is DynamicViT's keep ratio and takes the compared one.
+
+Ties go to the candidate that reduces less. :func:`match_to_student` sets every method to a DynamicViT
+student's GFLOPs at each of its keep ratios: the operating points of a comparison.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
+import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from dynvit.measure import count_flops
-from dynvit.models.factory import create_student, create_teacher
-from dynvit.reducers import apply_reducer
-from dynvit.reducers.tome import max_merges
+from dynvit import methods
+from dynvit.measure.flops import count_flops
+from dynvit.methods import Method
+from dynvit.reducers.base import check_reducible
+from dynvit.reducers.cost import TokenCost
 
 
 class Match(NamedTuple):
-    """A reducer parameter and the GFLOPs it gives."""
+    """A knob value and the GFLOPs it gives."""
 
     value: float
     gflops: float
@@ -56,80 +69,301 @@ def nearest(candidates: Sequence[float], gflops_of: Callable[[float], float], ta
     return Match(candidates[best], gflops_of(candidates[best]))
 
 
-def _scheduled_gflops(model: VisionTransformer, method: str, name: str, params: dict) -> Callable[[float], float]:
-    """GFLOPs of ``model`` reduced with ``{name: value, **params}``, counted once per token schedule."""
-    by_schedule: dict[tuple, float] = {}
+@torch.no_grad()
+def mean_cost(model: nn.Module, images: Iterable[torch.Tensor], cost: TokenCost) -> tuple[float, float]:
+    """Mean GFLOPs and mean patch tokens in the last block (prefix tokens excluded) per image.
 
-    def gflops_of(value: float) -> float:
-        apply_reducer(model, method, **{name: value}, **params)
-        key = tuple(model.token_schedule())
-        if key not in by_schedule:
-            by_schedule[key] = count_flops(model)
-        return by_schedule[key]
-
-    return gflops_of
-
-
-def match_tome_r(factory: Callable[[], VisionTransformer], target_gflops: float, **params) -> Match:
-    """The ToMe ``r`` (an int from 0 to ``N // 2``) whose GFLOPs is nearest ``target_gflops``.
-
-    Args:
-        factory: Builds the backbone (a plain timm ViT), e.g. ``lambda: create_teacher("deit_small_patch16_224")``.
-        **params: Other ToMe parameters (``prop_attn``).
+    Each image is costed at its own token counts (``predict_with_counts``), as if run alone.
     """
-    model = factory()
-    candidates = list(range(max_merges(model.patch_embed.num_patches) + 1))
-    value, gflops = nearest(candidates, _scheduled_gflops(model, "tome", "r", params), target_gflops)
-    return Match(int(value), gflops)
+    device = next(model.parameters()).device
+    gflops = tokens = 0.0
+    seen = 0
+    for x in images:
+        _, counts = model.predict_with_counts(x.to(device))
+        gflops += cost(counts).sum().item()
+        tokens += (counts[:, -1, 1] - model.num_prefix_tokens).sum().item()
+        seen += counts.shape[0]
+    if seen == 0:
+        raise ValueError("no images to measure the mean cost on")
+    return gflops / seen, tokens / seen
 
 
-def match_keep_rate(
-    factory: Callable[[], VisionTransformer], target_gflops: float, method: str = "evit", steps: int = 100, **params
+def match_gflops(
+    method: str | Method,
+    model: VisionTransformer,
+    target: float,
+    images: Sequence[torch.Tensor] | None = None,
+    cost: TokenCost | None = None,
+    steps: int = 100,
+    **params: Any,
 ) -> Match:
-    """The EViT or top-k keep rate on the grid ``1, 1 - 1/steps, …, 1/steps`` with GFLOPs nearest the target.
+    """The knob value of ``method`` whose GFLOPs on ``model`` is nearest ``target``; ``model`` is reduced in place.
 
     Args:
-        factory: Builds the backbone (a plain timm ViT).
-        method: ``"evit"`` or ``"topk"``.
-        steps: Grid resolution (100: keep rates to two decimals).
-        **params: Other parameters of the method (``pruning_loc``).
+        method: A registered method (or its name) whose ``cost`` is ``"schedule"`` or ``"images"``.
+        model: A plain timm ViT (or one this method reduced already), e.g. a copy of the teacher.
+        target: GFLOPs to match.
+        images: Batches of calibration images, for methods whose cost depends on the image.
+        cost: ``TokenCost.from_model`` of this backbone, if already fitted (methods costed on images).
+        steps: Resolution of a fractional knob (100: keep rates to two decimals).
+        **params: The method's other parameters (``pruning_loc``).
+    Raises:
+        ValueError: a method that is not matched (``cost="keep_ratio"``), or no calibration images for one
+            costed on images.
     """
-    if method not in ("evit", "topk"):
-        raise ValueError(f"keep-rate matching is for 'evit' or 'topk', got {method!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    candidates = [round(i / steps, 10) for i in range(steps, 0, -1)]
-    return nearest(candidates, _scheduled_gflops(factory(), method, "keep_rate", params), target_gflops)
+    method = methods.get(method) if isinstance(method, str) else method
+    knob = method.knob
+    candidates = valid_candidates(method, model, steps, **params)
+    if method.cost == "schedule":
+        by_schedule: dict[tuple, float] = {}
 
+        def gflops_of(value: float) -> float:
+            method.apply(model, **{knob.name: value}, **params)
+            key = tuple(model.token_schedule())
+            if key not in by_schedule:
+                by_schedule[key] = count_flops(model)
+            return by_schedule[key]
 
-def match_dynamicvit(
-    name: str, keep_ratios: Sequence[float] = (0.9, 0.8, 0.7, 0.5), steps: int = 100, **timm_kwargs
-) -> list[dict[str, float]]:
-    """For each DynamicViT keep ratio on backbone ``name``, its GFLOPs (predictors included) and the
-    ToMe r and EViT / top-k keep rates nearest to it, with their GFLOPs: the rows of a report table."""
+    elif method.cost == "images":
+        if not images:
+            raise ValueError(f"matching {method.name}'s mean GFLOPs needs calibration images (a validation loader)")
+        cost = TokenCost.from_model(model) if cost is None else cost
+        means: dict[float, float] = {}
 
-    def factory() -> VisionTransformer:
-        return create_teacher(name, **timm_kwargs)
+        def gflops_of(value: float) -> float:
+            if value not in means:
+                method.apply(model, **{knob.name: value}, **params)
+                means[value] = mean_cost(model, images, cost)[0]
+            return means[value]
 
-    rows = []
-    for ratio in keep_ratios:
-        target = count_flops(create_student(name, keep_ratio=ratio, **timm_kwargs))
-        tome = match_tome_r(factory, target)
-        evit = match_keep_rate(factory, target, "evit", steps)
-        topk = match_keep_rate(factory, target, "topk", steps)
-        rows.append(
-            dict(
-                keep_ratio=ratio,
-                dynamicvit_gflops=target,
-                tome_r=tome.value,
-                tome_gflops=tome.gflops,
-                evit_keep_rate=evit.value,
-                evit_gflops=evit.gflops,
-                topk_keep_rate=topk.value,
-                topk_gflops=topk.gflops,
-            )
+    else:
+        raise ValueError(
+            f"{method.name} is not matched to a GFLOPs target: its {knob.name} is DynamicViT's keep ratio, "
+            "set to the compared one"
         )
-    return rows
+    return nearest(candidates, gflops_of, target)
 
 
-__all__ = ["Match", "match_dynamicvit", "match_keep_rate", "match_tome_r", "nearest"]
+def valid_candidates(method: str | Method, model: nn.Module, steps: int = 100, **params: Any) -> list[float]:
+    """The knob's candidates (:meth:`~dynvit.methods.Knob.candidates`) that ``model`` accepts: those before the
+    first that leaves no token at some stage (DynamicViT's ``int(N · ρ^s)``), found by bisection, since every
+    later candidate reduces more. ``model`` is left set to one of them.
+
+    Raises:
+        ValueError: not even the least reduction fits (its own error says why).
+    """
+    method = methods.get(method) if isinstance(method, str) else method
+    candidates = method.knob.candidates(model, steps)
+
+    def accepted(value: float) -> bool:
+        try:
+            method.apply(model, **{method.knob.name: value}, **params)
+        except ValueError:
+            return False
+        return True
+
+    lo, hi = 0, len(candidates)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if accepted(candidates[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == 0:  # not even the least reduction fits: its own error says why
+        method.apply(model, **{method.knob.name: candidates[0]}, **params)
+    return candidates[:lo]
+
+
+@dataclass
+class Matched:
+    """One method set up to cost what the student costs at one keep ratio.
+
+    Attributes:
+        method: A registered method's name.
+        keep_ratio: The student's keep ratio ρ it is matched to.
+        target: The student's GFLOPs at ρ.
+        gflops: The method's GFLOPs as matched (for a method costed on images the mean over the calibration images).
+        params: What the method's builder gets (empty for the student itself).
+    """
+
+    method: str
+    keep_ratio: float
+    target: float
+    gflops: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float:
+        """The matched knob's value (ρ itself for the student)."""
+        return self.params.get(methods.get(self.method).knob.name, self.keep_ratio)
+
+    @property
+    def label(self) -> str:
+        """``r=3``, ``keep_rate=0.62``, ``K=20``, …: the setting as the table shows it."""
+        return methods.get(self.method).knob.label(self.value)
+
+
+def student_method(student: nn.Module) -> Method:
+    """The registered learned method of a student: its own record, else DynamicViT's (hierarchical students
+    run DynamicViT's method on another backbone and have no record of their own)."""
+    return methods.of(student) or methods.get("dynamicvit")
+
+
+def student_at(student: nn.Module) -> Callable[[float], nn.Module]:
+    """Sets the student's knob (its keep ratio) and returns the student.
+
+    Raises:
+        TypeError: ``student`` is no student whose knob can be set (a plain ViT, a reducer).
+    """
+    method = student_method(student)
+    if not method.learned or getattr(student, method.knob.name, None) is None:
+        raise TypeError(
+            f"{type(student).__name__} has no {method.knob.name} to vary: the comparison needs a trained student "
+            "(e.g. DynamicViTModule's net)"
+        )
+
+    def at(value: float) -> nn.Module:
+        return method.apply(student, **{method.knob.name: value})
+
+    return at
+
+
+def stage_blocks_of(student: nn.Module) -> tuple[int, ...]:
+    """The blocks a student reduces before: where the methods compared with it reduce too.
+
+    Raises:
+        TypeError: the student names no stage blocks.
+    """
+    loc = getattr(student, "pruning_loc", None)
+    if loc is None:
+        raise TypeError(f"{type(student).__name__} has no pruning_loc: the comparison reduces in its stage blocks")
+    return tuple(loc)
+
+
+def check_methods(names: Sequence[str] | str) -> list[str]:
+    """The method names as a list; ``ValueError`` for none, an unknown one (with a suggestion), a repeat, or
+    more than one learned method (a comparison measures one trained student)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(
+            f"no methods given: pass e.g. --methods [dynamicvit,tome]; choose from {list(methods.registered())}"
+        )
+    records = [methods.get(name) for name in names]  # an unknown name lists the registered ones
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"methods {repeated} are listed more than once")
+    learned = [m.name for m in records if m.learned]
+    if len(learned) > 1:
+        raise ValueError(f"methods {learned} are all learned, and a comparison measures one trained student: keep one")
+    return names
+
+
+def check_comparable(student: nn.Module, teacher: nn.Module | None, names: Sequence[str]) -> None:
+    """Raise unless ``names`` can be compared on this student and teacher, before anything is measured.
+
+    Raises:
+        TypeError: the student has no keep ratio and stage blocks, or a method cannot take the teacher over.
+        ValueError: a training-free method is asked for and there is no teacher.
+    """
+    student_at(student)
+    stage_blocks_of(student)
+    free = [name for name in names if not methods.get(name).learned]
+    if not free:
+        return
+    if teacher is None:
+        raise ValueError(
+            f"{free} run on the teacher's weights, and this model has no teacher: use a DynamicViTModule "
+            "config with model.init_args.teacher_checkpoint set"
+        )
+    for name in free:
+        try:
+            check_reducible(teacher, name)
+        except TypeError as e:
+            raise TypeError(f"{[name]} cannot run on this teacher: {e}") from None
+
+
+def match_to_student(
+    student: nn.Module,
+    teacher: VisionTransformer | None,
+    ratios: Sequence[float],
+    names: Sequence[str],
+    images: Sequence[torch.Tensor] | None = None,
+    steps: int = 100,
+    cost: TokenCost | None = None,
+) -> list[Matched]:
+    """Every method set to each of the student's keep ratios' GFLOPs, ratio by ratio in the order given.
+
+    The learned method (the student) is measured as it is; every training-free one runs on a copy of the
+    teacher, at the student's stage blocks where it has locations, matched by its registry ``cost``.
+
+    Args:
+        student: The trained student (its keep ratio is restored afterwards).
+        teacher: The plain ViT the training-free methods run on; it is copied, never changed.
+        ratios: Keep ratios in (0, 1].
+        names: Registered method names.
+        images: Calibration images for methods costed on images (batches on the teacher's device).
+        steps: Resolution of fractional knobs (100: two decimals).
+        cost: ``TokenCost.from_model(teacher)``, if already fitted.
+    """
+    names = check_methods(names)
+    check_comparable(student, teacher, names)
+    records = [methods.get(name) for name in names]
+    if any(m.cost == "images" and not m.learned for m in records) and not images:
+        imaged = [m.name for m in records if m.cost == "images"]
+        raise ValueError(f"matching {imaged}'s mean GFLOPs needs calibration images (a validation loader)")
+    at = student_at(student)
+    knob = student_method(student).knob.name
+    original = getattr(student, knob)
+    stages = stage_blocks_of(student)
+    if cost is None and any(m.cost == "images" and not m.learned for m in records):
+        cost = TokenCost.from_model(teacher)
+    matched = []
+    try:
+        for ratio in ratios:
+            target = count_flops(at(ratio))
+            for method in records:
+                if method.learned:
+                    matched.append(Matched(method.name, ratio, target, target))
+                    continue
+                params = method.stage_params(stages, len(teacher.blocks))
+                if method.cost == "keep_ratio":
+                    model = method.apply(copy.deepcopy(teacher), **{method.knob.name: ratio}, **params)
+                    match = Match(ratio, count_flops(model))
+                else:
+                    match = match_gflops(method, copy.deepcopy(teacher), target, images, cost, steps, **params)
+                params[method.knob.name] = match.value
+                matched.append(Matched(method.name, ratio, target, match.gflops, params))
+    finally:
+        at(original)
+    return matched
+
+
+def matched_records(matched: Sequence[Matched]) -> list[dict[str, Any]]:
+    """One record per keep ratio: the student's GFLOPs (``dynamicvit_gflops``, named for its method), then each
+    other method's setting and GFLOPs (``tome_r``, ``tome_gflops``, ``evit_keep_rate``, …): the rows of a
+    report table."""
+    learned = next((m.method for m in matched if methods.get(m.method).learned), "student")
+    by_ratio: dict[float, dict[str, Any]] = {}
+    for m in matched:
+        record = by_ratio.setdefault(m.keep_ratio, {"keep_ratio": m.keep_ratio, f"{learned}_gflops": m.target})
+        if not methods.get(m.method).learned:
+            record[f"{m.method}_{methods.get(m.method).knob.name}"] = m.value
+            record[f"{m.method}_gflops"] = m.gflops
+    return list(by_ratio.values())
+
+
+__all__ = [
+    "Match",
+    "Matched",
+    "check_comparable",
+    "check_methods",
+    "match_gflops",
+    "match_to_student",
+    "matched_records",
+    "mean_cost",
+    "nearest",
+    "stage_blocks_of",
+    "student_at",
+    "student_method",
+    "valid_candidates",
+]

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from dynvit.models.dynamic_vit import gather_tokens, keep_counts, validate_pruning
-from dynvit.reducers.base import ReducedRun, SelectionViT, validate_loc
+from dynvit.methods import Knob, Method, locations, register
+from dynvit.models.dynamic_vit import keep_counts, validate_pruning
+from dynvit.reducers.base import ReducedViT, TokenState
 
 
-class RandomKeepViT(SelectionViT):
+class RandomKeepViT(ReducedViT):
     """A timm ViT keeping random patch tokens before ``pruning_loc`` blocks, in DynamicViT's numbers.
 
     Build with ``apply_reducer(vit, "random", keep_ratio=0.7)``.
@@ -32,7 +33,6 @@ class RandomKeepViT(SelectionViT):
         seed: Seed of the eval-mode generator.
         """
         loc = self.default_loc() if pruning_loc is None else tuple(pruning_loc)
-        validate_loc(loc, len(self.blocks), self.num_patches)
         validate_pruning(keep_ratio, loc, len(self.blocks), self.num_patches)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
@@ -47,23 +47,33 @@ class RandomKeepViT(SelectionViT):
             counts.append((n + self.num_prefix_tokens, n + self.num_prefix_tokens))
         return counts
 
-    def run_blocks(self, x: torch.Tensor) -> ReducedRun:
-        B, p = x.shape[0], self.num_prefix_tokens
-        generator = None if self.training else torch.Generator(device=x.device).manual_seed(self.seed)
-        index = torch.arange(self.num_patches, device=x.device).expand(B, -1)
-        kept = []
-        for i, block in enumerate(self.blocks):
-            if i in self.pruning_loc:
-                k, n = self.keep_counts[self.pruning_loc.index(i)], x.shape[1] - p
-                # The k largest of n uniform draws are a uniform random k-subset.
-                draws = torch.rand(B, n, generator=generator, device=x.device)
-                pos = draws.topk(k, dim=1).indices.sort(dim=1).values
-                x = torch.cat([x[:, :p], gather_tokens(x[:, p:], pos)], dim=1)
-                index = torch.gather(index, 1, pos)
-                kept.append(index)
-            x = block(x)
-        counts = torch.tensor(self.token_schedule(), device=x.device).expand(B, -1, -1)
-        return ReducedRun(tokens=x, kept=kept, counts=counts)
+    def start(self, state: TokenState) -> None:
+        # Eval draws from a generator seeded afresh on every run; training from torch's global one.
+        state.generator = None if self.training else torch.Generator(device=state.index.device).manual_seed(self.seed)
 
+    def before_block(self, i: int, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        if i not in self.pruning_loc:
+            return x
+        k, n = self.keep_counts[self.pruning_loc.index(i)], x.shape[1] - self.num_prefix_tokens
+        # The k largest of n uniform draws are a uniform random k-subset.
+        draws = torch.rand(x.shape[0], n, generator=state.generator, device=x.device)
+        x = state.select(x, draws.topk(k, dim=1).indices.sort(dim=1).values)
+        state.mark_stage()
+        return x
+
+
+register(
+    Method(
+        name="random",
+        summary="keep uniformly random tokens in DynamicViT's counts and blocks: the floor to beat",
+        learned=False,
+        build=RandomKeepViT.from_vit,
+        knob=Knob("keep_ratio", 0.0, 1.0),
+        cost="keep_ratio",
+        at_stages=locations("pruning_loc"),
+        reports=frozenset({"counts", "masks"}),
+        onnx="it draws random numbers at inference (a generator seeded on every call), which the exporter cannot trace",
+    )
+)
 
 __all__ = ["RandomKeepViT"]

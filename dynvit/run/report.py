@@ -27,6 +27,9 @@ class ResultRow:
         speedup_low, speedup_high: The speedup's 95 % interval (None below 6 pairs).
         top1: Validation top-1 as a fraction (None without data).
         recall: Per pruning stage, the share of the object's patches still kept (data with patch masks).
+        purity: For tokens that stand for sets of patches (mergers), the share of the object's patches in
+            object-majority tokens after the last block (data with patch masks).
+        images: How many validation images top-1, recall and purity were scored on.
         run: Where the row comes from (a sweep point's folder), if anywhere.
         param: The method's own setting when it is not ρ (``r=3``, ``keep_rate=0.62``, ``K=20``): ``keep_ratio``
             is then the DynamicViT keep ratio the method was matched to in GFLOPs.
@@ -58,6 +61,8 @@ class ResultRow:
     latency_speedup: float | None = None
     latency_speedup_low: float | None = None
     latency_speedup_high: float | None = None
+    purity: float | None = None
+    images: int | None = None
 
     @property
     def variant(self) -> str:
@@ -110,7 +115,8 @@ def _fmt(value: Any, kind: str, record: dict[str, Any] | None = None, key: str =
 
 def format_table(rows: Sequence[ResultRow]) -> str:
     """A Markdown table: method, ρ, setting, precision, backend, GFLOPs, tokens, params, images/s,
-    speedup (95 % interval), batch-1 latency and its speedup, top-1 %, recall % per stage.
+    speedup (95 % interval), batch-1 latency and its speedup, scored images, top-1 %, recall % per stage,
+    purity %.
 
     Columns nothing was measured for are left out, and so are precision and backend while every row
     is float32 eager PyTorch.
@@ -130,9 +136,11 @@ def format_table(rows: Sequence[ResultRow]) -> str:
         ("speedup", "speedup (95 % CI)", "ratio"),
         ("latency_ms", "latency ms (batch 1)", "float"),
         ("latency_speedup", "latency speedup (95 % CI)", "ratio"),
+        ("images", "images", "text"),
         ("top1", "top-1 %", "percent"),
     ]
     columns += [(k, f"recall s{k.removeprefix('recall_s')} %", "percent") for k in recs[0] if k.startswith("recall_s")]
+    columns += [("purity", "purity %", "percent")]
     defaults = {"precision": "fp32", "backend": "eager"}
     keep = [
         c
@@ -264,7 +272,7 @@ def read_rows(path: str | Path) -> list[ResultRow]:
 
 
 def format_matches(records: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.run.benchmark.matched_records``)."""
+    """A Markdown table of matched settings, one row per keep ratio (see ``dynvit.reducers.matching.matched_records``)."""
     if not records:
         raise ValueError("no matched settings to format")
     columns = list(dict.fromkeys(key for record in records for key in record))

@@ -37,9 +37,11 @@ from jsonargparse import ArgumentParser, Namespace
 from dynvit.measure.allocator import keep_freed_memory
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
 from dynvit.measure.environment import environment
+from dynvit.measure.evaluate import LimitedLoader, count_images, evaluate
 from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.throughput import keep_rng, time_model
-from dynvit.run.benchmark import check_ratios, dynamicvit_at, evaluate
+from dynvit.reducers.matching import student_at
+from dynvit.run.benchmark import check_ratios
 from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
@@ -139,8 +141,12 @@ def check_parameters(spec: SweepSpec, config: Namespace, student: torch.nn.Modul
             ratios = check_ratios(values)
         except (TypeError, ValueError) as e:
             raise SweepError(f"{spec.path}: parameter {key!r}: {e}") from e
-        if student is not None and hasattr(student, "keep_ratio"):
-            set_ratio, original = dynamicvit_at(student), student.keep_ratio
+        try:
+            set_ratio = None if student is None else student_at(student)
+        except TypeError:  # no student whose keep ratio the sweep could check
+            set_ratio = None
+        if set_ratio is not None:
+            original = student.keep_ratio
             try:
                 for ratio in ratios:
                     set_ratio(ratio)
@@ -203,7 +209,8 @@ def teacher_row(
     """The teacher measured once, as the ``fit`` runs' throughput callbacks time it (their settings and device).
 
     Each point's speedup comes from its own fit, where the callback timed the student in pairs with
-    this teacher; the teacher's images/s here is for the table only.
+    this teacher; the teacher's images/s here is for the table only. Its top-1 is on the validation
+    batches the points' fits validate on (``trainer.limit_val_batches``).
     """
     _, teacher = networks(module)
     if teacher is None:
@@ -215,13 +222,14 @@ def teacher_row(
     if datamodule is not None:
         datamodule.prepare_data()
         datamodule.setup("validate")
-        loader = datamodule.val_dataloader()
+        loader = LimitedLoader(datamodule.val_dataloader(), trainer.limit_val_batches)
     teacher.to(device)
     with keep_rng(device):
         row = ResultRow("teacher", 1.0, count_flops(teacher), count_params(teacher), speedup=1.0)
     row.images_per_s = time_model(teacher, settings, speed.dtype or precision_dtype(trainer.precision)).images_per_s
     if loader is not None:
-        row.top1, row.recall = evaluate(teacher, loader, device)
+        scored = evaluate(teacher, loader, device)
+        row.top1, row.recall, row.purity, row.images = scored.top1, scored.recall, scored.purity, scored.images
     return row
 
 
@@ -242,6 +250,8 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     stages = itertools.takewhile(lambda s: f"val/recall_s{s}" in metrics, itertools.count(1))
     recall = [metrics[f"val/recall_s{s}"] for s in stages]
+    loader = trainer.val_dataloaders
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
     return ResultRow(
         method=getattr(net, "method", type(net).__name__.lower()),
         keep_ratio=float(getattr(net, "keep_ratio", 1.0)),
@@ -254,6 +264,7 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
         top1=metrics.get("val/top1"),
         recall=recall,
         run=run,
+        images=None if loader is None else count_images(LimitedLoader(loader, trainer.limit_val_batches)),
     )
 
 

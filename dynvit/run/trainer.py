@@ -14,24 +14,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dynvit import methods as registry
 from dynvit.deploy import export_onnx
 from dynvit.deploy.onnx import TOLERANCE, ExportError, check_onnx
 from dynvit.measure.callbacks import networks
+from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, random_images
 from dynvit.models import load_checkpoint
-from dynvit.run.benchmark import (
-    DEFAULT_RATIOS,
-    LABELS,
-    BenchmarkResult,
-    benchmark,
-    check_comparable,
-    check_methods,
-    check_precisions,
-    check_ratios,
-    dynamicvit_at,
-    first_images,
-    report,
-)
+from dynvit.reducers.matching import student_at
+from dynvit.run.benchmark import DEFAULT_RATIOS, BenchmarkResult, benchmark, check_benchmark, first_images, report
 from dynvit.run.run_folder import describe_teachers
 
 
@@ -87,17 +78,18 @@ class DynViTTrainer(L.Trainer):
             keep_freed_memory: Make glibc keep freed memory in the heap before timing, so that large
                 tensors page-fault in no call rather than in some processes' calls
                 (:mod:`dynvit.measure.allocator`); ``false`` times with glibc's default.
-            accuracy: Measure validation top-1 (and kept-token recall when batches carry patch
-                masks) on the DataModule's validation set.
+            accuracy: Measure validation top-1 (and kept-token recall and merge purity when batches
+                carry patch masks) on the DataModule's validation set, every row on the same images: the
+                batches ``--trainer.limit_val_batches`` lets fit's validation see.
             methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``:
-                ``dynamicvit`` (the student) and the training-free reducers of :mod:`dynvit.reducers`.
-            calibration_images: Validation images ATS's K is matched on (its cost varies per image).
+                any registered method (``dynvit.methods.registered()``); the learned one is the student.
+            calibration_images: Validation images a method whose cost varies per image (ATS) is matched on.
         """
-        ratios = check_ratios(ratios)
-        methods = check_methods(methods)
-        precisions = check_precisions(precision)
         if calibration_images < 1:
             raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
+        student, teacher = networks(model)
+        # Every argument is checked against this student and teacher before anything is loaded or measured.
+        plan = check_benchmark(student, teacher, ratios, methods, precision, backend)
         settings = SpeedSettings(
             batch_size=batch_size,
             device=device or self.strategy.root_device,
@@ -107,42 +99,36 @@ class DynViTTrainer(L.Trainer):
             threads=threads,
             keep_freed_memory=keep_freed_memory,
         )
-        student, teacher = networks(model)
-        model_at = dynamicvit_at(student)
-        check_comparable(student, teacher, methods)
-        # Every ratio must fit this model (e.g. keep at least one token per stage) before any measuring.
-        original = student.keep_ratio
-        for ratio in ratios:
-            model_at(ratio)
-        model_at(original)
         if ckpt_path is not None:
             load_checkpoint(student, ckpt_path)
         for line in describe_teachers(ckpt_path, getattr(model, "teacher_record", None)):
             print(line)
+        imaged = [m for m in plan.methods if registry.get(m).cost == "images" and not registry.get(m).learned]
         loader = calibration = None
-        if (accuracy or "ats" in methods) and datamodule is not None:
+        if (accuracy or imaged) and datamodule is not None:
             datamodule.prepare_data()
             datamodule.setup("validate")
-            loader = datamodule.val_dataloader()
-        if "ats" in methods:
+            # Every row is scored on the images fit's validation would see (--trainer.limit_val_batches).
+            loader = LimitedLoader(datamodule.val_dataloader(), self.limit_val_batches)
+        if imaged:
             if loader is None:
-                raise ValueError("ATS is matched on validation images: give the config a DataModule")
+                raise ValueError(f"{imaged} are matched on validation images: give the config a DataModule")
             calibration = first_images(loader, calibration_images)
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
         result = benchmark(
             student,
             teacher,
-            ratios,
-            methods,
+            plan.ratios,
+            plan.methods,
             loader if accuracy else None,
             settings,
             calibration,
-            precisions=precisions,
-            backend=backend,
+            precisions=plan.precisions,
+            backend=plan.backend,
             latency=latency,
             onnx_dir=out_dir / "onnx",
         )
-        names = ", ".join(LABELS.get(m, m) for m in methods)
+        names = ", ".join(registry.get(m).label for m in plan.methods)
         report(result, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
         return result
 
@@ -183,7 +169,7 @@ class DynViTTrainer(L.Trainer):
             raise ValueError(f"check_tolerance must be > 0, got {check_tolerance}")
         net, _ = networks(model)
         if keep_ratio is not None:
-            dynamicvit_at(net)(keep_ratio)
+            student_at(net)(keep_ratio)
         if ckpt_path is not None:
             load_checkpoint(net, ckpt_path)
         images = None

@@ -1,0 +1,116 @@
+"""What every token-reducing model offers, as Protocols instead of ``hasattr`` checks.
+
+:class:`TokenReducingModel` is met by every model a registered method builds (a reducer, a DynamicViT
+student); the capability protocols say what else a model can report, and are checked with
+``isinstance`` (they are ``runtime_checkable``). The registry (:mod:`dynvit.methods`) records which of
+them each method offers; the contract test checks that record against the model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from dynvit import methods
+
+
+@runtime_checkable
+class TokenReducingModel(Protocol):
+    """A classifier that runs on fewer tokens than it was given, and says how many.
+
+    Attributes:
+        method: The registry name of the method that built it (``dynvit.methods.get(model.method)``).
+        num_prefix_tokens: Tokens in front that are never reduced (class, distillation, register tokens).
+    """
+
+    method: str
+    num_prefix_tokens: int
+
+    def predict_with_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits (B, classes) and the real tokens (B, depth, 2), prefix tokens included, that
+        entered every block's attention and MLP."""
+        ...
+
+    def token_schedule(self) -> list[tuple[int, int]] | None:
+        """The (attention, MLP) token counts of every block when they do not depend on the image, else None."""
+        ...
+
+
+@runtime_checkable
+class MaskReporting(Protocol):
+    """A model that can say which original patches are still tokens of their own after each stage."""
+
+    def predict_with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits and, per stage, a bool mask (B, N) over the original patches."""
+        ...
+
+
+@runtime_checkable
+class SourceReporting(Protocol):
+    """A model whose tokens stand for sets of original patches (mergers)."""
+
+    def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits and which original patches (B, M, N) bool each final non-prefix token stands for."""
+        ...
+
+
+@runtime_checkable
+class AssignmentReporting(Protocol):
+    """A model that assigns tokens to clusters (clustering methods)."""
+
+    def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits and, per stage, the output token (B, n_in) int64 each input non-prefix token went to."""
+        ...
+
+
+@runtime_checkable
+class DensePredicting(Protocol):
+    """A ViT with a dense head besides its classifier (LV-ViT's auxiliary head): a class prediction per patch."""
+
+    def forward_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (B, classes) and per-patch class logits (B, N, classes)."""
+        ...
+
+
+@runtime_checkable
+class DenseDistilling(Protocol):
+    """A student distilled on its teacher's dense predictions rather than its features.
+
+    Attributes:
+        token_distill: How the loss compares them (``"kl"``).
+    """
+
+    token_distill: str
+
+
+# The protocol behind each report a method can declare (dynvit.methods.REPORTS).
+REPORT_PROTOCOLS: dict[str, type] = {
+    "counts": TokenReducingModel,
+    "masks": MaskReporting,
+    "sources": SourceReporting,
+    "assignments": AssignmentReporting,
+}
+
+
+def reports(model: nn.Module) -> frozenset[str]:
+    """What ``model`` reports (:data:`dynvit.methods.REPORTS`): its registered method's declared reports, else
+    those whose protocol it meets. A reducer that tracks no original patches (a learned merger's new tokens)
+    offers ``predict_with_masks`` but does not declare masks, and is not scored on them."""
+    method = methods.of(model)
+    if method is not None:
+        return method.reports
+    return frozenset(name for name, protocol in REPORT_PROTOCOLS.items() if isinstance(model, protocol))
+
+
+__all__ = [
+    "REPORT_PROTOCOLS",
+    "AssignmentReporting",
+    "DenseDistilling",
+    "DensePredicting",
+    "MaskReporting",
+    "SourceReporting",
+    "TokenReducingModel",
+    "reports",
+]
