@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dynvit.deploy.quantize import QuantizationError, check_inference_ready, precision_of
-from dynvit.measure.throughput import random_images
+from dynvit.measure.throughput import quiet_logs, random_images
 
 INPUT, OUTPUT = "images", "logits"
 # Largest |onnxruntime − eager| / max |eager| accepted by the export check (float32 rounding of a
@@ -108,6 +108,18 @@ def export_onnx(
                 f"images, above {TOLERANCE:g}: the exported graph does not compute what {type(model).__name__} does"
             )
     return path
+
+
+def quantize_onnx(path: str | Path, out: str | Path | None = None) -> Path:
+    """onnxruntime's dynamic int8 quantization of an exported file: int8 weights, activations quantized
+    per call (``MatMulInteger``); written to ``out``, by default ``<stem>.int8.onnx`` beside it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_name(f"{path.stem}.int8.onnx")
+    with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
 
 
 def onnx_session(path: str | Path, threads: int | None = None, spin: bool = False):
