@@ -231,7 +231,9 @@ def test_bf16_and_torchao_int8_warn_once_on_a_cpu_without_their_instructions(mon
     with pytest.warns(SlowPrecisionWarning, match=rf"need AVX-512 BF16 or AMX \(amx_bf16\).*{found}"):
         bf16 = quantize(student, "bf16")
     assert bf16.head.weight.dtype == torch.bfloat16  # it goes on
-    with pytest.warns(SlowPrecisionWarning, match=rf"torchao's int8.*need VNNI.*or AMX \(amx_int8\).*{found}"):
+    with pytest.warns(
+        SlowPrecisionWarning, match=rf"torchao's int8.*need AVX-512 VNNI \(avx512_vnni\) or AMX \(amx_int8\).*{found}"
+    ):
         torchao = quantize(student, "int8", int8_backend="torchao")
     assert "blocks.0.attn.qkv" in int8_layers(torchao)
     with warnings.catch_warnings():
@@ -257,8 +259,13 @@ def test_only_the_instructions_onednn_may_use_count():
     assert zen5.fast("bf16") is True and zen5.fast("int8") is True and zen5.fast("fp32") is True
     avx2 = dataclasses.replace(zen5, onednn_max_isa="AVX2")
     assert avx2.usable == {"avx2", "avx512_f"} and avx2.fast("bf16") is False and avx2.fast("int8") is False
-    vnni256 = dataclasses.replace(zen5, onednn_max_isa="avx2_vnni")  # oneDNN reads it case-insensitively
-    assert vnni256.fast("int8") is True and vnni256.fast("bf16") is False
+    vnni512 = dataclasses.replace(zen5, onednn_max_isa="avx512_core_vnni")  # oneDNN reads it case-insensitively
+    assert vnni512.fast("int8") is True and vnni512.fast("bf16") is False
+    # ATen's int8 product uses oneDNN only with AVX-512 VNNI: AVX-VNNI alone (256-bit) does not count.
+    alder_lake = CpuInfo("Intel Core", "x86_64", "AVX2", frozenset({"avx2", "avx_vnni"}))
+    assert (
+        alder_lake.fast("int8") is False and dataclasses.replace(zen5, onednn_max_isa="AVX2_VNNI").fast("int8") is False
+    )
     assert dataclasses.replace(zen5, onednn_max_isa="AVX512_CORE_BF16").fast("bf16") is True
     assert dataclasses.replace(zen5, onednn_max_isa="ALL").usable == zen5.features
     # Off x86 there is no measurement to judge by: no verdict, no warning.

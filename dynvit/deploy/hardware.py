@@ -5,9 +5,9 @@ libraries are allowed to use them:
 
 - **bf16** matrix products run on AVX-512 BF16 (``vdpbf16ps``) or AMX tiles (``amx_bf16``); without
   them oneDNN converts to float32 and back around every product, slower than float32 itself.
-- **int8 through torchao** multiplies with ``torch._int_mm`` (oneDNN), fast with VNNI (AVX-512 VNNI,
-  AVX-VNNI) or AMX (``amx_int8``); without them the int8 product is no faster than float32's and
-  torchao's per-call activation quantization comes on top.
+- **int8 through torchao** multiplies with ``torch._int_mm``, which hands the product to oneDNN only
+  where the CPU reports AVX-512 VNNI (every AMX CPU does); elsewhere it runs a plain loop, about 40×
+  slower than the float32 product (AVX-VNNI, the 256-bit form, does not count).
 
 The CPU's own features come from ``torch.cpu.get_capabilities()`` (the cpuinfo library) and, on
 Linux, ``/proc/cpuinfo``; what the kernels may use is lowered by ``ONEDNN_MAX_CPU_ISA`` (oneDNN's cap,
@@ -55,7 +55,7 @@ _NEEDS_LEVEL = {
     "amx_int8": "AVX512_CORE_AMX",
 }
 BF16_FEATURES: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
-INT8_FEATURES: tuple[str, ...] = ("avx512_vnni", "avx_vnni", "amx_int8")
+INT8_FEATURES: tuple[str, ...] = ("avx512_vnni", "amx_int8")
 # /proc/cpuinfo's spelling where cpuinfo's differs.
 _PROC_NAMES = {"avx512f": "avx512_f"}
 
@@ -124,7 +124,7 @@ class CpuInfo:
         }
 
 
-_RELEVANT = ("avx2", "avx512_f", *INT8_FEATURES, *BF16_FEATURES)
+_RELEVANT = ("avx2", "avx512_f", "avx_vnni", *INT8_FEATURES, *BF16_FEATURES)
 
 
 def detect_cpu() -> CpuInfo:
@@ -150,7 +150,7 @@ class SlowPrecisionWarning(UserWarning):
 
 _NEEDED = {
     "bf16": "AVX-512 BF16 or AMX (amx_bf16)",
-    "int8": "VNNI (avx512_vnni, avx_vnni) or AMX (amx_int8)",
+    "int8": "AVX-512 VNNI (avx512_vnni) or AMX (amx_int8)",
 }
 # (precision, what was found) pairs already warned about: each is said once per process.
 _warned: set[tuple[str, str]] = set()

@@ -103,7 +103,7 @@ def int8_backend_for(device: torch.device | str, cpu: hardware.CpuInfo | None = 
 
     fbgemm's kernel quantizes the activation inside the product, with AVX2 code as well as
     AVX-512/VNNI code; torchao's eager int8 runs the activation's quantization as separate kernels
-    and its product is fast only with VNNI or AMX. Measured (docs/reference.md, "Which
+    and its product is fast only with AVX-512 VNNI or AMX. Measured (docs/reference.md, "Which
     reduced-precision kernels run on which CPU"), fbgemm was the faster of the two on every CPU tried.
     """
     if torch.device(device).type != "cpu":
@@ -127,13 +127,14 @@ def quantize(
       the Linear layers named by ``keep_fp32``. ``int8_backend`` says whose kernels:
 
       - ``torchao``: ``Int8DynamicActivationInt8WeightConfig`` (activations per token), products in
-        ``torch._int_mm``: fast with VNNI or AMX; runs on a GPU too.
+        ``torch._int_mm``: oneDNN's with AVX-512 VNNI or AMX, a plain loop without (slower than
+        float32 several times over); runs on a GPU too.
       - ``torch.ao``: ``torch.ao.quantization.quantize_dynamic`` (fbgemm on x86: activations per
         tensor, quantized inside the kernel, AVX2 and AVX-512 code); CPU only.
       - ``auto`` (default): :func:`int8_backend_for` the model's device and this CPU.
 
     On a CPU without the instructions that make the chosen kernels fast (bf16: AVX-512 BF16 or AMX;
-    torchao's int8: VNNI or AMX) the copy is still made, after one :class:`~dynvit.deploy.hardware.SlowPrecisionWarning`
+    torchao's int8: AVX-512 VNNI or AMX) the copy is still made, after one :class:`~dynvit.deploy.hardware.SlowPrecisionWarning`
     naming what the CPU offers. :func:`dynvit.deploy.fastest` measures instead of guessing.
 
     Args:
