@@ -156,10 +156,12 @@ class Runner:
         device: torch.device | str,
         module: nn.Module | None = None,
         onnx_file: Path | None = None,
+        threads: int | None = None,
     ) -> None:
         self.path, self.device = path, torch.device(device)
         self.module, self.onnx_file = module, onnx_file
-        self.session = onnx_session(onnx_file) if onnx_file is not None else None
+        # onnxruntime fixes its threads when the session is made; PyTorch's are set around each timing.
+        self.session = onnx_session(onnx_file, threads) if onnx_file is not None else None
         self._run: Callable[[torch.Tensor], Any] | None = None
         if module is not None:
             self._run = _compiled(module, path, self.device) if path.runtime == "compiled" else module
@@ -204,13 +206,18 @@ def _compiled(module: nn.Module, path: DeployPath, device: torch.device) -> Call
 
 
 def build_runner(
-    model: nn.Module, path: DeployPath, device: torch.device | str, exported: Callable[[], Path] | None = None
+    model: nn.Module,
+    path: DeployPath,
+    device: torch.device | str,
+    exported: Callable[[], Path] | None = None,
+    threads: int | None = None,
 ) -> Runner:
     """``path`` prepared from the float32 eval-mode ``model`` (which is not changed).
 
     Args:
         exported: For onnxruntime paths, gives the float32 ONNX file of ``model`` (the int8 file is
             written beside it).
+        threads: onnxruntime's intra-op threads (torch's current setting when None).
 
     Raises whatever the preparation raises (an export refused, a kernel missing, …).
     """
@@ -221,7 +228,7 @@ def build_runner(
         file = exported()
         if path.precision == "int8":
             file = quantize_onnx(file)
-        return Runner(path, device, onnx_file=file)
+        return Runner(path, device, onnx_file=file, threads=threads)
     if path.precision == "int8":
         if device.type != "cpu":
             raise ValueError(f"int8 paths run on the CPU here, not on {device}")
@@ -358,12 +365,13 @@ def choice_path(artifact: str | Path) -> Path:
     return Path(artifact).with_suffix(".choice.json")
 
 
-def load_deployed(artifact: str | Path, device: torch.device | str | None = None) -> Runner:
+def load_deployed(artifact: str | Path, device: torch.device | str | None = None, threads: int | None = None) -> Runner:
     """The artifact :meth:`Choice.save` wrote, ready to run as chosen (``runner(images)`` → logits).
 
     Args:
         artifact: The ``.onnx`` or ``.pt`` file; its ``.choice.json`` must lie beside it.
         device: Where to run a PyTorch artifact; by default where it was measured.
+        threads: onnxruntime's intra-op threads (torch's current setting when None).
     """
     artifact = Path(artifact)
     record_file = choice_path(artifact)
@@ -373,7 +381,7 @@ def load_deployed(artifact: str | Path, device: torch.device | str | None = None
     path = DeployPath(**record["path"])
     device = torch.device(device or record["environment"]["device"])
     if path.runtime == "onnxruntime":
-        return Runner(path, "cpu", onnx_file=artifact)
+        return Runner(path, "cpu", onnx_file=artifact, threads=threads)
     # The whole module was pickled (quantized layers have no state-dict-only form across backends).
     with warnings.catch_warnings():
         # torch.ao's packed int8 weights unpickle through TypedStorage, which torch warns is deprecated.
@@ -515,7 +523,7 @@ def fastest(
         warnings.simplefilter("ignore", SlowPrecisionWarning)
         for path in candidates:
             try:
-                runners[path] = build_runner(model, path, device, exported)
+                runners[path] = build_runner(model, path, device, exported, settings.num_threads)
             except Exception as e:  # each path that cannot be prepared here is reported, not fatal
                 if path == REFERENCE:
                     raise
