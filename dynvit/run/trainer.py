@@ -6,6 +6,7 @@ two extra subcommands are declared here and read the same ``--config`` as ``fit`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,8 @@ from typing import Literal
 import lightning as L
 import torch
 
-from dynvit.deploy import export_onnx
+from dynvit.deploy import Choice, Tolerance, export_onnx, fastest
+from dynvit.deploy.fastest import choice_path
 from dynvit.measure.callbacks import networks
 from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import load_checkpoint
@@ -29,6 +31,7 @@ from dynvit.run.benchmark import (
     dynamicvit_at,
     first_images,
     report,
+    timing_images,
 )
 from dynvit.run.run_folder import describe_teachers
 
@@ -73,7 +76,11 @@ class DynViTTrainer(L.Trainer):
             ratios: Keep ratios in (0, 1], e.g. ``--ratios [0.5,0.7,0.9]``.
             out: Output folder; ``<trainer.default_root_dir>/benchmark`` by default.
             batch_size: Images per timed call.
-            precision: Comma-separated precisions of every row, e.g. ``fp32,bf16,int8`` (float32 always).
+            precision: Comma-separated precisions of every row, e.g. ``fp32,bf16,int8`` (float32 always);
+                or ``auto``: at each ratio, every deployment path of the student that applies on this
+                machine, checked against float32 and timed (:func:`dynvit.deploy.fastest`), and the
+                fastest chosen; ``<out>/rho_<ρ>.choice.json`` records each choice (``backend`` and
+                ``latency`` do not apply).
             backend: ``onnxruntime`` also times every row's exported ONNX file beside eager PyTorch
                 (the files go to ``<out>/onnx``).
             latency: Also time every row at batch 1.
@@ -93,7 +100,11 @@ class DynViTTrainer(L.Trainer):
         """
         ratios = check_ratios(ratios)
         methods = check_methods(methods)
-        precisions = check_precisions(precision)
+        precisions = check_precisions(precision) if precision != "auto" else ["auto"]
+        if precision == "auto" and methods != ["dynamicvit"]:
+            raise ValueError(
+                f"--precision auto measures the student's deployment paths, not other methods: drop --methods {methods}"
+            )
         if calibration_images < 1:
             raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
         settings = SpeedSettings(
@@ -127,6 +138,8 @@ class DynViTTrainer(L.Trainer):
                 raise ValueError("ATS is matched on validation images: give the config a DataModule")
             calibration = first_images(loader, calibration_images)
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
+        if precision == "auto":
+            return self._fastest_per_ratio(student, ratios, loader if accuracy else None, settings, out_dir)
         result = benchmark(
             student,
             teacher,
@@ -144,6 +157,30 @@ class DynViTTrainer(L.Trainer):
         report(result, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
         return result
 
+    @staticmethod
+    def _fastest_per_ratio(
+        student: torch.nn.Module, ratios: Sequence[float], loader, settings: SpeedSettings, out_dir: Path
+    ) -> dict[float, Choice]:
+        """``benchmark --precision auto``: :func:`dynvit.deploy.fastest` of the student at each ratio."""
+        model_at, original = dynamicvit_at(student), student.keep_ratio
+        images = timing_images(loader, student, settings.batch_size)
+        was_training = student.training
+        choices = {}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for ratio in sorted(ratios, reverse=True):
+                choice = fastest(model_at(ratio).eval(), images, loader, settings=settings)
+                record = out_dir / f"rho_{ratio:g}.choice.json"
+                record.write_text(json.dumps(choice.record(), indent=2, default=str) + "\n")
+                print(f"\nρ = {ratio:g}, checked on {choice.checked_on}; chosen: {choice.chosen.path.name}")
+                print(choice.table())
+                print(f"wrote {record}")
+                choices[ratio] = choice
+        finally:
+            model_at(original)
+            student.train(was_training)
+        return choices
+
     def export(
         self,
         model: L.LightningModule,
@@ -153,12 +190,26 @@ class DynViTTrainer(L.Trainer):
         out: str = "model.onnx",
         keep_ratio: float | None = None,
         check_images: int = 16,
+        auto: bool = False,
+        batch_size: int = 32,
+        pairs: int = 10,
+        compile: bool = False,
+        agreement: float = 0.99,
+        agreement_images: int = 1000,
+        device: str | None = None,
     ) -> Path:
-        """Write the eval-mode network of this config (the student, or a teacher config's model) as ONNX.
+        """Write the eval-mode network of this config (the student, or a teacher config's model) as ONNX,
+        or, with ``--auto``, as the fastest deployment path measured on this machine.
 
         The batch size is dynamic; a student's token counts are those its keep ratio fixes. The file
         is checked in onnxruntime against eager PyTorch on the first validation images (random
         images without a DataModule) and refused if an op cannot be exported.
+
+        With ``--auto`` every path that applies here is checked against float32 (top-1 agreement on
+        the validation images, else logits on the timing batch) and timed at ``batch_size``
+        (:func:`dynvit.deploy.fastest`); the table is printed and the chosen artifact is written:
+        ``<out stem>.onnx`` for an onnxruntime path, else ``<out stem>.pt`` (load either with
+        :func:`dynvit.deploy.load_deployed`), with ``<out stem>.choice.json`` beside it.
 
         Args:
             ckpt_path: Weights to export (a ``.ckpt`` of this toolkit or a released checkpoint).
@@ -166,6 +217,13 @@ class DynViTTrainer(L.Trainer):
             out: The file to write.
             keep_ratio: Export a student at this keep ratio instead of its configured one.
             check_images: Validation images the export is checked on.
+            auto: Measure every deployment path here and write the fastest within the tolerance.
+            batch_size: With ``auto``: images per timed call (the batch the model will serve).
+            pairs: With ``auto``: timing rounds.
+            compile: With ``auto``: also try ``torch.compile`` paths (minutes of compilation).
+            agreement: With ``auto``: least top-1 agreement with float32 on the validation images.
+            agreement_images: With ``auto``: validation images predictions are compared on.
+            device: With ``auto``: ``cpu`` or a GPU; by default the trainer's device.
         """
         if format != "onnx":
             raise ValueError(f"unknown export format {format!r}: choose 'onnx'")
@@ -174,13 +232,18 @@ class DynViTTrainer(L.Trainer):
             dynamicvit_at(net)(keep_ratio)
         if ckpt_path is not None:
             load_checkpoint(net, ckpt_path)
-        images = None
+        images = loader = None
         if datamodule is not None:
             datamodule.prepare_data()
             datamodule.setup("validate")
-            images = torch.cat(first_images(datamodule.val_dataloader(), check_images))
+            loader = datamodule.val_dataloader()
+            images = torch.cat(first_images(loader, check_images))
         was_training = net.training
         try:
+            if auto:
+                return self._export_fastest(
+                    net.eval(), loader, out, batch_size, pairs, compile, agreement, agreement_images, device
+                )
             path = export_onnx(net.eval(), out, images=images)
         finally:
             net.train(was_training)
@@ -188,6 +251,36 @@ class DynViTTrainer(L.Trainer):
             f"wrote {path} (checked in onnxruntime against eager PyTorch on {len(images) if images is not None else 2} images)"
         )
         return path
+
+    def _export_fastest(
+        self,
+        net: torch.nn.Module,
+        loader,
+        out: str,
+        batch_size: int,
+        pairs: int,
+        compile: bool,
+        agreement: float,
+        agreement_images: int,
+        device: str | None,
+    ) -> Path:
+        """``export --auto``: the fastest path of ``net`` measured here, written with its choice record."""
+        settings = SpeedSettings(device=device or self.strategy.root_device, pairs=pairs)
+        images = timing_images(loader, net, batch_size)
+        choice = fastest(
+            net,
+            images,
+            loader,
+            Tolerance(agreement=agreement),
+            settings,
+            compile=compile,
+            check_images=agreement_images,
+        )
+        print(f"checked on {choice.checked_on}; every speedup over float32 eager at batch {batch_size}")
+        print(choice.table())
+        artifact = choice.save(out)
+        print(f"chosen: {choice.chosen.path.name}; wrote {artifact} and {choice_path(artifact)}")
+        return artifact
 
     def sweep(
         self,
