@@ -42,7 +42,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dynvit.deploy import ExportError, check_precision, export_onnx, onnx_session, quantize, run_onnx
+from dynvit.deploy import ExportError, check_precision, export_onnx, onnx_session, quantize, quantize_onnx, run_onnx
 from dynvit.deploy.onnx import INPUT
 from dynvit.measure.environment import describe, environment
 from dynvit.measure.flops import count_flops, count_params
@@ -53,7 +53,6 @@ from dynvit.measure.throughput import (
     inference_call,
     keep_rng,
     model_dtype,
-    quiet_logs,
     random_images,
     time_calls,
 )
@@ -441,16 +440,6 @@ def timing_images(loader: Iterable | None, model: nn.Module, batch_size: int) ->
     return x.repeat(-(-batch_size // x.shape[0]), 1, 1, 1)[:batch_size]
 
 
-def _quantize_onnx(path: Path) -> Path:
-    """onnxruntime's dynamic int8 quantization of an exported file (int8 weights, int8 activations per call)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = path.with_name(f"{path.stem}.int8.onnx")
-    with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
-    return out
-
-
 def _onnx_points(
     points: Sequence[Point], precisions: Sequence[str], folder: Path, images: torch.Tensor, threads: int
 ) -> tuple[list[list[Point]], list[str]]:
@@ -467,7 +456,7 @@ def _onnx_points(
             continue
         files = {"fp32": path}
         if "int8" in precisions:
-            files["int8"] = _quantize_onnx(path)
+            files["int8"] = quantize_onnx(path)
         for precision, file in files.items():
             row = copy.copy(point.row)
             row.precision, row.backend = precision, "onnxruntime"
