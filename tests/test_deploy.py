@@ -84,13 +84,24 @@ def vit_student() -> nn.Module:
 # --- quantize ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("precision", "agreement"), [("bf16", 0.95), ("int8", 0.95)])
-def test_a_quantized_student_predicts_what_the_float32_one_does(precision, agreement):
+def int8_layers(model: nn.Module) -> set[str]:
+    """Names of the layers holding int8 weights: torchao's Int8Tensor in a Linear, or torch.ao's dynamic Linear."""
+    return {
+        name
+        for name, m in model.named_modules()
+        if (isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor")
+        or type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    }
+
+
+@pytest.mark.parametrize(("precision", "int8_backend"), [("bf16", "auto"), ("int8", "torchao"), ("int8", "torch.ao")])
+def test_a_quantized_student_predicts_what_the_float32_one_does(precision, int8_backend):
     """On a fixed batch of 64 digits, the quantized copy's top-1 class equals the float32 one's on at
     least 95 % of the images (61 of 64), and it keeps at least 95 % of the same tokens."""
+    agreement = 0.95
     student = vit_student()
     x = digits()
-    quantized = quantize(student, precision)
+    quantized = quantize(student, precision, int8_backend=int8_backend)
     with torch.inference_mode():
         logits, masks = student.predict_with_masks(x)
         q_logits, q_masks = quantized.predict_with_masks(x.to(torch.bfloat16 if precision == "bf16" else torch.float32))
@@ -103,18 +114,38 @@ def test_a_quantized_student_predicts_what_the_float32_one_does(precision, agree
     assert type(quantized) is type(student) and quantized.keep_ratio == student.keep_ratio
 
 
-def test_int8_quantizes_the_linear_layers_and_keeps_predictors_and_head_in_float32():
-    quantized = quantize(vit_student(), "int8")
-    qkv = quantized.blocks[0].attn.qkv.weight
-    assert type(qkv).__name__ == "Int8Tensor" and qkv.qdata.dtype == torch.int8
-    assert type(quantized.score_predictor[0].out_conv[0].weight.data) is torch.Tensor
-    assert type(quantized.head.weight.data) is torch.Tensor
+@pytest.mark.parametrize("int8_backend", ["torchao", "torch.ao"])
+def test_int8_quantizes_the_linear_layers_and_keeps_predictors_and_head_in_float32(int8_backend):
+    student = vit_student()
+    linears = {name for name, m in student.named_modules() if isinstance(m, nn.Linear)}
+    quantized = quantize(student, "int8", int8_backend=int8_backend)
+    kept = {name for name in linears if "score_predictor" in name or name == "head"}
+    assert int8_layers(quantized) == linears - kept and len(kept) == 3 * 4 + 1
+    assert all(type(quantized.get_submodule(name).weight.data) is torch.Tensor for name in kept)
+    if int8_backend == "torchao":
+        assert quantized.blocks[0].attn.qkv.weight.qdata.dtype == torch.int8
+    else:  # fbgemm's packed weights, per output channel
+        assert quantized.blocks[0].attn.qkv.weight().qscheme() == torch.per_channel_affine
     assert KEEP_FP32 == ("*score_predictor.*", "head", "head.*", "aux_head")
-    everything = quantize(vit_student(), "int8", keep_fp32=())
-    assert type(everything.head.weight).__name__ == "Int8Tensor"
+    everything = quantize(vit_student(), "int8", keep_fp32=(), int8_backend=int8_backend)
+    assert "head" in int8_layers(everything)
     with torch.inference_mode():
         everything.keep_ratio = 0.5  # the keep ratio still moves
         assert everything(digits(4)).shape == (4, 10)
+
+
+def test_int8_auto_picks_fbgemm_on_x86_cpus_and_torchao_elsewhere():
+    from dynvit.deploy.hardware import CpuInfo
+    from dynvit.deploy.quantize import int8_backend_for
+
+    x86 = CpuInfo("x", "x86_64", "AVX2", frozenset({"avx2"}))
+    arm = CpuInfo("y", "aarch64", "DEFAULT", frozenset())
+    assert int8_backend_for("cpu", x86) == "torch.ao" and int8_backend_for("cpu", arm) == "torchao"
+    assert int8_backend_for("cuda", x86) == "torchao"
+    with pytest.raises(ValueError, match=r"unknown int8 backend 'fbgemm'.*'torch.ao'"):
+        quantize(vit_student(), "int8", int8_backend="fbgemm")
+    with pytest.raises(ValueError, match=r"'torch.ao' runs on the CPU only; this model is on meta: use 'torchao'"):
+        quantize(vit_student().to("meta"), "int8", int8_backend="torch.ao")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -136,17 +167,22 @@ def test_a_quantized_hierarchical_student_predicts_and_keeps_what_the_float32_on
         assert ((q_mask & mask).sum() / mask.sum()).item() >= 0.95
 
 
+@pytest.mark.parametrize("int8_backend", ["torchao", "torch.ao"])
 @pytest.mark.parametrize("family", list(HIERARCHICAL))
-def test_int8_keeps_a_hierarchical_students_predictors_and_head_in_float32_and_quantizes_its_paths(family):
-    quantized = quantize(HIERARCHICAL[family](), "int8")
-    kinds = {name: type(m.weight).__name__ for name, m in quantized.named_modules() if isinstance(m, nn.Linear)}
-    fp32 = {name for name, kind in kinds.items() if kind != "Int8Tensor"}
+def test_int8_keeps_a_hierarchical_students_predictors_and_head_in_float32_and_quantizes_its_paths(
+    family, int8_backend
+):
+    student = HIERARCHICAL[family]()
+    linears = {name for name, m in student.named_modules() if isinstance(m, nn.Linear)}
+    int8 = int8_layers(quantize(student, "int8", int8_backend=int8_backend))
+    fp32 = linears - int8
     # The predictors sit in the pruned stage (stages.2 / layers.2), the classifier is head.fc.
-    assert fp32 == {name for name in kinds if ".score_predictor." in name or name.startswith("head.")}
+    assert int8 <= linears
+    assert fp32 == {name for name in linears if ".score_predictor." in name or name.startswith("head.")}
     assert len([n for n in fp32 if "score_predictor" in n]) == 3 * 4 and "head.fc" in fp32
     # The fast paths (LayerNorm + Linear C→C on dropped locations) are int8, like the MLPs.
-    fast = [n for n in kinds if ".fast_path." in n or ".fastmlp." in n]
-    assert len(fast) == 3 and all(kinds[n] == "Int8Tensor" for n in fast)
+    fast = [n for n in linears if ".fast_path." in n or ".fastmlp." in n]
+    assert len(fast) == 3 and set(fast) <= int8
 
 
 @pytest.mark.parametrize(

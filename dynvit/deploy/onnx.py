@@ -124,6 +124,18 @@ def export_onnx(
     return path
 
 
+def quantize_onnx(path: str | Path, out: str | Path | None = None) -> Path:
+    """onnxruntime's dynamic int8 quantization of an exported file: int8 weights, activations quantized
+    per call (``MatMulInteger``); written to ``out``, by default ``<stem>.int8.onnx`` beside it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_name(f"{path.stem}.int8.onnx")
+    with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
 @dataclass(frozen=True)
 class Tie:
     """An image for which onnxruntime kept other tokens than eager PyTorch where the keys tie at the cut.
@@ -336,18 +348,6 @@ def compare_onnx(model: nn.Module, path: str | Path, images: torch.Tensor) -> fl
         eager = model(images.to(device, torch.float32)).float().cpu()
     ort_logits = run_onnx(onnx_session(path), images)
     return ((ort_logits - eager).abs().max() / eager.abs().max().clamp_min(1e-12)).item()
-
-
-def quantize_onnx(path: str | Path) -> Path:
-    """onnxruntime's dynamic int8 quantization of an exported file (int8 weights, int8 activations per call),
-    written beside it as ``<stem>.int8.onnx``."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    path = Path(path)
-    out = path.with_name(f"{path.stem}.int8.onnx")
-    with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
-    return out
 
 
 class OnnxRuntimeModel(nn.Module):

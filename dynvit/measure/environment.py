@@ -18,10 +18,10 @@ import torch
 from dynvit.measure.allocator import allocator
 
 # CPU features that decide which reduced-precision kernels a CPU can run fast.
-_CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+_CPU_FEATURES = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def _cpuinfo() -> tuple[str | None, list[str]]:
+def read_cpuinfo() -> tuple[str | None, list[str]]:
     """The CPU model name and its reduced-precision features, from ``/proc/cpuinfo`` (Linux)."""
     path = Path("/proc/cpuinfo")
     if not path.is_file():
@@ -59,13 +59,17 @@ def environment(
         threads: CPU threads the timing used; by default torch's current setting.
     """
     device = torch.device(device)
-    cpu, features = _cpuinfo()
+    cpu, features = read_cpuinfo()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "device": str(device),
         "cpu": cpu or platform.processor() or platform.machine(),
         "cpu_features": " ".join(features),
+        # The instruction level ATen's kernels run at (ATEN_CPU_CAPABILITY can lower it), and oneDNN's
+        # cap where one is set: both decide which reduced-precision kernels run, beside what the CPU has.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         "cpu_count": os.cpu_count(),
         "gpu": gpu,
         "threads": threads if threads is not None else torch.get_num_threads(),

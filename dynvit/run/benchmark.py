@@ -35,12 +35,19 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dynvit import methods as registry
-from dynvit.deploy import ExportError, check_precision, export_onnx, onnx_session, quantize
-from dynvit.deploy.onnx import INPUT, OnnxRuntimeModel, quantize_onnx
+from dynvit.deploy import ExportError, check_precision, export_onnx, onnx_session, quantize, quantize_onnx
+from dynvit.deploy.onnx import INPUT, OnnxRuntimeModel
 from dynvit.measure.environment import describe, environment
 from dynvit.measure.evaluate import evaluate
 from dynvit.measure.flops import count_flops, count_params
-from dynvit.measure.throughput import SpeedSettings, Timing, inference_call, keep_rng, random_images, time_calls
+from dynvit.measure.throughput import (
+    SpeedSettings,
+    Timing,
+    inference_call,
+    keep_rng,
+    random_images,
+    time_calls,
+)
 from dynvit.models.contract import TokenReducingModel
 from dynvit.models.factory import family_of
 from dynvit.models.spatial_pruning import SpatialPruningStudent

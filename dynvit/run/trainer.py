@@ -6,6 +6,7 @@ two extra subcommands are declared here and read the same ``--config`` as ``fit`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -15,14 +16,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit import methods as registry
-from dynvit.deploy import export_onnx
+from dynvit.deploy import Choice, Tolerance, export_onnx, fastest
+from dynvit.deploy.fastest import choice_path
 from dynvit.deploy.onnx import TOLERANCE, ExportError, check_onnx
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, random_images
 from dynvit.models import load_checkpoint
 from dynvit.reducers.matching import student_at
-from dynvit.run.benchmark import DEFAULT_RATIOS, BenchmarkResult, benchmark, check_benchmark, first_images, report
+from dynvit.run.benchmark import (
+    DEFAULT_RATIOS,
+    BenchmarkResult,
+    benchmark,
+    check_benchmark,
+    first_images,
+    report,
+    timing_images,
+)
 from dynvit.run.run_folder import describe_teachers
 
 
@@ -66,7 +76,11 @@ class DynViTTrainer(L.Trainer):
             ratios: Keep ratios in (0, 1], e.g. ``--ratios [0.5,0.7,0.9]``.
             out: Output folder; ``<trainer.default_root_dir>/benchmark`` by default.
             batch_size: Images per timed call.
-            precision: Comma-separated precisions of every row, e.g. ``fp32,bf16,int8`` (float32 always).
+            precision: Comma-separated precisions of every row, e.g. ``fp32,bf16,int8`` (float32 always);
+                or ``auto``: at each ratio, every deployment path of the student that applies on this
+                machine, checked against float32 and timed (:func:`dynvit.deploy.fastest`), and the
+                fastest chosen; ``<out>/rho_<ρ>.choice.json`` records each choice (``backend`` and
+                ``latency`` do not apply).
             backend: ``onnxruntime`` also times every row's exported ONNX file beside eager PyTorch
                 (the files go to ``<out>/onnx``).
             latency: Also time every row at batch 1.
@@ -85,11 +99,15 @@ class DynViTTrainer(L.Trainer):
                 any registered method (``dynvit.methods.registered()``); the learned one is the student.
             calibration_images: Validation images a method whose cost varies per image (ATS) is matched on.
         """
+        if precision == "auto" and list(methods) != ["dynamicvit"]:
+            raise ValueError(
+                f"--precision auto measures the student's deployment paths, not other methods: drop --methods {methods}"
+            )
         if calibration_images < 1:
             raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
         student, teacher = networks(model)
         # Every argument is checked against this student and teacher before anything is loaded or measured.
-        plan = check_benchmark(student, teacher, ratios, methods, precision, backend)
+        plan = check_benchmark(student, teacher, ratios, methods, "fp32" if precision == "auto" else precision, backend)
         settings = SpeedSettings(
             batch_size=batch_size,
             device=device or self.strategy.root_device,
@@ -115,6 +133,8 @@ class DynViTTrainer(L.Trainer):
                 raise ValueError(f"{imaged} are matched on validation images: give the config a DataModule")
             calibration = first_images(loader, calibration_images)
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
+        if precision == "auto":
+            return self._fastest_per_ratio(student, plan.ratios, loader if accuracy else None, settings, out_dir)
         result = benchmark(
             student,
             teacher,
@@ -132,6 +152,30 @@ class DynViTTrainer(L.Trainer):
         report(result, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
         return result
 
+    @staticmethod
+    def _fastest_per_ratio(
+        student: torch.nn.Module, ratios: Sequence[float], loader, settings: SpeedSettings, out_dir: Path
+    ) -> dict[float, Choice]:
+        """``benchmark --precision auto``: :func:`dynvit.deploy.fastest` of the student at each ratio."""
+        model_at, original = student_at(student), student.keep_ratio
+        images = timing_images(loader, student, settings.batch_size)
+        was_training = student.training
+        choices = {}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for ratio in sorted(ratios, reverse=True):
+                choice = fastest(model_at(ratio).eval(), images, loader, settings=settings)
+                record = out_dir / f"rho_{ratio:g}.choice.json"
+                record.write_text(json.dumps(choice.record(), indent=2, default=str) + "\n")
+                print(f"\nρ = {ratio:g}, checked on {choice.checked_on}; chosen: {choice.chosen.path.name}")
+                print(choice.table())
+                print(f"wrote {record}")
+                choices[ratio] = choice
+        finally:
+            model_at(original)
+            student.train(was_training)
+        return choices
+
     def export(
         self,
         model: L.LightningModule,
@@ -143,8 +187,16 @@ class DynViTTrainer(L.Trainer):
         check_images: int = 16,
         check: bool = True,
         check_tolerance: float = TOLERANCE,
+        auto: bool = False,
+        batch_size: int = 32,
+        pairs: int = 10,
+        compile: bool = False,
+        agreement: float = 0.99,
+        agreement_images: int = 1000,
+        device: str | None = None,
     ) -> Path:
-        """Write the eval-mode network of this config (the student, or a teacher config's model) as ONNX.
+        """Write the eval-mode network of this config (the student, or a teacher config's model) as ONNX,
+        or, with ``--auto``, as the fastest deployment path measured on this machine.
 
         The batch size is dynamic; a student's token counts are those its keep ratio fixes. The file
         is checked in onnxruntime against eager PyTorch on the first validation images (random
@@ -152,6 +204,12 @@ class DynViTTrainer(L.Trainer):
         agree, or the two runtimes must have kept different tokens only where their keep scores tie at a
         top-k cut (which the check reports). A file that fails the check, or an op that cannot be
         exported, is refused and no file is left.
+
+        With ``--auto`` every path that applies here is checked against float32 (top-1 agreement on
+        the validation images, else logits on the timing batch) and timed at ``batch_size``
+        (:func:`dynvit.deploy.fastest`); the table is printed and the chosen artifact is written:
+        ``<out stem>.onnx`` for an onnxruntime path, else ``<out stem>.pt`` (load either with
+        :func:`dynvit.deploy.load_deployed`), with ``<out stem>.choice.json`` beside it.
 
         Args:
             ckpt_path: Weights to export (a ``.ckpt`` of this toolkit or a released checkpoint).
@@ -162,6 +220,13 @@ class DynViTTrainer(L.Trainer):
             check: Check the file in onnxruntime; ``false`` writes it unchecked, with a warning.
             check_tolerance: Largest relative logit difference (to the largest eager logit) the check
                 accepts; raising it above the default is warned about.
+            auto: Measure every deployment path here and write the fastest within the tolerance.
+            batch_size: With ``auto``: images per timed call (the batch the model will serve).
+            pairs: With ``auto``: timing rounds.
+            compile: With ``auto``: also try ``torch.compile`` paths (minutes of compilation).
+            agreement: With ``auto``: least top-1 agreement with float32 on the validation images.
+            agreement_images: With ``auto``: validation images predictions are compared on.
+            device: With ``auto``: ``cpu`` or a GPU; by default the trainer's device.
         """
         if format != "onnx":
             raise ValueError(f"unknown export format {format!r}: choose 'onnx'")
@@ -172,13 +237,18 @@ class DynViTTrainer(L.Trainer):
             student_at(net)(keep_ratio)
         if ckpt_path is not None:
             load_checkpoint(net, ckpt_path)
-        images = None
+        images = loader = None
         if datamodule is not None:
             datamodule.prepare_data()
             datamodule.setup("validate")
-            images = torch.cat(first_images(datamodule.val_dataloader(), check_images))
+            loader = datamodule.val_dataloader()
+            images = torch.cat(first_images(loader, check_images))
         was_training = net.training
         try:
+            if auto:
+                return self._export_fastest(
+                    net.eval(), loader, out, batch_size, pairs, compile, agreement, agreement_images, device
+                )
             path = export_onnx(net.eval(), out, images=images, check=False)
             if not check:
                 print(f"wrote {path}")
@@ -199,6 +269,36 @@ class DynViTTrainer(L.Trainer):
             net.train(was_training)
         print(f"wrote {path} ({found})")
         return path
+
+    def _export_fastest(
+        self,
+        net: torch.nn.Module,
+        loader,
+        out: str,
+        batch_size: int,
+        pairs: int,
+        compile: bool,
+        agreement: float,
+        agreement_images: int,
+        device: str | None,
+    ) -> Path:
+        """``export --auto``: the fastest path of ``net`` measured here, written with its choice record."""
+        settings = SpeedSettings(device=device or self.strategy.root_device, pairs=pairs)
+        images = timing_images(loader, net, batch_size)
+        choice = fastest(
+            net,
+            images,
+            loader,
+            Tolerance(agreement=agreement),
+            settings,
+            compile=compile,
+            check_images=agreement_images,
+        )
+        print(f"checked on {choice.checked_on}; every speedup over float32 eager at batch {batch_size}")
+        print(choice.table())
+        artifact = choice.save(out)
+        print(f"chosen: {choice.chosen.path.name}; wrote {artifact} and {choice_path(artifact)}")
+        return artifact
 
     def sweep(
         self,

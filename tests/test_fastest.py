@@ -1,0 +1,291 @@
+"""The fastest deployment path on this machine (dynvit.deploy.fastest) and what quantize knows of the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import warnings
+
+import pytest
+import torch
+
+from dynvit.data import ClutteredDigitsDataModule
+from dynvit.deploy import (
+    CpuInfo,
+    SlowPrecisionWarning,
+    Tolerance,
+    candidate_paths,
+    detect_cpu,
+    fastest,
+    hardware,
+    load_deployed,
+    quantize,
+)
+from dynvit.deploy.fastest import REFERENCE
+from dynvit.measure.throughput import SpeedSettings, Timing
+from tests.test_deploy import digits, int8_layers, vit_student
+from tests.tiny_config import DIGITS
+
+# The module, not the function the package exports under its name.
+fastest_module = importlib.import_module("dynvit.deploy.fastest")
+
+# One untimed warm-up call and one-call blocks: the tests check the choice's rule, not speed.
+QUICK = SpeedSettings(pairs=6, block_time=0.0, warmup_time=0.0, threads=1)
+EAGER = ["bf16 eager", "int8 eager torchao", "int8 eager torch.ao"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digit_loader(n: int = 64):
+    data = ClutteredDigitsDataModule(**{**DIGITS, "num_val": n, "batch_size": 16, "train_samples_per_epoch": 32})
+    data.setup("validate")
+    return data.val_dataloader()
+
+
+# --- the paths -------------------------------------------------------------------------------------
+
+
+def test_the_paths_tried_are_those_that_apply_on_the_device():
+    cpu = [p.name for p in candidate_paths("cpu")]
+    assert cpu == [
+        "fp32 eager",
+        "bf16 eager",
+        "int8 eager torchao",
+        "int8 eager torch.ao",
+        "fp32 onnxruntime",
+        "int8 onnxruntime",
+    ]
+    compiled = [p.name for p in candidate_paths("cpu", compile=True)]
+    assert compiled == [*cpu, "fp32 compiled", "bf16 compiled", "int8 compiled torchao"]
+    gpu = [p.name for p in candidate_paths("cuda")]
+    # Three precisions, each with PyTorch's attention kernel and with each of four SDPA backends forced.
+    assert gpu[0] == "fp32 eager" and len(gpu) == 3 * 5
+    assert {"fp16 eager sdpa=flash", "bf16 eager sdpa=cudnn", "fp32 eager sdpa=math"} <= set(gpu)
+    assert not any("int8" in name or "onnxruntime" in name for name in gpu)
+
+
+# --- the choice ------------------------------------------------------------------------------------
+
+
+def test_fastest_tries_every_cpu_path_and_picks_by_its_rule():
+    student = vit_student()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    x = digits(8)
+    choice = fastest(student, x, settings=QUICK)
+    assert [r.path for r in choice.results] == candidate_paths("cpu")
+    # A tiny ViT builds, runs and exports in every path on this CPU.
+    assert not [r.reason for r in choice.results if r.status == "skipped"]
+    for r in choice.results:
+        assert r.logits_error is not None and r.agreement is not None
+        if r.status == "refused":
+            assert r.logits_error > choice.tolerance.logits and r.images_per_s is None
+        else:
+            assert r.images_per_s > 0
+            assert r.path == REFERENCE or (r.speedup is not None and r.speedup.pairs == 6)
+    # The rule: the highest median among paths within the tolerance whose whole interval lies above 1.
+    faster = [r for r in choice.results if r.speedup is not None and r.speedup.low > 1 and r.status != "refused"]
+    expected = max(faster, key=lambda r: r.speedup.value).path if faster else REFERENCE
+    assert choice.chosen.path == expected
+    assert [r.status for r in choice.results].count("chosen") == 1
+    # The choice runs as measured, and the model itself is untouched.
+    with torch.inference_mode():
+        assert choice.runner(x).shape == (8, 10)
+        if expected == REFERENCE:
+            assert torch.equal(choice.runner(x), student(x))
+    assert not student.training and all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    table = choice.table()
+    assert table.count("\n") == 2 + len(choice.results) - 1 and "**chosen**" in table
+
+
+def _fake_timings(ratios: dict[str, list[float]]):
+    """time_calls' stand-in: the reference first, then each path's per-pair ratios as given."""
+
+    def time_calls(calls, settings, reference=True):
+        assert len(calls) == 1 + len(ratios)
+        return [Timing(settings.batch_size, [0.1] * 12)] + [
+            Timing(settings.batch_size, [0.1 / r for r in rs], rs) for rs in ratios.values()
+        ]
+
+    return time_calls
+
+
+def test_the_choice_is_never_a_path_that_is_not_surely_faster_than_float32(monkeypatch):
+    """Six pairs give a 95 % interval from the smallest to the largest ratio."""
+    ratios = {
+        "bf16 eager": [0.4, 0.45, 0.5, 0.5, 0.55, 0.6],  # slower
+        "int8 eager torchao": [0.9, 1.9, 2.0, 2.0, 2.1, 2.2],  # fastest median, but its interval reaches 0.9
+        "int8 eager torch.ao": [1.4, 1.45, 1.5, 1.5, 1.55, 1.6],  # surely faster
+    }
+    monkeypatch.setattr(fastest_module, "time_calls", _fake_timings(ratios))
+    choice = fastest(vit_student(), digits(4), settings=QUICK, paths=EAGER)
+    assert choice.chosen.path.name == "int8 eager torch.ao" and choice.chosen.speedup.value == 1.5
+    assert choice.chosen.speedup.low == 1.4 and choice.chosen.speedup.high == 1.6
+    slower = {name: [r / 4 for r in rs] for name, rs in ratios.items()}
+    monkeypatch.setattr(fastest_module, "time_calls", _fake_timings(slower))
+    assert fastest(vit_student(), digits(4), settings=QUICK, paths=EAGER).chosen.path == REFERENCE
+
+
+def test_a_path_whose_logits_stray_beyond_the_tolerance_is_refused_and_not_timed():
+    student = vit_student()
+    x = digits(8)
+    choice = fastest(student, x, tolerance=Tolerance(logits=1e-4), settings=QUICK, paths=["bf16 eager"])
+    bf16 = choice.results[1]
+    with torch.inference_mode():
+        reference = student(x)
+        error = ((quantize(student, "bf16")(x.bfloat16()).float() - reference).norm() / reference.norm()).item()
+    assert bf16.status == "refused" and bf16.logits_error == pytest.approx(error, rel=1e-5)
+    assert bf16.reason == f"logits error {error:.3g} > 0.0001" and bf16.images_per_s is None
+    assert choice.chosen.path == REFERENCE and choice.checked_on == "example batch (8 images)"
+
+
+def test_on_validation_images_a_path_is_judged_by_its_top1_agreement(monkeypatch):
+    """A bf16 copy whose head is negated (its top-1 becomes float32's last choice) is refused; the int8
+    copy's agreement and top-1 are counted over the validation images."""
+
+    def broken_bf16(model, precision, **kwargs):
+        out = quantize(model, precision, **kwargs)
+        if precision == "bf16":
+            with torch.no_grad():
+                out.head.weight.neg_()
+                out.head.bias.neg_()
+        return out
+
+    monkeypatch.setattr(fastest_module, "quantize", broken_bf16)
+    student, loader = vit_student(), digit_loader()
+    paths = ["bf16 eager", "int8 eager torch.ao"]
+    choice = fastest(student, digits(8), loader=loader, settings=QUICK, paths=paths)
+    reference, bf16, int8 = choice.results
+    assert choice.checked_on == "validation (64 images)"
+    assert bf16.status == "refused" and bf16.agreement < 0.1 and bf16.reason.startswith("top-1 agreement")
+    quantized = quantize(student, "int8", int8_backend="torch.ao")
+    agree = correct = correct_int8 = 0
+    with torch.inference_mode():
+        for images, labels, _ in loader:
+            ref, q = student(images).argmax(-1), quantized(images).argmax(-1)
+            agree += (ref == q).sum().item()
+            correct += (ref == labels).sum().item()
+            correct_int8 += (q == labels).sum().item()
+    assert int8.agreement == agree / 64 and int8.top1 == correct_int8 / 64 and reference.top1 == correct / 64
+    assert int8.status in ("chosen", "accepted", "refused")
+    assert (int8.status == "refused") == (int8.agreement < 0.99)
+
+
+def test_bad_requests_are_refused_before_anything_runs():
+    student = vit_student()
+    with pytest.raises(ValueError, match=r"unknown paths \['int4 eager'\] on cpu.*'int8 eager torch.ao'"):
+        fastest(student, digits(2), paths=["int4 eager"])
+    with pytest.raises(ValueError, match=r"images \(B, C, H, W\), got shape \(1, 32, 32\)"):
+        fastest(student, digits(1)[0], paths=[])
+    with pytest.raises(ValueError, match="agreement is a fraction"):
+        Tolerance(agreement=99)
+
+
+# --- the artifact ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "suffix"), [("int8 eager torch.ao", ".pt"), ("fp32 onnxruntime", ".onnx")])
+def test_the_artifact_records_the_choice_and_runs_again(path, suffix, monkeypatch, tmp_path):
+    # Whatever the timing says, the one other path wins: the test is about what is written.
+    monkeypatch.setattr(fastest_module, "surely_faster", lambda speedup: speedup is not None)
+    student, x = vit_student(), digits(8)
+    # Two threads for the timing while torch is set to one: onnxruntime must be timed with the same two.
+    choice = fastest(student, x, settings=dataclasses.replace(QUICK, threads=2), paths=[path])
+    assert choice.chosen.path.name == path
+    artifact = choice.save(tmp_path / "deploy" / "student.onnx")
+    assert artifact == tmp_path / "deploy" / f"student{suffix}" and artifact.is_file()
+    record = json.loads((tmp_path / "deploy" / "student.choice.json").read_text())
+    assert record["artifact"] == artifact.name and record["chosen"] == path
+    assert [(r["path"], r["status"]) for r in record["results"]] == [("fp32 eager", "reference"), (path, "chosen")]
+    assert record["results"][1]["speedup"]["value"] == choice.chosen.speedup.value
+    assert record["results"][1]["images_per_s"] == choice.chosen.images_per_s
+    assert record["tolerance"] == {"agreement": 0.99, "logits": 0.1}
+    env = record["environment"]
+    assert env["batch_size"] == 8 and env["pairs"] == 6 and env["threads"] == 2
+    assert env["cpu_info"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    deployed = load_deployed(artifact)
+    assert deployed.path == choice.chosen.path
+    if choice.runner.session is not None:  # onnxruntime timed with the threads PyTorch was timed with
+        intra = choice.runner.session.get_session_options().intra_op_num_threads
+        assert intra == 2 and torch.get_num_threads() == 1
+    with torch.inference_mode():
+        assert torch.equal(deployed(x), choice.runner(x))
+        assert ((deployed(x) - student(x)).norm() / student(x).norm()).item() < 0.1
+
+
+# --- what quantize knows of the CPU ----------------------------------------------------------------
+
+AVX2_ONLY = CpuInfo("AMD EPYC 7B13", "x86_64", "AVX2", frozenset({"avx2"}))
+WITH_AMX = CpuInfo(
+    "Intel Xeon", "x86_64", "AVX512", frozenset({"avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_bf16"})
+)
+
+
+def test_bf16_and_torchao_int8_warn_once_on_a_cpu_without_their_instructions(monkeypatch):
+    monkeypatch.setattr(hardware, "detect_cpu", lambda: AVX2_ONLY)
+    monkeypatch.setattr(hardware, "_warned", set())
+    student = vit_student()
+    found = r"AMD EPYC 7B13 \(x86_64, ATen AVX2; avx2\)"
+    with pytest.warns(SlowPrecisionWarning, match=rf"need AVX-512 BF16 or AMX \(amx_bf16\).*{found}"):
+        bf16 = quantize(student, "bf16")
+    assert bf16.head.weight.dtype == torch.bfloat16  # it goes on
+    with pytest.warns(
+        SlowPrecisionWarning, match=rf"torchao's int8.*need AVX-512 VNNI \(avx512_vnni\) or AMX \(amx_int8\).*{found}"
+    ):
+        torchao = quantize(student, "int8", int8_backend="torchao")
+    assert "blocks.0.attn.qkv" in int8_layers(torchao)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(student, "bf16")  # said once
+        auto = quantize(student, "int8")  # fbgemm, whose kernels have AVX2 code: nothing to warn about
+    assert type(auto.blocks[0].attn.qkv).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+def test_no_warning_where_the_cpu_has_the_instructions(monkeypatch):
+    monkeypatch.setattr(hardware, "detect_cpu", lambda: WITH_AMX)
+    monkeypatch.setattr(hardware, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(vit_student(), "bf16")
+        quantize(vit_student(), "int8", int8_backend="torchao")
+
+
+def test_only_the_instructions_onednn_may_use_count():
+    zen5 = CpuInfo(
+        "AMD EPYC", "x86_64", "AVX512", frozenset({"avx2", "avx512_f", "avx_vnni", "avx512_vnni", "avx512_bf16"})
+    )
+    assert zen5.fast("bf16") is True and zen5.fast("int8") is True and zen5.fast("fp32") is True
+    avx2 = dataclasses.replace(zen5, onednn_max_isa="AVX2")
+    assert avx2.usable == {"avx2", "avx512_f"} and avx2.fast("bf16") is False and avx2.fast("int8") is False
+    vnni512 = dataclasses.replace(zen5, onednn_max_isa="avx512_core_vnni")  # oneDNN reads it case-insensitively
+    assert vnni512.fast("int8") is True and vnni512.fast("bf16") is False
+    # ATen's int8 product uses oneDNN only with AVX-512 VNNI: AVX-VNNI alone (256-bit) does not count.
+    alder_lake = CpuInfo("Intel Core", "x86_64", "AVX2", frozenset({"avx2", "avx_vnni"}))
+    assert (
+        alder_lake.fast("int8") is False and dataclasses.replace(zen5, onednn_max_isa="AVX2_VNNI").fast("int8") is False
+    )
+    assert dataclasses.replace(zen5, onednn_max_isa="AVX512_CORE_BF16").fast("bf16") is True
+    assert dataclasses.replace(zen5, onednn_max_isa="ALL").usable == zen5.features
+    # Off x86 there is no measurement to judge by: no verdict, no warning.
+    assert CpuInfo("Neoverse", "aarch64", "SVE256", frozenset()).fast("bf16") is None
+    assert hardware.warn_if_slow("bf16", CpuInfo("Neoverse", "aarch64", "SVE256", frozenset())) is False
+
+
+def test_detect_cpu_reads_this_process(monkeypatch):
+    cpu = detect_cpu()
+    assert cpu.capability == torch.backends.cpu.get_cpu_capability()
+    capabilities = torch.cpu.get_capabilities()
+    assert {
+        f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8") if capabilities.get(f) is True
+    } <= cpu.features
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    capped = detect_cpu()
+    assert capped.onednn_max_isa == "AVX2" and capped.fast("bf16") is not True
+    assert "oneDNN capped at AVX2" in capped.describe()
