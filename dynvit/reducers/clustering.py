@@ -29,6 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from dynvit.models.dynamic_vit import init_predictor, keep_counts
+from dynvit.models.factory import default_pruning_loc
 from dynvit.reducers.base import ReducedRun, ReducedViT, validate_rate
 
 # What one stage reports about its clustering (see the module docstring for the keys).
@@ -91,6 +92,13 @@ def check_reduction_loc(reduction_loc: tuple[int, ...], depth: int) -> None:
         raise ValueError(f"reduction_loc must be strictly increasing, got {reduction_loc}")
     if reduction_loc[0] < 0 or reduction_loc[-1] >= depth:
         raise ValueError(f"reduction_loc {reduction_loc} must index blocks 0..{depth - 1} of this {depth}-block model")
+
+
+def default_params(vit: nn.Module) -> dict[str, object]:
+    """TokenReduction's keep rate 0.7 and DynamicViT's stage blocks for ``vit`` (3, 6, 9 on 12 blocks): the
+    registry's defaults for the clustering methods."""
+    name = (getattr(vit, "pretrained_cfg", None) or {}).get("architecture", "")
+    return {"keep_rate": 0.7, "reduction_loc": default_pruning_loc(name, len(vit.blocks))}
 
 
 def block_with_attention(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +300,7 @@ __all__ = [
     "check_reduction_loc",
     "cluster_counts",
     "cluster_purity",
+    "default_params",
     "patch_assignment",
     "token_of_input",
 ]
