@@ -188,6 +188,7 @@ def test_dpcknn_state_dict_uses_the_reference_names_and_loads_strictly():
     names = {k for k in trained.state_dict() if k.startswith("cluster_layers")}
     assert names == {f"cluster_layers.{s}.score.{p}" for s in range(3) for p in ("weight", "bias")}
     fresh = DPCKNNViT.from_vit(tiny_vit(), keep_rate=RATE, reduction_loc=LOC)
+    assert not fresh.cluster_layers.training  # new layers join an eval model in eval mode
     load_weights(fresh, trained.state_dict(), strict=True)
     assert torch.equal(fresh.cluster_layers[2].score.weight, trained.cluster_layers[2].score.weight)
     # A plain ViT checkpoint loads too; the score layers keep their init (truncated normal, zero bias).

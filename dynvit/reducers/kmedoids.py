@@ -152,7 +152,8 @@ register(
         defaults=lambda vit: {**default_params(vit), "cluster_iters": 3, "equal_weight": False},
         reports=frozenset({"counts", "masks", "assignments"}),
         needs_class_token=False,
-        onnx=None,
+        onnx="torch.onnx has no conversion for torch.cdist (aten::_cdist_forward), and distances computed any "
+        "other way change which medoids are chosen",
         reference="JoakimHaurum/TokenReduction models/kmedoids.py",
     )
 )
