@@ -226,6 +226,15 @@ def test_equal_weight_kmedoids_seeds_by_farthest_points_and_allows_location_zero
         assert got["assignment"][b].tolist() == dist[b][:, chosen].argmin(dim=1).tolist()
 
 
+def test_converting_between_methods_keeps_no_stale_setting(images):
+    vit = tiny_vit()
+    KMedoidsViT.from_vit(vit, keep_rate=RATE, reduction_loc=(0,), equal_weight=True)
+    with pytest.raises(ValueError, match="block 0 has none"):
+        KMedoidsViT.from_vit(vit, keep_rate=RATE, reduction_loc=(0,))
+    model = DPCKNNViT.from_vit(KMedoidsViT.from_vit(vit, reduction_loc=LOC), keep_rate=RATE, reduction_loc=(0,))
+    assert model.predict_with_counts(images)[1][0, 0, 0] == 22  # 21 patch tokens from block 0 on
+
+
 def test_kmedoids_masks_mark_the_medoids(images):
     model = KMedoidsViT.from_vit(tiny_vit(), keep_rate=RATE, reduction_loc=(1, 3))
     _, masks = model.predict_with_masks(images)
