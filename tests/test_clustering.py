@@ -188,6 +188,7 @@ def test_dpcknn_state_dict_uses_the_reference_names_and_loads_strictly():
     names = {k for k in trained.state_dict() if k.startswith("cluster_layers")}
     assert names == {f"cluster_layers.{s}.score.{p}" for s in range(3) for p in ("weight", "bias")}
     fresh = DPCKNNViT.from_vit(tiny_vit(), keep_rate=RATE, reduction_loc=LOC)
+    assert not fresh.cluster_layers.training  # new layers join an eval model in eval mode
     load_weights(fresh, trained.state_dict(), strict=True)
     assert torch.equal(fresh.cluster_layers[2].score.weight, trained.cluster_layers[2].score.weight)
     # A plain ViT checkpoint loads too; the score layers keep their init (truncated normal, zero bias).
@@ -223,6 +224,15 @@ def test_equal_weight_kmedoids_seeds_by_farthest_points_and_allows_location_zero
             chosen.append(max(range(36), key=lambda i: far[i]))
         assert got["centres"][b].tolist() == chosen
         assert got["assignment"][b].tolist() == dist[b][:, chosen].argmin(dim=1).tolist()
+
+
+def test_converting_between_methods_keeps_no_stale_setting(images):
+    vit = tiny_vit()
+    KMedoidsViT.from_vit(vit, keep_rate=RATE, reduction_loc=(0,), equal_weight=True)
+    with pytest.raises(ValueError, match="block 0 has none"):
+        KMedoidsViT.from_vit(vit, keep_rate=RATE, reduction_loc=(0,))
+    model = DPCKNNViT.from_vit(KMedoidsViT.from_vit(vit, reduction_loc=LOC), keep_rate=RATE, reduction_loc=(0,))
+    assert model.predict_with_counts(images)[1][0, 0, 0] == 22  # 21 patch tokens from block 0 on
 
 
 def test_kmedoids_masks_mark_the_medoids(images):

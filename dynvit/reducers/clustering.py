@@ -165,8 +165,10 @@ class ClusteringViT(ReducedViT):
         if any(m is None for m in modules) and not all(m is None for m in modules):
             raise TypeError(f"{type(self).__name__}.stage_module must give a module for every stage or for none")
         self.cluster_layers = nn.ModuleList([] if modules[0] is None else modules)
+        # New modules join the model as it is: its device, dtype and mode (an eval model must not get
+        # training-mode layers).
         param = next(self.parameters())
-        self.cluster_layers.to(device=param.device, dtype=param.dtype)
+        self.cluster_layers.to(device=param.device, dtype=param.dtype).train(self.training)
 
     def stage_module(self, stage: int, keep: int) -> nn.Module | None:
         """The learned module of ``stage`` (stored as ``cluster_layers[stage]``), at the reference's init;

@@ -149,7 +149,8 @@ register(
         defaults=lambda vit: {**default_params(vit), "k_neighbors": 5, "equal_weight": False},
         reports=frozenset({"counts", "assignments"}),
         needs_class_token=False,
-        onnx=None,
+        onnx="torch.onnx has no conversion for torch.cdist (aten::_cdist_forward), and distances computed any "
+        "other way change the clusters; the tie-breaking noise's shape also follows the batch size",
         reference="JoakimHaurum/TokenReduction models/dpcknn.py",
     )
 )

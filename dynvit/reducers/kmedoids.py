@@ -100,8 +100,13 @@ class KMedoidsViT(ClusteringViT, SelectionViT):
     """
 
     method = "kmedoids"
-    needs_attention = True
     selects = True
+    equal_weight: bool = False
+
+    @property
+    def needs_attention(self) -> bool:
+        """Received attention weighs the tokens unless ``equal_weight`` is set."""
+        return not self.equal_weight
 
     def configure(
         self,
@@ -125,7 +130,6 @@ class KMedoidsViT(ClusteringViT, SelectionViT):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.cluster_iters, self.equal_weight, self.seed = cluster_iters, equal_weight, seed
-        self.needs_attention = not equal_weight
         super().configure(keep_rate, reduction_loc)
 
     def reduce(self, stage: int, x: torch.Tensor, context: StageContext) -> tuple[torch.Tensor, Assignment]:
@@ -152,7 +156,8 @@ register(
         defaults=lambda vit: {**default_params(vit), "cluster_iters": 3, "equal_weight": False},
         reports=frozenset({"counts", "masks", "assignments"}),
         needs_class_token=False,
-        onnx=None,
+        onnx="torch.onnx has no conversion for torch.cdist (aten::_cdist_forward), and distances computed any "
+        "other way change which medoids are chosen",
         reference="JoakimHaurum/TokenReduction models/kmedoids.py",
     )
 )
