@@ -1,0 +1,253 @@
+"""The recent mergers (DiffRate, ToFu, PiToMe) on tiny ViTs: counts, one merge step by hand, sizes, sources, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynvit import count_flops, create_teacher, methods
+from dynvit.reducers.diffrate import DiffRateViT
+
+NAME = "deit_small_patch16_224"
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+N = 64  # patch tokens of the tiny ViT
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    vit = create_teacher(NAME, **TINY).eval()
+    # Spread-out weights, so attention and similarities are far from uniform (no near-ties).
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.1)
+    return vit
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32)
+
+
+def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """Tokens actually entering each block's attention and MLP, read off the tensors by hooks."""
+    seen: list[int] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        for block in model.blocks
+        for m in (block.norm1, block.norm2)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(zip(seen[::2], seen[1::2], strict=True))
+
+
+def mlp_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
+    """The tokens entering block ``block``'s MLP, as the model runs."""
+    seen = []
+    hook = model.blocks[block].norm2.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def block_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
+    """The tokens entering block ``block`` (its first norm's input), as the model runs."""
+    seen = []
+    hook = model.blocks[block].norm1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def check_sources(sources: list[torch.Tensor], counts: list[tuple[int, int]], prefix: int = 1) -> None:
+    """Per block: one row per token entering the MLP, prefix rows empty, each patch in at most one token,
+    and every token's patches come from tokens of the block before (nothing appears from nowhere)."""
+    previous = torch.ones(N, dtype=torch.bool)
+    for s, (_, mlp) in zip(sources, counts, strict=True):
+        assert s.dtype == torch.bool and s.shape[1:] == (mlp, N)
+        assert not s[:, :prefix].any()
+        assert (s.sum(dim=1) <= 1).all()
+        assert (s[:, prefix:].sum(dim=2) >= 1).all()  # every patch token stands for at least its own patch
+        covered = s.any(dim=1)
+        assert not (covered & ~previous).any()
+        previous = covered
+
+
+# ---------------------------------------------------------------- DiffRate
+
+PRUNE, MERGE = [65, 50, 40, 20], [65, 45, 30, 10]
+
+
+def diffrate(base: nn.Module, **params) -> DiffRateViT:
+    return DiffRateViT.from_vit(copy.deepcopy(base), **params).eval()
+
+
+def test_diffrate_counts_follow_the_schedule(base, images):
+    model = diffrate(base, prune_kept_num=PRUNE, merge_kept_num=MERGE)
+    expected = [(65, 65), (65, 45), (45, 30), (30, 10)]
+    assert model.token_schedule() == expected
+    assert record_counts(model, images) == expected
+    _, counts = model.predict_with_counts(images)
+    assert counts.tolist() == [[list(c) for c in expected]] * 3
+    # A count above the tokens left changes nothing, as DiffRate's slicing keeps what there is.
+    model = diffrate(base, prune_kept_num=[65, 60, 50, 20], merge_kept_num=[65, 40, 40, 20])
+    assert record_counts(model, images) == [(65, 65), (65, 40), (40, 40), (40, 20)]
+
+
+def test_diffrate_reduction_step_equals_explicit_computation(base, images):
+    """Block 1 (prune 65 → 50, merge → 45) written out token by token."""
+    model = diffrate(base, prune_kept_num=PRUNE, merge_kept_num=MERGE)
+    block = model.blocks[1]
+    x_in = block_inputs(model, images, 1)
+    with torch.no_grad():
+        hidden, stats = block.attend(x_in, cls_attn=True)  # sizes are all 1 before the first merge
+    expected = []
+    for b in range(images.shape[0]):
+        attention = stats.cls_attn[b].mean(dim=0)
+        ranked = sorted(range(1, 65), key=lambda i: -attention[i].item())
+        kept = [hidden[b, 0]] + [hidden[b, i] for i in ranked[:49]]  # prune: class token + 49 patches
+        dst, src = kept[:45], kept[45:]
+        groups = [[t] for t in dst]
+        for s in src:
+            similarity = [F.cosine_similarity(s, d, dim=0).item() for d in dst[1:]]
+            groups[1 + similarity.index(max(similarity))].append(s)
+        expected.append(torch.stack([torch.stack(g).mean(dim=0) for g in groups]))
+    torch.testing.assert_close(mlp_inputs(model, images, 1), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_diffrate_sizes_grow_by_similarity_and_sources_follow_merges():
+    from dynvit.reducers.diffrate import merge_into_kept
+
+    x = torch.tensor([[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.2], [0.1, 3.0], [1.0, 1.0]]])
+    size = torch.tensor([[1.0, 1.0, 2.0, 1.0, 1.0, 1.0]])
+    sources = torch.eye(6, dtype=torch.bool)[None, :, :]
+    merged, new_size, new_sources = merge_into_kept(x, size, sources, kept=3, num_prefix=1)
+    # Token 3 ([2, .2]) is nearest [1, 0], token 4 ([.1, 3]) nearest [0, 1]; token 5 ([1, 1]) ties between
+    # them and goes to the first (torch.max's rule, as in DiffRate). The class token ([5, 5]) is the most
+    # similar to [1, 1] but never receives.
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    s3, s4, s5 = cos(x[0, 3], x[0, 1]), cos(x[0, 4], x[0, 2]), cos(x[0, 5], x[0, 1])
+    assert cos(x[0, 5], x[0, 1]) == cos(x[0, 5], x[0, 2])  # a tie goes to the first, as torch.max does
+    torch.testing.assert_close(merged[0, 1], (x[0, 1] + x[0, 3] + x[0, 5]) / 3)  # unweighted mean
+    torch.testing.assert_close(merged[0, 2], (x[0, 2] + x[0, 4]) / 2)
+    torch.testing.assert_close(merged[0, 0], x[0, 0])
+    torch.testing.assert_close(new_size[0], torch.tensor([1.0, 1.0 + s3 + s5, 2.0 + s4]))
+    assert new_sources[0].tolist() == [
+        [True, False, False, False, False, False],
+        [False, True, False, True, False, True],
+        [False, False, True, False, True, False],
+    ]
+
+
+def test_diffrate_sources_and_sizes_over_a_run(base, images):
+    model = diffrate(base, prune_kept_num=PRUNE, merge_kept_num=MERGE)
+    logits, sources = model.predict_with_sources(images)
+    torch.testing.assert_close(logits, model(images))
+    check_sources(sources, model.token_schedule())
+    _, run = model.predict(images)
+    # Merged tokens are heavier than one token, by the similarities they brought (all positive here).
+    merged = sources[-1][:, 1:].sum(dim=-1) > 1
+    assert merged.any() and (run.sizes[:, 1:][merged] > 1).all()
+    assert (run.sizes[:, 1:][~merged] == 1).all() and (run.sizes[:, 0] == 1).all()
+
+
+def test_diffrate_proportional_attention_uses_sizes(base, images):
+    """Attention after a merge adds log(size) to its logits: block 2 of a schedule that reduces only in block 1."""
+    model = diffrate(base, prune_kept_num=[65, 50, 45, 45], merge_kept_num=[65, 45, 45, 45])
+    sizes = model.predict(images)[1].sizes  # as block 1 left them, nothing changes after
+    x_in = block_inputs(model, images, 2)
+    with torch.no_grad():
+        with_bias, _ = model.blocks[2].attend(x_in, bias=sizes.log()[:, None, None, :])
+        without, _ = model.blocks[2].attend(x_in)
+    hidden = mlp_inputs(model, images, 2)
+    torch.testing.assert_close(hidden, with_bias)
+    assert not torch.allclose(hidden, without)
+
+
+def test_diffrate_named_schedules(base):
+    narrow = dict(embed_dim=32, num_heads=2)  # DeiT-S's 12 blocks and 196 patches, cheap to build
+    model = DiffRateViT.from_vit(create_teacher(NAME, **narrow), schedule="deit_s_2.3")
+    # compression_rate.json, "ViT-S-DeiT", "2.3"
+    assert model.prune_kept_num == [197, 192, 168, 143, 121, 105, 92, 74, 62, 45, 33, 3]
+    assert model.merge_kept_num == [197, 180, 156, 127, 109, 98, 80, 66, 52, 37, 31, 3]
+    default = DiffRateViT.from_vit(create_teacher(NAME, **narrow))
+    assert default.schedule == "deit_s_2.9"
+    assert default.prune_kept_num == [197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3]
+    assert default.merge_kept_num == [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]
+    # On 4 blocks of 64 patches, block i reads the released block round(11 i / 3) and scales its patches.
+    tiny = diffrate(base, schedule="deit_s_2.9")
+    released = ((197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3), (197, 194, 176, 156, 141, 133, 121, 107))
+    prune = [1 + round(64 * (released[0][j] - 1) / 196) for j in (0, 4, 7, 11)]
+    assert tiny.prune_kept_num == prune and prune[-1] == 2  # at least one patch stays
+    assert tiny.merge_kept_num[:3] == [1 + round(64 * (released[1][j] - 1) / 196) for j in (0, 4, 7)]
+
+
+def test_diffrate_strength_bends_the_schedule(base):
+    assert diffrate(base, prune_kept_num=PRUNE, merge_kept_num=MERGE, strength=0).token_schedule() == [(65, 65)] * 4
+    strong = diffrate(base, prune_kept_num=PRUNE, merge_kept_num=MERGE, strength=2)
+    assert strong.prune_kept_num == [1 + round(64 * ((k - 1) / 64) ** 2) for k in PRUNE]
+    assert strong.merge_kept_num == [1 + max(1, round(64 * ((k - 1) / 64) ** 2)) for k in MERGE]
+
+
+def test_diffrate_gflops_match_its_own_formula():
+    """fvcore on the 2.9 schedule is within 1 % of DiffRate's count (4NC² + 2N²C per attention, 8NC² per MLP)."""
+    model = DiffRateViT.from_vit(create_teacher(NAME), schedule="deit_s_2.9")
+    C, flops = 384, 197 * 384 * 16 * 16 * 3 + 384 * 1000  # patch embedding (as DiffRate counts it) and head
+    for attn, mlp in model.token_schedule():
+        flops += 4 * attn * C * C + 2 * attn * attn * C + 8 * mlp * C * C
+    assert flops / 1e9 == pytest.approx(2.905, abs=5e-4)
+    assert count_flops(model) == pytest.approx(flops / 1e9, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (dict(prune_kept_num=PRUNE[:3], merge_kept_num=MERGE), "one int per block"),
+        (dict(prune_kept_num=[65, 50, 55, 20], merge_kept_num=MERGE), r"running minimum \[65, 50, 50, 20\]"),
+        (dict(prune_kept_num=PRUNE, merge_kept_num=[65, 55, 30, 10]), r"merge_kept_num\[1\]=55 exceeds"),
+        (dict(prune_kept_num=[66, 50, 40, 20], merge_kept_num=MERGE), r"in \[2, 65\]"),
+        (dict(prune_kept_num=PRUNE), "both prune_kept_num and merge_kept_num"),
+        (dict(schedule="deit_s_2.9", prune_kept_num=PRUNE, merge_kept_num=MERGE), "either a named schedule"),
+        (dict(schedule="deit_s_2.8"), "choose one of"),
+        (dict(strength=-1.0), "strength must be a number >= 0"),
+    ],
+)
+def test_diffrate_bad_input(base, params, message):
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message):
+        DiffRateViT.from_vit(model, **params)
+    assert type(model).__name__ == "VisionTransformer"  # a rejected schedule leaves the model as it was
+
+
+def test_diffrate_needs_a_class_token():
+    vit = create_teacher(NAME, **{**TINY, "class_token": False, "global_pool": "avg"})
+    with pytest.raises(TypeError, match="class token"):
+        DiffRateViT.from_vit(vit)
+
+
+def test_diffrate_is_registered(base, images):
+    method = methods.get("diffrate")
+    assert not method.learned and "sources" in method.reports and method.needs_class_token
+    model = method.build(copy.deepcopy(base), **method.default_params(base))
+    assert isinstance(model, DiffRateViT)
+    low, high = method.knob.bounds(model)
+    cheap = method.build(copy.deepcopy(base), strength=high)
+    assert sum(m for _, m in cheap.token_schedule()) < sum(m for _, m in model.token_schedule())
+    model.train()
+    model(images).sum().backward()  # fine-tunes like the plain model
