@@ -12,6 +12,7 @@ from torch import nn
 
 from dynvit import count_flops, create_teacher, methods
 from dynvit.reducers.diffrate import DiffRateViT
+from dynvit.reducers.tofu import ToFuViT, merge_mlerp
 
 NAME = "deit_small_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
@@ -251,3 +252,88 @@ def test_diffrate_is_registered(base, images):
     assert sum(m for _, m in cheap.token_schedule()) < sum(m for _, m in model.token_schedule())
     model.train()
     model(images).sum().backward()  # fine-tunes like the plain model
+
+
+# ---------------------------------------------------------------- ToFu
+
+
+def tofu(base: nn.Module, **params) -> ToFuViT:
+    return ToFuViT.from_vit(copy.deepcopy(base), **params).eval()
+
+
+def explicit_matching(keys: torch.Tensor, r: int) -> list[tuple[int, int]]:
+    """ToMe's matching written out for one image: (A position, B position) of the r best-matched A tokens
+    (A = even tokens, B = odd, class token = A's first, never merged), in tokens' own numbering."""
+    a, b = list(range(0, keys.shape[0], 2)), list(range(1, keys.shape[0], 2))
+    best = []
+    for i in a[1:]:
+        similarity = [F.cosine_similarity(keys[i], keys[j], dim=0).item() for j in b]
+        best.append((max(similarity), i, b[similarity.index(max(similarity))]))
+    return [(i, j) for _, i, j in sorted(best, reverse=True)[:r]]
+
+
+def test_tofu_counts_and_which_blocks_prune(base, images):
+    model = tofu(base, r=5)
+    expected = [(65, 60), (60, 55), (55, 50), (50, 45)]
+    assert model.token_schedule() == expected == record_counts(model, images)
+    assert [model.prunes(i) for i in range(4)] == [True, True, True, False]  # blocks <= depth // 2 prune
+    assert tofu(base, r=[0, 20, 20, 20]).token_schedule() == [(65, 65), (65, 45), (45, 25), (25, 13)]  # capped
+
+
+@pytest.mark.parametrize("index", [0, 3])  # a pruning block, a merging block
+def test_tofu_step_equals_explicit_computation(base, images, index):
+    model = tofu(base, r=5)
+    block = model.blocks[index]
+    x_in = block_inputs(model, images, index)
+    with torch.no_grad():
+        hidden, stats = block.attend(x_in)
+    keys = stats.keys.mean(dim=1)
+    expected = []
+    for b in range(images.shape[0]):
+        pairs = explicit_matching(keys[b], r=5)
+        gone = {i for i, _ in pairs}
+        tokens = {t: hidden[b, t] for t in range(hidden.shape[1]) if t not in gone}
+        if not model.prunes(index):  # MLERP: the mean, rescaled to the largest norm, over the destination's norm
+            for j in {j for _, j in pairs}:
+                group = [hidden[b, j]] + [hidden[b, i] for i, d in pairs if d == j]
+                largest = max(t.norm() for t in group)
+                tokens[j] = torch.stack(group).mean(dim=0) / hidden[b, j].norm() * largest
+        order = [t for t in tokens if t % 2 == 0] + [t for t in tokens if t % 2 == 1]  # unmerged A, then B
+        expected.append(torch.stack([tokens[t] for t in order]))
+    torch.testing.assert_close(mlp_inputs(model, images, index), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_tofu_mlerp_by_hand():
+    from dynvit.reducers.tome import MergePlan
+
+    x = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.0, -1.0], [6.0, 8.0], [1.0, 1.0]]])
+    # A = tokens 0, 2, 4; B = 1, 3, 5. A's 2 and 4 (positions 1, 2) both merge into B's 1 (position 0).
+    plan = MergePlan(unmerged=torch.tensor([[0]]), src=torch.tensor([[1, 2]]), dst=torch.tensor([[0, 0]]))
+    merged = merge_mlerp(plan, x)
+    mean = (x[0, 1] + x[0, 2] + x[0, 4]) / 3
+    # OpenToMe divides by the original destination's norm (1), not the mean's; the largest norm is 10.
+    torch.testing.assert_close(merged[0], torch.stack([x[0, 0], mean / 1.0 * 10.0, x[0, 3], x[0, 5]]))
+
+
+def test_tofu_sources_lose_pruned_patches_and_join_merged_ones(base, images):
+    model = tofu(base, r=5)
+    logits, sources = model.predict_with_sources(images)
+    torch.testing.assert_close(logits, model(images))
+    check_sources(sources, model.token_schedule())
+    # Blocks 0-2 prune 5 single patches each; block 3 merges 5 tokens into others, losing no patch.
+    assert [s.any(dim=1).sum(dim=1).tolist() for s in sources] == [[59] * 3, [54] * 3, [49] * 3, [49] * 3]
+    assert (sources[2][:, 1:].sum(dim=-1) == 1).all() and (sources[3][:, 1:].sum(dim=-1) > 1).any()
+    assert model.predict(images)[1].sizes is None  # ToFu tracks no sizes: plain attention, plain pooling
+
+
+@pytest.mark.parametrize(("r", "message"), [(-1, "r must be >= 0"), (33, "use r <= 32"), ([5, 5], "one per block")])
+def test_tofu_bad_input(base, r, message):
+    with pytest.raises(ValueError, match=message):
+        ToFuViT.from_vit(copy.deepcopy(base), r=r)
+
+
+def test_tofu_is_registered(base):
+    method = methods.get("tofu")
+    assert not method.learned and "sources" in method.reports and not method.needs_class_token
+    assert method.knob.bounds(base) == (0, 32)
+    assert isinstance(method.build(copy.deepcopy(base), **method.default_params(base)), ToFuViT)

@@ -45,9 +45,10 @@ def merge_sources(plan: MergePlan, sources: torch.Tensor) -> torch.Tensor:
     return torch.cat([gather_tokens(a, plan.unmerged), b], dim=1)
 
 
-def prune_sources(plan: MergePlan, sources: torch.Tensor) -> torch.Tensor:
-    """Apply a bipartite plan that drops the merged-away A rows instead of merging them (ToFu's pruning)."""
-    return torch.cat([gather_tokens(sources[:, ::2], plan.unmerged), sources[:, 1::2]], dim=1)
+def drop_merged(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
+    """Apply a bipartite plan by dropping the merged-away A rows of x (B, N, ·) instead of merging them
+    (ToFu's pruning); returns (B, N - r, ·) in :func:`dynvit.reducers.tome.merge_sum`'s order."""
+    return torch.cat([gather_tokens(x[:, ::2], plan.unmerged), x[:, 1::2]], dim=1)
 
 
 class MergingViT(ReducedViT):
@@ -83,4 +84,4 @@ class MergingViT(ReducedViT):
             self.train(was_training)
 
 
-__all__ = ["MergingViT", "TracedRun", "initial_sources", "merge_sources", "prune_sources"]
+__all__ = ["MergingViT", "TracedRun", "drop_merged", "initial_sources", "merge_sources"]
