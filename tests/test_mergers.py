@@ -12,6 +12,7 @@ from torch import nn
 
 from dynvit import count_flops, create_teacher, methods
 from dynvit.reducers.diffrate import DiffRateViT
+from dynvit.reducers.pitome import PiToMeViT
 from dynvit.reducers.tofu import ToFuViT, merge_mlerp
 
 NAME = "deit_small_patch16_224"
@@ -337,3 +338,90 @@ def test_tofu_is_registered(base):
     assert not method.learned and "sources" in method.reports and not method.needs_class_token
     assert method.knob.bounds(base) == (0, 32)
     assert isinstance(method.build(copy.deepcopy(base), **method.default_params(base)), ToFuViT)
+
+
+# ---------------------------------------------------------------- PiToMe
+
+
+def pitome(base: nn.Module, **params) -> PiToMeViT:
+    return PiToMeViT.from_vit(copy.deepcopy(base), **params).eval()
+
+
+def test_pitome_counts_follow_the_ratio(base, images):
+    model = pitome(base, ratio=0.9)
+    expected, n = [], 64
+    for _ in range(4):
+        r = math.floor(n - n * 0.9)
+        expected.append((n + 1, n + 1 - r))
+        n -= r
+    assert model.token_schedule() == expected == record_counts(model, images)
+    assert expected[0] == (65, 59)  # floor(64 − 57.6)
+    assert model.margins == [0.75, 0.5625, 0.375, 0.1875]
+
+
+@pytest.mark.parametrize("index", [1, 2])  # the first half matches all tokens, the second half 2r of them
+def test_pitome_step_equals_explicit_computation(base, images, index):
+    model = pitome(base, ratio=0.9)
+    _, sources = model.predict_with_sources(images)
+    sizes = sources[index - 1].sum(dim=-1).clamp(min=1).float()  # tokens entering the block: patches each holds
+    x_in = block_inputs(model, images, index)
+    with torch.no_grad():
+        hidden, stats = model.blocks[index].attend(x_in)  # no proportional attention
+    keys = stats.keys.mean(dim=1)
+    r, margin = model.merges[index], 0.75 - 0.75 * index / 4
+    expected = []
+    for b in range(images.shape[0]):
+        patches = list(range(1, hidden.shape[1]))
+        cos = F.cosine_similarity(keys[b, patches][:, None], keys[b, patches][None], dim=-1)
+        energy = F.elu(cos - margin).mean(dim=1)
+        ranked = [patches[i] for i in sorted(range(len(patches)), key=lambda i: -energy[i].item())]
+        matched = ranked if index < 2 else ranked[: 2 * r]  # ceil(4 / 2) = 2 blocks match everything
+        a, bs = matched[0::2], matched[1::2]
+        best = []
+        for i in a:
+            similarity = [F.cosine_similarity(keys[b, i], keys[b, j], dim=0).item() for j in bs]
+            best.append((max(similarity), i, bs[similarity.index(max(similarity))]))
+        pairs = [(i, j) for _, i, j in sorted(best, reverse=True)[:r]]
+        merged = {i for i, _ in pairs}
+        groups = {j: [j] + [i for i, d in pairs if d == j] for j in bs}
+        tokens = [hidden[b, 0]] + [hidden[b, t] for t in ranked if t not in matched]  # class token, protected
+        tokens += [hidden[b, i] for i in sorted(set(a) - merged, key=ranked.index)]  # unmerged A
+        for j in bs:  # B, each the size-weighted mean of its group
+            w = sizes[b, groups[j]]
+            tokens.append((hidden[b, groups[j]] * w[:, None]).sum(dim=0) / w.sum())
+        expected.append(torch.stack(tokens))
+    torch.testing.assert_close(mlp_inputs(model, images, index), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_pitome_sizes_count_the_patches_each_token_holds(base, images):
+    model = pitome(base, ratio=0.8)
+    logits, sources = model.predict_with_sources(images)
+    torch.testing.assert_close(logits, model(images))
+    check_sources(sources, model.token_schedule())
+    assert all(s.any(dim=1).all() for s in sources)  # merging loses no patch
+    sizes = model.predict(images)[1].sizes
+    assert sizes[:, 0].eq(1).all()
+    torch.testing.assert_close(sizes[:, 1:], sources[-1][:, 1:].sum(dim=-1).float())
+    assert sizes.max() > 1
+
+
+def test_pitome_ratio_one_is_the_plain_model(base, images):
+    model = pitome(base, ratio=1.0)
+    assert model.token_schedule() == [(65, 65)] * 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), base(images))
+
+
+@pytest.mark.parametrize(
+    ("ratio", "message"),
+    [(0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"), (True, r"in \(0, 1\]"), ("0.9", r"in \(0, 1\]"), (0.3, ">= 0.5")],
+)
+def test_pitome_bad_input(base, ratio, message):
+    with pytest.raises(ValueError, match=message):
+        PiToMeViT.from_vit(copy.deepcopy(base), ratio=ratio)
+
+
+def test_pitome_is_registered(base):
+    method = methods.get("pitome")
+    assert not method.learned and "sources" in method.reports and method.knob.cheaper == "lower"
+    assert isinstance(method.build(copy.deepcopy(base), **method.default_params(base)), PiToMeViT)
