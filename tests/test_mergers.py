@@ -78,17 +78,23 @@ def block_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def check_sources(sources: list[torch.Tensor], counts: list[tuple[int, int]], prefix: int = 1) -> None:
-    """Per block: one row per token entering the MLP, prefix rows empty, each patch in at most one token,
-    and every token's patches come from tokens of the block before (nothing appears from nowhere)."""
+    """Per block: one row per non-prefix token entering the MLP, each standing for at least one patch, each
+    patch in at most one token, and every patch from a token of the block before (none from nowhere)."""
     previous = torch.ones(N, dtype=torch.bool)
     for s, (_, mlp) in zip(sources, counts, strict=True):
-        assert s.dtype == torch.bool and s.shape[1:] == (mlp, N)
-        assert not s[:, :prefix].any()
+        assert s.dtype == torch.bool and s.shape[1:] == (mlp - prefix, N)
         assert (s.sum(dim=1) <= 1).all()
-        assert (s[:, prefix:].sum(dim=2) >= 1).all()  # every patch token stands for at least its own patch
+        assert (s.sum(dim=2) >= 1).all()
         covered = s.any(dim=1)
         assert not (covered & ~previous).any()
         previous = covered
+
+
+def check_final_sources(model: nn.Module, images: torch.Tensor, sources: list[torch.Tensor]) -> None:
+    """``predict_with_sources`` reports the last block's sources beside the logits of a plain forward."""
+    logits, final = model.predict_with_sources(images)
+    torch.testing.assert_close(logits, model(images))
+    assert torch.equal(final, sources[-1])
 
 
 # ---------------------------------------------------------------- DiffRate
@@ -159,12 +165,12 @@ def test_diffrate_sizes_grow_by_similarity_and_sources_follow_merges():
 
 def test_diffrate_sources_and_sizes_over_a_run(base, images):
     model = diffrate(base, prune_kept_num=PRUNE, merge_kept_num=MERGE)
-    logits, sources = model.predict_with_sources(images)
-    torch.testing.assert_close(logits, model(images))
+    _, sources = model.predict_with_block_sources(images)
+    check_final_sources(model, images, sources)
     check_sources(sources, model.token_schedule())
     _, run = model.predict(images)
     # Merged tokens are heavier than one token, by the similarities they brought (all positive here).
-    merged = sources[-1][:, 1:].sum(dim=-1) > 1
+    merged = sources[-1].sum(dim=-1) > 1
     assert merged.any() and (run.sizes[:, 1:][merged] > 1).all()
     assert (run.sizes[:, 1:][~merged] == 1).all() and (run.sizes[:, 0] == 1).all()
 
@@ -318,12 +324,12 @@ def test_tofu_mlerp_by_hand():
 
 def test_tofu_sources_lose_pruned_patches_and_join_merged_ones(base, images):
     model = tofu(base, r=5)
-    logits, sources = model.predict_with_sources(images)
-    torch.testing.assert_close(logits, model(images))
+    _, sources = model.predict_with_block_sources(images)
+    check_final_sources(model, images, sources)
     check_sources(sources, model.token_schedule())
     # Blocks 0-2 prune 5 single patches each; block 3 merges 5 tokens into others, losing no patch.
     assert [s.any(dim=1).sum(dim=1).tolist() for s in sources] == [[59] * 3, [54] * 3, [49] * 3, [49] * 3]
-    assert (sources[2][:, 1:].sum(dim=-1) == 1).all() and (sources[3][:, 1:].sum(dim=-1) > 1).any()
+    assert (sources[2].sum(dim=-1) == 1).all() and (sources[3].sum(dim=-1) > 1).any()
     assert model.predict(images)[1].sizes is None  # ToFu tracks no sizes: plain attention, plain pooling
 
 
@@ -362,8 +368,9 @@ def test_pitome_counts_follow_the_ratio(base, images):
 @pytest.mark.parametrize("index", [1, 2])  # the first half matches all tokens, the second half 2r of them
 def test_pitome_step_equals_explicit_computation(base, images, index):
     model = pitome(base, ratio=0.9)
-    _, sources = model.predict_with_sources(images)
-    sizes = sources[index - 1].sum(dim=-1).clamp(min=1).float()  # tokens entering the block: patches each holds
+    _, sources = model.predict_with_block_sources(images)
+    # The tokens entering the block, each the patches it holds; the class token 1.
+    sizes = torch.cat([torch.ones(images.shape[0], 1), sources[index - 1].sum(dim=-1).float()], dim=1)
     x_in = block_inputs(model, images, index)
     with torch.no_grad():
         hidden, stats = model.blocks[index].attend(x_in)  # no proportional attention
@@ -395,13 +402,13 @@ def test_pitome_step_equals_explicit_computation(base, images, index):
 
 def test_pitome_sizes_count_the_patches_each_token_holds(base, images):
     model = pitome(base, ratio=0.8)
-    logits, sources = model.predict_with_sources(images)
-    torch.testing.assert_close(logits, model(images))
+    _, sources = model.predict_with_block_sources(images)
+    check_final_sources(model, images, sources)
     check_sources(sources, model.token_schedule())
     assert all(s.any(dim=1).all() for s in sources)  # merging loses no patch
     sizes = model.predict(images)[1].sizes
     assert sizes[:, 0].eq(1).all()
-    torch.testing.assert_close(sizes[:, 1:], sources[-1][:, 1:].sum(dim=-1).float())
+    torch.testing.assert_close(sizes[:, 1:], sources[-1].sum(dim=-1).float())
     assert sizes.max() > 1
 
 

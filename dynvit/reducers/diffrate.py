@@ -174,7 +174,7 @@ class DiffRateViT(MergingViT):
                     x, size, sources = merge_into_kept(x, size, sources, m, prefix)
                 x = block.feed_forward(x)
             if sources is not None:
-                per_block.append(sources)
+                per_block.append(sources[:, prefix:])
         run = ReducedRun(tokens=x, kept=[], counts=self.schedule_counts(x), sizes=size)
         return TracedRun(run, per_block if track_sources else None)
 

@@ -83,7 +83,7 @@ class PiToMeViT(MergingViT):
 
     def trace(self, x: torch.Tensor, track_sources: bool = False) -> TracedRun:
         prefix = self.num_prefix_tokens
-        sources = initial_sources(x, prefix)[:, prefix:] if track_sources else None
+        sources = initial_sources(x, prefix)[:, prefix:] if track_sources else None  # of the patch tokens
         size = None  # of the patch tokens (B, T, 1); all ones until the first merge
         per_block = []
         for i, (block, r) in enumerate(zip(self.blocks, self.merges, strict=True)):
@@ -107,7 +107,7 @@ class PiToMeViT(MergingViT):
                     sources = torch.cat([sources[:, matched:], merge_sources(plan, sources[:, :matched])], dim=1)
                 x = block.feed_forward(x)
             if sources is not None:
-                per_block.append(torch.cat([sources.new_zeros(x.shape[0], prefix, sources.shape[-1]), sources], 1))
+                per_block.append(sources)
         sizes = None if size is None else torch.cat([size.new_ones(x.shape[0], prefix), size.squeeze(-1)], dim=1)
         run = ReducedRun(tokens=x, kept=[], counts=self.schedule_counts(x), sizes=sizes)
         return TracedRun(run, per_block if track_sources else None)

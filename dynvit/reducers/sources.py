@@ -4,8 +4,10 @@ A merged token stands for several original patches; its sources say which. They 
 boolean map (B, M, N) from the M current tokens to the N original patches, the way ToMe's
 ``trace_source`` tracks them (an adjacency matrix merged with ``amax``): a merge ORs the rows of the
 tokens it joins, a dropped token takes its patches with it, and prefix tokens (class, distillation,
-register tokens) have empty rows. :meth:`MergingViT.predict_with_sources` returns one such map per
-block, for the tokens entering its MLP, so a picture can show which patches merged where.
+register tokens) have empty rows while tracked and are left out of what is reported.
+:meth:`MergingViT.predict_with_sources` reports the final tokens' sources (the ``SourceReporting``
+contract), :meth:`MergingViT.predict_with_block_sources` those after every block, so a picture can show
+which patches merged where.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dynvit.reducers.tome import MergePlan
 
 
 class TracedRun(NamedTuple):
-    """A :class:`ReducedRun` and, when asked for, the sources (B, M_i, N) bool after each block's reduction."""
+    """A :class:`ReducedRun` and, when asked for, the sources (B, M_i - P, N) bool of the non-prefix tokens
+    entering each block's MLP."""
 
     run: ReducedRun
     sources: list[torch.Tensor] | None
@@ -58,7 +61,8 @@ class MergingViT(ReducedViT):
     """
 
     def trace(self, x: torch.Tensor, track_sources: bool = False) -> TracedRun:
-        """Embedded tokens (B, P + N, C) through the blocks; with ``track_sources``, the sources after each block."""
+        """Embedded tokens (B, P + N, C) through the blocks; with ``track_sources``, the non-prefix tokens'
+        sources after each block's reduction."""
         raise NotImplementedError
 
     def token_schedule(self) -> list[tuple[int, int]]:
@@ -72,9 +76,9 @@ class MergingViT(ReducedViT):
         return torch.tensor(self.token_schedule(), device=x.device).expand(x.shape[0], -1, -1)
 
     @torch.no_grad()
-    def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eval-mode logits and, per block, which original patches (B, M_i, N) bool each token entering its
-        MLP stands for (prefix tokens: none; a pruned patch: no token). The mode is restored after."""
+    def predict_with_block_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits and, per block, which original patches (B, M_i - P, N) bool each non-prefix token
+        entering its MLP stands for (a pruned patch: no token). The mode is restored after."""
         was_training = self.training
         self.eval()
         try:
@@ -82,6 +86,11 @@ class MergingViT(ReducedViT):
             return self.pooled_head(self.norm(run.tokens), run.sizes), sources
         finally:
             self.train(was_training)
+
+    def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits and which original patches (B, M - P, N) bool each final non-prefix token stands for."""
+        logits, sources = self.predict_with_block_sources(x)
+        return logits, sources[-1]
 
 
 __all__ = ["MergingViT", "TracedRun", "drop_merged", "initial_sources", "merge_sources"]

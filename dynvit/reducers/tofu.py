@@ -84,7 +84,7 @@ class ToFuViT(MergingViT):
                     sources = torch.cat([sources[:, :held], follow(plan, sources[:, held:])], dim=1)
                 x = block.feed_forward(x)
             if sources is not None:
-                per_block.append(sources)
+                per_block.append(sources[:, self.num_prefix_tokens :])
         run = ReducedRun(tokens=x, kept=[], counts=self.schedule_counts(x))
         return TracedRun(run, per_block if track_sources else None)
 
