@@ -220,6 +220,8 @@ register(
         defaults=lambda model: {"schedule": DEFAULT_SCHEDULE},
         reports=frozenset({"counts", "sources"}),
         needs_class_token=True,
+        onnx="after a merge, torch 2.15's ONNX decomposition cannot view the output of attention with the size "
+        "bias ('Cannot view a tensor'), as for ToMe",
         reference="OpenGVLab/DiffRate DiffRate/patch/deit.py, DiffRate/merge.py, compression_rate.json",
     )
 )
