@@ -339,11 +339,14 @@ def test_tofu_bad_input(base, r, message):
         ToFuViT.from_vit(copy.deepcopy(base), r=r)
 
 
-def test_tofu_is_registered(base):
+def test_tofu_is_registered(base, images):
     method = methods.get("tofu")
     assert not method.learned and "sources" in method.reports and not method.needs_class_token
     assert method.knob.bounds(base) == (0, 32)
-    assert isinstance(method.build(copy.deepcopy(base), **method.default_params(base)), ToFuViT)
+    model = method.build(copy.deepcopy(base), **method.default_params(base))
+    assert isinstance(model, ToFuViT) and model.r == 13
+    model.train()
+    model(images).sum().backward()  # fine-tunes like the plain model
 
 
 # ---------------------------------------------------------------- PiToMe
@@ -428,7 +431,10 @@ def test_pitome_bad_input(base, ratio, message):
         PiToMeViT.from_vit(copy.deepcopy(base), ratio=ratio)
 
 
-def test_pitome_is_registered(base):
+def test_pitome_is_registered(base, images):
     method = methods.get("pitome")
     assert not method.learned and "sources" in method.reports and method.knob.cheaper == "lower"
-    assert isinstance(method.build(copy.deepcopy(base), **method.default_params(base)), PiToMeViT)
+    model = method.build(copy.deepcopy(base), **method.default_params(base))
+    assert isinstance(model, PiToMeViT) and model.ratio == 0.9
+    model.train()
+    model(images).sum().backward()  # fine-tunes like the plain model

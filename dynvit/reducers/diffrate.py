@@ -89,7 +89,9 @@ class DiffRateViT(MergingViT):
     """A timm ViT that prunes and merges tokens by a DiffRate schedule in every block.
 
     Build with ``DiffRateViT.from_vit(vit, schedule="deit_s_2.9")`` or with explicit ``prune_kept_num`` and
-    ``merge_kept_num`` lists; ``predict_with_sources`` shows which patches each token stands for.
+    ``merge_kept_num`` lists; ``predict_with_sources`` shows which patches each token stands for. In
+    training mode it reduces as in eval (so the backbone can be fine-tuned at a schedule); DiffRate's own
+    training-mode forward, which keeps all tokens under soft masks, serves its search.
     """
 
     method = "diffrate"
