@@ -60,8 +60,10 @@ class SourceReporting(Protocol):
 class AssignmentReporting(Protocol):
     """A model that assigns tokens to clusters (clustering methods)."""
 
-    def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eval-mode logits and, per stage, the output token (B, n_in) int64 each input non-prefix token went to."""
+    def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Eval-mode logits and, per stage, where each input patch token went: ``{"centres": (B, K),
+        "assignment": (B, n)}`` for a hard clustering (the output token of each input token), ``{"weights":
+        (B, K, n)}`` for a soft one (how much of input token j makes output token k)."""
         ...
 
 

@@ -148,33 +148,32 @@ class TopKViT(AttentiveViT):
     method = "topk"
 
 
+# EViT and top-k share everything but the fused token: the knob, where they act, what they report.
+ATTENTIVE = dict(
+    learned=False,
+    knob=Knob("keep_rate", 0.0, 1.0),
+    cost="schedule",
+    at_stages=locations("pruning_loc"),
+    reports=frozenset({"counts", "masks"}),
+    needs_class_token=True,
+)
 register(
     Method(
         name="evit",
         summary="keep the tokens the class token attends to most, fuse the rest into one token (EViT)",
-        learned=False,
         build=EViT.from_vit,
-        knob=Knob("keep_rate", 0.0, 1.0),
-        cost="schedule",
-        at_stages=locations("pruning_loc"),
-        reports=frozenset({"counts", "masks"}),
-        needs_class_token=True,
         fine_tuned_in_paper=True,
         reference="youweiliang/evit evit.py",
+        **ATTENTIVE,
     )
 )
 register(
     Method(
         name="topk",
         summary="keep the tokens the class token attends to most, drop the rest (EViT without fusion)",
-        learned=False,
         build=TopKViT.from_vit,
-        knob=Knob("keep_rate", 0.0, 1.0),
-        cost="schedule",
-        at_stages=locations("pruning_loc"),
-        reports=frozenset({"counts", "masks"}),
-        needs_class_token=True,
         reference="JoakimHaurum/TokenReduction models/topk.py",
+        **ATTENTIVE,
     )
 )
 
