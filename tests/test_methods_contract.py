@@ -57,10 +57,17 @@ def images(batch: int = 3) -> torch.Tensor:
 
 
 def tiny_params(method: methods.Method, vit: nn.Module) -> dict:
-    """The method's defaults with its knob halfway along its range (defaults are sized for real models: ToMe's
-    r = 13 is more than 16 patches allow)."""
-    candidates = method.knob.candidates(vit, steps=10)
-    return {**method.default_params(vit), method.knob.name: candidates[len(candidates) // 2]}
+    """The method's defaults with its knob halfway along the range this tiny ViT accepts (defaults are sized for
+    real models: ToMe's r = 13 is more than 16 patches allow, DPC-KNN's 5 neighbours more than a late stage keeps)."""
+    fitting = []
+    for value in method.knob.candidates(vit, steps=10):
+        params = {**method.default_params(vit), method.knob.name: value}
+        try:
+            method.build(copy.deepcopy(vit), **params)
+        except ValueError:
+            continue
+        fitting.append(params)
+    return fitting[len(fitting) // 2]
 
 
 def built(teacher: nn.Module, name: str, **params) -> nn.Module:
@@ -69,9 +76,11 @@ def built(teacher: nn.Module, name: str, **params) -> nn.Module:
     vit = copy.deepcopy(teacher)
     model = method.build(vit, **{**tiny_params(method, vit), **params})
     if method.learned:
-        with torch.no_grad():  # spread the fresh predictors' scores, as training does
+        # Spread the fresh modules' scores, as training does; mildly, since DPC-KNN exponentiates its raw scores
+        # as its reference does (no max subtracted), which overflows for scores above ~88.
+        with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     return model.eval()
 
 
@@ -122,10 +131,12 @@ def test_forward_counts_and_reports(teacher, name):
         logits_s, sources = model.predict_with_sources(x)
         torch.testing.assert_close(logits_s, logits)
         assert sources.shape == (3, counts[0, -1, 1] - P, N)
-        assert (sources.sum(dim=1) == 1).all()  # every patch stands in exactly one token
-        # Each token keeps the place of one of the patches it stands for (ToMe: its last stage is the last block).
-        _, masks = model.predict_with_masks(x)
-        assert sources.any(dim=2).all() and (masks[-1].unsqueeze(1) & sources).sum(dim=2).eq(1).all()
+        # A patch stands in one token at most (DiffRate and ToFu also prune), and every token stands for some.
+        assert (sources.sum(dim=1) <= 1).all() and sources.any(dim=2).all()
+        if "masks" in method.reports:
+            # Each token keeps the place of one of the patches it stands for (ToMe: its last stage is the last block).
+            _, masks = model.predict_with_masks(x)
+            assert (masks[-1].unsqueeze(1) & sources).sum(dim=2).eq(1).all()
 
 
 @pytest.mark.parametrize("name", REGISTERED)

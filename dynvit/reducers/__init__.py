@@ -23,8 +23,16 @@ from dynvit.models.factory import create_teacher
 from dynvit.reducers.ats import ATSViT
 from dynvit.reducers.base import MergingViT, ReducedViT, SelectionViT, TokenState
 from dynvit.reducers.cost import TokenCost, realised_gflops
+from dynvit.reducers.diffrate import DiffRateViT
+from dynvit.reducers.dpcknn import DPCKNNViT
 from dynvit.reducers.evit import EViT, TopKViT
+from dynvit.reducers.kmedoids import KMedoidsViT
+from dynvit.reducers.patchmerger import PatchMergerViT
+from dynvit.reducers.pitome import PiToMeViT
 from dynvit.reducers.random_keep import RandomKeepViT
+from dynvit.reducers.sinkhorn import SinkhornViT
+from dynvit.reducers.sit import SiTViT
+from dynvit.reducers.tofu import ToFuViT
 from dynvit.reducers.tome import ToMeViT
 
 
@@ -73,6 +81,14 @@ def create_reduced(
 
 
 __all__ = [
+    "DPCKNNViT",
+    "DiffRateViT",
+    "KMedoidsViT",
+    "PatchMergerViT",
+    "PiToMeViT",
+    "SiTViT",
+    "SinkhornViT",
+    "ToFuViT",
     "ATSViT",
     "EViT",
     "MergingViT",

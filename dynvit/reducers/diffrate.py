@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from dynvit.methods import Knob, Method, register
-from dynvit.models.dynamic_vit import gather_tokens
-from dynvit.reducers.base import ReducedRun, key_bias
+from dynvit.models.tokens import gather_tokens, key_bias
+from dynvit.reducers.base import ReducedRun
 from dynvit.reducers.sources import MergingViT, TracedRun, initial_sources
 
 # The DeiT-S schedules released in DiffRate's compression_rate.json ("ViT-S-DeiT"), named by their

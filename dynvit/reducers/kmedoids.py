@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from dynvit.methods import Knob, Method, register
-from dynvit.models.dynamic_vit import gather_tokens
+from dynvit.models.tokens import gather_tokens
 from dynvit.reducers.base import SelectionViT
 from dynvit.reducers.clustering import Assignment, ClusteringViT, StageContext, default_params
 

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from dynvit.methods import Knob, Method, register
-from dynvit.models.dynamic_vit import gather_tokens
+from dynvit.models.tokens import bipartite_soft_matching, gather_tokens, merge_weighted
 from dynvit.reducers.base import ReducedRun, validate_rate
 from dynvit.reducers.sources import MergingViT, TracedRun, initial_sources, merge_sources
-from dynvit.reducers.tome import bipartite_soft_matching, merge_weighted
 
 
 def energy_scores(metric: torch.Tensor, margin: float) -> torch.Tensor:

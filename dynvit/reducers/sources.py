@@ -16,9 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from dynvit.models.dynamic_vit import gather_tokens
+from dynvit.models.tokens import MergePlan, gather_tokens
 from dynvit.reducers.base import ReducedRun, ReducedViT
-from dynvit.reducers.tome import MergePlan
 
 
 class TracedRun(NamedTuple):

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from dynvit.methods import Knob, Method, register
-from dynvit.models.dynamic_vit import gather_tokens
+from dynvit.models.tokens import MergePlan, bipartite_soft_matching, gather_tokens, max_merges
 from dynvit.reducers.base import ReducedRun
 from dynvit.reducers.sources import MergingViT, TracedRun, drop_merged, initial_sources, merge_sources
-from dynvit.reducers.tome import MergePlan, bipartite_soft_matching, max_merges, merge_schedule
+from dynvit.reducers.tome import merge_schedule
 
 
 def merge_mlerp(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
