@@ -15,7 +15,7 @@ from torch import nn
 from dynvit import create_student, create_teacher, export_onnx, quantize
 from dynvit.data import ClutteredDigitsDataModule
 from dynvit.deploy import ExportError, QuantizationError, compare_onnx, onnx_session, run_onnx
-from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx
+from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx, staged
 from dynvit.deploy.quantize import KEEP_FP32
 from dynvit.models.spatial_pruning import rank_locations
 from dynvit.reducers import create_reduced
@@ -438,3 +438,18 @@ def test_the_check_refuses_a_graph_that_keeps_other_tokens_than_its_scores_say(t
     onnx.save(graph, str(path))
     with pytest.raises(ExportError, match=r"image 0: .*top-k 1 kept other tokens, whose keys differ by"):
         check_onnx(student, path, x)
+
+
+def test_a_failed_export_leaves_the_file_at_its_path_as_it_was(tmp_path):
+    ats = create_reduced(
+        "vit_tiny_patch16_224", "ats", params={"max_tokens": 20, "pruning_loc": (1,)}, **{**TINY, "depth": 2}
+    )
+    earlier = tmp_path / "model.onnx"
+    earlier.write_bytes(b"an earlier export")
+    with pytest.raises(ExportError, match="cannot be exported"):
+        export_onnx(ats.eval(), earlier)
+    assert earlier.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left
+    with staged(earlier) as staging:
+        staging.write_bytes(b"a new export")
+    assert earlier.read_bytes() == b"a new export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +71,8 @@ def export_onnx(
         opset: ONNX opset; by default the exporter's.
         check: Run ``images`` through onnxruntime and require each image's logits within ``tolerance``
             (relative to the largest eager logit) of eager PyTorch's, or a tie at a top-k cut to explain
-            the difference (:func:`check_onnx`); the file is removed otherwise.
+            the difference (:func:`check_onnx`). The file is written through a temporary one, so a failed
+            export or check leaves ``path`` as it was.
         tolerance: The largest relative logit difference the check accepts.
 
     Raises:
@@ -88,7 +92,6 @@ def export_onnx(
             "model (onnxruntime.quantization can quantize the exported file)"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     x = random_images(model, 2) if images is None else images
     x = x.to(device, torch.float32)
@@ -97,30 +100,26 @@ def export_onnx(
     if x.shape[0] < 2:
         x = x.expand(2, *x.shape[1:]).contiguous()
     batch = torch.export.Dim("batch")
-    try:
-        # The exporter prints its progress and warns about every decomposition it makes.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=True,
-                input_names=[INPUT],
-                output_names=[OUTPUT],
-                dynamic_shapes=({0: batch},),
-                opset_version=opset,
-                external_data=False,
-            )
-    except Exception as e:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{type(model).__name__} cannot be exported to ONNX: {_summary(e)}") from e
-    if check:
+    with staged(path) as staging:
         try:
-            check_onnx(model, path, x, tolerance)
-        except ExportError:
-            path.unlink(missing_ok=True)
-            raise
+            # The exporter prints its progress and warns about every decomposition it makes.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(staging),
+                    dynamo=True,
+                    input_names=[INPUT],
+                    output_names=[OUTPUT],
+                    dynamic_shapes=({0: batch},),
+                    opset_version=opset,
+                    external_data=False,
+                )
+        except Exception as e:
+            raise ExportError(f"{type(model).__name__} cannot be exported to ONNX: {_summary(e)}") from e
+        if check:
+            check_onnx(model, staging, x, tolerance)
     return path
 
 
@@ -134,6 +133,21 @@ def quantize_onnx(path: str | Path, out: str | Path | None = None) -> Path:
     with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
         quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
     return out
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write ``path`` through: it replaces ``path`` when the block ends
+    and is removed when the block raises, so a failed export leaves whatever was at ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

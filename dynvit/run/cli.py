@@ -86,7 +86,11 @@ class DynViTCLI(LightningCLI):
     - a run folder holds one run: ``fit`` into a folder that holds one continues it with
       ``--ckpt_path last`` or is refused; ``--ckpt_path last`` needs a ``last.ckpt``, and on a finished
       run trains nothing;
-    - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``;
+    - metrics go to a CSV log and to W&B, offline unless ``--wandb.online true``: a fit's into the run folder
+      (a resumed fit goes on in the same ``metrics.csv`` and W&B run), any other subcommand's into
+      ``<run folder>/<subcommand>/`` (:func:`~dynvit.run.loggers.default_loggers`);
+    - ``--ckpt_path`` is checked before Lightning reads it, a parser error is one line naming the option
+      (:class:`DynViTArgumentParser`), and more CPU processes than cores are warned about;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
     - ``predict`` writes a table of predictions (and kept-token masks and pictures) under the run
       folder (:class:`~dynvit.run.predict.PredictionWriter`, configurable as ``--prediction.*``);
@@ -243,7 +247,7 @@ class DynViTCLI(LightningCLI):
             kwargs["logger"] = loggers
             config = Path(loggers[0].log_dir) / self.save_config_kwargs.get("config_filename", "config.yaml")
             if resume and config.exists():
-                # The resumed run logs beside its start: its config goes beside the first one's.
+                # The resumed run logs beside its start: its config goes beside the first one's, which stays.
                 self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": free_name(config, "resumed")}
         trainer = super().instantiate_trainer(**kwargs)
         # Appended after the best-k callback, so that it stays Lightning's `trainer.checkpoint_callback`.

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dynvit import methods as registry
 from dynvit.deploy import Choice, Tolerance, export_onnx, fastest
 from dynvit.deploy.fastest import choice_path
-from dynvit.deploy.onnx import TOLERANCE, ExportError, check_onnx
+from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, staged
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, random_images
@@ -237,37 +237,34 @@ class DynViTTrainer(L.Trainer):
             student_at(net)(keep_ratio)
         if ckpt_path is not None:
             load_checkpoint(net, ckpt_path)
-        images = loader = None
+        examples, loader = random_images(net, 2), None
         if datamodule is not None:
             datamodule.prepare_data()
             datamodule.setup("validate")
             loader = datamodule.val_dataloader()
-            images = torch.cat(first_images(loader, check_images))
+            examples = torch.cat(first_images(loader, check_images))
+        if check and check_tolerance > TOLERANCE and not auto:
+            rank_zero_warn(
+                f"--check_tolerance {check_tolerance:g} accepts larger differences than the default {TOLERANCE:g}"
+            )
         was_training = net.training
+        path = Path(out)
         try:
             if auto:
                 return self._export_fastest(
                     net.eval(), loader, out, batch_size, pairs, compile, agreement, agreement_images, device
                 )
-            path = export_onnx(net.eval(), out, images=images, check=False)
-            if not check:
-                print(f"wrote {path}")
-                rank_zero_warn(f"{path} was not checked in onnxruntime against eager PyTorch (--check false)")
-                return path
-            if check_tolerance > TOLERANCE:
-                rank_zero_warn(
-                    f"--check_tolerance {check_tolerance:g} accepts larger differences than the default {TOLERANCE:g}"
-                )
-            try:
-                found = check_onnx(net, path, random_images(net, 2) if images is None else images, check_tolerance)
-            except ExportError as e:
-                path.unlink(missing_ok=True)
-                raise ExportError(
-                    f"{e}. No file was written. To write it anyway: --check_tolerance <larger> or --check false"
-                ) from e
+            # Written through a temporary file: a failed export or check leaves `out` as it was.
+            with staged(path) as staging:
+                export_onnx(net.eval(), staging, images=examples, check=False)
+                found = checked_export(net, staging, examples, check_tolerance, path) if check else None
         finally:
             net.train(was_training)
-        print(f"wrote {path} ({found})")
+        if found is None:
+            print(f"wrote {path}")
+            rank_zero_warn(f"{path} was not checked in onnxruntime against eager PyTorch (--check false)")
+        else:
+            print(f"wrote {path} ({found})")
         return path
 
     def _export_fastest(
@@ -316,3 +313,13 @@ class DynViTTrainer(L.Trainer):
         """
         # Each point is a fresh `fit` built from the config, which only the CLI can do; DynViTCLI.sweep runs it.
         raise RuntimeError("a sweep builds one training run per point from the config: run `python cli.py sweep`")
+
+
+def checked_export(net: torch.nn.Module, staging: Path, images: torch.Tensor, tolerance: float, out: Path) -> OnnxCheck:
+    """:func:`~dynvit.deploy.onnx.check_onnx` of ``cli.py export``'s file, whose error says how to export anyway."""
+    try:
+        return check_onnx(net, staging, images, tolerance)
+    except ExportError as e:
+        raise ExportError(
+            f"{e}. {out} was not written; to write it anyway: --check_tolerance <larger> or --check false"
+        ) from e
