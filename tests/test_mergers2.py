@@ -1,0 +1,246 @@
+"""DTEM, MCTF and ATC on tiny ViTs: token counts, one merge step written out by hand, sizes and sources,
+DTEM's embedding and checkpoint layout, and the bad inputs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynvit.reducers.dtem  # noqa: F401  (registers "dtem")
+from dynvit import create_teacher, load_checkpoint
+from dynvit.methods import get
+from dynvit.models.checkpoint import CheckpointMismatch
+
+NAME = "deit_small_patch16_224"
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+N = 64  # patch tokens of the tiny ViT
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    return create_teacher(NAME, **TINY).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def build(base: nn.Module, method: str, **params) -> nn.Module:
+    torch.manual_seed(2)  # new modules (DTEM's embedding) start at a fixed init
+    return get(method).build(copy.deepcopy(base), **params).eval()
+
+
+def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """Tokens actually entering each block's attention and MLP, read off the tensors by hooks."""
+    seen: list[int] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+        for block in model.blocks
+        for m in (block.norm1, block.norm2)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(zip(seen[::2], seen[1::2], strict=True))
+
+
+def heads(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (H, T, d) of one image's normed tokens h (T, C), written out from the qkv weight."""
+    T, C = h.shape
+    qkv = h @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = qkv.reshape(T, 3, attn.num_heads, C // attn.num_heads).permute(1, 2, 0, 3)
+    return q, k, v
+
+
+def attention_out(attn: nn.Module, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Projected attention output (T, C) of probabilities (H, T, T') over values (H, T', d)."""
+    H, T, _ = probs.shape
+    return attn.proj((probs @ v).transpose(0, 1).reshape(T, -1))
+
+
+def check_sources(sources: torch.Tensor, sizes: torch.Tensor, num_prefix: int = 1) -> None:
+    """Every patch stands in exactly one final token, and a token's size is the number of its patches."""
+    assert sources.dtype == torch.bool
+    assert torch.all(sources.sum(dim=1) == 1)
+    torch.testing.assert_close(sources.sum(dim=-1).to(sizes.dtype), sizes[:, num_prefix:])
+
+
+# --- DTEM ---------------------------------------------------------------------------------------------------
+
+
+def test_dtem_token_counts_follow_r_capped_at_half(base, images):
+    for r in (5, 20):  # at r=20: 64 → 44 → 24 → 12 → 6 patch tokens
+        model = build(base, "dtem", r=r)
+        n, want = 65, []
+        for _ in range(4):
+            m = min(r, (n - 1) // 2)
+            want.append((n, n - m))
+            n -= m
+        assert record_counts(model, images) == want == model.token_schedule()
+        assert model.predict_with_counts(images)[1].tolist() == [[list(c) for c in want]] * 3
+
+
+def test_dtem_adds_a_decoupled_embedding_of_the_head_width(base):
+    model = build(base, "dtem", r=2)
+    for block, plain in zip(model.blocks, base.blocks, strict=True):
+        assert block.attn.qkv.metric_layer.weight.shape == (16, 32)  # head width 32 / 2 heads
+        torch.testing.assert_close(block.attn.qkv.weight, plain.attn.qkv.weight, rtol=0, atol=0)
+    assert sorted(k for k in model.state_dict() if k.startswith("blocks.0.attn.qkv")) == [
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.attn.qkv.metric_layer.bias",
+        "blocks.0.attn.qkv.metric_layer.weight",
+        "blocks.0.attn.qkv.weight",
+    ]
+    assert build(base, "dtem", r=2, feat_dim=8).blocks[1].attn.qkv.metric_layer.out_features == 8
+
+
+def explicit_dtem_block(block: nn.Module, x: torch.Tensor, r: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """One DTEM block on one image's tokens x (T, C), class token first, written out token by token.
+
+    Returns the tokens after the block (class token, unmerged A tokens, then B tokens) and, per token, the
+    positions among x it stands for.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    q, k, v = heads(attn, h)
+    x = x + attention_out(attn, ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1), v)
+    metric = F.normalize(h @ attn.qkv.metric_layer.weight.T + attn.qkv.metric_layer.bias, dim=-1)
+    a_set, b_set = list(range(0, len(x), 2)), list(range(1, len(x), 2))
+    partner = {a: max(b_set, key=lambda b: float(metric[a] @ metric[b])) for a in a_set[1:]}
+    merged = sorted(partner, key=lambda a: -float(metric[a] @ metric[partner[a]]))[:r]
+    groups = [[a] for a in a_set if a not in merged] + [[b] + [a for a in merged if partner[a] == b] for b in b_set]
+    tokens = torch.stack([x[g].mean(dim=0) for g in groups])  # all sizes are 1 before the first merge
+    return block.feed_forward(tokens.unsqueeze(0))[0], groups
+
+
+def test_dtem_one_merge_step_is_tome_on_the_embedding(base, images):
+    one_block = create_teacher(NAME, **{**TINY, "depth": 1})
+    one_block.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("blocks.")}, strict=False)
+    one_block.blocks[0].load_state_dict(base.blocks[0].state_dict())
+    model = build(one_block, "dtem", r=7)
+    with torch.no_grad():
+        run, sources = model.trace(model.embed(images), track_sources=True)
+        for i in range(len(images)):
+            tokens, groups = explicit_dtem_block(model.blocks[0], model.embed(images[i : i + 1])[0], 7)
+            torch.testing.assert_close(run.tokens[i], tokens, rtol=0, atol=2e-5)
+            assert run.sizes[i].tolist() == [float(len(g)) for g in groups]
+            assert [sources[i, j].nonzero().flatten().add(1).tolist() for j in range(len(groups) - 1)] == [
+                sorted(g) for g in groups[1:]
+            ]
+    check_sources(sources, run.sizes)
+
+
+def test_dtem_sources_and_sizes_after_every_merge(base, images):
+    model = build(base, "dtem", r=6)
+    logits, sources = model.predict_with_sources(images)
+    run = model.predict(images)[1]
+    assert sources.shape == (3, 65 - 24 - 1, N)
+    check_sources(sources, run.sizes)
+    torch.testing.assert_close(logits, model.predict(images)[0])
+
+
+def test_dtem_trains_the_embedding_with_plain_cross_entropy(base, images):
+    model = build(base, "dtem", r=6).train()
+    logits = model(images)
+    F.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    grads = [block.attn.qkv.metric_layer.weight.grad for block in model.blocks]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads[:-1])
+    # The head reads the class token, which never attends again after the last block's merge.
+    assert torch.all(grads[-1] == 0)
+    # Training keeps every token (soft merging): all 65 enter every block.
+    assert record_counts(model.train(), images) == [(65, 65)] * 4
+
+
+def test_dtem_embedding_input_is_detached_in_training(base):
+    """As in DTEM, the embedding's gradient trains the embedding only, never the tokens it reads."""
+    qkv = build(base, "dtem", r=6).blocks[0].attn.qkv
+    for training, reaches in ((True, False), (False, True)):
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        qkv.train(training).embed(x).sum().backward()
+        assert (x.grad is not None) == reaches
+
+
+def test_dtem_soft_top_k_hands_out_k_tokens_worth():
+    from dynvit.reducers.dtem import soft_top_k
+
+    g = torch.Generator().manual_seed(3)
+    metric = F.normalize(torch.randn(2, 39, 16, generator=g), dim=-1)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # cosine similarities, as DTEM scores
+    assign = soft_top_k(scores, k=5, k2=3, tau1=0.1, tau2=0.1)
+    # Five draws of mass 1 each; a row that gathered more than 1 is scaled back to 1.
+    assert torch.all(assign.sum(dim=(1, 2)) <= 5 + 1e-5) and assign.sum(dim=-1).max() <= 1 + 1e-6
+    top3 = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(3, dim=-1).indices, True)
+    assert torch.all(assign[~top3] == 0)  # only each A token's 3 best partners get any
+    # Cold draws make it the hard choice: the 5 A tokens with the best partners, one token each (a drawn
+    # row's scores drop by tau1 · log(eps) ≈ 1.6, more than any gap between these cosines).
+    hard = soft_top_k(scores, k=5, k2=3, tau1=0.1, tau2=1e-4)
+    best, partner = scores.max(dim=-1)
+    want = torch.zeros_like(scores)
+    for b, rows in enumerate(best.topk(5, dim=-1).indices):
+        want[b, rows, partner[b, rows]] = 1
+    torch.testing.assert_close(hard, want, rtol=0, atol=1e-4)
+
+
+def dtem_release_layout(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict as DTEM saves one (DDP-wrapped): qkv as ``qkv_layer``, fused copy of qkv and embedding."""
+    sd = {}
+    for key, value in model.state_dict().items():
+        sd[key] = value
+        if key.endswith(".attn.qkv.weight") or key.endswith(".attn.qkv.bias"):
+            stem, kind = key.rsplit(".", 1)
+            sd[f"{stem}.qkv_layer.{kind}"] = value
+            sd[key] = torch.cat([value, model.state_dict()[f"{stem}.metric_layer.{kind}"]])
+    return {f"module.{k}": v for k, v in sd.items()}
+
+
+def test_dtem_checkpoint_layout_loads_strictly(base, images, tmp_path: Path):
+    trained = build(base, "dtem", r=4)
+    with torch.no_grad():
+        for block in trained.blocks:
+            block.attn.qkv.metric_layer.weight.normal_()
+    path = tmp_path / "dtem.pth.tar"
+    torch.save({"epoch": 30, "best_acc": 0.0, "state_dict": dtem_release_layout(trained)}, path)
+    fresh = build(base, "dtem", r=4)
+    report = load_checkpoint(fresh, path)
+    assert report.missing == [] and report.unexpected == []
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(fresh(images), trained(images))
+    # dynvit's own layout (plain qkv keys) loads as well.
+    torch.save(trained.state_dict(), tmp_path / "own.pth")
+    assert load_checkpoint(build(base, "dtem", r=4), tmp_path / "own.pth").missing == []
+
+
+def test_dtem_checkpoint_without_embedding_names_the_fix(base, tmp_path: Path):
+    torch.save(base.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(CheckpointMismatch, match=r"no DTEM embedding.*create_teacher\(name, checkpoint=path\)"):
+        load_checkpoint(build(base, "dtem", r=4), tmp_path / "plain.pth")
+    # The fix: the plain checkpoint into the plain ViT, then dtem on it.
+    vit = create_teacher(NAME, checkpoint=tmp_path / "plain.pth", **TINY)
+    assert get("dtem").build(vit, r=4).blocks[0].attn.qkv.metric_layer.weight.shape == (16, 32)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(r=40), "r=40"),
+        (dict(r=-1), "r must be >= 0"),
+        (dict(r=2, feat_dim=0), "feat_dim must be a positive int"),
+        (dict(r=2, k2=0), "k2 must be a positive int"),
+        (dict(r=2, tau1=0.0), "tau1 must be a positive temperature"),
+    ],
+)
+def test_dtem_rejects_bad_parameters(base, params, match):
+    with pytest.raises(ValueError, match=match):
+        build(base, "dtem", **params)
