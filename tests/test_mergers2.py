@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynvit.reducers.dtem  # noqa: F401  (registers "dtem")
+import dynvit.reducers.mctf  # noqa: F401  (registers "mctf")
 from dynvit import create_teacher, load_checkpoint
 from dynvit.methods import get
 from dynvit.models.checkpoint import CheckpointMismatch
+from dynvit.reducers.mctf import merge_count
 
 NAME = "deit_small_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
@@ -38,12 +40,20 @@ def build(base: nn.Module, method: str, **params) -> nn.Module:
 
 
 def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
-    """Tokens actually entering each block's attention and MLP, read off the tensors by hooks."""
-    seen: list[int] = []
+    """Tokens actually entering each block (its first ``norm1`` call: MCTF calls it again after fusing) and
+    its MLP, read off the tensors by hooks."""
+    seen: dict[tuple[int, str], int] = {}
+
+    def hook(key):
+        def record(_, args):
+            seen.setdefault(key, args[0].shape[1])
+
+        return record
+
     hooks = [
-        m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
-        for block in model.blocks
-        for m in (block.norm1, block.norm2)
+        m.register_forward_pre_hook(hook((i, part)))
+        for i, block in enumerate(model.blocks)
+        for part, m in (("attn", block.norm1), ("mlp", block.norm2))
     ]
     try:
         with torch.no_grad():
@@ -51,7 +61,7 @@ def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
     finally:
         for h in hooks:
             h.remove()
-    return list(zip(seen[::2], seen[1::2], strict=True))
+    return [(seen[i, "attn"], seen[i, "mlp"]) for i in range(len(model.blocks))]
 
 
 def heads(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,3 +254,128 @@ def test_dtem_checkpoint_without_embedding_names_the_fix(base, tmp_path: Path):
 def test_dtem_rejects_bad_parameters(base, params, match):
     with pytest.raises(ValueError, match=match):
         build(base, "dtem", **params)
+
+
+# --- MCTF ---------------------------------------------------------------------------------------------------
+
+
+def mctf_rule(tokens: int, r: int | float) -> int:
+    """MCTF's stated count: at most half the patch tokens, a fraction of them if r < 1, and 10 tokens stay."""
+    patches = tokens - 1
+    wanted = int(patches * r) if r < 1 else r
+    return max(min(wanted, patches // 2, tokens - 10), 0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(r=8),
+        dict(r=30),  # 65 → 35 → 18 (half) → 10 (the floor of 10 tokens)
+        dict(r=0.35, activate_layer=(1, 3)),
+        dict(r=8, one_step_ahead=0),
+        dict(r=8, one_step_ahead=2, activate_layer=(0, 2)),
+    ],
+)
+def test_mctf_token_counts_per_block(base, images, params):
+    model = build(base, "mctf", **params)
+    active = params.get("activate_layer", (1, 2, 3))
+    n, want = 65, []
+    for i in range(4):
+        m = mctf_rule(n, params["r"]) if i in active else 0
+        # Fused before attention (one_step_ahead 1, 2): the MLP sees fewer; fused after the block (0): the next block.
+        want.append((n, n) if params.get("one_step_ahead", 1) == 0 else (n, n - m))
+        n -= m
+    assert record_counts(model, images) == want == model.token_schedule()
+    assert model.predict_with_counts(images)[1].tolist() == [[list(c) for c in want]] * 3
+
+
+def test_mctf_merge_count_keeps_ten_tokens_and_half_the_patches():
+    assert merge_count(197, 16, 1) == 16
+    assert merge_count(197, 0.35, 1) == 68  # int(196 · 0.35), MCTF-Fast's first stage
+    assert merge_count(21, 16, 1) == 10  # half of 20 patch tokens
+    assert merge_count(14, 16, 1) == 4  # down to 10 tokens
+    assert merge_count(10, 16, 1) == merge_count(5, 16, 1) == merge_count(10, 0.35, 1) == 0
+
+
+def explicit_mctf_block(block: nn.Module, x: torch.Tensor, r: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """One MCTF block (fusion before attention, MCTF's defaults) on one image's unfused tokens x (T, C).
+
+    Returns the tokens after the block and, per token, the positions among x it stands for.
+    """
+    attn = block.attn
+    T = len(x)
+    q, k, v = heads(attn, block.norm1(x))
+    probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (H, T, T)
+    received = probs.mean(dim=(0, 1))
+    info = (1 / received) / (1 / received).max()
+    unit = F.normalize(x, dim=-1)
+
+    def score(i: int, j: int) -> float:  # similarity^(1/1) · informativeness^(1/20); no sizes yet
+        return float((unit[i] @ unit[j] + 1) / 2 * (info[i] * info[j]) ** (1 / 20))
+
+    a_set, b_set = list(range(0, T, 2)), list(range(1, T, 2))
+    # A → B: the r // 2 A tokens (class token excluded) with the best partners.
+    partner = {a: max(b_set, key=lambda b: score(a, b)) for a in a_set[1:]}
+    moved = sorted(partner, key=lambda a: -score(a, partner[a]))[: r // 2]
+    groups = {b: [b] + [a for a in moved if partner[a] == b] for b in b_set}
+    a_left = [a for a in a_set if a not in moved]
+    groups.update({a: [a] for a in a_left})
+    # B → the A tokens left: the rest, by the same scores (the class token never receives).
+    back = {b: max(a_left[1:], key=lambda a: score(a, b)) for b in b_set}
+    b_order = sorted(b_set, key=lambda b: -score(back[b], b))
+    for b in b_order[: r - r // 2]:
+        groups[back[b]] += groups.pop(b)
+    order = a_left + b_order[r - r // 2 :]  # MCTF's output order
+    members = [groups[t] for t in order]
+    # Fused tokens and attention: weights = attention received (sizes are all 1); keys add up.
+    fused = torch.stack([(received[g, None] * x[g]).sum(0) / received[g].sum() for g in members])
+    keys = torch.stack([probs[:, :, g].sum(-1) for g in members], dim=-1)  # (H, T, T')
+    fused_probs = torch.stack([(received[g, None] * keys[:, g]).sum(1) / received[g].sum() for g in members], 1)
+    _, _, v = heads(attn, block.norm1(fused))
+    out = fused + attention_out(attn, fused_probs, v)
+    return block.feed_forward(out.unsqueeze(0))[0], members
+
+
+def test_mctf_one_fusion_step_written_out(base, images):
+    model = build(base, "mctf", r=9, activate_layer=(0,))
+    with torch.no_grad():
+        x = model.embed(images)
+        one_block = copy.deepcopy(model)
+        one_block.blocks = one_block.blocks[:1]
+        run, sources = one_block.trace(x, track_sources=True)
+        for i in range(len(images)):
+            tokens, members = explicit_mctf_block(model.blocks[0], x[i], 9)
+            torch.testing.assert_close(run.tokens[i], tokens, rtol=0, atol=2e-5)
+            assert run.sizes[i].tolist() == [float(len(g)) for g in members]
+            assert [sources[i, j].nonzero().flatten().add(1).tolist() for j in range(len(members) - 1)] == [
+                sorted(g) for g in members[1:]
+            ]
+
+
+@pytest.mark.parametrize("params", [dict(r=8), dict(r=8, one_step_ahead=0, pooling_type=2), dict(r=0.35)])
+def test_mctf_sources_and_sizes(base, images, params):
+    model = build(base, "mctf", **params)
+    logits, sources = model.predict_with_sources(images)
+    run = model.predict(images)[1]
+    assert sources.shape == (3, run.tokens.shape[1] - 1, N)
+    check_sources(sources, run.sizes)
+    torch.testing.assert_close(logits, model.predict(images)[0])
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(r=1.0), "would fuse every token"),
+        (dict(r=1.5), "a fraction in \\(0, 1\\)"),
+        (dict(r=-2), "r must be an int count >= 0"),
+        (dict(r=33), "use r <= 32"),
+        (dict(r=8, activate_layer=(1, 4)), "activate_layer must hold block indices 0..3"),
+        (dict(r=8, activate_layer=(1, 1)), "names a block twice"),
+        (dict(r=8, pooling_type=4), "pooling_type must be one of"),
+        (dict(r=8, one_step_ahead=3), "one_step_ahead must be one of"),
+        (dict(r=8, tau_info=-1), "tau_info must be a temperature"),
+    ],
+)
+def test_mctf_rejects_bad_parameters(base, params, match):
+    with pytest.raises(ValueError, match=match):
+        build(base, "mctf", **params)
