@@ -4,6 +4,7 @@ DTEM's embedding and checkpoint layout, and the bad inputs."""
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dynvit.reducers.atc  # noqa: F401  (registers "atc")
 import dynvit.reducers.dtem  # noqa: F401  (registers "dtem")
 import dynvit.reducers.mctf  # noqa: F401  (registers "mctf")
 from dynvit import create_teacher, load_checkpoint
@@ -379,3 +381,106 @@ def test_mctf_sources_and_sizes(base, images, params):
 def test_mctf_rejects_bad_parameters(base, params, match):
     with pytest.raises(ValueError, match=match):
         build(base, "mctf", **params)
+
+
+# --- ATC ----------------------------------------------------------------------------------------------------
+
+DEIT_SETUP = dict(reduction_loc=(1, 2, 3), reduction_ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    "params, after",
+    [
+        (DEIT_SETUP, [64, 32, 16, 8]),  # int(64 · 0.5^(s+1)) clusters in blocks 1, 2, 3
+        (dict(r=5), [60, 56, 52, 48]),  # r counts the class token: 4 fewer per block
+        (dict(r=30), [35, 6, 1, 1]),  # T − r clusters of the patches, at least one
+    ],
+)
+def test_atc_token_counts_per_block(base, images, params, after):
+    model = build(base, "atc", **params)
+    before = [64, *after[:-1]]
+    want = [(b + 1, a + 1) for b, a in zip(before, after, strict=True)]
+    assert record_counts(model, images) == want == model.token_schedule()
+    assert model.predict_with_counts(images)[1].tolist() == [[list(c) for c in want]] * 3
+
+
+def explicit_agglomeration(distances: torch.Tensor, k: int, linkage: str) -> set[frozenset[int]]:
+    """Agglomerative clustering of n points with pairwise distances (n, n) down to k clusters, written out:
+    join the closest two clusters, update distances by the linkage (Lance–Williams), repeat."""
+    d = distances.double().clone().fill_diagonal_(float("inf"))
+    clusters = {i: {i} for i in range(len(d))}
+    while len(clusters) > k:
+        i, j = divmod(int(d.argmin()), len(d))
+        ni, nj = len(clusters[i]), len(clusters[j])
+        if linkage == "average":
+            row = (ni * d[i] + nj * d[j]) / (ni + nj)
+        else:
+            row = torch.maximum(d[i], d[j]) if linkage == "complete" else torch.minimum(d[i], d[j])
+        d[i], d[:, i] = row, row
+        d[i, i] = float("inf")
+        d[j], d[:, j] = float("inf"), float("inf")  # j is gone
+        clusters[i] |= clusters.pop(j)
+    return {frozenset(c) for c in clusters.values()}
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+def test_atc_one_clustering_step_written_out(base, images, linkage):
+    model = build(base, "atc", reduction_loc=(0,), reduction_ratio=0.25, linkage=linkage)  # 16 clusters in block 0
+    with torch.no_grad():
+        x = model.embed(images)
+        one_block = copy.deepcopy(model)
+        one_block.blocks = one_block.blocks[:1]
+        run, sources, (labels,) = one_block.trace(x, track_sources=True)
+        block = model.blocks[0]
+        for i in range(len(images)):
+            q, k, v = heads(block.attn, block.norm1(x[i]))
+            mixed = x[i] + attention_out(block.attn, ((q @ k.transpose(-1, -2)) * block.attn.scale).softmax(-1), v)
+            keys = F.normalize(k.mean(dim=0)[1:], dim=-1)  # keys averaged over heads, patch tokens only
+            clusters = explicit_agglomeration(1 - keys @ keys.T, 16, linkage)
+            assert {frozenset(torch.nonzero(labels[i] == c).flatten().tolist()) for c in range(16)} == clusters
+            # Token 1 + c is cluster c's plain mean (sizes are 1 before the first clustering); the class token stays.
+            means = [mixed[0]] + [mixed[1:][labels[i] == c].mean(dim=0) for c in range(16)]
+            torch.testing.assert_close(
+                run.tokens[i], block.feed_forward(torch.stack(means)[None])[0], rtol=0, atol=2e-5
+            )
+            assert run.sizes[i].tolist() == [1.0] + [float((labels[i] == c).sum()) for c in range(16)]
+            assert torch.equal(sources[i], labels[i][None, :] == torch.arange(16)[:, None])
+
+
+@pytest.mark.parametrize("params", [DEIT_SETUP, dict(DEIT_SETUP, prop_attn=False), dict(r=9, linkage="single")])
+def test_atc_sources_sizes_and_assignments(base, images, params):
+    model = build(base, "atc", **params)
+    logits, sources = model.predict_with_sources(images)
+    _, run = model.predict(images)
+    check_sources(sources, run.sizes)
+    torch.testing.assert_close(logits, model.predict(images)[0])
+    # Following each patch through the stages' assignments lands on the token whose sources hold it.
+    _, stages = model.predict_with_assignments(images)
+    token = torch.arange(N).expand(3, -1)
+    for labels in stages:
+        token = torch.gather(labels, 1, token)
+    assert torch.equal(sources, token[:, None, :] == torch.arange(sources.shape[1])[None, :, None])
+
+
+def test_atc_without_scikit_learn_names_the_fix(base, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # import fails as if it were not installed
+    vit = copy.deepcopy(base)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        get("atc").build(vit)
+    assert type(vit) is type(base)  # left as it was
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(linkage="ward"), "linkage must be one of"),
+        (dict(r=4, reduction_ratio=0.5), "not both"),
+        (dict(reduction_ratio=0.01), "leaves 0 of 64 patch tokens"),
+        (dict(reduction_ratio=1.5), "reduction_ratio must be a keep ratio in \\(0, 1\\]"),
+        (dict(r=-1), "r must be an int >= 0"),
+        (dict(reduction_loc=(1, 4)), "must index blocks 0..3"),
+    ],
+)
+def test_atc_rejects_bad_parameters(base, params, match):
+    with pytest.raises(ValueError, match=match):
+        build(base, "atc", **params)
