@@ -484,3 +484,27 @@ def test_atc_without_scikit_learn_names_the_fix(base, monkeypatch):
 def test_atc_rejects_bad_parameters(base, params, match):
     with pytest.raises(ValueError, match=match):
         build(base, "atc", **params)
+
+
+# --- all three ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, params", [("dtem", dict(r=5)), ("mctf", dict(r=5)), ("atc", dict(r=5)), ("atc", {})])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("deit_tiny_distilled_patch16_224", {}), ("deit_small_patch16_224", dict(class_token=False, global_pool="avg"))],
+)
+def test_other_prefix_tokens_stay_out_of_merging(images, method, params, name, kwargs):
+    """A distilled DeiT (two prefix tokens) and a ViT without class token: counts as scheduled, prefix
+    tokens never merged (size 1), every patch in exactly one final token."""
+    torch.manual_seed(0)
+    vit = create_teacher(name, **TINY, **kwargs).eval()
+    model = get(method).build(vit, **params).eval()
+    p = model.num_prefix_tokens
+    logits, sources = model.predict_with_sources(images)
+    _, run = model.predict(images)
+    assert logits.shape == (3, 10)
+    assert record_counts(model, images) == model.token_schedule()
+    assert run.counts[0].tolist() == [list(c) for c in model.token_schedule()]
+    check_sources(sources, run.sizes, num_prefix=p)
+    assert torch.all(run.sizes[:, :p] == 1)
