@@ -20,13 +20,16 @@ from torch import nn
 
 from dynvit import methods
 from dynvit.models.factory import create_teacher
+from dynvit.reducers.atc import ATCViT
 from dynvit.reducers.ats import ATSViT
 from dynvit.reducers.base import MergingViT, ReducedViT, SelectionViT, TokenState
 from dynvit.reducers.cost import TokenCost, realised_gflops
 from dynvit.reducers.diffrate import DiffRateViT
 from dynvit.reducers.dpcknn import DPCKNNViT
+from dynvit.reducers.dtem import DTEMViT
 from dynvit.reducers.evit import EViT, TopKViT
 from dynvit.reducers.kmedoids import KMedoidsViT
+from dynvit.reducers.mctf import MCTFViT
 from dynvit.reducers.patchmerger import PatchMergerViT
 from dynvit.reducers.pitome import PiToMeViT
 from dynvit.reducers.random_keep import RandomKeepViT
@@ -81,6 +84,9 @@ def create_reduced(
 
 
 __all__ = [
+    "ATCViT",
+    "DTEMViT",
+    "MCTFViT",
     "DPCKNNViT",
     "DiffRateViT",
     "KMedoidsViT",
