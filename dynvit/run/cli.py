@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -226,6 +227,7 @@ class DynViTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        check_trainer_options(trainer_cfg)
         run_dir = self._run_dir(trainer_cfg.get("default_root_dir"))
         trainer_cfg["default_root_dir"] = str(run_dir)
         checkpoint = self._get(self.config_init, "checkpoint")
@@ -362,6 +364,20 @@ def warn_if_oversubscribed(trainer: Trainer) -> None:
     message = oversubscription(trainer.num_devices, threads, cores)
     if message is not None:
         rank_zero_warn(message)
+
+
+def check_trainer_options(trainer_cfg: Any) -> None:
+    """``ValueError`` for trainer options Lightning refuses only with a traceback: a negative
+    ``max_epochs`` other than -1, or a GPU accelerator on a machine without one."""
+    max_epochs = trainer_cfg.get("max_epochs")
+    if max_epochs is not None and max_epochs < -1:
+        raise ValueError(f"--trainer.max_epochs {max_epochs}: give a number of epochs >= 0, or -1 for no limit")
+    accelerator = trainer_cfg.get("accelerator")
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--trainer.accelerator {accelerator}: this machine has no GPU that torch can use "
+            "(torch.cuda.is_available() is False): use --trainer.accelerator cpu, or auto to take a GPU when there is one"
+        )
 
 
 def typed_model_options(command_line: Any) -> list[str]:
