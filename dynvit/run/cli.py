@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dynvit.data.imagefolder import use_stored_preprocessing
+from dynvit.data.imagefolder import ImageFolderDataModule, use_stored_preprocessing
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
 from dynvit.models.checkpoint import is_lightning_checkpoint
 from dynvit.run.benchmark import sweep_matches
@@ -224,6 +224,11 @@ class DynViTCLI(LightningCLI):
         follow = getattr(self.datamodule, "follow", None)
         if follow is not None:
             follow(self.model)
+        # An image folder's checks (layout, classes, images that do not decode) run in its setup(), which
+        # Lightning calls after the loggers have made the run folder: run them now, before anything is
+        # written. Its setup() keeps the splits it built, so Lightning's call does not repeat the work.
+        if isinstance(self.datamodule, ImageFolderDataModule) and self.subcommand in RUN_SUBCOMMANDS:
+            self.datamodule.setup(self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
