@@ -92,6 +92,9 @@ class DynViTCLI(LightningCLI):
       ``<run folder>/<subcommand>/`` (:func:`~dynvit.run.loggers.default_loggers`);
     - ``--ckpt_path`` is checked before Lightning reads it, a parser error is one line naming the option
       (:class:`DynViTArgumentParser`), and more CPU processes than cores are warned about;
+    - a config or data mistake stops the run before its run folder is made: an image folder's checks
+      (its ``setup()``) run right after it is built, and trainer options Lightning would refuse with a
+      traceback (``max_epochs`` below -1, a GPU accelerator without a GPU) are checked before the Trainer;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
     - ``predict`` writes a table of predictions (and kept-token masks and pictures) under the run
       folder (:class:`~dynvit.run.predict.PredictionWriter`, configurable as ``--prediction.*``);
