@@ -17,6 +17,7 @@ from typing import NamedTuple
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 
 from dynvit import create_teacher
 from dynvit.data import SyntheticDataModule
@@ -191,7 +192,148 @@ MISTAKES = [
         ("export", "--config={config}", "--check_tolerance=0"),
         "error: check_tolerance must be > 0, got 0.0",
     ),
+    Mistake(
+        "an image folder that is not there",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/missing"),
+        "error: dataset root {tmp}/missing does not exist or is not a folder",
+    ),
+    Mistake(
+        "an image folder without train/",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/no_train"),
+        "error: {tmp}/no_train/train is missing: expected the ImageNet layout {tmp}/no_train/{train,val}/<class>/<image>",
+    ),
+    Mistake(
+        "train and val with different classes",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/other_classes"),
+        "error: class folders of {tmp}/other_classes/train and {tmp}/other_classes/val differ: only in train: [b]; "
+        "only in val: [c]",
+    ),
+    Mistake(
+        "an empty training class folder",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/empty_class"),
+        "error: training class folders without images: {tmp}/empty_class/train/b",
+    ),
+    Mistake(
+        "a truncated JPEG",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/truncated"),
+        "error: 1 image(s) in {tmp}/truncated/train cannot be decoded: {tmp}/truncated/train/a/0.jpg (OSError: "
+        "Truncated File Read). Replace or remove them (a file cut short by a failed copy: copy it again); "
+        "verify_images=False skips this check, and training then stops at the first of them",
+    ),
+    Mistake(
+        "random bytes named .jpg",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/random"),
+        "error: 1 image(s) in {tmp}/random/train cannot be decoded: {tmp}/random/train/a/0.jpg "
+        "(UnidentifiedImageError: cannot identify image file '{tmp}/random/train/a/0.jpg'). Replace or remove them "
+        "(a file cut short by a failed copy: copy it again); verify_images=False skips this check, and training "
+        "then stops at the first of them",
+    ),
+    Mistake(
+        "a one-channel model (vit_digits) on RGB photos",
+        ("fit", "--config={tmp}/folder.yaml", "--model.init_args.model_name=vit_digits"),
+        "error: ImageFolderDataModule reads RGB images, but the model gives it mean=(0.0,) and std=(1.0,): these "
+        "come from the pretrained_cfg of vit_digits, made for 1-channel images (building it with in_chans=3 "
+        "changed its stem, not these values). Give the DataModule RGB values, e.g. --data.init_args.mean "
+        "'[0.5,0.5,0.5]' --data.init_args.std '[0.5,0.5,0.5]' (ImageNet's: [0.485,0.456,0.406] and "
+        "[0.229,0.224,0.225]), or use a model made for RGB images",
+    ),
+    Mistake(
+        "a mean of two values for RGB",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.mean=[0.5,0.5]"),
+        "error: --data.init_args.mean [0.5, 0.5]: expected tuple[float, float, float] or null",
+        2,
+    ),
+    Mistake(
+        "mistyped timm model name",
+        ("fit", "--config={config}", "--model.init_args.model_name=vit_tiny_patch16_22"),
+        "error: unknown model name 'vit_tiny_patch16_22'; did you mean vit_tiny_patch16_224, deit_tiny_patch16_224, "
+        "vit_tiny_patch16_384?",
+    ),
+    Mistake(
+        "keep ratio above 1",
+        ("fit", "--config={config}", "--model.init_args.keep_ratio=1.5"),
+        "error: keep_ratio must be in (0, 1], got 1.5",
+    ),
+    Mistake(
+        "pruning locations out of order",
+        ("fit", "--config={config}", "--model.init_args.pruning_loc=[2,1,3]"),
+        "error: pruning_loc must be strictly increasing, got (2, 1, 3)",
+    ),
+    Mistake(
+        "batch size of 0",
+        ("fit", "--config={config}", "--data.init_args.batch_size=0"),
+        "error: batch_size must be >= 1, got 0",
+    ),
+    Mistake(
+        "a negative number of workers",
+        ("fit", "--config={config}", "--data.init_args.num_workers=-1"),
+        "error: num_workers must be >= 0, got -1",
+    ),
+    Mistake(
+        "a negative max_epochs",
+        ("fit", "--config={config}", "--trainer.max_epochs=-2"),
+        "error: --trainer.max_epochs -2: give a number of epochs >= 0, or -1 for no limit",
+    ),
+    Mistake(
+        "teacher checkpoint that is not there",
+        ("fit", "--config={config}", "--model.init_args.teacher_checkpoint={tmp}/missing.pth"),
+        "error: teacher_checkpoint {tmp}/missing.pth does not exist: train the teacher first, or point "
+        "teacher_checkpoint at its weights",
+    ),
+    Mistake(
+        "--ckpt_path last before any run",
+        ("fit", "--config={config}", "--ckpt_path=last"),
+        "error: --ckpt_path last: there is no {tmp}/run/checkpoints/last.ckpt, so there is no run to continue. "
+        "Drop --ckpt_path to start a new run, or point --trainer.default_root_dir at the run to continue",
+    ),
+    Mistake(
+        "sweep file that is not there",
+        ("sweep", "--config={config}", "--sweep={tmp}/missing_sweep.yaml"),
+        "error: sweep file {tmp}/missing_sweep.yaml does not exist",
+    ),
+    Mistake(
+        "sweep of a mistyped parameter",
+        ("sweep", "--config={config}", "--sweep={tmp}/keep_rato_sweep.yaml"),
+        "error: {tmp}/keep_rato_sweep.yaml: parameter 'model.init_args.keep_rato' is not a key of the config; did "
+        "you mean model.init_args.keep_ratio, model.init_args.keep_gradient, model.init_args.min_lr_ratio?",
+    ),
+    Mistake(
+        "export to TFLite",
+        ("export", "--config={config}", "--format=tflite"),
+        "error: --format tflite: choose from onnx",
+        2,
+    ),
+    Mistake(
+        "benchmark at fp8",
+        ("benchmark", "--config={config}", "--precision=fp8"),
+        "error: unknown precision 'fp8': choose from ['fp32', 'bf16', 'int8']",
+    ),
+    Mistake(
+        "benchmark keep ratio above 1",
+        ("benchmark", "--config={config}", "--ratios=[1.5]"),
+        "error: keep ratios must be in (0, 1], got [1.5]",
+    ),
+    Mistake(
+        "benchmark of a mistyped method",
+        ("benchmark", "--config={config}", "--methods=[tome,dynamicvitt]"),
+        "error: unknown token-reduction method 'dynamicvitt': choose one of ['ats', 'diffrate', 'dpcknn', "
+        "'dynamicvit', 'evit', 'kmedoids', 'patchmerger', 'pitome', 'random', 'sinkhorn', 'sit', 'tofu', 'tome', "
+        "'topk']; did you mean 'dynamicvit'?",
+    ),
 ]
+
+
+def write_image_folder_tree(root: Path, train: list[str], val: list[str], empty: tuple[str, ...] = ()) -> Path:
+    """``root/{train,val}/<class>/{0,1}.jpg`` (16-px photos), the training classes of ``empty`` without images."""
+    for split, classes in (("train", train), ("val", val)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            if split == "train" and name in empty:
+                continue
+            for i in range(2):
+                Image.new("RGB", (16, 16), (100 * i, 50, 0)).save(folder / f"{i}.jpg")
+    return root
 
 
 @pytest.fixture
@@ -212,17 +354,41 @@ def workspace(tmp_path: Path) -> dict[str, str]:
     torch.save(
         create_teacher("vit_tiny_patch16_224", **ARCH, img_size=32, in_chans=1).state_dict(), tmp_path / "weights.pth"
     )
+    folder = copy.deepcopy(config)
+    folder["data"] = {
+        "class_path": "dynvit.data.ImageFolderDataModule",
+        "init_args": {"root": str(tmp_path / "photos"), "batch_size": 2, "num_workers": 0},
+    }
+    write_config(tmp_path / "folder.yaml", folder)
+    write_image_folder_tree(tmp_path / "other_classes", ["a", "b"], ["a", "c"])
+    write_image_folder_tree(tmp_path / "empty_class", ["a", "b"], ["a", "b"], empty=("b",))
+    (tmp_path / "no_train" / "val" / "a").mkdir(parents=True)
+    for name in ("photos", "truncated", "random"):
+        write_image_folder_tree(tmp_path / name, ["a", "b"], ["a", "b"])
+    photo = tmp_path / "truncated" / "train" / "a" / "0.jpg"
+    photo.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    (tmp_path / "random" / "train" / "a" / "0.jpg").write_bytes(random.Random(0).randbytes(500))
+    (tmp_path / "keep_rato_sweep.yaml").write_text(
+        "method: grid\nparameters:\n  model.init_args.keep_rato:\n    values: [0.5]\n"
+    )
     return {"config": str(tmp_path / "config.yaml"), "tmp": str(tmp_path)}
+
+
+def filled_in(text: str, workspace: dict[str, str]) -> str:
+    """``text`` with ``{config}`` and ``{tmp}`` replaced (not ``str.format``: lines hold other braces)."""
+    for name, value in workspace.items():
+        text = text.replace(f"{{{name}}}", value)
+    return text
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=[m.name for m in MISTAKES])
 def test_a_mistake_ends_with_one_error_line_and_changes_nothing(workspace, capsys, mistake):
-    args = [arg.format(**workspace) for arg in mistake.args]
+    args = [filled_in(arg, workspace) for arg in mistake.args]
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == mistake.status
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == mistake.line.format(**workspace)
+    assert err.strip().splitlines()[-1] == filled_in(mistake.line, workspace)
     assert "Traceback" not in err and "Given value" not in err
     assert not (Path(workspace["tmp"]) / "run").exists()
 
@@ -415,3 +581,14 @@ def test_three_cpu_devices_on_two_cores_warn_before_training(workspace, monkeypa
     warned = r"--trainer.devices 3 starts 3 training processes of 1 thread\(s\) each"
     with pytest.warns(UserWarning, match=warned), pytest.raises(ValueError, match="check_tolerance must be > 0"):
         DynViTCLI(args=args)
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_a_gpu_accelerator_on_a_machine_without_one_is_one_line(workspace, capsys, monkeypatch, accelerator):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lines = error_lines(capsys, "fit", f"--config={workspace['config']}", f"--trainer.accelerator={accelerator}")
+    assert lines[-1] == (
+        f"error: --trainer.accelerator {accelerator}: this machine has no GPU that torch can use "
+        "(torch.cuda.is_available() is False): use --trainer.accelerator cpu, or auto to take a GPU when there is one"
+    )
+    assert not (Path(workspace["tmp"]) / "run").exists()

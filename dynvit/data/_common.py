@@ -52,16 +52,22 @@ def resolve_pin_memory(pin_memory: bool | None) -> bool:
     return torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
 
+def check_batching(batch_size: int, num_workers: int) -> None:
+    """``ValueError`` unless ``batch_size >= 1`` and ``num_workers >= 0``: DataModules call it as they are
+    built, so that the mistake stops the run before it makes its run folder."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
 def loader_kwargs(batch_size: int, num_workers: int, pin_memory: bool) -> dict[str, Any]:
     """DataLoader keyword arguments common to every split.
 
     Workers persist across epochs when there are any: re-forking them each epoch costs seconds per
     epoch on small CPU boxes and re-pickles the dataset.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    check_batching(batch_size, num_workers)
     return dict(
         batch_size=batch_size,
         num_workers=num_workers,

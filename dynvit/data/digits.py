@@ -17,7 +17,14 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dynvit.data._common import followed_img_size, loader_kwargs, model_data_config, resolve_pin_memory, trainer_model
+from dynvit.data._common import (
+    check_batching,
+    followed_img_size,
+    loader_kwargs,
+    model_data_config,
+    resolve_pin_memory,
+    trainer_model,
+)
 
 # Pixel statistics of the raw canvas (before normalisation) for the default settings, measured over
 # 20,000 training samples (seed 0): images are returned as (canvas - DIGITS_MEAN) / DIGITS_STD.
@@ -316,6 +323,7 @@ class ClutteredDigitsDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self.hparams, name)}")
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
+        check_batching(batch_size, num_workers)
         self.batch_size = batch_size
         self.num_workers = num_workers
         if train_samples_per_epoch < batch_size:

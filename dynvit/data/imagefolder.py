@@ -22,6 +22,7 @@ from torchvision.transforms import Compose
 
 from dynvit.data._common import (
     ShuffleSampler,
+    check_batching,
     followed_img_size,
     loader_kwargs,
     model_data_config,
@@ -284,6 +285,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.requested_img_size = img_size
         self.img_size = img_size if img_size is not None else DEFAULT_IMG_SIZE
         self._set_preprocessing(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, "bicubic", DEFAULT_CROP_PCT)
+        check_batching(batch_size, num_workers)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = resolve_pin_memory(pin_memory)

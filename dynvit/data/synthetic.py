@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dynvit.data._common import (
     ShuffleSampler,
+    check_batching,
     followed_img_size,
     loader_kwargs,
     model_data_config,
@@ -114,6 +115,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.img_size = img_size if img_size is not None else DEFAULT_IMG_SIZE
         self.in_chans = in_chans
         self.class_names = tuple(str(k) for k in range(num_classes))
+        check_batching(batch_size, num_workers)
         self.batch_size = batch_size
         self.num_workers = num_workers
         if train_size < batch_size:

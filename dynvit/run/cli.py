@@ -10,13 +10,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dynvit.data.imagefolder import use_stored_preprocessing
+from dynvit.data.imagefolder import ImageFolderDataModule, use_stored_preprocessing
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
 from dynvit.models.checkpoint import is_lightning_checkpoint
 from dynvit.run.benchmark import sweep_matches
@@ -91,6 +92,9 @@ class DynViTCLI(LightningCLI):
       ``<run folder>/<subcommand>/`` (:func:`~dynvit.run.loggers.default_loggers`);
     - ``--ckpt_path`` is checked before Lightning reads it, a parser error is one line naming the option
       (:class:`DynViTArgumentParser`), and more CPU processes than cores are warned about;
+    - a config or data mistake stops the run before its run folder is made: an image folder's checks
+      (its ``setup()``) run right after it is built, and trainer options Lightning would refuse with a
+      traceback (``max_epochs`` below -1, a GPU accelerator without a GPU) are checked before the Trainer;
     - GFLOPs (``flops``) and, at the end of fit, images/s (``throughput``) are measured by default;
     - ``predict`` writes a table of predictions (and kept-token masks and pictures) under the run
       folder (:class:`~dynvit.run.predict.PredictionWriter`, configurable as ``--prediction.*``);
@@ -223,9 +227,15 @@ class DynViTCLI(LightningCLI):
         follow = getattr(self.datamodule, "follow", None)
         if follow is not None:
             follow(self.model)
+        # An image folder's checks (layout, classes, images that do not decode) run in its setup(), which
+        # Lightning calls after the loggers have made the run folder: run them now, before anything is
+        # written. Its setup() keeps the splits it built, so Lightning's call does not repeat the work.
+        if isinstance(self.datamodule, ImageFolderDataModule) and self.subcommand in RUN_SUBCOMMANDS:
+            self.datamodule.setup(self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        check_trainer_options(trainer_cfg)
         run_dir = self._run_dir(trainer_cfg.get("default_root_dir"))
         trainer_cfg["default_root_dir"] = str(run_dir)
         checkpoint = self._get(self.config_init, "checkpoint")
@@ -362,6 +372,20 @@ def warn_if_oversubscribed(trainer: Trainer) -> None:
     message = oversubscription(trainer.num_devices, threads, cores)
     if message is not None:
         rank_zero_warn(message)
+
+
+def check_trainer_options(trainer_cfg: Any) -> None:
+    """``ValueError`` for trainer options Lightning refuses only with a traceback: a negative
+    ``max_epochs`` other than -1, or a GPU accelerator on a machine without one."""
+    max_epochs = trainer_cfg.get("max_epochs")
+    if max_epochs is not None and max_epochs < -1:
+        raise ValueError(f"--trainer.max_epochs {max_epochs}: give a number of epochs >= 0, or -1 for no limit")
+    accelerator = trainer_cfg.get("accelerator")
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--trainer.accelerator {accelerator}: this machine has no GPU that torch can use "
+            "(torch.cuda.is_available() is False): use --trainer.accelerator cpu, or auto to take a GPU when there is one"
+        )
 
 
 def typed_model_options(command_line: Any) -> list[str]:
