@@ -311,7 +311,7 @@ def test_tofu_step_equals_explicit_computation(base, images, index):
 
 
 def test_tofu_mlerp_by_hand():
-    from dynvit.reducers.tome import MergePlan
+    from dynvit.models.tokens import MergePlan
 
     x = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.0, -1.0], [6.0, 8.0], [1.0, 1.0]]])
     # A = tokens 0, 2, 4; B = 1, 3, 5. A's 2 and 4 (positions 1, 2) both merge into B's 1 (position 0).
