@@ -241,13 +241,9 @@ class ATCViT(ReducedViT):
         return logits, assignments
 
     def _predict(self, x: torch.Tensor, track_sources: bool = False):
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             run, sources, assignments = self.trace(self.embed(x), track_sources)
             return self.pooled_head(self.norm(run.tokens), run.sizes), sources, assignments
-        finally:
-            self.train(was_training)
 
 
 register(

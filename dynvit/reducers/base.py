@@ -14,8 +14,10 @@ left (see :meth:`ReducedViT.pooled_head`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -380,16 +382,22 @@ class ReducedViT(VisionTransformer):
         run = self.run_blocks(self.embed(x))
         return self.pooled_head(self.norm(run.tokens), run.sizes)
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, ReducedRun]:
-        """Eval-mode logits and the :class:`ReducedRun` behind them (the mode is restored after)."""
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for the block, the model's own mode restored after: what every ``predict_*`` runs in."""
         was_training = self.training
         self.eval()
         try:
-            run = self.run_blocks(self.embed(x))
-            return self.pooled_head(self.norm(run.tokens), run.sizes), run
+            yield
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, ReducedRun]:
+        """Eval-mode logits and the :class:`ReducedRun` behind them (the mode is restored after)."""
+        with self.evaluating():
+            run = self.run_blocks(self.embed(x))
+            return self.pooled_head(self.norm(run.tokens), run.sizes), run
 
     def predict_with_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode logits plus the real token counts (B, depth, 2) in every block's attention and MLP."""
@@ -421,13 +429,9 @@ class MergingViT(ReducedViT):
     @torch.no_grad()
     def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode logits and which original patches (B, M, N) bool each final non-prefix token stands for."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             run = self.run_blocks(self.embed(x), sources=True)
             return self.pooled_head(self.norm(run.tokens), run.sizes), run.sources
-        finally:
-            self.train(was_training)
 
 
 @functools.cache

@@ -228,13 +228,9 @@ class ClusteringViT(ReducedViT):
     @torch.no_grad()
     def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Assignment]]:
         """Eval-mode logits and every stage's :data:`Assignment` (the mode is restored after)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             result = self.run_stages(self.embed(x))
             return self.pooled_head(self.norm(result.run.tokens), result.run.sizes), result.assignments
-        finally:
-            self.train(was_training)
 
 
 def token_of_input(assignment: Assignment) -> torch.Tensor:

@@ -399,13 +399,9 @@ class MCTFViT(ReducedViT):
     @torch.no_grad()
     def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode logits and which original patches (B, M, N) bool each final non-prefix token stands for."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             run, sources = self.trace(self.embed(x), track_sources=True)
             return self.pooled_head(self.norm(run.tokens), run.sizes), sources
-        finally:
-            self.train(was_training)
 
 
 register(

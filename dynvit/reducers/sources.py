@@ -78,13 +78,9 @@ class MergingViT(ReducedViT):
     def predict_with_block_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Eval-mode logits and, per block, which original patches (B, M_i - P, N) bool each non-prefix token
         entering its MLP stands for (a pruned patch: no token). The mode is restored after."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             run, sources = self.trace(self.embed(x), track_sources=True)
             return self.pooled_head(self.norm(run.tokens), run.sizes), sources
-        finally:
-            self.train(was_training)
 
     def predict_with_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode logits and which original patches (B, M - P, N) bool each final non-prefix token stands for."""
