@@ -188,6 +188,23 @@ MISTAKES = [
         2,
     ),
     Mistake(
+        "a folder to export to",
+        ("export", "--config={config}", "--out={tmp}"),
+        "error: {tmp} is a folder: give the file to write in it, e.g. {tmp}/model.onnx",
+    ),
+    Mistake(
+        "an export path under a file",
+        ("export", "--config={config}", "--out={tmp}/random.ckpt/model.onnx"),
+        "error: cannot write {tmp}/random.ckpt/model.onnx: {tmp}/random.ckpt is a file, not a folder; "
+        "choose another path",
+    ),
+    Mistake(
+        "no devices",
+        ("fit", "--config={config}", "--trainer.devices=0"),
+        "error: --trainer.devices 0: give a number of devices >= 1, -1 or auto for all of them, or a list of "
+        "device indices",
+    ),
+    Mistake(
         "an export check tolerance of 0",
         ("export", "--config={config}", "--check_tolerance=0"),
         "error: check_tolerance must be > 0, got 0.0",

@@ -135,10 +135,22 @@ def quantize_onnx(path: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def check_output_file(path: str | Path) -> Path:
+    """``path`` as a file to write, or a ValueError naming the fix: a folder, or a parent that is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the file to write in it, e.g. {path / 'model.onnx'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"cannot write {path}: {blocking} is a file, not a folder; choose another path")
+    return path
+
+
 @contextlib.contextmanager
 def staged(path: Path) -> Iterator[Path]:
     """A temporary file beside ``path`` to write ``path`` through: it replaces ``path`` when the block ends
     and is removed when the block raises, so a failed export leaves whatever was at ``path`` as it was."""
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -376,10 +376,20 @@ def warn_if_oversubscribed(trainer: Trainer) -> None:
 
 def check_trainer_options(trainer_cfg: Any) -> None:
     """``ValueError`` for trainer options Lightning refuses only with a traceback: a negative
-    ``max_epochs`` other than -1, or a GPU accelerator on a machine without one."""
+    ``max_epochs`` other than -1, no devices (``devices`` 0 or below -1), or a GPU accelerator on a machine
+    without one."""
     max_epochs = trainer_cfg.get("max_epochs")
     if max_epochs is not None and max_epochs < -1:
         raise ValueError(f"--trainer.max_epochs {max_epochs}: give a number of epochs >= 0, or -1 for no limit")
+    devices = trainer_cfg.get("devices")
+    count = devices.strip() if isinstance(devices, str) else devices
+    if isinstance(count, str) and count.lstrip("-").isdigit():
+        count = int(count)
+    if isinstance(count, int) and not isinstance(count, bool) and (count == 0 or count < -1):
+        raise ValueError(
+            f"--trainer.devices {devices}: give a number of devices >= 1, -1 or auto for all of them, "
+            "or a list of device indices"
+        )
     accelerator = trainer_cfg.get("accelerator")
     if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(

@@ -54,9 +54,22 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
+def _lightning_config_error(error: BaseException) -> bool:
+    """Whether Lightning refused its configuration (``--trainer.devices 0``, an unknown accelerator): a
+    message about an option the user gave, whose traceback into Lightning tells them nothing more."""
+    # Imported here: this module stays importable without Lightning, which is loaded by the time it raised.
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return isinstance(error, MisconfigurationException)
+
+
 def user_error(error: BaseException) -> BaseException | None:
-    """The outermost exception in ``error``'s chain that dynvit raised for the user, if any."""
-    return next((e for e in _chain(error) if isinstance(e, Exception) and _raised_by_dynvit(e)), None)
+    """The outermost exception in ``error``'s chain that dynvit, or Lightning refusing its configuration,
+    raised for the user, if any."""
+    return next(
+        (e for e in _chain(error) if isinstance(e, Exception) and (_raised_by_dynvit(e) or _lightning_config_error(e))),
+        None,
+    )
 
 
 def unwrapped(error: BaseException) -> BaseException:

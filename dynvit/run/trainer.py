@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dynvit import methods as registry
 from dynvit.deploy import Choice, Tolerance, export_onnx, fastest
 from dynvit.deploy.fastest import choice_path
-from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, staged
+from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, check_output_file, staged
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, random_images
@@ -232,6 +232,7 @@ class DynViTTrainer(L.Trainer):
             raise ValueError(f"unknown export format {format!r}: choose 'onnx'")
         if not check_tolerance > 0:
             raise ValueError(f"check_tolerance must be > 0, got {check_tolerance}")
+        check_output_file(out)
         net, _ = networks(model)
         if keep_ratio is not None:
             student_at(net)(keep_ratio)
