@@ -136,6 +136,12 @@ class Method:
         """How benchmark rows name the method: ``evit (training-free)`` where the paper fine-tunes."""
         return f"{self.name} (training-free)" if self.fine_tuned_in_paper else self.name
 
+    @property
+    def at_init_label(self) -> str:
+        """How benchmark rows name a learned method built from the teacher with its new modules at init
+        (``patchmerger (at init)``): untrained, unlike the student the comparison is about."""
+        return f"{self.name} (at init)"
+
     def default_params(self, model: Any) -> dict[str, Any]:
         """The method's default parameters for ``model`` (a plain timm ViT), locations included
         (``{"pruning_loc": (3, 6, 9)}`` on a 12-block ViT)."""
