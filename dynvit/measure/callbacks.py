@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from dynvit.measure.flops import count_flops, count_params
+from dynvit.measure.groups import GROUP_REPORTS, group_colours, token_groups
 from dynvit.measure.throughput import SpeedSettings, keep_rng, measure_speedup, time_model
 from dynvit.models.contract import reports
 
@@ -201,15 +202,21 @@ def _to_pixels(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int])
 
 def kept_tokens_grid(
     images: torch.Tensor,
-    masks: list[torch.Tensor],
+    stages: list[torch.Tensor],
     grid: tuple[int, int],
     target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One row per image: the image, then what each stage kept (dropped patches greyed out).
+    """One row per image: the image, then one column per stage.
+
+    A stage is either a kept-token mask (bool: dropped patches greyed out) or the group of every patch
+    (int64, :mod:`dynvit.measure.groups`: each patch tinted half-way to its group's colour
+    (:func:`~dynvit.measure.groups.group_colours`), so that patches merged into one token, or clustered
+    together, share a colour; a patch in no group (-1) greyed out as a dropped one).
 
     Args:
         images: RGB images in [0, 1], (B, 3, H, W) (see :func:`to_display`).
-        masks: Per stage, kept patches (B, N) over the ``grid`` (rows, columns) of patches.
+        stages: Per stage, kept patches (B, N) bool or patch groups (B, N) int64, over the ``grid`` (rows,
+            columns) of patches.
         target: Optional object patches (B, N), outlined in red in every column.
 
     Returns:
@@ -230,14 +237,40 @@ def kept_tokens_grid(
         outline = (inside - eroded) > 0
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     columns = [images]
-    for mask in masks:
-        keep = _to_pixels(mask.cpu(), grid, size)
+    for stage in stages:
+        stage = stage.cpu()
+        keep = _to_pixels(stage if stage.dtype == torch.bool else stage >= 0, grid, size)
         # Dropped patches fade to mid-grey but stay faintly visible.
-        columns.append(images * keep + (0.25 * images + 0.375) * (1 - keep))
+        shown = images * keep + (0.25 * images + 0.375) * (1 - keep)
+        if stage.dtype != torch.bool:
+            colours = group_colours(stage).view(stage.shape[0], *grid, 3).permute(0, 3, 1, 2)
+            colours = F.interpolate(colours, size=size, mode="nearest")
+            shown = (0.5 * images + 0.5 * colours) * keep + shown * (1 - keep)
+        columns.append(shown)
     if outline is not None:
         columns = [torch.where(outline, red, c) for c in columns]
     tiles = torch.stack(columns, dim=1).flatten(0, 1)
     return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
+
+
+def picture_stages(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], str]:
+    """What a picture of ``net`` on ``x`` shows per column, as its registry entry's ``reports`` allow: the
+    patch groups of a clustering method or merger (:func:`dynvit.measure.groups.token_groups`), else the
+    kept-token masks; and a caption.
+
+    Raises:
+        TypeError: ``net`` reports neither (a plain model).
+    """
+    groups = token_groups(net, x)
+    if groups is not None:
+        return groups, f"input, then each patch coloured by its token in {len(groups)} column(s)"
+    if "masks" in reports(net):
+        _, masks = net.predict_with_masks(x)
+        return masks, "input, then kept after stage " + ", ".join(str(s + 1) for s in range(len(masks)))
+    raise TypeError(
+        f"{type(net).__name__} reports no kept tokens, merges or clusters (its registry entry's reports): "
+        "there is nothing to draw"
+    )
 
 
 def dataset_normalisation(
@@ -261,7 +294,8 @@ class KeptTokensCallback(L.Callback):
 
     Every ``every_n_epochs`` validation epochs (not during the sanity check) it draws one row per
     image: the input, then the patches left after each pruning stage, with dropped patches greyed
-    out. When validation batches carry an object patch mask ``(x, y, patch_mask)`` (the cluttered
+    out; for a model whose registry entry reports merges or clusters, each patch coloured by the token
+    it went to instead (:func:`picture_stages`). When validation batches carry an object patch mask ``(x, y, patch_mask)`` (the cluttered
     digits), the object's patches are outlined in red. The picture is saved as
     ``<default_root_dir>/kept_tokens/epoch_XXX.png`` and logged to W&B as ``val/kept_tokens``.
     Kept-token recall itself is logged by the module (``val/recall_s*``), not here.
@@ -281,10 +315,11 @@ class KeptTokensCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net, _ = networks(pl_module)
-        if "masks" not in reports(net):
+        if not {"masks", *GROUP_REPORTS} & reports(net):
             raise TypeError(
-                f"KeptTokensCallback draws the tokens a pruned model keeps, but {type(net).__name__} has no "
-                "predict_with_masks(); use it with DynamicViTModule (or drop it from trainer.callbacks)"
+                f"KeptTokensCallback draws the tokens a pruned model keeps (or its merges and clusters), but "
+                f"{type(net).__name__} reports none; use it with DynamicViTModule or a reduced ViT (or drop it "
+                "from trainer.callbacks)"
             )
 
     def _first_images(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -307,19 +342,18 @@ class KeptTokensCallback(L.Callback):
         was_training = net.training
         net.eval()
         try:
-            _, masks = net.predict_with_masks(x.to(param.device, param.dtype))
+            stages, caption = picture_stages(net, x.to(param.device, param.dtype))
         finally:
             net.train(was_training)
         dataset = getattr(trainer.val_dataloaders, "dataset", None)
         mean, std = dataset_normalisation(trainer.datamodule, dataset)
         # Hierarchical students mask their stage-3 map, ViTs their patch grid.
         mask_grid = getattr(net, "mask_grid", None) or tuple(net.patch_embed.grid_size)
-        grid = kept_tokens_grid(to_display(x, mean, std), masks, tuple(mask_grid), target)
+        grid = kept_tokens_grid(to_display(x, mean, std), stages, tuple(mask_grid), target)
         path = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         self.last_path = path
-        caption = "input, then kept after stage " + ", ".join(str(s + 1) for s in range(len(masks)))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/kept_tokens", images=[grid], step=trainer.global_step, caption=[caption])
