@@ -102,6 +102,9 @@ class Method:
         onnx: None when the model exports to ONNX; else why it cannot (shown as the refusal).
         reference: Where the authors' code is (``"JoakimHaurum/TokenReduction models/kmedoids.py"``).
         objective: For learned methods, the name of the training objective beyond cross-entropy, or None.
+        released: The settings its authors released for DeiT-S (224², 12 blocks), by a short name
+            (``{"r=13": {"r": 13}}``), as parameters of ``build`` beside :meth:`default_params`; empty for a
+            method without one. ``benchmarks/methods_speed.py`` times each.
     """
 
     name: str
@@ -119,6 +122,7 @@ class Method:
     at_stages: Callable[[tuple[int, ...], int], dict[str, Any]] | None = None
     set_params: Callable[..., Any] | None = None
     fine_tuned_in_paper: bool = False
+    released: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.reports) - set(REPORTS)

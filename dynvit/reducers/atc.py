@@ -261,6 +261,7 @@ register(
         onnx="its clustering runs in scikit-learn on NumPy arrays, image by image, outside the traced graph; "
         "ATC is also slow (the CPU clustering dominates a forward pass)",
         reference="JoakimHaurum/ATC ATC_setup/models/atc.py (DeiT), SSLBackbone_setup/token_reduc (off the shelf)",
+        released={"DeiT set-up": {"reduction_loc": (3, 6, 9), "reduction_ratio": 0.7}},
     )
 )
 
