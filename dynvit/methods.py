@@ -204,6 +204,26 @@ def of(model: Any) -> Method | None:
     return registered().get(name) if isinstance(name, str) else None
 
 
+def controlling(model: Any) -> Method | None:
+    """The registered method whose knob sets ``model``'s cost: the method that built it (:func:`of`), DynamicViT's
+    for a hierarchical student, None for a plain model.
+
+    Hierarchical students (DynamicCNN on ConvNeXt, DynamicSwin on Swin; ``dynvit.models.factory.FAMILIES``)
+    are DynamicViT's method on another backbone: the same learned predictors, keep ratio ρ and objective,
+    built by the same ``create_student``. They have no record of their own because a record promises a
+    :class:`~dynvit.models.contract.TokenReducingModel` (token counts per block, comparable on a ViT teacher
+    by ``benchmark --methods``), and spatial pruning keeps the whole feature map: it skips work per location
+    inside one stage, and there are no tokens to count.
+    """
+    method = of(model)
+    if method is not None:
+        return method
+    # Imported here: the registry itself stays free of model code.
+    from dynvit.models.spatial_pruning import SpatialPruningStudent
+
+    return get("dynamicvit") if isinstance(model, SpatialPruningStudent) else None
+
+
 def get(name: str) -> Method:
     """The method registered as ``name``.
 
@@ -234,4 +254,15 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REPORTS", "Knob", "Method", "get", "locations", "markdown_table", "of", "register", "registered"]
+__all__ = [
+    "REPORTS",
+    "Knob",
+    "Method",
+    "controlling",
+    "get",
+    "locations",
+    "markdown_table",
+    "of",
+    "register",
+    "registered",
+]

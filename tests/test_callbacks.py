@@ -265,3 +265,29 @@ def test_grid_colours_each_patch_by_its_group():
         torch.testing.assert_close(block, expected.view(3, 1, 1).expand_as(block))
     # Patches 0 and 2 share a token, so a colour; patch 1's token differs.
     assert torch.equal(column[:, 0, 0], column[:, half, 0]) and not torch.equal(column[:, 0, 0], column[:, 0, half])
+
+
+def test_flops_callback_logs_the_registry_knob_of_any_method():
+    """ToMe's cost is set by r, a student's by its keep ratio, a plain ViT's by nothing: the callback logs what the
+    registry names (and GFLOPs follow it when it changes)."""
+    from dynvit import create_teacher
+    from dynvit.reducers import apply_reducer
+
+    arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[])
+    for model, knob, value in (
+        (apply_reducer(create_teacher("vit_tiny_patch16_224", **arch), "tome", r=2), "cost/r", 2.0),
+        (create_teacher("vit_tiny_patch16_224", **arch), None, None),
+    ):
+        module = SimpleNamespace(net=model, teacher=None, device=torch.device("cpu"))
+        callback = FlopsCallback()
+        callback.on_fit_start(trainer, module)
+        assert callback.metrics["cost/gflops"] == pytest.approx(count_flops(model))
+        assert {k for k in callback.metrics if k not in ("cost/gflops", "cost/params_m")} == ({knob} if knob else set())
+        if knob:
+            assert callback.metrics[knob] == value
+            model.configure(r=4)  # a new setting is measured again at the next check
+            callback.on_train_epoch_start(trainer, module)
+            assert callback.metrics[knob] == 4.0 and callback.metrics["cost/gflops"] == pytest.approx(
+                count_flops(model)
+            )

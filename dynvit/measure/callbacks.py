@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
+from dynvit import methods
 from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.groups import GROUP_REPORTS, group_colours, token_groups
 from dynvit.measure.throughput import SpeedSettings, keep_rng, measure_speedup, time_model
@@ -68,9 +69,11 @@ def log_to_all(trainer: L.Trainer, metrics: dict[str, float]) -> None:
 class FlopsCallback(L.Callback):
     """GFLOPs (fvcore, batch 1) and parameters of the trained network and its teacher.
 
-    Logged as ``cost/gflops``, ``cost/params_m``, ``cost/keep_ratio``, ``cost/teacher_gflops`` and
-    ``cost/teacher_params_m`` when fit, validate or test starts, and again whenever the network's
-    ``keep_ratio`` has changed (checked every epoch and before every validation). Every checkpoint
+    Logged as ``cost/gflops``, ``cost/params_m``, ``cost/<knob>``, ``cost/teacher_gflops`` and
+    ``cost/teacher_params_m`` when fit, validate or test starts, and again whenever the network's cost
+    knob has changed (checked every epoch and before every validation). The knob is the registry's
+    (:func:`dynvit.methods.controlling`): ``cost/keep_ratio`` for a DynamicViT or hierarchical student,
+    ``cost/r`` for a ToMe model, none for a plain network. Every checkpoint
     carries the latest values, without the prefix, under ``checkpoint["dynvit"]``.
     """
 
@@ -82,14 +85,21 @@ class FlopsCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         net, teacher = networks(pl_module)
-        ratio = getattr(net, "keep_ratio", None)
-        changed = not self.metrics or self.metrics.get("cost/keep_ratio") != ratio
+        # The setting that decides the cost is the registry's knob of the net's method (a student's keep ratio,
+        # ToMe's r); a plain network has none.
+        method = methods.controlling(net)
+        knob = method.knob.name if method is not None else None
+        value = getattr(net, knob, None) if knob is not None else None
+        # A knob set per location (ATS's max_tokens as a list) or left to its default (None) is not one number.
+        value = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        key = f"cost/{knob}"
+        changed = not self.metrics or self.metrics.get(key) != value
         if changed:
             # fvcore traces with a random input: keep it off the training run's random stream.
             with keep_rng(pl_module.device):
                 metrics = {"cost/gflops": count_flops(net), "cost/params_m": count_params(net)}
-                if ratio is not None:
-                    metrics["cost/keep_ratio"] = float(ratio)
+                if value is not None:
+                    metrics[key] = value
                 if teacher is not None and self._teacher_metrics is None:
                     self._teacher_metrics = {
                         "cost/teacher_gflops": count_flops(teacher),

@@ -217,9 +217,10 @@ class Matched:
 
 
 def student_method(student: nn.Module) -> Method:
-    """The registered learned method of a student: its own record, else DynamicViT's (hierarchical students
-    run DynamicViT's method on another backbone and have no record of their own)."""
-    return methods.of(student) or methods.get("dynamicvit")
+    """The registered learned method of a student (:func:`dynvit.methods.controlling`: DynamicViT's for a
+    hierarchical student); DynamicViT's for a model no method controls, whose missing knob
+    :func:`student_at` then names."""
+    return methods.controlling(student) or methods.get("dynamicvit")
 
 
 def student_at(student: nn.Module) -> Callable[[float], nn.Module]:
