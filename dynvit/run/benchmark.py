@@ -1,9 +1,11 @@
 """Operating points: one set of weights at several keep ratios, other registered methods matched to them,
 in every precision and backend asked for; the cost, speed and accuracy of each, in one table.
 
-For every keep ratio ρ the trained student is measured as it is, and every training-free method of the
-registry (:mod:`dynvit.methods`) runs on the *teacher's* weights (the ViT the student was distilled
-from), at the student's stage blocks where it has locations, set to cost what the student costs at ρ
+For every keep ratio ρ the trained student is measured as it is, and every other method of the registry
+(:mod:`dynvit.methods`; ``--methods all`` names them all) runs on the *teacher's* weights (the ViT the
+student was distilled from): a training-free one as it is, a learned one with its new modules at init
+(rows ``patchmerger (at init)``: untrained, which the fine-tuned track changes), at the student's stage
+blocks where it has locations, set to cost what the student costs at ρ
 (fvcore GFLOPs, predictors included) as its registry entry says (:mod:`dynvit.reducers.matching`): the
 knob value with the nearest GFLOPs, the nearest *mean* GFLOPs over calibration images for a method
 whose token count depends on the image (its rows then report the mean GFLOPs and tokens it used on the
