@@ -172,7 +172,8 @@ def table(plain_gflops: float, rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     env, plain_gflops, rows = measure(args)
-    print(f"{args.model}{' (quick: tiny width)' if args.quick else ''}, {describe(env)}; {args.pairs} pairs\n")
+    timed = "GFLOPs only, nothing timed" if args.gflops_only else f"{args.pairs} pairs per speedup"
+    print(f"{args.model}{' (quick: tiny width)' if args.quick else ''}, {describe(env)}; {timed}\n")
     print(table(plain_gflops, rows))
     flagged = [f"{r.method} {r.setting}" for r in rows if r.flagged]
     if flagged:
