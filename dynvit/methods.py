@@ -102,6 +102,9 @@ class Method:
         onnx: None when the model exports to ONNX; else why it cannot (shown as the refusal).
         reference: Where the authors' code is (``"JoakimHaurum/TokenReduction models/kmedoids.py"``).
         objective: For learned methods, the name of the training objective beyond cross-entropy, or None.
+        released: The settings its authors released for DeiT-S (224², 12 blocks), by a short name
+            (``{"r=13": {"r": 13}}``), as parameters of ``build`` beside :meth:`default_params`; empty for a
+            method without one. ``benchmarks/methods_speed.py`` times each.
     """
 
     name: str
@@ -119,6 +122,7 @@ class Method:
     at_stages: Callable[[tuple[int, ...], int], dict[str, Any]] | None = None
     set_params: Callable[..., Any] | None = None
     fine_tuned_in_paper: bool = False
+    released: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.reports) - set(REPORTS)
@@ -135,6 +139,12 @@ class Method:
     def label(self) -> str:
         """How benchmark rows name the method: ``evit (training-free)`` where the paper fine-tunes."""
         return f"{self.name} (training-free)" if self.fine_tuned_in_paper else self.name
+
+    @property
+    def at_init_label(self) -> str:
+        """How benchmark rows name a learned method built from the teacher with its new modules at init
+        (``patchmerger (at init)``): untrained, unlike the student the comparison is about."""
+        return f"{self.name} (at init)"
 
     def default_params(self, model: Any) -> dict[str, Any]:
         """The method's default parameters for ``model`` (a plain timm ViT), locations included
@@ -194,6 +204,26 @@ def of(model: Any) -> Method | None:
     return registered().get(name) if isinstance(name, str) else None
 
 
+def controlling(model: Any) -> Method | None:
+    """The registered method whose knob sets ``model``'s cost: the method that built it (:func:`of`), DynamicViT's
+    for a hierarchical student, None for a plain model.
+
+    Hierarchical students (DynamicCNN on ConvNeXt, DynamicSwin on Swin; ``dynvit.models.factory.FAMILIES``)
+    are DynamicViT's method on another backbone: the same learned predictors, keep ratio ρ and objective,
+    built by the same ``create_student``. They have no record of their own because a record promises a
+    :class:`~dynvit.models.contract.TokenReducingModel` (token counts per block, comparable on a ViT teacher
+    by ``benchmark --methods``), and spatial pruning keeps the whole feature map: it skips work per location
+    inside one stage, and there are no tokens to count.
+    """
+    method = of(model)
+    if method is not None:
+        return method
+    # Imported here: the registry itself stays free of model code.
+    from dynvit.models.spatial_pruning import SpatialPruningStudent
+
+    return get("dynamicvit") if isinstance(model, SpatialPruningStudent) else None
+
+
 def get(name: str) -> Method:
     """The method registered as ``name``.
 
@@ -224,4 +254,15 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REPORTS", "Knob", "Method", "get", "locations", "markdown_table", "of", "register", "registered"]
+__all__ = [
+    "REPORTS",
+    "Knob",
+    "Method",
+    "controlling",
+    "get",
+    "locations",
+    "markdown_table",
+    "of",
+    "register",
+    "registered",
+]

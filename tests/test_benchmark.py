@@ -84,6 +84,41 @@ def test_rows_follow_the_keep_ratio_and_match_direct_measurements():
     assert rows[1].recall[0] > rows[3].recall[0]  # ρ=0.9 keeps more of the digit than ρ=0.5
 
 
+def test_learned_methods_start_from_the_teacher_with_their_modules_at_init():
+    """Besides the trained student, other learned methods are built from the teacher (new modules at init),
+    matched through the registry to the student's GFLOPs, labelled as untrained; clusterings get purity."""
+    import copy
+
+    from dynvit import methods
+    from dynvit.reducers.matching import ALL, check_methods
+
+    val_loader = digits_val_loader()
+    student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
+    teacher = create_teacher("vit_tiny_patch16_224", **ARCH)
+    result = benchmark(student, teacher, [0.7], ["dynamicvit", "sit", "dtem"], loader=val_loader, settings=FAST)
+    assert [r.method for r in result.rows] == ["teacher", "dynamicvit", "sit (at init)", "dtem (at init)"]
+    target = result.rows[1].gflops
+    for name, row in zip(("sit", "dtem"), result.rows[2:], strict=True):
+        (m,) = [m for m in result.matched if m.method == name]
+        assert not m.student and row.param == m.label
+        # The row is the method built on a plain copy of the teacher at the matched setting.
+        rebuilt = methods.get(name).build(copy.deepcopy(teacher), **m.params)
+        assert row.gflops == pytest.approx(count_flops(rebuilt), rel=1e-9)
+        # The nearest setting: no other candidate is nearer the student's GFLOPs.
+        knob = methods.get(name).knob
+        others = [v for v in knob.candidates(teacher, 20) if v != m.value]
+        near = []
+        for value in others:
+            try:
+                other = methods.get(name).build(copy.deepcopy(teacher), **{**m.params, knob.name: value})
+            except ValueError:
+                continue
+            near.append(abs(count_flops(other) - target))
+        assert abs(row.gflops - target) <= min(near) + 1e-12
+    assert result.rows[2].purity is not None and result.rows[2].recall == []  # SiT clusters: purity, no masks
+    assert check_methods(ALL) == check_methods([ALL]) == list(methods.registered())
+
+
 def test_no_recall_without_patch_masks():
     student = create_student("vit_tiny_patch16_224", keep_ratio=0.7, pruning_loc=(1, 2, 3), **ARCH)
     data = SyntheticDataModule(num_classes=10, img_size=32, in_chans=1, val_size=8, batch_size=4, train_size=8)

@@ -204,7 +204,7 @@ def test_callbacks_do_nothing_off_rank_zero(fitted):
 
 def test_kept_tokens_needs_a_pruned_model():
     plain = SimpleNamespace(net=torch.nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="predict_with_masks"):
+    with pytest.raises(TypeError, match="reports none"):
         KeptTokensCallback().setup(None, plain, "fit")
 
 
@@ -241,3 +241,53 @@ def test_kept_token_recall_per_image_skips_images_without_object():
     assert kept_token_recall(keep, target).tolist() == [0.5, 1.0]
     with pytest.raises(ValueError, match="same patch grid"):
         kept_token_recall(keep, target[:, :3])
+
+
+def test_grid_colours_each_patch_by_its_group():
+    """A column of patch groups tints every patch half-way to its group's colour (a golden-ratio hue step per
+    group id, written out here), greys a patch in no group out, and gives one group one colour."""
+    import colorsys
+
+    images = torch.full((1, 3, 8, 8), 0.2)  # 2×2 patches of 4 px
+    groups = torch.tensor([[3, 0, 3, -1]])
+    grid = kept_tokens_grid(images, [groups], (2, 2))
+    tile, half = 8 * 16, 8 * 16 // 2  # enlarged to 128 px
+    column = grid[:, 2 : 2 + tile, 2 + tile + 2 : 2 + 2 * tile + 2]
+    corners = {0: (0, 0), 1: (0, half), 2: (half, 0), 3: (half, half)}  # patch → top-left pixel
+    for patch, group in enumerate(groups[0].tolist()):
+        r, c = corners[patch]
+        block = column[:, r : r + half, c : c + half]
+        if group < 0:
+            expected = torch.full((3,), 0.25 * 0.2 + 0.375)
+        else:
+            hue = (group * 0.6180339887) % 1.0
+            expected = 0.5 * 0.2 + 0.5 * torch.tensor(colorsys.hsv_to_rgb(hue, 0.75, 0.95))
+        torch.testing.assert_close(block, expected.view(3, 1, 1).expand_as(block))
+    # Patches 0 and 2 share a token, so a colour; patch 1's token differs.
+    assert torch.equal(column[:, 0, 0], column[:, half, 0]) and not torch.equal(column[:, 0, 0], column[:, 0, half])
+
+
+def test_flops_callback_logs_the_registry_knob_of_any_method():
+    """ToMe's cost is set by r, a student's by its keep ratio, a plain ViT's by nothing: the callback logs what the
+    registry names (and GFLOPs follow it when it changes)."""
+    from dynvit import create_teacher
+    from dynvit.reducers import apply_reducer
+
+    arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[])
+    for model, knob, value in (
+        (apply_reducer(create_teacher("vit_tiny_patch16_224", **arch), "tome", r=2), "cost/r", 2.0),
+        (create_teacher("vit_tiny_patch16_224", **arch), None, None),
+    ):
+        module = SimpleNamespace(net=model, teacher=None, device=torch.device("cpu"))
+        callback = FlopsCallback()
+        callback.on_fit_start(trainer, module)
+        assert callback.metrics["cost/gflops"] == pytest.approx(count_flops(model))
+        assert {k for k in callback.metrics if k not in ("cost/gflops", "cost/params_m")} == ({knob} if knob else set())
+        if knob:
+            assert callback.metrics[knob] == value
+            model.configure(r=4)  # a new setting is measured again at the next check
+            callback.on_train_epoch_start(trainer, module)
+            assert callback.metrics[knob] == 4.0 and callback.metrics["cost/gflops"] == pytest.approx(
+                count_flops(model)
+            )

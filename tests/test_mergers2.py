@@ -457,8 +457,8 @@ def test_atc_sources_sizes_and_assignments(base, images, params):
     # Following each patch through the stages' assignments lands on the token whose sources hold it.
     _, stages = model.predict_with_assignments(images)
     token = torch.arange(N).expand(3, -1)
-    for labels in stages:
-        token = torch.gather(labels, 1, token)
+    for stage in stages:
+        token = torch.gather(stage["assignment"], 1, token)
     assert torch.equal(sources, token[:, None, :] == torch.arange(sources.shape[1])[None, :, None])
 
 

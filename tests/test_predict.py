@@ -129,6 +129,26 @@ def test_predict_works_for_every_kind_of_network(tmp_path, model, stages, data):
     assert len(list((out / "kept_tokens").glob("*.png"))) == (1 if stages else 0)
 
 
+@pytest.mark.parametrize(
+    ("reducer", "params", "columns"),
+    [
+        ("kmedoids", {"keep_rate": 0.7, "reduction_loc": [1, 2, 3]}, 3),  # one column of clusters per stage
+        ("tome", {"r": 4}, 1),  # ToMe reports its final tokens' merge sources
+    ],
+)
+def test_mergers_and_clusterings_write_their_groups_and_pictures(tmp_path, reducer, params, columns):
+    config = digits_config(tmp_path, classifier(reducer=reducer, reducer_params=params))
+    out = predict(tmp_path, config, "--prediction.pictures=2")
+    groups = torch.load(out / "groups.pt", weights_only=True)
+    assert groups["groups"].shape == (TEST_IMAGES, columns, 64) and groups["groups"].dtype == torch.int64
+    assert groups["grid"] == [8, 8] and groups["images"] == list(range(TEST_IMAGES))
+    assert (groups["groups"] >= 0).all()  # every patch is in some token: neither merges nor clusters drop one
+    pictures = sorted((out / "kept_tokens").glob("*.png"))
+    assert len(pictures) == 2
+    # The 32-px input enlarged to 128 px, then one column per stage, 2-px padding around every tile.
+    assert Image.open(pictures[0]).size == ((1 + columns) * 130 + 2, 132)
+
+
 def test_token_labeling_module_predicts(tmp_path):
     annotator = create_teacher("vit_tiny_patch16_224", num_classes=10, img_size=32, in_chans=1, **ARCH)
     torch.save({"model": annotator.state_dict()}, tmp_path / "annotator.pth")

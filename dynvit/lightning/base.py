@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dynvit.lightning.optim import param_groups, warmup_cosine
+from dynvit.measure.groups import token_groups
 from dynvit.models.checkpoint import CheckpointMismatch
 from dynvit.models.contract import reports
 
@@ -97,13 +98,21 @@ class ImageClassification(L.LightningModule):
         self.log(f"{stage}/top5", top5, sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Class probabilities ``probs`` (B, classes) and, for a network that drops tokens, ``masks``
-        (B, stages, N): the patches still kept after each stage. Batches are images or (images, ...)."""
+        """Class probabilities ``probs`` (B, classes); for a network that drops tokens, ``masks``
+        (B, stages, N): the patches still kept after each stage; for one that merges or clusters them,
+        ``groups`` (B, columns, N) int64: the token each patch went to (-1: none;
+        :func:`dynvit.measure.groups.token_groups`). Batches are images or (images, ...)."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if "masks" in reports(self.net):
+        offers = reports(self.net)
+        if "masks" in offers:
             logits, masks = self.net.predict_with_masks(x)
-            return {"probs": logits.softmax(dim=-1), "masks": torch.stack(masks, dim=1)}
-        return {"probs": self.net(x).softmax(dim=-1)}
+            out = {"probs": logits.softmax(dim=-1), "masks": torch.stack(masks, dim=1)}
+        else:
+            out = {"probs": self.net(x).softmax(dim=-1)}
+        groups = token_groups(self.net, x)
+        if groups is not None:
+            out["groups"] = torch.stack(groups, dim=1)
+        return out
 
     # -- exact resume ----------------------------------------------------------------------------
     # Lightning restores weights, optimiser and loop state but not the random generators, so Gumbel

@@ -21,7 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
+from dynvit import methods
 from dynvit.measure.flops import count_flops, count_params
+from dynvit.measure.groups import GROUP_REPORTS, group_colours, token_groups
 from dynvit.measure.throughput import SpeedSettings, keep_rng, measure_speedup, time_model
 from dynvit.models.contract import reports
 
@@ -67,9 +69,11 @@ def log_to_all(trainer: L.Trainer, metrics: dict[str, float]) -> None:
 class FlopsCallback(L.Callback):
     """GFLOPs (fvcore, batch 1) and parameters of the trained network and its teacher.
 
-    Logged as ``cost/gflops``, ``cost/params_m``, ``cost/keep_ratio``, ``cost/teacher_gflops`` and
-    ``cost/teacher_params_m`` when fit, validate or test starts, and again whenever the network's
-    ``keep_ratio`` has changed (checked every epoch and before every validation). Every checkpoint
+    Logged as ``cost/gflops``, ``cost/params_m``, ``cost/<knob>``, ``cost/teacher_gflops`` and
+    ``cost/teacher_params_m`` when fit, validate or test starts, and again whenever the network's cost
+    knob has changed (checked every epoch and before every validation). The knob is the registry's
+    (:func:`dynvit.methods.controlling`): ``cost/keep_ratio`` for a DynamicViT or hierarchical student,
+    ``cost/r`` for a ToMe model, none for a plain network. Every checkpoint
     carries the latest values, without the prefix, under ``checkpoint["dynvit"]``.
     """
 
@@ -81,14 +85,21 @@ class FlopsCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         net, teacher = networks(pl_module)
-        ratio = getattr(net, "keep_ratio", None)
-        changed = not self.metrics or self.metrics.get("cost/keep_ratio") != ratio
+        # The setting that decides the cost is the registry's knob of the net's method (a student's keep ratio,
+        # ToMe's r); a plain network has none.
+        method = methods.controlling(net)
+        knob = method.knob.name if method is not None else None
+        value = getattr(net, knob, None) if knob is not None else None
+        # A knob set per location (ATS's max_tokens as a list) or left to its default (None) is not one number.
+        value = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        key = f"cost/{knob}"
+        changed = not self.metrics or self.metrics.get(key) != value
         if changed:
             # fvcore traces with a random input: keep it off the training run's random stream.
             with keep_rng(pl_module.device):
                 metrics = {"cost/gflops": count_flops(net), "cost/params_m": count_params(net)}
-                if ratio is not None:
-                    metrics["cost/keep_ratio"] = float(ratio)
+                if value is not None:
+                    metrics[key] = value
                 if teacher is not None and self._teacher_metrics is None:
                     self._teacher_metrics = {
                         "cost/teacher_gflops": count_flops(teacher),
@@ -201,15 +212,21 @@ def _to_pixels(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int])
 
 def kept_tokens_grid(
     images: torch.Tensor,
-    masks: list[torch.Tensor],
+    stages: list[torch.Tensor],
     grid: tuple[int, int],
     target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One row per image: the image, then what each stage kept (dropped patches greyed out).
+    """One row per image: the image, then one column per stage.
+
+    A stage is either a kept-token mask (bool: dropped patches greyed out) or the group of every patch
+    (int64, :mod:`dynvit.measure.groups`: each patch tinted half-way to its group's colour
+    (:func:`~dynvit.measure.groups.group_colours`), so that patches merged into one token, or clustered
+    together, share a colour; a patch in no group (-1) greyed out as a dropped one).
 
     Args:
         images: RGB images in [0, 1], (B, 3, H, W) (see :func:`to_display`).
-        masks: Per stage, kept patches (B, N) over the ``grid`` (rows, columns) of patches.
+        stages: Per stage, kept patches (B, N) bool or patch groups (B, N) int64, over the ``grid`` (rows,
+            columns) of patches.
         target: Optional object patches (B, N), outlined in red in every column.
 
     Returns:
@@ -230,14 +247,40 @@ def kept_tokens_grid(
         outline = (inside - eroded) > 0
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
     columns = [images]
-    for mask in masks:
-        keep = _to_pixels(mask.cpu(), grid, size)
+    for stage in stages:
+        stage = stage.cpu()
+        keep = _to_pixels(stage if stage.dtype == torch.bool else stage >= 0, grid, size)
         # Dropped patches fade to mid-grey but stay faintly visible.
-        columns.append(images * keep + (0.25 * images + 0.375) * (1 - keep))
+        shown = images * keep + (0.25 * images + 0.375) * (1 - keep)
+        if stage.dtype != torch.bool:
+            colours = group_colours(stage).view(stage.shape[0], *grid, 3).permute(0, 3, 1, 2)
+            colours = F.interpolate(colours, size=size, mode="nearest")
+            shown = (0.5 * images + 0.5 * colours) * keep + shown * (1 - keep)
+        columns.append(shown)
     if outline is not None:
         columns = [torch.where(outline, red, c) for c in columns]
     tiles = torch.stack(columns, dim=1).flatten(0, 1)
     return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
+
+
+def picture_stages(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], str]:
+    """What a picture of ``net`` on ``x`` shows per column, as its registry entry's ``reports`` allow: the
+    patch groups of a clustering method or merger (:func:`dynvit.measure.groups.token_groups`), else the
+    kept-token masks; and a caption.
+
+    Raises:
+        TypeError: ``net`` reports neither (a plain model).
+    """
+    groups = token_groups(net, x)
+    if groups is not None:
+        return groups, f"input, then each patch coloured by its token in {len(groups)} column(s)"
+    if "masks" in reports(net):
+        _, masks = net.predict_with_masks(x)
+        return masks, "input, then kept after stage " + ", ".join(str(s + 1) for s in range(len(masks)))
+    raise TypeError(
+        f"{type(net).__name__} reports no kept tokens, merges or clusters (its registry entry's reports): "
+        "there is nothing to draw"
+    )
 
 
 def dataset_normalisation(
@@ -261,7 +304,8 @@ class KeptTokensCallback(L.Callback):
 
     Every ``every_n_epochs`` validation epochs (not during the sanity check) it draws one row per
     image: the input, then the patches left after each pruning stage, with dropped patches greyed
-    out. When validation batches carry an object patch mask ``(x, y, patch_mask)`` (the cluttered
+    out; for a model whose registry entry reports merges or clusters, each patch coloured by the token
+    it went to instead (:func:`picture_stages`). When validation batches carry an object patch mask ``(x, y, patch_mask)`` (the cluttered
     digits), the object's patches are outlined in red. The picture is saved as
     ``<default_root_dir>/kept_tokens/epoch_XXX.png`` and logged to W&B as ``val/kept_tokens``.
     Kept-token recall itself is logged by the module (``val/recall_s*``), not here.
@@ -281,10 +325,11 @@ class KeptTokensCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net, _ = networks(pl_module)
-        if "masks" not in reports(net):
+        if not {"masks", *GROUP_REPORTS} & reports(net):
             raise TypeError(
-                f"KeptTokensCallback draws the tokens a pruned model keeps, but {type(net).__name__} has no "
-                "predict_with_masks(); use it with DynamicViTModule (or drop it from trainer.callbacks)"
+                f"KeptTokensCallback draws the tokens a pruned model keeps (or its merges and clusters), but "
+                f"{type(net).__name__} reports none; use it with DynamicViTModule or a reduced ViT (or drop it "
+                "from trainer.callbacks)"
             )
 
     def _first_images(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -307,19 +352,18 @@ class KeptTokensCallback(L.Callback):
         was_training = net.training
         net.eval()
         try:
-            _, masks = net.predict_with_masks(x.to(param.device, param.dtype))
+            stages, caption = picture_stages(net, x.to(param.device, param.dtype))
         finally:
             net.train(was_training)
         dataset = getattr(trainer.val_dataloaders, "dataset", None)
         mean, std = dataset_normalisation(trainer.datamodule, dataset)
         # Hierarchical students mask their stage-3 map, ViTs their patch grid.
         mask_grid = getattr(net, "mask_grid", None) or tuple(net.patch_embed.grid_size)
-        grid = kept_tokens_grid(to_display(x, mean, std), masks, tuple(mask_grid), target)
+        grid = kept_tokens_grid(to_display(x, mean, std), stages, tuple(mask_grid), target)
         path = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         self.last_path = path
-        caption = "input, then kept after stage " + ", ".join(str(s + 1) for s in range(len(masks)))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/kept_tokens", images=[grid], step=trainer.global_step, caption=[caption])

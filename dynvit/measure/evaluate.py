@@ -4,7 +4,8 @@ What a model reports (:func:`~dynvit.models.contract.reports`: its registry entr
 what is scored: every model gives logits (top-1); a model that reports kept-token masks
 (:class:`~dynvit.models.contract.MaskReporting`) gets recall per stage, and one whose tokens stand for sets
 of patches (:class:`~dynvit.models.contract.SourceReporting`) gets purity, both when the batches carry the
-object's patch mask ``(x, y, patch_mask)``. Benchmark and sweep score every
+object's patch mask ``(x, y, patch_mask)``; a clustering model (:class:`~dynvit.models.contract.AssignmentReporting`)
+gets the purity of its last stage's clusters. Benchmark and sweep score every
 row of one table here, on the same images (:class:`LimitedLoader`).
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 from dynvit.measure.recall import source_purity, stage_recall
 from dynvit.measure.throughput import model_dtype
 from dynvit.models.contract import reports
+from dynvit.reducers.clustering import cluster_purity, patch_assignment, stage_tokens
 
 
 class LimitedLoader:
@@ -87,6 +89,21 @@ def _mean(total: torch.Tensor | None, count: int) -> Any:
     return None if total is None or count == 0 else (total / count).tolist()
 
 
+def final_purity(
+    model: nn.Module, x: torch.Tensor, offers: frozenset[str], target: torch.Tensor
+) -> torch.Tensor | None:
+    """Purity (B',) of the final tokens on the images with an object: from merge sources where the model reports
+    them, else from its last stage's cluster assignment; None for a model that reports neither."""
+    if "sources" in offers:
+        return source_purity(model.predict_with_sources(x)[1].cpu(), target).double()
+    if "assignments" in offers:
+        assignments = model.predict_with_assignments(x)[1]
+        patch_token = patch_assignment(assignments, -1).cpu()
+        purity = cluster_purity(patch_token, target.bool(), stage_tokens(assignments[-1]))
+        return purity[target.bool().any(dim=1)]  # images without an object have none (NaN), as for sources
+    return None
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> Evaluation:
     """Top-1 of ``model`` in eval mode over ``loader``, and its recall and purity where it reports them.
@@ -120,8 +137,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
                 sums = torch.stack([r.sum() for r in per_stage]).double()
                 recall_sum = sums if recall_sum is None else recall_sum + sums
                 recall_count += per_stage[0].numel()
-            if "sources" in offers:
-                purity = source_purity(model.predict_with_sources(x)[1].cpu(), target).double()
+            purity = final_purity(model, x, offers, target)
+            if purity is not None:
                 purity_sum = purity.sum() if purity_sum is None else purity_sum + purity.sum()
                 purity_count += purity.numel()
     finally:

@@ -57,6 +57,16 @@ class SourceReporting(Protocol):
 
 
 @runtime_checkable
+class BlockSourceReporting(Protocol):
+    """A merger that can say what its tokens stand for after every block, not only the last (pictures of merges)."""
+
+    def predict_with_block_sources(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eval-mode logits and, per block, which original patches (B, M_i, N) bool each non-prefix token
+        entering its MLP stands for."""
+        ...
+
+
+@runtime_checkable
 class AssignmentReporting(Protocol):
     """A model that assigns tokens to clusters (clustering methods)."""
 
@@ -109,6 +119,7 @@ def reports(model: nn.Module) -> frozenset[str]:
 __all__ = [
     "REPORT_PROTOCOLS",
     "AssignmentReporting",
+    "BlockSourceReporting",
     "DenseDistilling",
     "DensePredicting",
     "MaskReporting",

@@ -347,5 +347,6 @@ register(
         reports=frozenset({"counts", "masks"}),
         reference="raoyongming/DynamicViT",
         objective="dynamicvit",
+        released={"keep 0.7": {"keep_ratio": 0.7}},
     )
 )

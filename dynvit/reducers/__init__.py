@@ -13,6 +13,8 @@ checked against it). EViT and ATS follow their authors' code (docs/reference.md,
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 from timm.models.vision_transformer import VisionTransformer
@@ -37,6 +39,11 @@ from dynvit.reducers.sinkhorn import SinkhornViT
 from dynvit.reducers.sit import SiTViT
 from dynvit.reducers.tofu import ToFuViT
 from dynvit.reducers.tome import ToMeViT
+
+# Every module of this package registers its methods when imported, so a new method is one file here and
+# nothing else: those imported above keep their registration order (README's table), any other follows.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def apply_reducer(model: VisionTransformer, method: str, **params) -> nn.Module:

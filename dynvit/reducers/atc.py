@@ -207,7 +207,7 @@ class ATCViT(ReducedViT):
             x = x + block.drop_path1(block.ls1(out))
             if k is not None:
                 labels = cluster_labels(keys[:, p:], k, self.linkage)
-                assignments.append(labels)
+                assignments.append({"assignment": labels})
                 # Prefix tokens keep their places in front; the clusters follow in label order.
                 labels = torch.cat([torch.arange(p, device=x.device).expand(B, -1), labels + p], dim=1)
                 size = x.new_ones(B, x.shape[1]) if size is None else size
@@ -234,9 +234,11 @@ class ATCViT(ReducedViT):
         return logits, sources
 
     @torch.no_grad()
-    def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eval-mode logits and, per clustering block, the output token (B, n_in) int64 each input non-prefix
-        token went to (its cluster; the output's non-prefix tokens are the clusters in this order)."""
+    def predict_with_assignments(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Eval-mode logits and, per clustering block, ``{"assignment": (B, n_in) int64}``: the output token each
+        input non-prefix token went to (its cluster; the output's non-prefix tokens are the clusters in this
+        order). A hard clustering without centre tokens, so no ``"centres"``
+        (:func:`dynvit.reducers.clustering.patch_assignment` follows it all the same)."""
         logits, _, assignments = self._predict(x)
         return logits, assignments
 
@@ -259,6 +261,7 @@ register(
         onnx="its clustering runs in scikit-learn on NumPy arrays, image by image, outside the traced graph; "
         "ATC is also slow (the CPU clustering dominates a forward pass)",
         reference="JoakimHaurum/ATC ATC_setup/models/atc.py (DeiT), SSLBackbone_setup/token_reduc (off the shelf)",
+        released={"DeiT set-up": {"reduction_loc": (3, 6, 9), "reduction_ratio": 0.7}},
     )
 )
 

@@ -194,6 +194,7 @@ register(
         onnx="it keeps a different number of tokens per image, so its batch holds as many slots as the largest "
         "kept set: a data-dependent size torch.export refuses",
         reference="adaptivetokensampling/ATS",
+        released={"K=N": {}},
     )
 )
 

@@ -246,6 +246,15 @@ def token_of_input(assignment: Assignment) -> torch.Tensor:
     raise ValueError(f"a stage assignment holds 'assignment' or 'weights', got keys {sorted(assignment)}")
 
 
+def stage_tokens(assignment: Assignment) -> int:
+    """K_s, the output tokens of a stage: the centres or weight rows it names, else (a hard clustering given by
+    its assignment alone, as ATC's) one more than the largest token id."""
+    for key in ("centres", "weights"):
+        if key in assignment:
+            return assignment[key].shape[1]
+    return int(token_of_input(assignment).max()) + 1
+
+
 def patch_assignment(assignments: Sequence[Assignment], stage: int) -> torch.Tensor:
     """The output token of ``stage`` each original patch ended in (B, N), following stages 0..stage.
 
@@ -255,8 +264,9 @@ def patch_assignment(assignments: Sequence[Assignment], stage: int) -> torch.Ten
     Args:
         assignments: Every stage's :data:`Assignment`, as :meth:`ClusteringViT.predict_with_assignments`
             returns them.
-        stage: 0-based stage index.
+        stage: 0-based stage index (negative counts from the last, as in a list).
     """
+    stage = stage + len(assignments) if -len(assignments) <= stage < 0 else stage
     if not 0 <= stage < len(assignments):
         raise ValueError(f"stage must be in 0..{len(assignments) - 1} for {len(assignments)} stages, got {stage}")
     token = token_of_input(assignments[0])
@@ -300,5 +310,6 @@ __all__ = [
     "cluster_purity",
     "default_params",
     "patch_assignment",
+    "stage_tokens",
     "token_of_input",
 ]

@@ -225,6 +225,7 @@ register(
         onnx="after a merge, torch 2.15's ONNX decomposition cannot view the output of attention with the size "
         "bias ('Cannot view a tensor'), as for ToMe",
         reference="OpenGVLab/DiffRate DiffRate/patch/deit.py, DiffRate/merge.py, compression_rate.json",
+        released={"2.9 GFLOPs": {"schedule": "deit_s_2.9"}, "2.3 GFLOPs": {"schedule": "deit_s_2.3"}},
     )
 )
 

@@ -152,6 +152,7 @@ register(
         onnx="torch.onnx has no conversion for torch.cdist (aten::_cdist_forward), and distances computed any "
         "other way change the clusters; the tie-breaking noise's shape also follows the batch size",
         reference="JoakimHaurum/TokenReduction models/dpcknn.py",
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 

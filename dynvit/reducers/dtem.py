@@ -298,6 +298,7 @@ register(
         reference="movinghoon/DTEM dtem/dtem.py, dtem/utils.py",
         # Later: DTEM's recipe (backbone frozen, only the embedding trained through the soft top-k, cross-entropy).
         objective="dtem",
+        released={"r=13": {"r": 13}},
     )
 )
 

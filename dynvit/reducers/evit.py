@@ -165,6 +165,7 @@ register(
         fine_tuned_in_paper=True,
         reference="youweiliang/evit evit.py",
         **ATTENTIVE,
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 register(
@@ -174,6 +175,7 @@ register(
         build=TopKViT.from_vit,
         reference="JoakimHaurum/TokenReduction models/topk.py",
         **ATTENTIVE,
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 

@@ -159,6 +159,7 @@ register(
         onnx="torch.onnx has no conversion for torch.cdist (aten::_cdist_forward), and distances computed any "
         "other way change which medoids are chosen",
         reference="JoakimHaurum/TokenReduction models/kmedoids.py",
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 

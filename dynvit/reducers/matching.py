@@ -31,6 +31,9 @@ from dynvit.methods import Method
 from dynvit.reducers.base import check_reducible
 from dynvit.reducers.cost import TokenCost
 
+# The method name that stands for every registered method (``--methods all``).
+ALL = "all"
+
 
 class Match(NamedTuple):
     """A knob value and the GFLOPs it gives."""
@@ -184,6 +187,8 @@ class Matched:
         target: The student's GFLOPs at ρ.
         gflops: The method's GFLOPs as matched (for a method costed on images the mean over the calibration images).
         params: What the method's builder gets (empty for the student itself).
+        student: Whether this is the trained student itself, measured as it is; every other method runs on
+            the teacher's weights (a learned one with its new modules at init).
     """
 
     method: str
@@ -191,6 +196,7 @@ class Matched:
     target: float
     gflops: float
     params: dict[str, Any] = field(default_factory=dict)
+    student: bool = False
 
     @property
     def value(self) -> float:
@@ -202,11 +208,19 @@ class Matched:
         """``r=3``, ``keep_rate=0.62``, ``K=20``, …: the setting as the table shows it."""
         return methods.get(self.method).knob.label(self.value)
 
+    @property
+    def row_label(self) -> str:
+        """How the method's rows are named: the student's record label, a training-free method's label
+        (``evit (training-free)`` where its paper fine-tunes), or a learned one's at init."""
+        method = methods.get(self.method)
+        return method.at_init_label if method.learned and not self.student else method.label
+
 
 def student_method(student: nn.Module) -> Method:
-    """The registered learned method of a student: its own record, else DynamicViT's (hierarchical students
-    run DynamicViT's method on another backbone and have no record of their own)."""
-    return methods.of(student) or methods.get("dynamicvit")
+    """The registered learned method of a student (:func:`dynvit.methods.controlling`: DynamicViT's for a
+    hierarchical student); DynamicViT's for a model no method controls, whose missing knob
+    :func:`student_at` then names."""
+    return methods.controlling(student) or methods.get("dynamicvit")
 
 
 def student_at(student: nn.Module) -> Callable[[float], nn.Module]:
@@ -241,21 +255,31 @@ def stage_blocks_of(student: nn.Module) -> tuple[int, ...]:
 
 
 def check_methods(names: Sequence[str] | str) -> list[str]:
-    """The method names as a list; ``ValueError`` for none, an unknown one (with a suggestion), a repeat, or
-    more than one learned method (a comparison measures one trained student)."""
+    """The method names as a list; ``ValueError`` for none, an unknown one (with a suggestion) or a repeat.
+
+    ``"all"`` (or ``["all"]``) is every registered method, in registration order.
+    """
     names = [names] if isinstance(names, str) else list(names)
+    if names == [ALL]:
+        return list(methods.registered())
     if not names:
         raise ValueError(
-            f"no methods given: pass e.g. --methods [dynamicvit,tome]; choose from {list(methods.registered())}"
+            f"no methods given: pass e.g. --methods [dynamicvit,tome] or --methods all; choose from "
+            f"{list(methods.registered())}"
         )
-    records = [methods.get(name) for name in names]  # an unknown name lists the registered ones
+    for name in names:  # an unknown name lists the registered ones
+        methods.get(name)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"methods {repeated} are listed more than once")
-    learned = [m.name for m in records if m.learned]
-    if len(learned) > 1:
-        raise ValueError(f"methods {learned} are all learned, and a comparison measures one trained student: keep one")
     return names
+
+
+def on_teacher(student: nn.Module, names: Sequence[str]) -> list[str]:
+    """The methods of ``names`` that run on copies of the teacher: all but the student's own (training-free
+    methods on its weights as they are, other learned methods with their new modules at init)."""
+    own = student_method(student).name
+    return [name for name in names if name != own]
 
 
 def check_comparable(student: nn.Module, teacher: nn.Module | None, names: Sequence[str]) -> None:
@@ -263,11 +287,11 @@ def check_comparable(student: nn.Module, teacher: nn.Module | None, names: Seque
 
     Raises:
         TypeError: the student has no keep ratio and stage blocks, or a method cannot take the teacher over.
-        ValueError: a training-free method is asked for and there is no teacher.
+        ValueError: a method other than the student's is asked for and there is no teacher.
     """
     student_at(student)
     stage_blocks_of(student)
-    free = [name for name in names if not methods.get(name).learned]
+    free = on_teacher(student, names)
     if not free:
         return
     if teacher is None:
@@ -293,37 +317,38 @@ def match_to_student(
 ) -> list[Matched]:
     """Every method set to each of the student's keep ratios' GFLOPs, ratio by ratio in the order given.
 
-    The learned method (the student) is measured as it is; every training-free one runs on a copy of the
-    teacher, at the student's stage blocks where it has locations, matched by its registry ``cost``.
+    The student's own method is the student, measured as it is; every other method runs on a copy of the
+    teacher (a learned one with its new modules at init), at the student's stage blocks where it has
+    locations, matched by its registry ``cost``.
 
     Args:
         student: The trained student (its keep ratio is restored afterwards).
-        teacher: The plain ViT the training-free methods run on; it is copied, never changed.
+        teacher: The plain ViT the other methods run on; it is copied, never changed.
         ratios: Keep ratios in (0, 1].
-        names: Registered method names.
+        names: Registered method names, or ``"all"``.
         images: Calibration images for methods costed on images (batches on the teacher's device).
         steps: Resolution of fractional knobs (100: two decimals).
         cost: ``TokenCost.from_model(teacher)``, if already fitted.
     """
     names = check_methods(names)
     check_comparable(student, teacher, names)
+    own = student_method(student).name
     records = [methods.get(name) for name in names]
-    if any(m.cost == "images" and not m.learned for m in records) and not images:
-        imaged = [m.name for m in records if m.cost == "images"]
+    imaged = [m.name for m in records if m.cost == "images" and m.name != own]
+    if imaged and not images:
         raise ValueError(f"matching {imaged}'s mean GFLOPs needs calibration images (a validation loader)")
     at = student_at(student)
-    knob = student_method(student).knob.name
-    original = getattr(student, knob)
+    original = getattr(student, student_method(student).knob.name)
     stages = stage_blocks_of(student)
-    if cost is None and any(m.cost == "images" and not m.learned for m in records):
+    if cost is None and imaged:
         cost = TokenCost.from_model(teacher)
     matched = []
     try:
         for ratio in ratios:
             target = count_flops(at(ratio))
             for method in records:
-                if method.learned:
-                    matched.append(Matched(method.name, ratio, target, target))
+                if method.name == own:
+                    matched.append(Matched(method.name, ratio, target, target, student=True))
                     continue
                 params = method.stage_params(stages, len(teacher.blocks))
                 if method.cost == "keep_ratio":
@@ -342,17 +367,18 @@ def matched_records(matched: Sequence[Matched]) -> list[dict[str, Any]]:
     """One record per keep ratio: the student's GFLOPs (``dynamicvit_gflops``, named for its method), then each
     other method's setting and GFLOPs (``tome_r``, ``tome_gflops``, ``evit_keep_rate``, …): the rows of a
     report table."""
-    learned = next((m.method for m in matched if methods.get(m.method).learned), "student")
+    learned = next((m.method for m in matched if m.student), "student")
     by_ratio: dict[float, dict[str, Any]] = {}
     for m in matched:
         record = by_ratio.setdefault(m.keep_ratio, {"keep_ratio": m.keep_ratio, f"{learned}_gflops": m.target})
-        if not methods.get(m.method).learned:
+        if not m.student:
             record[f"{m.method}_{methods.get(m.method).knob.name}"] = m.value
             record[f"{m.method}_gflops"] = m.gflops
     return list(by_ratio.values())
 
 
 __all__ = [
+    "ALL",
     "Match",
     "Matched",
     "check_comparable",
@@ -362,6 +388,7 @@ __all__ = [
     "matched_records",
     "mean_cost",
     "nearest",
+    "on_teacher",
     "stage_blocks_of",
     "student_at",
     "student_method",

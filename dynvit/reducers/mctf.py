@@ -416,6 +416,7 @@ register(
         reports=frozenset({"counts", "sources"}),
         onnx=None,
         reference="mlvlab/MCTF utils/mctf.py, models/modules/blocks.py, models/SA/MHSA.py",
+        released={"r=16": {"r": 16}, "Fast": {"r": 0.35, "activate_layer": (3, 6, 9)}},
     )
 )
 

@@ -97,6 +97,7 @@ register(
         needs_class_token=False,
         onnx=None,
         reference="JoakimHaurum/TokenReduction models/patchmerger.py",
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 

@@ -126,6 +126,7 @@ register(
         defaults=lambda model: {"ratio": 0.9},
         reports=frozenset({"counts", "sources"}),
         reference="hchautran/PiToMe algo/pitome/merge.py (pitome_vision), algo/pitome/patch/deit.py, timm.py",
+        released={"ratio 0.9": {"ratio": 0.9}},
     )
 )
 

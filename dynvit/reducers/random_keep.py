@@ -73,6 +73,7 @@ register(
         at_stages=locations("pruning_loc"),
         reports=frozenset({"counts", "masks"}),
         onnx="it draws random numbers at inference (a generator seeded on every call), which the exporter cannot trace",
+        released={"keep 0.7": {"keep_ratio": 0.7}},
     )
 )
 

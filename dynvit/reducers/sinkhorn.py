@@ -146,6 +146,7 @@ register(
         needs_class_token=False,
         onnx=None,
         reference="JoakimHaurum/TokenReduction models/sinkhorn.py",
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 

@@ -75,6 +75,7 @@ register(
         needs_class_token=False,
         onnx=None,
         reference="JoakimHaurum/TokenReduction models/sit.py",
+        released={"keep 0.7": {"keep_rate": 0.7}},
     )
 )
 

@@ -103,6 +103,7 @@ register(
         defaults=lambda model: {"r": min(13, max_merges(model.patch_embed.num_patches))},
         reports=frozenset({"counts", "sources"}),
         reference="Westlake-AI/OpenToMe opentome/timm/tofu.py, opentome/tome/tome.py (no official code)",
+        released={"r=13": {"r": 13}},
     )
 )
 

@@ -107,6 +107,7 @@ register(
         onnx="after a merge, torch 2.15's ONNX decomposition cannot view the attention output of the merged "
         "tokens ('Cannot view a tensor')",
         reference="facebookresearch/ToMe tome/merge.py, tome/patch/timm.py",
+        released={"r=13": {"r": 13}, "r=16": {"r": 16}},
     )
 )
 

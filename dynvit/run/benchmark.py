@@ -1,9 +1,11 @@
 """Operating points: one set of weights at several keep ratios, other registered methods matched to them,
 in every precision and backend asked for; the cost, speed and accuracy of each, in one table.
 
-For every keep ratio ρ the trained student is measured as it is, and every training-free method of the
-registry (:mod:`dynvit.methods`) runs on the *teacher's* weights (the ViT the student was distilled
-from), at the student's stage blocks where it has locations, set to cost what the student costs at ρ
+For every keep ratio ρ the trained student is measured as it is, and every other method of the registry
+(:mod:`dynvit.methods`; ``--methods all`` names them all) runs on the *teacher's* weights (the ViT the
+student was distilled from): a training-free one as it is, a learned one with its new modules at init
+(rows ``patchmerger (at init)``: untrained, which the fine-tuned track changes), at the student's stage
+blocks where it has locations, set to cost what the student costs at ρ
 (fvcore GFLOPs, predictors included) as its registry entry says (:mod:`dynvit.reducers.matching`): the
 knob value with the nearest GFLOPs, the nearest *mean* GFLOPs over calibration images for a method
 whose token count depends on the image (its rows then report the mean GFLOPs and tokens it used on the
@@ -59,6 +61,7 @@ from dynvit.reducers.matching import (
     match_to_student,
     matched_records,
     mean_cost,
+    on_teacher,
     student_at,
     student_method,
 )
@@ -131,7 +134,7 @@ def check_benchmark(
     ratios, names = sorted(check_ratios(ratios), reverse=True), check_methods(names)
     plan = Plan(ratios, names, check_precisions(precisions), check_backend(backend))
     check_comparable(student, teacher, names)
-    imaged = [n for n in names if registry.get(n).cost == "images" and not registry.get(n).learned]
+    imaged = [n for n in on_teacher(student, names) if registry.get(n).cost == "images"]
     if imaged and not calibration:
         raise ValueError(f"matching {imaged}'s mean GFLOPs needs calibration images (a validation loader)")
     # Every ratio must fit this student (e.g. keep at least one token per stage).
@@ -294,22 +297,29 @@ def _float32_points(
         row.tokens = final_tokens(teacher)
         points.append(Point(row, teacher, _as_is))
     knob = student_method(student).knob.name
-    reduced: dict[str, nn.Module] = {}  # one copy of the teacher per method, reconfigured per ratio
+    reduced: dict[str, nn.Module] = {}  # one copy of the teacher per training-free method, reconfigured per ratio
     for m in matched:
         method = registry.get(m.method)
-        if method.learned:
+        if m.student:
             configure = functools.partial(_configured, method=student_method(student).name, params={knob: m.value})
             point = Point(ResultRow(student_label(student), m.keep_ratio, 0.0, 0.0), student, configure)
+        elif method.learned:
+            # New modules depend on the setting (PatchMerger's K_s queries): one model per point, built once,
+            # at a fixed seed so the table repeats.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net = method.apply(copy.deepcopy(teacher), **m.params)
+            point = Point(ResultRow(m.row_label, m.keep_ratio, 0.0, 0.0, param=m.label), net, _as_is)
         else:
             if m.method not in reduced:
                 reduced[m.method] = copy.deepcopy(teacher)
             configure = functools.partial(_configured, method=m.method, params=m.params)
-            row = ResultRow(method.label, m.keep_ratio, 0.0, 0.0, param=m.label)
+            row = ResultRow(m.row_label, m.keep_ratio, 0.0, 0.0, param=m.label)
             point = Point(row, reduced[m.method], configure)
         model = point.model()
         point.row.gflops, point.row.params_m = count_flops(model), count_params(model)
         point.row.tokens = final_tokens(model)
-        if method.cost == "images" and not method.learned:
+        if method.cost == "images" and not m.student:
             # fvcore counted one random image; the method's cost is what the real images made it keep.
             on = (batch[0] for batch in loader) if loader is not None else images
             point.row.gflops, point.row.tokens = mean_cost(model, on, cost)
@@ -396,7 +406,7 @@ def benchmark(
         net.to(device).eval()
     at, knob = student_at(student), student_method(student).knob.name
     original = getattr(student, knob)
-    imaged = any(registry.get(m).cost == "images" and not registry.get(m).learned for m in plan.methods)
+    imaged = any(registry.get(m).cost == "images" for m in on_teacher(student, plan.methods))
     try:
         with keep_rng(device), ExitStack() as stack:
             images = [x.to(device) for x in calibration] if calibration is not None else None

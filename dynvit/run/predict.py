@@ -36,8 +36,11 @@ class PredictionWriter(BasePredictionWriter):
     - ``predictions.csv`` / ``predictions.json``: one row per image, in the predict set's order;
     - ``masks.pt`` (pruning networks): ``{"masks": (images, stages, N) bool, "images": [...], "grid":
       (rows, columns), "kept": (images, stages) int}``; ``torch.load(path)`` reads it;
-    - ``kept_tokens/<index>_<name>.png`` (pruning networks): the first ``pictures`` images, each drawn
-      as the input then the patches kept after each stage (dropped ones greyed out).
+    - ``groups.pt`` (merging and clustering networks): ``{"groups": (images, columns, N) int64, "images":
+      [...], "grid": (rows, columns)}``, the token each patch went to (-1: none);
+    - ``kept_tokens/<index>_<name>.png`` (pruning, merging and clustering networks): the first ``pictures``
+      images, each drawn as the input then one column per stage: the patches kept (dropped ones greyed
+      out), or, where the network merges or clusters, each patch coloured by the token it went to.
 
     Class names are the ones stored in the checkpoint at fit time; without them the DataModule's, else
     the class indices.
@@ -56,6 +59,7 @@ class PredictionWriter(BasePredictionWriter):
         self.folder: Path | None = None
         self.rows: list[dict[str, Any]] = []
         self.masks: list[torch.Tensor] = []
+        self.groups: list[torch.Tensor] = []
         self.paths: dict[str, Path] = {}
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -64,7 +68,7 @@ class PredictionWriter(BasePredictionWriter):
                 "cli.py predict writes one table from one process: run it on one device (--trainer.devices 1)"
             )
         self.folder = Path(self.out) if self.out else Path(trainer.default_root_dir) / "predictions"
-        self.rows, self.masks, self.paths = [], [], {}
+        self.rows, self.masks, self.groups, self.paths = [], [], [], {}
 
     def write_on_batch_end(
         self,
@@ -100,17 +104,25 @@ class PredictionWriter(BasePredictionWriter):
             self.rows.append(row)
         if masks is not None:
             self.masks.append(masks.cpu())
-            self._draw(trainer, pl_module, batch, masks.cpu(), self.rows[-len(batch_indices) :], dataset)
+        groups = prediction.get("groups")
+        if groups is not None:
+            self.groups.append(groups.cpu())
+        # A merger's or clustering's groups say more than its masks (which patch went where, not only which stayed).
+        shown = groups if groups is not None else masks
+        if shown is not None:
+            self._draw(trainer, pl_module, batch, shown.cpu(), self.rows[-len(batch_indices) :], dataset)
 
     def _draw(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         batch: Any,
-        masks: torch.Tensor,
+        stages: torch.Tensor,
         rows: list[dict[str, Any]],
         dataset: Any,
     ) -> None:
+        """Pictures of the batch's first images, up to ``pictures`` in all; ``stages`` (B, columns, N) are
+        kept-token masks (bool) or patch groups (int64), as :func:`kept_tokens_grid` draws them."""
         first = len(self.rows) - len(rows)
         wanted = max(0, min(len(rows), self.pictures - first))
         if not wanted:
@@ -124,11 +136,11 @@ class PredictionWriter(BasePredictionWriter):
         folder = self.folder / "kept_tokens"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(wanted):
-            stages = list(masks[i : i + 1].unbind(dim=1))
+            columns = list(stages[i : i + 1].unbind(dim=1))
             # The data's object mask (the digits') is outlined when it is on the network's patch grid.
-            fits = target is not None and target.ndim == 2 and target.shape[1] == masks.shape[-1]
+            fits = target is not None and target.ndim == 2 and target.shape[1] == stages.shape[-1]
             one_target = target[i : i + 1] if fits else None
-            picture = kept_tokens_grid(display[i : i + 1], stages, grid, one_target)
+            picture = kept_tokens_grid(display[i : i + 1], columns, grid, one_target)
             stem = Path(str(rows[i]["image"])).stem
             save_image(picture, folder / f"{first + i:05d}_{stem}.png")
         self.paths["pictures"] = folder
@@ -153,7 +165,18 @@ class PredictionWriter(BasePredictionWriter):
                 },
                 self.paths["masks"],
             )
-        order = ("csv", "json", "masks", "pictures")
+        if self.groups:
+            net, _ = networks(pl_module)
+            self.paths["groups"] = self.folder / "groups.pt"
+            save_atomic(
+                {
+                    "groups": torch.cat(self.groups),
+                    "images": [row["image"] for row in self.rows],
+                    "grid": list(net.patch_embed.grid_size),
+                },
+                self.paths["groups"],
+            )
+        order = ("csv", "json", "masks", "groups", "pictures")
         print(f"predicted {len(self.rows)} image(s); wrote:")
         print("\n".join(f"  {self.paths[k]}" for k in order if k in self.paths))
 

@@ -27,8 +27,9 @@ class ResultRow:
         speedup_low, speedup_high: The speedup's 95 % interval (None below 6 pairs).
         top1: Validation top-1 as a fraction (None without data).
         recall: Per pruning stage, the share of the object's patches still kept (data with patch masks).
-        purity: For tokens that stand for sets of patches (mergers), the share of the object's patches in
-            object-majority tokens after the last block (data with patch masks).
+        purity: For tokens that stand for sets of patches, the share of the object's patches in
+            object-majority tokens after the last block (data with patch masks): a merger's from its merge
+            sources, a clustering method's from its last stage's clusters.
         images: How many validation images top-1, recall and purity were scored on.
         run: Where the row comes from (a sweep point's folder), if anywhere.
         param: The method's own setting when it is not ρ (``r=3``, ``keep_rate=0.62``, ``K=20``): ``keep_ratio``

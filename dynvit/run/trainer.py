@@ -23,7 +23,7 @@ from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, random_images
 from dynvit.models import load_checkpoint
-from dynvit.reducers.matching import student_at
+from dynvit.reducers.matching import check_methods, on_teacher, student_at
 from dynvit.run.benchmark import (
     DEFAULT_RATIOS,
     BenchmarkResult,
@@ -57,7 +57,7 @@ class DynViTTrainer(L.Trainer):
         threads: int | None = None,
         keep_freed_memory: bool = True,
         accuracy: bool = True,
-        methods: Sequence[str] = ("dynamicvit",),
+        methods: Sequence[str] | str = ("dynamicvit",),
         calibration_images: int = 256,
     ) -> BenchmarkResult:
         """Cost, speed and accuracy of one set of weights at several keep ratios, and of the teacher;
@@ -95,11 +95,13 @@ class DynViTTrainer(L.Trainer):
             accuracy: Measure validation top-1 (and kept-token recall and merge purity when batches
                 carry patch masks) on the DataModule's validation set, every row on the same images: the
                 batches ``--trainer.limit_val_batches`` lets fit's validation see.
-            methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``:
-                any registered method (``dynvit.methods.registered()``); the learned one is the student.
+            methods: What to measure at each ratio, e.g. ``--methods [dynamicvit,tome,evit,ats,topk,random]``,
+                or ``--methods all``: any registered method (``dynvit.methods.registered()``). The student's own
+                method is the student; other learned methods are built from the teacher with their new modules
+                at init (rows ``patchmerger (at init)``), training-free ones run on the teacher's weights.
             calibration_images: Validation images a method whose cost varies per image (ATS) is matched on.
         """
-        if precision == "auto" and list(methods) != ["dynamicvit"]:
+        if precision == "auto" and check_methods(methods) != ["dynamicvit"]:
             raise ValueError(
                 f"--precision auto measures the student's deployment paths, not other methods: drop --methods {methods}"
             )
@@ -121,7 +123,7 @@ class DynViTTrainer(L.Trainer):
             load_checkpoint(student, ckpt_path)
         for line in describe_teachers(ckpt_path, getattr(model, "teacher_record", None)):
             print(line)
-        imaged = [m for m in plan.methods if registry.get(m).cost == "images" and not registry.get(m).learned]
+        imaged = [m for m in on_teacher(student, plan.methods) if registry.get(m).cost == "images"]
         loader = calibration = None
         if (accuracy or imaged) and datamodule is not None:
             datamodule.prepare_data()
@@ -148,7 +150,8 @@ class DynViTTrainer(L.Trainer):
             latency=latency,
             onnx_dir=out_dir / "onnx",
         )
-        names = ", ".join(registry.get(m).label for m in plan.methods)
+        # A figure's title holds a few names; `--methods all` is counted instead.
+        names = ", ".join(plan.methods) if len(plan.methods) <= 6 else f"{len(plan.methods)} methods"
         report(result, out_dir, title=f"{type(model).__name__}: {names} vs teacher")
         return result
 
