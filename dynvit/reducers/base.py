@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers.attention import maybe_add_mask
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from dynvit import methods
+from dynvit.models.attention_kernel import attend
 from dynvit.models.dynamic_vit import TokenPruning, check_prunable
 from dynvit.models.factory import default_stage_blocks
-from dynvit.models.masked_attention import attention_inputs, attention_output
+from dynvit.models.masked_attention import KernelAttention, attention_inputs, attention_output
 from dynvit.models.tokens import (
     MergePlan,
     embed_tokens,
@@ -170,10 +170,11 @@ class TokenState:
         self.kept.append(self.index)
 
 
-class ReducerAttention(Attention):
+class ReducerAttention(KernelAttention):
     """timm's ``Attention`` with :meth:`attend`: an additive key bias plus the statistics reducers score with.
 
-    ``forward`` is timm's own, so blocks where nothing is reduced compute exactly what they did before.
+    ``forward`` is timm's own on the kernel :class:`KernelAttention` picks, so blocks where nothing is reduced
+    compute what they did before.
     """
 
     def attend(
@@ -196,9 +197,7 @@ class ReducerAttention(Attention):
             bias = bias.to(q.dtype)
         row = matrix = None
         if self.fused_attn and not attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+            x = attend(q, k, v, self.scale, bias=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
             if cls_attn:
                 row = maybe_add_mask((q[:, :, :1] * self.scale) @ k.transpose(-2, -1), bias)
                 row = row.softmax(dim=-1)[:, :, 0]
