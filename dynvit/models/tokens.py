@@ -119,8 +119,11 @@ def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
     Returns (B, N - r, C): the unmerged A tokens, then all B tokens.
     """
     a, b = x[:, ::2], x[:, 1::2]
-    b = b.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1]), gather_tokens(a, plan.src))
-    return torch.cat([gather_tokens(a, plan.unmerged), b], dim=1)
+    merged = torch.cat([gather_tokens(a, plan.unmerged), b], dim=1)
+    # Added in place onto the copy of B that the cat made: the same sums as b.scatter_add, one copy fewer.
+    dst = plan.dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    merged[:, plan.unmerged.shape[1] :].scatter_add_(1, dst, gather_tokens(a, plan.src))
+    return merged
 
 
 def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,17 +157,23 @@ class TokenState:
         p, n = self.num_prefix, self.num_patches
         sizes = x.new_ones(x.shape[:2]) if self.sizes is None else self.sizes
         merged, merged_size = merge_weighted(plan, x[:, held:], sizes[:, held:].unsqueeze(-1))
-        self.sizes = torch.cat([sizes[:, :held], merged_size.squeeze(-1)], dim=1)
+        self.sizes = held_before(sizes, merged_size.squeeze(-1), held)
         # The protected prefix token rides at the head of the matched index, as no patch.
         lead = self.index.new_full((x.shape[0], p - held), n)
         self.index = merge_index(plan, torch.cat([lead, self.index], dim=1))[:, p - held :]
         if self.sources is not None:
-            self.sources = torch.cat([self.sources[:, :held], merge_sources(plan, self.sources[:, held:])], dim=1)
-        return torch.cat([x[:, :held], merged], dim=1)
+            self.sources = held_before(self.sources, merge_sources(plan, self.sources[:, held:]), held)
+        return held_before(x, merged, held)
 
     def mark_stage(self) -> None:
         """Record the current index as one stage's kept map."""
         self.kept.append(self.index)
+
+
+def held_before(x: torch.Tensor, merged: torch.Tensor, held: int) -> torch.Tensor:
+    """The ``held`` first tokens of x (B, M, ·), then ``merged``; ``merged`` itself when none are held, so
+    the common case (a plain ViT holds none) copies nothing."""
+    return merged if held == 0 else torch.cat([x[:, :held], merged], dim=1)
 
 
 class ReducerAttention(KernelAttention):
@@ -480,6 +486,7 @@ __all__ = [
     "SelectionViT",
     "TokenState",
     "check_reducible",
+    "held_before",
     "reduced_class",
     "validate_rate",
 ]
