@@ -117,7 +117,7 @@ def test_bipartite_matching_merges_the_most_similar_pair_by_size():
     assert merged[0, :, 0].tolist() == pytest.approx([0, 4, 1, (2 * 2 + 3 * 3) / 5])
 
 
-def test_merge_sum_adds_in_place_exactly_what_an_out_of_place_scatter_add_gives():
+def test_merge_sum_and_weighted_merge_equal_their_unfused_computation():
     # 8 of 9 A tokens merge into 8 B tokens, several into the same one: the order of the sums matters.
     torch.manual_seed(3)
     x = torch.randn(3, 17, 6)
@@ -126,6 +126,12 @@ def test_merge_sum_adds_in_place_exactly_what_an_out_of_place_scatter_add_gives(
     a, b = x[:, ::2], x[:, 1::2]
     summed = b.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, 6), gather_tokens(a, plan.src))
     assert torch.equal(merge_sum(plan, x), torch.cat([gather_tokens(a, plan.unmerged), summed], dim=1))
+    # The size-weighted merge: bit for bit what merging x·size and size side by side in one tensor gives.
+    size = torch.rand(3, 17, 1) * 4 + 1
+    side_by_side = merge_sum(plan, torch.cat([x * size, size], dim=-1))
+    merged, merged_size = merge_weighted(plan, x, size)
+    assert torch.equal(merged_size, side_by_side[..., -1:])
+    assert torch.equal(merged, side_by_side[..., :-1] / side_by_side[..., -1:])
     # ...and every B token is its own value plus those of the A tokens merged into it.
     for i in range(3):
         for j in range(8):
