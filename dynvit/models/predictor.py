@@ -52,9 +52,9 @@ class KeepPredictor(nn.Module):
 
         The log-odds rank tokens as ``log p(keep)`` does without its rounding: ``log p(keep)`` rounds to
         exactly 0 in float32 once the odds pass ~e^17, where a predictor trained to keep nearly everything
-        would tie on every token. They are the difference of :meth:`forward`'s two outputs (the ranking
-        key the released code's order is tested against). The first layers run on the whole of x, prefix included: one extra
-        row each, where slicing the prefix off first would copy every token.
+        would tie on every token. They are the difference of :meth:`forward`'s two outputs (the ranking key
+        the released code's order is tested against). The first layers run on the whole of x, prefix
+        included: one extra row each, where slicing the prefix off first would copy every token.
         """
         h = self.in_conv(x)
         half = h.shape[-1] // 2
