@@ -126,7 +126,7 @@ def test_merge_sum_and_weighted_merge_equal_their_unfused_computation():
     a, b = x[:, ::2], x[:, 1::2]
     summed = b.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, 6), gather_tokens(a, plan.src))
     assert torch.equal(merge_sum(plan, x), torch.cat([gather_tokens(a, plan.unmerged), summed], dim=1))
-    # The size-weighted merge: bit for bit what merging x·size and size side by side in one tensor gives.
+    # The size-weighted merge: bit for bit the cat of x·size and size, merged, then divided.
     size = torch.rand(3, 17, 1) * 4 + 1
     side_by_side = merge_sum(plan, torch.cat([x * size, size], dim=-1))
     merged, merged_size = merge_weighted(plan, x, size)

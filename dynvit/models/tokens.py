@@ -128,10 +128,14 @@ def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
 
 def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge of tokens x (B, N, C) with sizes (B, N, 1); returns both, merged."""
-    # x·size and size merged apart: the same sums, channel by channel, as merging them side by side in one
-    # wider tensor, without copying every token into it.
-    merged_size = merge_sum(plan, size)
-    return merge_sum(plan, x * size) / merged_size, merged_size
+    # Sum x·size and size in one pass (size rides along as an extra channel), then divide. The product is
+    # written straight into the wider tensor: a cat would copy every token once more.
+    weighted = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+    torch.mul(x, size, out=weighted[..., :-1])
+    weighted[..., -1:] = size
+    merged = merge_sum(plan, weighted)
+    size = merged[..., -1:]
+    return merged[..., :-1] / size, size
 
 
 def merge_index(plan: MergePlan, index: torch.Tensor) -> torch.Tensor:
