@@ -132,6 +132,14 @@ def test_merge_sum_and_weighted_merge_equal_their_unfused_computation():
     merged, merged_size = merge_weighted(plan, x, size)
     assert torch.equal(merged_size, side_by_side[..., -1:])
     assert torch.equal(merged, side_by_side[..., :-1] / side_by_side[..., -1:])
+    # Training takes the autograd path, to the same values, and its gradient reaches x.
+    leaf = x.clone().requires_grad_()
+    trained, _ = merge_weighted(plan, leaf, size)
+    assert torch.equal(trained, merged)
+    trained.sum().backward()
+    # Token i enters its output token with weight size_i / (that token's size): each output token's weights
+    # sum to 1, so per channel the gradient sums to the 17 - 8 output tokens.
+    torch.testing.assert_close(leaf.grad.sum(dim=1), torch.full((3, 6), 9.0))
     # ...and every B token is its own value plus those of the A tokens merged into it.
     for i in range(3):
         for j in range(8):

@@ -128,11 +128,15 @@ def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
 
 def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge of tokens x (B, N, C) with sizes (B, N, 1); returns both, merged."""
-    # Sum x·size and size in one pass (size rides along as an extra channel), then divide. The product is
-    # written straight into the wider tensor: a cat would copy every token once more.
-    weighted = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
-    torch.mul(x, size, out=weighted[..., :-1])
-    weighted[..., -1:] = size
+    # Sum x·size and size in one pass (size rides along as an extra channel), then divide. Without autograd
+    # the product is written straight into the wider tensor, where a cat would copy every token once more;
+    # autograd takes no out= arguments, so training cats (the same values).
+    if torch.is_grad_enabled() and (x.requires_grad or size.requires_grad):
+        weighted = torch.cat([x * size, size], dim=-1)
+    else:
+        weighted = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+        torch.mul(x, size, out=weighted[..., :-1])
+        weighted[..., -1:] = size
     merged = merge_sum(plan, weighted)
     size = merged[..., -1:]
     return merged[..., :-1] / size, size
