@@ -13,7 +13,7 @@ from torch import nn
 from dynvit import count_flops, create_student, create_teacher, methods
 from dynvit.measure.flops import count_module_flops
 from dynvit.models import keep_counts
-from dynvit.models.tokens import bipartite_soft_matching, merge_weighted
+from dynvit.models.tokens import bipartite_soft_matching, gather_tokens, merge_sum, merge_weighted
 from dynvit.reducers import TokenCost, apply_reducer, create_reduced, matching, realised_gflops
 from dynvit.reducers.ats import inverse_transform_sample, significance
 from dynvit.reducers.base import AttentionStats
@@ -115,6 +115,36 @@ def test_bipartite_matching_merges_the_most_similar_pair_by_size():
     merged, new_size = merge_weighted(plan, x, size)
     assert new_size.squeeze().tolist() == [1, 1, 1, 5]  # cls, t4 (unmerged A), t1, t3+t2 (B)
     assert merged[0, :, 0].tolist() == pytest.approx([0, 4, 1, (2 * 2 + 3 * 3) / 5])
+
+
+def test_merge_sum_and_weighted_merge_equal_their_unfused_computation():
+    # 8 of 9 A tokens merge into 8 B tokens, several into the same one: the order of the sums matters.
+    torch.manual_seed(3)
+    x = torch.randn(3, 17, 6)
+    plan = bipartite_soft_matching(torch.randn(3, 17, 2), r=8)
+    assert (plan.dst.sort(dim=1).values.diff(dim=1) == 0).any()  # some B token takes several
+    a, b = x[:, ::2], x[:, 1::2]
+    summed = b.scatter_add(1, plan.dst.unsqueeze(-1).expand(-1, -1, 6), gather_tokens(a, plan.src))
+    assert torch.equal(merge_sum(plan, x), torch.cat([gather_tokens(a, plan.unmerged), summed], dim=1))
+    # The size-weighted merge: bit for bit the cat of x·size and size, merged, then divided.
+    size = torch.rand(3, 17, 1) * 4 + 1
+    side_by_side = merge_sum(plan, torch.cat([x * size, size], dim=-1))
+    merged, merged_size = merge_weighted(plan, x, size)
+    assert torch.equal(merged_size, side_by_side[..., -1:])
+    assert torch.equal(merged, side_by_side[..., :-1] / side_by_side[..., -1:])
+    # Training takes the autograd path, to the same values, and its gradient reaches x.
+    leaf = x.clone().requires_grad_()
+    trained, _ = merge_weighted(plan, leaf, size)
+    assert torch.equal(trained, merged)
+    trained.sum().backward()
+    # Token i enters its output token with weight size_i / (that token's size): each output token's weights
+    # sum to 1, so per channel the gradient sums to the 17 - 8 output tokens.
+    torch.testing.assert_close(leaf.grad.sum(dim=1), torch.full((3, 6), 9.0))
+    # ...and every B token is its own value plus those of the A tokens merged into it.
+    for i in range(3):
+        for j in range(8):
+            merged_in = a[i, plan.src[i][plan.dst[i] == j]]
+            torch.testing.assert_close(merge_sum(plan, x)[i, 1 + j], b[i, j] + merged_in.sum(dim=0))
 
 
 def test_tome_r_is_capped_where_half_the_tokens_remain(base):

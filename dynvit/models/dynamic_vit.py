@@ -173,13 +173,13 @@ class TokenPruning(nn.Module):
     def stage_keep_counts(self) -> list[int]:
         return keep_counts(self.num_patches, self._keep_ratio, len(self.pruning_loc))
 
-    def run_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run_blocks(self, x: torch.Tensor, track: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Masked (training) or gathered (eval) pass through the blocks.
 
         Returns the tokens and, per stage, the keep mask (B, N) in training or the kept original
-        patch indices (B, K_s) in eval.
+        patch indices (B, K_s) in eval; with ``track=False`` eval skips the indices (an empty list).
         """
-        return self._run_masked(x) if self.training else self._run_gathered(x)
+        return self._run_masked(x) if self.training else self._run_gathered(x, track)
 
     def _run_masked(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, p = x.shape[0], self.num_prefix_tokens
@@ -197,30 +197,28 @@ class TokenPruning(nn.Module):
             x = block(x) if keep is None else block(x, keep=keep)
         return x, decisions
 
-    def _run_gathered(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _run_gathered(self, x: torch.Tensor, track: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         B, p = x.shape[0], self.num_prefix_tokens
-        patch_index = torch.arange(x.shape[1] - p, device=x.device).expand(B, -1)
+        # Where the prefix tokens are: the head of every stage's gather index, so one gather keeps them too.
+        prefix = torch.arange(p, device=x.device).expand(B, -1)
+        patch_index = torch.arange(x.shape[1] - p, device=x.device).expand(B, -1) if track else None
         kept, stage = [], 0
         for i, block in enumerate(self.blocks):
             if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
-                patches = x[:, p:]
                 # After a gather every remaining token is kept, so the context is a plain mean.
-                scores = self.score_predictor[stage](patches, patches.new_ones(B, patches.shape[1], 1))
-                # Rank by the log-odds of keeping, not by log p(keep) as the released code does: the
-                # two orders agree, but log p(keep) rounds to exactly 0 in float32 once the odds pass
-                # ~e^17, and a predictor trained to keep nearly everything then ties on every token.
-                keep_odds = scores[..., 0] - scores[..., 1]
+                keep_odds = self.score_predictor[stage].keep_log_odds(x, p)
                 top = top_indices(keep_odds, self.stage_keep_counts[stage])
-                x = torch.cat([x[:, :p], gather_tokens(patches, top)], dim=1)
-                patch_index = torch.gather(patch_index, 1, top)
-                kept.append(patch_index)
+                x = gather_tokens(x, torch.cat([prefix, top + p], dim=1))
+                if track:
+                    patch_index = torch.gather(patch_index, 1, top)
+                    kept.append(patch_index)
                 stage += 1
             x = block(x)
         return x, kept
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm; in eval only the kept ones remain."""
-        x, _ = self.run_blocks(self.embed(x))
+        x, _ = self.run_blocks(self.embed(x), track=False)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> StudentOutput | torch.Tensor:

@@ -14,6 +14,7 @@ from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
+from dynvit.models.attention_kernel import attend
 from dynvit.models.masked_attention_function import KEEP_GRADIENTS, MASK_EPS, check_keep_gradient, masked_attention
 
 
@@ -65,8 +66,21 @@ def attention_output(attn: Attention, x: torch.Tensor, gate: torch.Tensor | None
     return attn.proj_drop(attn.proj(x))
 
 
-class MaskedAttention(Attention):
-    """timm's ``Attention`` plus a keep-masked path; without a mask it is timm's fused attention.
+class KernelAttention(Attention):
+    """timm's ``Attention`` whose fused path runs the kernel :func:`~dynvit.models.attention_kernel.attend`
+    picks for its shape (SDPA or the explicit math); masks, causal attention and unfused layers stay timm's."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal or not self.fused_attn:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        q, k, v, gate = attention_inputs(self, x)
+        x = attend(q, k, v, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return attention_output(self, x, gate)
+
+
+class MaskedAttention(KernelAttention):
+    """timm's ``Attention`` plus a keep-masked path; without a mask it is timm's attention on the kernel
+    :class:`KernelAttention` picks.
 
     With a mask it runs :func:`~dynvit.models.masked_attention_function.masked_attention`, which
     recomputes the attention weights in backward instead of storing them. Setting ``recompute =
@@ -196,6 +210,7 @@ def set_recompute(model: nn.Module, enabled: bool) -> int:
 __all__ = [
     "KEEP_GRADIENTS",
     "MASK_EPS",
+    "KernelAttention",
     "MaskedAttention",
     "MaskedAttentionPool",
     "MaskedBlock",

@@ -46,6 +46,23 @@ class KeepPredictor(nn.Module):
         drop = math.log(max(1.0 - keep_prob, 1e-6))
         self.out_conv[-2].bias.copy_(torch.tensor([math.log(keep_prob), drop]))
 
+    def keep_log_odds(self, x: torch.Tensor, num_prefix: int = 0) -> torch.Tensor:
+        """Inference scores: the log-odds of keeping (B, N - P) each token of x (B, N, C) after its first
+        ``num_prefix`` P, every one of them kept so far (the context is their plain mean).
+
+        The log-odds rank tokens as ``log p(keep)`` does without its rounding: ``log p(keep)`` rounds to
+        exactly 0 in float32 once the odds pass ~e^17, where a predictor trained to keep nearly everything
+        would tie on every token. They are the difference of :meth:`forward`'s two outputs (the ranking key
+        the released code's order is tested against). The first layers run on the whole of x, prefix
+        included: one extra row each, where slicing the prefix off first would copy every token.
+        """
+        h = self.in_conv(x)
+        half = h.shape[-1] // 2
+        local = h[:, num_prefix:, :half]
+        context = h[:, num_prefix:, half:].mean(dim=1, keepdim=True)
+        scores = self.out_conv(torch.cat([local, context.expand_as(local)], dim=-1))
+        return scores[..., 0] - scores[..., 1]
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Args: tokens ``x`` (B, N, C) and the current keep mask (B, N, 1), or None for a context
         over every token. Returns (B, N, 2)."""

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers.attention import maybe_add_mask
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from dynvit import methods
+from dynvit.models.attention_kernel import attend
 from dynvit.models.dynamic_vit import TokenPruning, check_prunable
 from dynvit.models.factory import default_stage_blocks
-from dynvit.models.masked_attention import attention_inputs, attention_output
+from dynvit.models.masked_attention import KernelAttention, attention_inputs, attention_output
 from dynvit.models.tokens import (
     MergePlan,
     embed_tokens,
@@ -157,23 +157,30 @@ class TokenState:
         p, n = self.num_prefix, self.num_patches
         sizes = x.new_ones(x.shape[:2]) if self.sizes is None else self.sizes
         merged, merged_size = merge_weighted(plan, x[:, held:], sizes[:, held:].unsqueeze(-1))
-        self.sizes = torch.cat([sizes[:, :held], merged_size.squeeze(-1)], dim=1)
+        self.sizes = held_before(sizes, merged_size.squeeze(-1), held)
         # The protected prefix token rides at the head of the matched index, as no patch.
         lead = self.index.new_full((x.shape[0], p - held), n)
         self.index = merge_index(plan, torch.cat([lead, self.index], dim=1))[:, p - held :]
         if self.sources is not None:
-            self.sources = torch.cat([self.sources[:, :held], merge_sources(plan, self.sources[:, held:])], dim=1)
-        return torch.cat([x[:, :held], merged], dim=1)
+            self.sources = held_before(self.sources, merge_sources(plan, self.sources[:, held:]), held)
+        return held_before(x, merged, held)
 
     def mark_stage(self) -> None:
         """Record the current index as one stage's kept map."""
         self.kept.append(self.index)
 
 
-class ReducerAttention(Attention):
+def held_before(x: torch.Tensor, merged: torch.Tensor, held: int) -> torch.Tensor:
+    """The ``held`` first tokens of x (B, M, ·), then ``merged``; ``merged`` itself when none are held, so
+    the common case (a plain ViT holds none) copies nothing."""
+    return merged if held == 0 else torch.cat([x[:, :held], merged], dim=1)
+
+
+class ReducerAttention(KernelAttention):
     """timm's ``Attention`` with :meth:`attend`: an additive key bias plus the statistics reducers score with.
 
-    ``forward`` is timm's own, so blocks where nothing is reduced compute exactly what they did before.
+    ``forward`` is timm's own on the kernel :class:`KernelAttention` picks, so blocks where nothing is reduced
+    compute what they did before.
     """
 
     def attend(
@@ -196,9 +203,7 @@ class ReducerAttention(Attention):
             bias = bias.to(q.dtype)
         row = matrix = None
         if self.fused_attn and not attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+            x = attend(q, k, v, self.scale, bias=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
             if cls_attn:
                 row = maybe_add_mask((q[:, :, :1] * self.scale) @ k.transpose(-2, -1), bias)
                 row = row.softmax(dim=-1)[:, :, 0]
@@ -481,6 +486,7 @@ __all__ = [
     "SelectionViT",
     "TokenState",
     "check_reducible",
+    "held_before",
     "reduced_class",
     "validate_rate",
 ]

@@ -35,7 +35,7 @@ from torch import nn
 from dynvit.methods import Knob, Method, register
 from dynvit.models.checkpoint import CheckpointMismatch, register_layout
 from dynvit.models.tokens import bipartite_soft_matching, max_merges, merge_sum, merge_weighted
-from dynvit.reducers.base import ReducedRun, ReducedViT
+from dynvit.reducers.base import ReducedRun, ReducedViT, held_before
 from dynvit.reducers.tome import merge_schedule
 
 
@@ -229,8 +229,8 @@ class DTEMViT(ReducedViT):
                 metric = metric / metric.norm(dim=-1, keepdim=True)
                 plan = bipartite_soft_matching(metric[:, held:], r, protect_first=p > 0)
                 merged, merged_size = merge_weighted(plan, x[:, held:], size[:, held:, None])
-                x = torch.cat([x[:, :held], merged], dim=1)
-                size = torch.cat([size[:, :held], merged_size.squeeze(-1)], dim=1)
+                x = held_before(x, merged, held)
+                size = held_before(size, merged_size.squeeze(-1), held)
                 if sources is not None:
                     sources = merge_sum(plan, sources)
             x = block.feed_forward(x)

@@ -19,7 +19,7 @@ import torch
 
 from dynvit.methods import Knob, Method, register
 from dynvit.models.tokens import MergePlan, bipartite_soft_matching, gather_tokens, max_merges
-from dynvit.reducers.base import ReducedRun
+from dynvit.reducers.base import ReducedRun, held_before
 from dynvit.reducers.sources import MergingViT, TracedRun, drop_merged, initial_sources, merge_sources
 from dynvit.reducers.tome import merge_schedule
 
@@ -78,10 +78,10 @@ class ToFuViT(MergingViT):
                 x, stats = block.attend(x)
                 plan = bipartite_soft_matching(stats.keys.mean(dim=1)[:, held:], r, self.num_prefix_tokens > 0)
                 reduce = drop_merged if self.prunes(i) else merge_mlerp
-                x = torch.cat([x[:, :held], reduce(plan, x[:, held:])], dim=1)
+                x = held_before(x, reduce(plan, x[:, held:]), held)
                 if sources is not None:
                     follow = drop_merged if self.prunes(i) else merge_sources
-                    sources = torch.cat([sources[:, :held], follow(plan, sources[:, held:])], dim=1)
+                    sources = held_before(sources, follow(plan, sources[:, held:]), held)
                 x = block.feed_forward(x)
             if sources is not None:
                 per_block.append(sources[:, self.num_prefix_tokens :])
