@@ -25,7 +25,7 @@ by a ``__class__`` swap, and the reuse layers are added under the released check
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -245,9 +245,7 @@ class DVT(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """A clear error for images the cascade's patch grids were not built for."""
-        embed = self.patch_embed
-        chans = getattr(embed, "in_chans", None) or embed.proj.in_channels
-        expected = (chans, *embed.img_size)
+        expected = self.input_size
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"input of shape {tuple(x.shape)} does not fit this DVT cascade: its patch grids "
@@ -367,6 +365,172 @@ class DVT(nn.Module):
             return EarlyExit(logits, exit_index)
         finally:
             self.train(was_training)
+
+    # -- cost and thresholds ---------------------------------------------------------------------
+
+    def exit_gflops(self) -> list[float]:
+        """GFLOPs (fvcore) of one image that leaves at each exit: everything run up to it, reuse included.
+
+        Cumulative, as the released checkpoints' ``flops`` are: leaving at exit 3 costs exits 1, 2 and 3.
+        Cached; the confidence test between exits (a softmax) is not counted.
+        """
+        if self._exit_gflops is None:
+            from dynvit.measure.flops import count_module_flops
+
+            param = next(self.parameters())
+            x = torch.randn(1, *self.input_size, device=param.device, dtype=param.dtype)
+            was_training = self.training
+            self.eval()
+            try:
+                self._exit_gflops = [count_module_flops(_ExitPrefix(self, k), x) / 1e9 for k in range(self.num_exits)]
+            finally:
+                self.train(was_training)
+        return list(self._exit_gflops)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """The (C, H, W) images the cascade takes."""
+        embed = self.patch_embed
+        return (getattr(embed, "in_chans", None) or embed.proj.in_channels, *embed.img_size)
+
+    @torch.no_grad()
+    def exit_confidences(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every exit's top softmax probability (exits, N) on the images of ``loader`` (batches of
+        images or of (images, labels)), and whether its prediction is right (exits, N) when labels come."""
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        confidences, correct = [], []
+        try:
+            for batch in loader:
+                if isinstance(batch, (tuple, list)):
+                    images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
+                else:
+                    images, labels = batch, None
+                probs = torch.stack(self.forward_exits(images.to(device))).softmax(dim=-1)
+                top, predicted = probs.max(dim=-1)
+                confidences.append(top.float().cpu())
+                if labels is not None:
+                    correct.append(predicted.cpu() == labels.cpu()[None])
+        finally:
+            self.train(was_training)
+        if not confidences:
+            raise ValueError("the loader gave no images to choose thresholds on")
+        return torch.cat(confidences, dim=1), (torch.cat(correct, dim=1) if correct else None)
+
+    def expected_gflops(self, thresholds: Sequence[float] | torch.Tensor, loader: Iterable) -> float:
+        """Mean GFLOPs per image of ``loader`` when exiting at ``thresholds``."""
+        values = self.check_thresholds(thresholds)
+        confidences, _ = self.exit_confidences(loader)
+        return float(torch.tensor(self.exit_gflops())[exit_indices(confidences, values)].mean())
+
+    def choose_thresholds(
+        self, loader: Iterable, gflops: float, steps: int = 400, set_thresholds: bool = True
+    ) -> ThresholdChoice:
+        """Thresholds that spend at most ``gflops`` per image on ``loader``'s images, as DVT picks them.
+
+        The official rule: exit k takes a share of the images proportional to q^k (k = 1, 2, 3); each
+        exit's threshold is the confidence at which that share of the images still running leaves
+        (:func:`find_thresholds`). q is searched over ``steps`` values from 0.01 to 100 (and the limit
+        q → 0, everything at exit 1), keeping the most expensive choice within the budget. The result
+        is stored as ``self.thresholds`` (and so in a Lightning checkpoint) unless ``set_thresholds`` is off.
+
+        Args:
+            loader: Held-out images, or (images, labels) batches.
+            gflops: Budget: mean GFLOPs per image.
+            steps: Values of q tried.
+        """
+        costs = torch.tensor(self.exit_gflops())
+        if not gflops >= costs[0]:
+            raise ValueError(
+                f"a budget of {gflops:g} GFLOPs is below exit 1's cost ({costs[0]:.4g} GFLOPs per image): "
+                f"give at least that much (exits cost {', '.join(f'{c:.4g}' for c in costs.tolist())})"
+            )
+        confidences, correct = self.exit_confidences(loader)
+        best: ThresholdChoice | None = None
+        for q in [0.0, *torch.logspace(-2, 2, steps).tolist()]:
+            shares = exit_shares(q, self.num_exits)
+            thresholds = find_thresholds(confidences, shares)
+            chosen = exit_indices(confidences, thresholds)
+            cost = float(costs[chosen].mean())
+            if cost <= gflops and (best is None or cost > best.gflops):
+                counts = torch.bincount(chosen, minlength=self.num_exits).float()
+                top1 = None
+                if correct is not None:
+                    top1 = 100.0 * float(correct[chosen, torch.arange(chosen.numel())].float().mean())
+                best = ThresholdChoice(thresholds, q, cost, (counts / chosen.numel()).tolist(), top1)
+        if set_thresholds:
+            self.thresholds = best.thresholds
+        return best
+
+
+class ThresholdChoice(NamedTuple):
+    """What :meth:`DVT.choose_thresholds` picked: the thresholds of exits 1 and 2, the q they came
+    from, and on the held-out images the mean GFLOPs, the share leaving at each exit and the top-1 (%,
+    None without labels)."""
+
+    thresholds: torch.Tensor
+    q: float
+    gflops: float
+    exit_shares: list[float]
+    top1: float | None
+
+
+class _ExitPrefix(nn.Module):
+    """The cascade up to exit ``index``, for counting what leaving there costs."""
+
+    def __init__(self, dvt: DVT, index: int) -> None:
+        super().__init__()
+        self.dvt = dvt
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for k in range(self.index + 1):
+            out, state = self.dvt.run_exit(k, x, state, need_state=k < self.index)
+        return out
+
+
+def exit_shares(q: float, num_exits: int = 3) -> list[float]:
+    """DVT's share of images per exit: proportional to q, q², q³ (q = 0: all at the first exit)."""
+    if q == 0:
+        return [1.0] + [0.0] * (num_exits - 1)
+    weights = [q ** (k + 1) for k in range(num_exits)]
+    return [w / sum(weights) for w in weights]
+
+
+def find_thresholds(confidences: torch.Tensor, shares: Sequence[float]) -> torch.Tensor:
+    """Thresholds that send ``shares`` of the images to each exit, the way the official code sets them.
+
+    For each exit k but the last, in turn: among the images no earlier exit took, sorted by exit k's
+    confidence (highest first), the threshold is the confidence of the ``floor(N · shares[k])``-th, so
+    that many leave (more on ties); no image leaves (threshold ∞) when that count is 0 or more than remain.
+
+    Args:
+        confidences: Top softmax probability of each exit (exits, N).
+        shares: Wanted share of the N images per exit.
+    Returns:
+        One threshold per exit but the last.
+    """
+    num_exits, n = confidences.shape
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds = torch.full((num_exits - 1,), math.inf)
+    for k in range(num_exits - 1):
+        count = math.floor(n * shares[k])
+        ranked = confidences[k][remaining].sort(descending=True).values
+        if 0 < count <= ranked.numel():
+            thresholds[k] = ranked[count - 1]
+        remaining &= confidences[k] < thresholds[k]
+    return thresholds
+
+
+def exit_indices(confidences: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The exit each image leaves at (N,): the first whose confidence reaches its threshold, else the last."""
+    num_exits, n = confidences.shape
+    chosen = torch.full((n,), num_exits - 1, dtype=torch.long)
+    for k in reversed(range(num_exits - 1)):
+        chosen[confidences[k] >= thresholds[k]] = k
+    return chosen
 
 
 # The released cascades: each exit's (patch size, padding) for DeiT, soft splits for T2T-ViT, and the
