@@ -240,6 +240,11 @@ class DVT(nn.Module):
         return self.exits[-1].patch_embed
 
     @property
+    def pretrained_cfg(self) -> dict:
+        """The finest exit's timm data config (mean, std, interpolation, crop), which the data follows."""
+        return self.exits[-1].pretrained_cfg
+
+    @property
     def num_exits(self) -> int:
         return len(EXIT_NAMES)
 
@@ -440,28 +445,47 @@ class DVT(nn.Module):
             gflops: Budget: mean GFLOPs per image.
             steps: Values of q tried.
         """
-        costs = torch.tensor(self.exit_gflops())
-        if not gflops >= costs[0]:
-            raise ValueError(
-                f"a budget of {gflops:g} GFLOPs is below exit 1's cost ({costs[0]:.4g} GFLOPs per image): "
-                f"give at least that much (exits cost {', '.join(f'{c:.4g}' for c in costs.tolist())})"
-            )
+        costs = self.exit_gflops()
+        check_budget(gflops, costs)
         confidences, correct = self.exit_confidences(loader)
-        best: ThresholdChoice | None = None
-        for q in [0.0, *torch.logspace(-2, 2, steps).tolist()]:
-            shares = exit_shares(q, self.num_exits)
-            thresholds = find_thresholds(confidences, shares)
-            chosen = exit_indices(confidences, thresholds)
-            cost = float(costs[chosen].mean())
-            if cost <= gflops and (best is None or cost > best.gflops):
-                counts = torch.bincount(chosen, minlength=self.num_exits).float()
-                top1 = None
-                if correct is not None:
-                    top1 = 100.0 * float(correct[chosen, torch.arange(chosen.numel())].float().mean())
-                best = ThresholdChoice(thresholds, q, cost, (counts / chosen.numel()).tolist(), top1)
+        choice = search_thresholds(confidences, costs, gflops, correct, steps)
         if set_thresholds:
-            self.thresholds = best.thresholds
-        return best
+            self.thresholds = choice.thresholds
+        return choice
+
+
+def check_budget(gflops: float, costs: Sequence[float]) -> None:
+    """A clear error for a budget no threshold can meet: below what exit 1 alone costs."""
+    if not gflops >= costs[0]:
+        raise ValueError(
+            f"a budget of {gflops:g} GFLOPs is below exit 1's cost ({costs[0]:.4g} GFLOPs per image): "
+            f"give at least that much (exits cost {', '.join(f'{c:.4g}' for c in costs)})"
+        )
+
+
+def search_thresholds(
+    confidences: torch.Tensor,
+    costs: Sequence[float],
+    gflops: float,
+    correct: torch.Tensor | None = None,
+    steps: int = 400,
+) -> ThresholdChoice:
+    """The thresholds :meth:`DVT.choose_thresholds` picks, from every exit's confidences (exits, N),
+    the GFLOPs of leaving at each exit, the budget, and optionally whether each exit is right (exits, N)."""
+    check_budget(gflops, costs)
+    cost_of = torch.tensor(costs)
+    best: ThresholdChoice | None = None
+    for q in [0.0, *torch.logspace(-2, 2, steps).tolist()]:
+        thresholds = find_thresholds(confidences, exit_shares(q, len(costs)))
+        chosen = exit_indices(confidences, thresholds)
+        cost = float(cost_of[chosen].mean())
+        if cost <= gflops and (best is None or cost > best.gflops):
+            counts = torch.bincount(chosen, minlength=len(costs)).float()
+            top1 = None
+            if correct is not None:
+                top1 = 100.0 * float(correct[chosen, torch.arange(chosen.numel())].float().mean())
+            best = ThresholdChoice(thresholds, q, cost, (counts / chosen.numel()).tolist(), top1)
+    return best
 
 
 class ThresholdChoice(NamedTuple):
@@ -599,6 +623,11 @@ def create_dvt(
         size = 224 if img_size is None else img_size
         args = dict(spec["backbone"], **kwargs)
         exits = [T2TViT(img_size=size, soft_splits=splits, **args) for splits in soft_splits]
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(model_name).to_dict()
+        for backbone in exits:
+            backbone.pretrained_cfg = dict(cfg, input_size=(args.get("in_chans", 3), size, size))
     else:
         if patches is None:
             raise ValueError(
