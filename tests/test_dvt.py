@@ -287,3 +287,25 @@ def test_bad_input() -> None:
         dynvit.create_dvt("vit_tiny_patch16_224", patches=PATCHES, **{**TINY, "img_size": 8})
     with pytest.raises(ValueError, match="patches="):
         dynvit.create_dvt("vit_tiny_patch16_224", **TINY)
+
+
+def test_onnx_exits_chain_in_onnxruntime(tmp_path) -> None:
+    from dynvit.deploy.onnx import onnx_session
+
+    dvt = tiny_dvt().eval()
+    paths = dvt.export_onnx(tmp_path, images(4))
+    assert [p.name for p in paths] == ["exit1.onnx", "exit2.onnx", "exit3.onnx"]
+    x = images(3, seed=5)  # another batch size than the traced one: the batch is dynamic
+    with torch.no_grad():
+        eager = dvt.forward_exits(x)
+    logits, tokens, attention = onnx_session(paths[0]).run(None, {"images": x.numpy()})
+    got = [logits]
+    # The exit rule outside the graphs: only two images go on to exit 2, one to exit 3.
+    keep = [0, 2]
+    feeds = {"images": x[keep].numpy(), "tokens": tokens[keep], "attention_logits": attention[keep]}
+    logits, tokens, attention = onnx_session(paths[1]).run(None, feeds)
+    got.append(logits)
+    feeds = {"images": x[[2]].numpy(), "tokens": tokens[[1]], "attention_logits": attention[[1]]}
+    got.append(onnx_session(paths[2]).run(None, feeds)[0])
+    for ours, reference in zip(got, (eager[0], eager[1][keep], eager[2][[2]]), strict=True):
+        assert torch.allclose(torch.from_numpy(ours), reference, atol=1e-4)

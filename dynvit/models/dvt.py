@@ -24,9 +24,13 @@ by a ``__class__`` swap, and the reuse layers are added under the released check
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -453,6 +457,71 @@ class DVT(nn.Module):
             self.thresholds = choice.thresholds
         return choice
 
+    def export_onnx(
+        self, folder: str | Path, images: torch.Tensor | None = None, tolerance: float = 1e-4
+    ) -> list[Path]:
+        """Write each exit as an ONNX file (dynamic batch) and check the chain in onnxruntime.
+
+        ``exit1.onnx`` takes ``images`` and gives ``logits``, ``out_tokens`` and ``out_attention_logits``
+        (what the next exit reuses); ``exit2.onnx`` takes ``images``, ``tokens`` and ``attention_logits``
+        (exit 1's two outputs) and gives the same three; ``exit3.onnx`` takes those inputs and gives ``logits``. The exit rule
+        stays outside the graphs: run exit 1, keep the rows under the threshold, feed them on.
+
+        Args:
+            folder: Where the three files go (created).
+            images: Example images to trace with and check on; by default four random ones.
+            tolerance: Largest max |onnxruntime − eager| / max |eager| accepted for each exit's logits.
+        Returns:
+            The three paths.
+        Raises:
+            ValueError: onnxruntime disagrees with eager PyTorch beyond ``tolerance``.
+        """
+        from dynvit.deploy.onnx import onnx_session
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        x = torch.randn(4, *self.input_size) if images is None else images.float()
+        self.check_input(x)
+        self.eval()
+        batch = torch.export.Dim("batch")
+        paths, inputs, feeds = [], (x,), {"images": x}
+        names = ["images"]
+        with torch.no_grad():
+            eager = self.forward_exits(x)
+        for k in range(self.num_exits):
+            last = k == self.num_exits - 1
+            graph = _ExitGraph(self, k)
+            outputs = ["logits"] if last else ["logits", "out_tokens", "out_attention_logits"]
+            path = folder / f"exit{k + 1}.onnx"
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    graph,
+                    inputs,
+                    str(path),
+                    dynamo=True,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_shapes={name: {0: batch} for name in names},
+                    external_data=False,
+                )
+            results = onnx_session(path).run(outputs, {n: v.numpy() for n, v in feeds.items()})
+            got = torch.from_numpy(results[0])
+            error = ((got - eager[k]).abs().max() / eager[k].abs().max()).item()
+            if error > tolerance:
+                raise ValueError(f"exit {k + 1} in onnxruntime differs from eager PyTorch by {error:.2e} (relative)")
+            paths.append(path)
+            if not last:
+                with torch.no_grad():
+                    inputs = (x, *graph(*inputs)[1:])
+                names = ["images", "tokens", "attention_logits"]
+                feeds = {
+                    "images": x,
+                    "tokens": torch.from_numpy(results[1]),
+                    "attention_logits": torch.from_numpy(results[2]),
+                }
+        return paths
+
 
 def check_budget(gflops: float, costs: Sequence[float]) -> None:
     """A clear error for a budget no threshold can meet: below what exit 1 alone costs."""
@@ -486,6 +555,27 @@ def search_thresholds(
                 top1 = 100.0 * float(correct[chosen, torch.arange(chosen.numel())].float().mean())
             best = ThresholdChoice(thresholds, q, cost, (counts / chosen.numel()).tolist(), top1)
     return best
+
+
+class _ExitGraph(nn.Module):
+    """Exit ``index`` as a graph of tensors: images (and the previous exit's tokens and logits) in;
+    logits (and this exit's tokens and logits, unless it is the last) out."""
+
+    def __init__(self, dvt: DVT, index: int) -> None:
+        super().__init__()
+        self.dvt = dvt
+        self.index = index
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor | None = None, attention_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        last = self.index == self.dvt.num_exits - 1
+        state = None if tokens is None else ExitState(tokens, attention_logits)
+        x = images
+        # The explicit attention also in the last exit: the exporter's decomposition of the fused kernel with
+        # a float mask fails (torch 2.15).
+        out, state = self.dvt.run_exit(self.index, x, state, need_state=True)
+        return (out,) if last else (out, state.tokens, state.logits)
 
 
 class ThresholdChoice(NamedTuple):
