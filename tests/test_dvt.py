@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,3 +310,21 @@ def test_onnx_exits_chain_in_onnxruntime(tmp_path) -> None:
     got.append(onnx_session(paths[2]).run(None, feeds)[0])
     for ours, reference in zip(got, (eager[0], eager[1][keep], eager[2][[2]]), strict=True):
         assert torch.allclose(torch.from_numpy(ours), reference, atol=1e-4)
+
+
+def test_exit_gallery_puts_each_image_in_its_exit_row(tmp_path) -> None:
+    from PIL import Image
+
+    from dynvit.models.dvt import save_exit_gallery
+
+    x = torch.zeros(5, 1, 8, 8)
+    x[:, :, :4] = 1.0  # top half bright, so every scaled image is recognisable
+    exits = torch.tensor([2, 0, 2, 2, 1])
+    path = save_exit_gallery(x, exits, tmp_path / "exits.png", per_exit=3)
+    picture = torch.tensor(np.array(Image.open(path).convert("L")), dtype=torch.float32) / 255
+    assert picture.shape == (2 + 3 * 10, 2 + 3 * 10)  # 3 rows × 3 cells of 8 px, 2 px padding
+    filled = [[picture[2 + 10 * r + 6, 2 + 10 * c + 3].item() < 0.5 for c in range(3)] for r in range(3)]
+    # An image's bottom half is dark; blank cells are white.
+    assert filled == [[True, False, False], [True, False, False], [True, True, True]]
+    with pytest.raises(ValueError, match="one exit per image"):
+        save_exit_gallery(x, exits[:3], tmp_path / "bad.png")

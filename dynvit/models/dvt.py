@@ -647,6 +647,38 @@ def exit_indices(confidences: torch.Tensor, thresholds: torch.Tensor) -> torch.T
     return chosen
 
 
+def save_exit_gallery(
+    images: torch.Tensor, exit_index: torch.Tensor, path: str | Path, per_exit: int = 8, num_exits: int = 3
+) -> Path:
+    """A picture of example images grouped by the exit they left at: row k holds up to ``per_exit`` of
+    the images exit k answered for (the "easy" ones on top), each scaled to its own min–max, blank cells
+    where an exit took fewer.
+
+    Args:
+        images: The images (B, C, H, W), normalised or not.
+        exit_index: Each image's exit (B,), as :meth:`DVT.predict_early_exit` gives it.
+        path: The PNG to write (its folder is created).
+    Returns:
+        ``path``.
+    """
+    from torchvision.utils import save_image
+
+    if exit_index.shape != images.shape[:1]:
+        raise ValueError(f"exit_index needs one exit per image: {tuple(exit_index.shape)} for {images.shape[0]}")
+    images = images.detach().float().cpu()
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = (images - low) / (high - low).clamp_min(1e-12)
+    cells = torch.ones(num_exits, per_exit, *images.shape[1:])
+    for k in range(num_exits):
+        chosen = scaled[exit_index.cpu() == k][:per_exit]
+        cells[k, : chosen.shape[0]] = chosen
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(cells.flatten(0, 1), path, nrow=per_exit, padding=2, pad_value=1.0)
+    return path
+
+
 # The released cascades: each exit's (patch size, padding) for DeiT, soft splits for T2T-ViT, and the
 # intermediate grid sides for resampling to exits 2 and 3 (7 → 14 → 10, 10 → 20 → 14).
 _T2T_COARSE = ((14, 8, 3), (3, 2, 1), (3, 2, 1))
