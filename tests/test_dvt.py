@@ -328,3 +328,21 @@ def test_exit_gallery_puts_each_image_in_its_exit_row(tmp_path) -> None:
     assert filled == [[True, False, False], [True, False, False], [True, True, True]]
     with pytest.raises(ValueError, match="one exit per image"):
         save_exit_gallery(x, exits[:3], tmp_path / "bad.png")
+
+
+def test_released_deit_s_cascade_has_the_official_layout() -> None:
+    # Measured on the official code (DVT_Deit_small, 1000 classes): 608 tensors, 70,442,232 numbers.
+    dvt = dynvit.create_dvt("deit_small_patch16_224")
+    sd = dvt.state_dict()
+    assert dvt.tokens_per_exit == [50, 101, 197]
+    assert len(sd) == 608 and sum(v.numel() for v in sd.values()) == 70_442_232
+    shapes = {
+        "less_less_token.patch_embed.proj.weight": (384, 3, 32, 32),
+        "less_token.patch_embed.proj.weight": (384, 3, 23, 23),
+        "less_token.pos_embed": (1, 101, 384),
+        "less_token.blocks.0.mlp.fc1.weight": (1536, 432),
+        "less_token.relation_reuse_conv.0.weight": (216, 72, 1, 1),
+        "normal_token.blocks.11.feature_resuse_mlp.1.fc2.weight": (48, 128),
+    }
+    assert {k: tuple(sd[k].shape) for k in shapes} == shapes
+    assert dvt.less_token.patch_embed.proj.padding == (3, 3)
