@@ -21,6 +21,10 @@ def __getattr__(name: str) -> object:
         from dynvit.reducers import create_reduced
 
         return create_reduced
+    if name == "create_dvt":
+        from dynvit.models.dvt import create_dvt
+
+        return create_dvt
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -32,6 +36,7 @@ __all__ = [
     "StudentOutput",
     "count_flops",
     "count_params",
+    "create_dvt",
     "create_reduced",
     "create_student",
     "create_teacher",

@@ -134,7 +134,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         # A LightningModule that holds the network's layers itself: its keys are the network's.
         obj = sd
-    for key in ("model", "state_dict", "model_ema"):
+    # "model_state_dict": the released DVT checkpoints.
+    for key in ("model", "state_dict", "model_ema", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break

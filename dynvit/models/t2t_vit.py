@@ -36,7 +36,13 @@ from dynvit.models.factory import DEFAULT_PRUNING_LOC
 # T2T-ViT-14 prunes like a 12-block DeiT (three full blocks, then a stage every three blocks); the
 # 7-block models prune after two full blocks, then every two.
 DEFAULT_PRUNING_LOC.update(
-    {"t2t_vit_14": (3, 6, 9), "t2t_vit_t_14": (3, 6, 9), "t2t_vit_7": (2, 4, 6), "t2t_vit_t_7": (2, 4, 6)}
+    {
+        "t2t_vit_12": (3, 6, 9),
+        "t2t_vit_14": (3, 6, 9),
+        "t2t_vit_t_14": (3, 6, 9),
+        "t2t_vit_7": (2, 4, 6),
+        "t2t_vit_t_7": (2, 4, 6),
+    }
 )
 
 # The soft splits: (kernel, stride, padding) of each unfold.
@@ -169,6 +175,7 @@ class TokensToToken(nn.Module):
         embed_dim: Backbone width.
         token_dim: Width of the two T2T layers.
         tokens_type: ``"performer"`` (T2T-ViT) or ``"transformer"`` (T2T-ViT_t).
+        soft_splits: (kernel, stride, padding) of the three unfolds; DVT's coarser exits use others.
     """
 
     def __init__(
@@ -178,27 +185,31 @@ class TokensToToken(nn.Module):
         embed_dim: int = 384,
         token_dim: int = 64,
         tokens_type: Literal["performer", "transformer"] = "performer",
+        soft_splits: tuple[tuple[int, int, int], ...] = SOFT_SPLITS,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
-        stride = math.prod(s for _, s, _ in SOFT_SPLITS)
+        soft_splits = tuple(tuple(split) for split in soft_splits)
+        stride = math.prod(s for _, s, _ in soft_splits)
         self.patch_size = (stride, stride)
-        if any(s % stride for s in self.img_size):
+        if soft_splits == SOFT_SPLITS and any(s % stride for s in self.img_size):
             raise ValueError(f"T2T-ViT needs an img_size that is a multiple of {stride}, got {self.img_size}")
         self.in_chans = in_chans
         self.soft_split0, self.soft_split1, self.soft_split2 = (
-            nn.Unfold(kernel_size=k, stride=s, padding=p) for k, s, p in SOFT_SPLITS
+            nn.Unfold(kernel_size=k, stride=s, padding=p) for k, s, p in soft_splits
         )
         layer = {"performer": TokenPerformer, "transformer": TokenTransformer}.get(tokens_type)
         if layer is None:
             raise ValueError(f"tokens_type must be 'performer' or 'transformer', got {tokens_type!r}")
         self.tokens_type = tokens_type
-        self.attention1 = layer(in_chans * SOFT_SPLITS[0][0] ** 2, token_dim)
-        self.attention2 = layer(token_dim * SOFT_SPLITS[1][0] ** 2, token_dim)
-        self.project = nn.Linear(token_dim * SOFT_SPLITS[2][0] ** 2, embed_dim)
+        self.attention1 = layer(in_chans * soft_splits[0][0] ** 2, token_dim)
+        self.attention2 = layer(token_dim * soft_splits[1][0] ** 2, token_dim)
+        self.project = nn.Linear(token_dim * soft_splits[2][0] ** 2, embed_dim)
         sizes = [self.img_size]
-        for k, s, p in SOFT_SPLITS:
+        for k, s, p in soft_splits:
             sizes.append(tuple((n + 2 * p - k) // s + 1 for n in sizes[-1]))
+        if min(min(size) for size in sizes[1:]) < 1:
+            raise ValueError(f"img_size {self.img_size} is too small for the soft splits {soft_splits}")
         self.split_sizes = sizes[1:]
         self.grid_size = sizes[-1]
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -237,6 +248,7 @@ class T2TViT(nn.Module):
         drop_rate: Dropout after the position embedding and inside the blocks.
         attn_drop_rate: Attention dropout.
         drop_path_rate: Stochastic depth, rising linearly to this over the blocks.
+        soft_splits: (kernel, stride, padding) of the T2T module's three unfolds.
     """
 
     num_prefix_tokens = 1
@@ -258,12 +270,13 @@ class T2TViT(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        soft_splits: tuple[tuple[int, int, int], ...] = SOFT_SPLITS,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
         self.in_chans = in_chans
-        self.tokens_to_token = TokensToToken(img_size, in_chans, embed_dim, token_dim, tokens_type)
+        self.tokens_to_token = TokensToToken(img_size, in_chans, embed_dim, token_dim, tokens_type, soft_splits)
         num_patches = self.tokens_to_token.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sinusoid_position_embedding(num_patches + 1, embed_dim), requires_grad=False)
@@ -372,7 +385,7 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs(
-    {name: _cfg() for name in ("t2t_vit_7", "t2t_vit_14", "t2t_vit_t_7", "t2t_vit_t_14")}
+    {name: _cfg() for name in ("t2t_vit_7", "t2t_vit_12", "t2t_vit_14", "t2t_vit_t_7", "t2t_vit_t_14")}
 )
 
 
@@ -388,7 +401,8 @@ def _create_t2t(variant: str, pretrained: bool, **kwargs) -> T2TViT:
 
 
 _T2T_7 = dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0)
-_T2T_14 = dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
+T2T_12_ARGS = dict(embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0)
+T2T_14_ARGS = dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0)
 
 
 @register_model
@@ -398,9 +412,15 @@ def t2t_vit_7(pretrained: bool = False, **kwargs) -> T2TViT:
 
 
 @register_model
+def t2t_vit_12(pretrained: bool = False, **kwargs) -> T2TViT:
+    """T2T-ViT-12 (Performer T2T layers): 12 blocks × 256, 4 heads, MLP 2 (6.9M parameters, 76.5 top-1)."""
+    return _create_t2t("t2t_vit_12", pretrained, **dict(T2T_12_ARGS, tokens_type="performer", **kwargs))
+
+
+@register_model
 def t2t_vit_14(pretrained: bool = False, **kwargs) -> T2TViT:
     """T2T-ViT-14 (Performer T2T layers): 14 blocks × 384, 6 heads, MLP 3 (21.5M parameters, 4.8 G, 81.5 top-1)."""
-    return _create_t2t("t2t_vit_14", pretrained, **dict(_T2T_14, tokens_type="performer", **kwargs))
+    return _create_t2t("t2t_vit_14", pretrained, **dict(T2T_14_ARGS, tokens_type="performer", **kwargs))
 
 
 @register_model
@@ -412,7 +432,7 @@ def t2t_vit_t_7(pretrained: bool = False, **kwargs) -> T2TViT:
 @register_model
 def t2t_vit_t_14(pretrained: bool = False, **kwargs) -> T2TViT:
     """T2T-ViT_t-14 (plain-attention T2T layers): 14 blocks × 384, 6 heads, MLP 3 (21.5M, 6.1 G, 81.7 top-1)."""
-    return _create_t2t("t2t_vit_t_14", pretrained, **dict(_T2T_14, tokens_type="transformer", **kwargs))
+    return _create_t2t("t2t_vit_t_14", pretrained, **dict(T2T_14_ARGS, tokens_type="transformer", **kwargs))
 
 
 __all__ = [
@@ -424,6 +444,7 @@ __all__ = [
     "TokenTransformer",
     "TokensToToken",
     "sinusoid_position_embedding",
+    "t2t_vit_12",
     "t2t_vit_14",
     "t2t_vit_7",
     "t2t_vit_t_14",
