@@ -1,6 +1,7 @@
 """W&B: credentials are asked of wandb itself, an online run never hangs, and a normal run prints no noise.
 
-Each case runs in its own process: wandb keeps session state (credentials, the current run) per process.
+Each case runs in a fresh process of its own (wandb keeps session state, credentials and the current run, per
+process); the key-in-the-environment case shares the online run's process.
 """
 
 from __future__ import annotations
