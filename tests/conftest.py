@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
+from dynvit import create_teacher
 from dynvit.models.attention_kernel import set_attention_kernel
 
 # Tests do not time: attention runs SDPA, as timm's fused path does, unless a test picks a kernel itself
@@ -17,6 +19,9 @@ set_attention_kernel("sdpa")
 # Small enough for milliseconds per step, big enough to have several pruning stages.
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TINY_LOC = (1, 2, 3)
+# The reducer tests' backbone: DeiT-S's design at TINY sizes, 8 × 8 patch tokens after a class token.
+REDUCED_NAME = "deit_small_patch16_224"
+N = 64
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +32,35 @@ def _seed() -> None:
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    """The tiny plain ViT the reducer tests convert, one per test module: they convert deep copies of it."""
+    torch.manual_seed(0)
+    return create_teacher(REDUCED_NAME, **TINY).eval()
+
+
+def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """Tokens actually entering each block (its first ``norm1`` call: MCTF calls it again after fusing) and
+    its MLP, read off the tensors by hooks."""
+    seen: dict[tuple[int, str], int] = {}
+
+    def hook(key):
+        def record(_, args):
+            seen.setdefault(key, args[0].shape[1])
+
+        return record
+
+    hooks = [
+        m.register_forward_pre_hook(hook((i, part)))
+        for i, block in enumerate(model.blocks)
+        for part, m in (("attn", block.norm1), ("mlp", block.norm2))
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(seen[i, "attn"], seen[i, "mlp"]) for i in range(len(model.blocks))]

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 
+import dynvit.run.benchmark
+import dynvit.run.trainer
 from dynvit import count_flops, create_student, create_teacher
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import CheckpointMismatch
 from dynvit.reducers.matching import student_at
-from dynvit.run.benchmark import benchmark
+from dynvit.run.benchmark import benchmark, check_benchmark
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.report import ResultRow, format_table
 from tests.tiny_config import DIGITS, QUICK_BENCHMARK, tiny_config, write_config
@@ -164,8 +166,17 @@ def run_benchmark(tmp_path, *extra: str) -> None:
     )
 
 
-def test_cli_writes_csv_json_and_figure(tmp_path, capsys):
+def test_cli_writes_csv_json_and_figure(tmp_path, capsys, monkeypatch):
+    checks = []
+
+    def counted_check(*args, **kwargs):
+        checks.append(args[2])
+        return check_benchmark(*args, **kwargs)
+
+    for module in (dynvit.run.trainer, dynvit.run.benchmark):
+        monkeypatch.setattr(module, "check_benchmark", counted_check)
     run_benchmark(tmp_path, "--trainer.limit_val_batches=0.5")
+    assert checks == [[0.5, 0.9]]  # the arguments are checked once, before anything is loaded
     out = tmp_path / "bench"
     data = json.loads((out / "results.json").read_text())
     records = data["rows"]

@@ -14,16 +14,14 @@ from dynvit import count_flops, create_teacher, methods
 from dynvit.reducers.diffrate import DiffRateViT
 from dynvit.reducers.pitome import PiToMeViT
 from dynvit.reducers.tofu import ToFuViT, merge_mlerp
+from tests.conftest import REDUCED_NAME, TINY, N, record_counts
 
-NAME = "deit_small_patch16_224"
-TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-N = 64  # patch tokens of the tiny ViT
+NAME = REDUCED_NAME
 
 
 @pytest.fixture(scope="module")
-def base() -> nn.Module:
-    torch.manual_seed(0)
-    vit = create_teacher(NAME, **TINY).eval()
+def base(base) -> nn.Module:
+    vit = copy.deepcopy(base)
     # Spread-out weights, so attention and similarities are far from uniform (no near-ties).
     with torch.no_grad():
         for p in vit.parameters():
@@ -34,23 +32,6 @@ def base() -> nn.Module:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32)
-
-
-def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
-    """Tokens actually entering each block's attention and MLP, read off the tensors by hooks."""
-    seen: list[int] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
-        for block in model.blocks
-        for m in (block.norm1, block.norm2)
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(zip(seen[::2], seen[1::2], strict=True))
 
 
 def mlp_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:

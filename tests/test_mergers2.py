@@ -19,16 +19,9 @@ from dynvit import create_teacher, load_checkpoint
 from dynvit.methods import get
 from dynvit.models.checkpoint import CheckpointMismatch
 from dynvit.reducers.mctf import merge_count
+from tests.conftest import REDUCED_NAME, TINY, N, record_counts
 
-NAME = "deit_small_patch16_224"
-TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-N = 64  # patch tokens of the tiny ViT
-
-
-@pytest.fixture(scope="module")
-def base() -> nn.Module:
-    torch.manual_seed(0)
-    return create_teacher(NAME, **TINY).eval()
+NAME = REDUCED_NAME
 
 
 @pytest.fixture
@@ -39,31 +32,6 @@ def images() -> torch.Tensor:
 def build(base: nn.Module, method: str, **params) -> nn.Module:
     torch.manual_seed(2)  # new modules (DTEM's embedding) start at a fixed init
     return get(method).build(copy.deepcopy(base), **params).eval()
-
-
-def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
-    """Tokens actually entering each block (its first ``norm1`` call: MCTF calls it again after fusing) and
-    its MLP, read off the tensors by hooks."""
-    seen: dict[tuple[int, str], int] = {}
-
-    def hook(key):
-        def record(_, args):
-            seen.setdefault(key, args[0].shape[1])
-
-        return record
-
-    hooks = [
-        m.register_forward_pre_hook(hook((i, part)))
-        for i, block in enumerate(model.blocks)
-        for part, m in (("attn", block.norm1), ("mlp", block.norm2))
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [(seen[i, "attn"], seen[i, "mlp"]) for i in range(len(model.blocks))]
 
 
 def heads(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

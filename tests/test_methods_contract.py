@@ -11,8 +11,10 @@ its entry gives; and the bad inputs every method must refuse clearly.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,9 +58,10 @@ def images(batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, TINY["img_size"], TINY["img_size"], generator=torch.Generator().manual_seed(1))
 
 
-def tiny_params(method: methods.Method, vit: nn.Module) -> dict:
-    """The method's defaults with its knob halfway along the range this tiny ViT accepts (defaults are sized for
-    real models: ToMe's r = 13 is more than 16 patches allow, DPC-KNN's 5 neighbours more than a late stage keeps)."""
+@functools.cache
+def fitting_params(name: str, vit: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """:func:`tiny_params`, found once per method and ViT (each try builds the method on a copy of ``vit``)."""
+    method = methods.get(name)
     fitting = []
     for value in method.knob.candidates(vit, steps=10):
         params = {**method.default_params(vit), method.knob.name: value}
@@ -67,14 +70,19 @@ def tiny_params(method: methods.Method, vit: nn.Module) -> dict:
         except ValueError:
             continue
         fitting.append(params)
-    return fitting[len(fitting) // 2]
+    return tuple(fitting[len(fitting) // 2].items())
+
+
+def tiny_params(method: methods.Method, vit: nn.Module) -> dict:
+    """The method's defaults with its knob halfway along the range this tiny ViT accepts (defaults are sized for
+    real models: ToMe's r = 13 is more than 16 patches allow, DPC-KNN's 5 neighbours more than a late stage keeps)."""
+    return dict(fitting_params(method.name, vit))
 
 
 def built(teacher: nn.Module, name: str, **params) -> nn.Module:
     """The method's model on a copy of the teacher, at :func:`tiny_params` updated by ``params``."""
     method = methods.get(name)
-    vit = copy.deepcopy(teacher)
-    model = method.build(vit, **{**tiny_params(method, vit), **params})
+    model = method.build(copy.deepcopy(teacher), **{**tiny_params(method, teacher), **params})
     if method.learned:
         # Spread the fresh modules' scores, as training does; mildly, since DPC-KNN exponentiates its raw scores
         # as its reference does (no max subtracted), which overflows for scores above ~88.

@@ -19,17 +19,10 @@ from dynvit.reducers.ats import inverse_transform_sample, significance
 from dynvit.reducers.base import AttentionStats
 from dynvit.reducers.evit import attentive_count
 from dynvit.reducers.matching import match_gflops, nearest
+from tests.conftest import REDUCED_NAME, TINY, TINY_LOC, N, record_counts
 
-NAME = "deit_small_patch16_224"
-TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-N = 64  # patch tokens of the tiny ViT
-LOC = (1, 2, 3)
-
-
-@pytest.fixture(scope="module")
-def base() -> nn.Module:
-    torch.manual_seed(0)
-    return create_teacher(NAME, **TINY).eval()
+NAME = REDUCED_NAME
+LOC = TINY_LOC
 
 
 @pytest.fixture
@@ -39,23 +32,6 @@ def images() -> torch.Tensor:
 
 def reduced(base: nn.Module, method: str, **params) -> nn.Module:
     return apply_reducer(copy.deepcopy(base), method, **params).eval()
-
-
-def record_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
-    """Tokens actually entering each block's attention and MLP, read off the tensors by hooks."""
-    seen: list[int] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
-        for block in model.blocks
-        for m in (block.norm1, block.norm2)
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(zip(seen[::2], seen[1::2], strict=True))
 
 
 def expected_counts(method: str) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ import torch
 from dynvit.methods import Knob, Method, register
 from dynvit.models.tokens import gather_tokens, key_bias
 from dynvit.reducers.base import ReducedRun
-from dynvit.reducers.sources import MergingViT, TracedRun, initial_sources
+from dynvit.reducers.sources import TracedMergingViT, TracedRun, initial_sources
 
 # The DeiT-S schedules released in DiffRate's compression_rate.json ("ViT-S-DeiT"), named by their
 # GFLOPs as DiffRate counts them: (prune_kept_num, merge_kept_num), tokens kept per block with the class token.
@@ -85,7 +85,7 @@ def _bend(counts: Sequence[int], num_prefix: int, base_patches: int, num_patches
     return [num_prefix + max(1, round(num_patches * ((k - num_prefix) / base_patches) ** strength)) for k in counts]
 
 
-class DiffRateViT(MergingViT):
+class DiffRateViT(TracedMergingViT):
     """A timm ViT that prunes and merges tokens by a DiffRate schedule in every block.
 
     Build with ``DiffRateViT.from_vit(vit, schedule="deit_s_2.9")`` or with explicit ``prune_kept_num`` and

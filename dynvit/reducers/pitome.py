@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dynvit.methods import Knob, Method, register
 from dynvit.models.tokens import bipartite_soft_matching, gather_tokens, merge_weighted
 from dynvit.reducers.base import ReducedRun, validate_rate
-from dynvit.reducers.sources import MergingViT, TracedRun, initial_sources, merge_sources
+from dynvit.reducers.sources import TracedMergingViT, TracedRun, initial_sources, merge_sources
 
 
 def energy_scores(metric: torch.Tensor, margin: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ def pitome_merges(num_patches: int, depth: int, ratio: float) -> list[int]:
     return merges
 
 
-class PiToMeViT(MergingViT):
+class PiToMeViT(TracedMergingViT):
     """A timm ViT that merges ``floor(T − T · ratio)`` tokens per block by PiToMe's energy-guided matching.
 
     Build with ``PiToMeViT.from_vit(vit, ratio=0.9)``.

@@ -5,8 +5,8 @@ boolean map (B, M, N) from the M current tokens to the N original patches, the w
 ``trace_source`` tracks them (an adjacency matrix merged with ``amax``): a merge ORs the rows of the
 tokens it joins, a dropped token takes its patches with it, and prefix tokens (class, distillation,
 register tokens) have empty rows while tracked and are left out of what is reported.
-:meth:`MergingViT.predict_with_sources` reports the final tokens' sources (the ``SourceReporting``
-contract), :meth:`MergingViT.predict_with_block_sources` those after every block, so a picture can show
+:meth:`TracedMergingViT.predict_with_sources` reports the final tokens' sources (the ``SourceReporting``
+contract), :meth:`TracedMergingViT.predict_with_block_sources` those after every block, so a picture can show
 which patches merged where.
 """
 
@@ -53,8 +53,10 @@ def drop_merged(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([gather_tokens(x[:, ::2], plan.unmerged), x[:, 1::2]], dim=1)
 
 
-class MergingViT(ReducedViT):
-    """A reducer whose token counts follow from its parameters alone and that tracks merge sources.
+class TracedMergingViT(ReducedViT):
+    """A reducer whose token counts follow from its parameters alone and that traces merge sources after every
+    block through its own :meth:`trace` (:class:`~dynvit.reducers.base.MergingViT`, ToMe's base, instead asks
+    the shared ``run_blocks`` for the final sources only).
 
     Subclasses implement :meth:`token_schedule` and :meth:`trace`; ``run_blocks`` is ``trace`` without sources.
     """
@@ -88,4 +90,4 @@ class MergingViT(ReducedViT):
         return logits, sources[-1]
 
 
-__all__ = ["MergingViT", "TracedRun", "drop_merged", "initial_sources", "merge_sources"]
+__all__ = ["TracedMergingViT", "TracedRun", "drop_merged", "initial_sources", "merge_sources"]

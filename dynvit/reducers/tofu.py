@@ -20,7 +20,7 @@ import torch
 from dynvit.methods import Knob, Method, register
 from dynvit.models.tokens import MergePlan, bipartite_soft_matching, gather_tokens, max_merges
 from dynvit.reducers.base import ReducedRun, held_before
-from dynvit.reducers.sources import MergingViT, TracedRun, drop_merged, initial_sources, merge_sources
+from dynvit.reducers.sources import TracedMergingViT, TracedRun, drop_merged, initial_sources, merge_sources
 from dynvit.reducers.tome import merge_schedule
 
 
@@ -39,7 +39,7 @@ def merge_mlerp(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([gather_tokens(a, plan.unmerged), b], dim=1)
 
 
-class ToFuViT(MergingViT):
+class ToFuViT(TracedMergingViT):
     """A timm ViT that prunes (first half) or MLERP-merges (second half) r matched tokens per block.
 
     Build with ``ToFuViT.from_vit(vit, r=13)``.

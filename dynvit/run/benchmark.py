@@ -398,6 +398,22 @@ def benchmark(
         onnx_dir: Where the ONNX files go (a temporary folder by default).
     """
     plan = check_benchmark(student, teacher, ratios, methods, precisions, backend, calibration=bool(calibration))
+    return benchmark_plan(student, teacher, plan, loader, settings, calibration, steps, latency, onnx_dir)
+
+
+def benchmark_plan(
+    student: nn.Module,
+    teacher: VisionTransformer | None,
+    plan: Plan,
+    loader: Iterable | None = None,
+    settings: SpeedSettings | None = None,
+    calibration: Sequence[torch.Tensor] | None = None,
+    steps: int = 100,
+    latency: bool = False,
+    onnx_dir: str | Path | None = None,
+) -> BenchmarkResult:
+    """:func:`benchmark` of arguments :func:`check_benchmark` has checked already (``cli.py benchmark`` checks
+    them before it loads a checkpoint or data, and would otherwise check them twice)."""
     settings = settings or SpeedSettings()
     device = torch.device(settings.device)
     nets = [net for net in (student, teacher) if net is not None]
@@ -491,6 +507,7 @@ __all__ = [
     "BenchmarkResult",
     "Plan",
     "benchmark",
+    "benchmark_plan",
     "check_backend",
     "check_benchmark",
     "check_precisions",

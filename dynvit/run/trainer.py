@@ -27,7 +27,7 @@ from dynvit.reducers.matching import check_methods, on_teacher, student_at
 from dynvit.run.benchmark import (
     DEFAULT_RATIOS,
     BenchmarkResult,
-    benchmark,
+    benchmark_plan,
     check_benchmark,
     first_images,
     report,
@@ -137,16 +137,13 @@ class DynViTTrainer(L.Trainer):
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
         if precision == "auto":
             return self._fastest_per_ratio(student, plan.ratios, loader if accuracy else None, settings, out_dir)
-        result = benchmark(
+        result = benchmark_plan(
             student,
             teacher,
-            plan.ratios,
-            plan.methods,
+            plan,
             loader if accuracy else None,
             settings,
             calibration,
-            precisions=plan.precisions,
-            backend=plan.backend,
             latency=latency,
             onnx_dir=out_dir / "onnx",
         )
