@@ -4,7 +4,6 @@ and the configs: every registered method has its ImageNet file, each what the re
 
 from __future__ import annotations
 
-import copy
 import csv
 import inspect
 import json
@@ -110,18 +109,21 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
     twice = run_grid(tmp_path, grid, out="twice").sweep_result
     point = "fine_tune_True__method_evit"
     expected = weights(tmp_path / "whole" / point / "checkpoints" / "last.ckpt")
-    assert all(torch.equal(v, weights(tmp_path / "twice" / point / "checkpoints" / "last.ckpt")[k]) for k, v in expected.items())
+    assert all(
+        torch.equal(v, weights(tmp_path / "twice" / point / "checkpoints" / "last.ckpt")[k])
+        for k, v in expected.items()
+    )
     assert twice.rows[-1].top1 == whole.rows[-1].top1
 
     original = MethodFineTuning.training_step
 
     def stop_in_second_epoch(self, batch, batch_idx):
         if self.current_epoch == 1:
-            raise KeyboardInterrupt
+            raise OSError("the machine went down")
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(MethodFineTuning, "training_step", stop_in_second_epoch)
-    with pytest.raises(RuntimeError, match="was interrupted; rerun the sweep to resume it"):
+    with pytest.raises(OSError, match="the machine went down"):
         run_grid(tmp_path, grid, out="cut")
     cut = tmp_path / "cut" / point
     assert not (cut / "done.json").exists()
@@ -184,8 +186,17 @@ def test_every_registered_method_has_its_imagenet_config(method):
     # TokenReduction's recipe, as numbers: the peak lr at the effective batch and the cosine floor.
     args, trainer = model["init_args"], config["trainer"]
     batch = config["data"]["init_args"]["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"]
-    assert batch == 512 and args["lr"] * batch / args["lr_base_batch_size"] * args["min_lr_ratio"] == pytest.approx(1e-5)
+    assert batch == 512 and args["lr"] * batch / args["lr_base_batch_size"] * args["min_lr_ratio"] == pytest.approx(
+        1e-5
+    )
     assert (trainer["max_epochs"], args["warmup_epochs"], args["weight_decay"]) == (30, 20, 0.05)
-    assert (args["mixup"], args["cutmix"], args["label_smoothing"], args["model_kwargs"]["drop_path_rate"]) == (0.8, 1.0, 0.1, 0.1)
-    assert config["data"]["init_args"]["re_prob"] == 0.25 and config["data"]["init_args"]["auto_augment"].startswith("rand-m9")
+    assert (args["mixup"], args["cutmix"], args["label_smoothing"], args["model_kwargs"]["drop_path_rate"]) == (
+        0.8,
+        1.0,
+        0.1,
+        0.1,
+    )
+    assert config["data"]["init_args"]["re_prob"] == 0.25 and config["data"]["init_args"]["auto_augment"].startswith(
+        "rand-m9"
+    )
     assert trainer["callbacks"][0]["class_path"].endswith("EMAWeightAveraging")

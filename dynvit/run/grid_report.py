@@ -209,9 +209,7 @@ def format_grid(records: Sequence[dict[str, Any]], teacher: ResultRow | None = N
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     if teacher is not None:
-        lines.append(
-            f"| teacher | 1 | – | {teacher.gflops:.4g} | 1.00× | – | {_pct(teacher.top1)} | – | – | – |"
-        )
+        lines.append(f"| teacher | 1 | – | {teacher.gflops:.4g} | 1.00× | – | {_pct(teacher.top1)} | – | – | – |")
     for rec in records:
         star = {t: " ★" if (id(rec), t) in on_front else "" for t in TRACKS}
         tf = _pct(rec["top1_tf"], rec["top1_tf_low"], rec["top1_tf_high"]) + star["training-free"]
