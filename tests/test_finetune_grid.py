@@ -118,6 +118,7 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
     original = MethodFineTuning.training_step
 
     def stop_in_second_epoch(self, batch, batch_idx):
+        assert self.net.training and not self.teacher.training
         if self.current_epoch == 1:
             raise OSError("the machine went down")
         return original(self, batch, batch_idx)

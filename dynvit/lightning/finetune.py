@@ -267,7 +267,8 @@ class MethodFineTuning(FrozenTeacherModule):
         self.teacher = build_teacher(model_name, pretrained, teacher_checkpoint, build)
         self.teacher_record = teacher_record(teacher_checkpoint, model_name if pretrained else None)
         self.teacher.requires_grad_(False).eval()
-        vit = copy.deepcopy(self.teacher).requires_grad_(True)
+        # The copy is in train mode: Lightning keeps each module's mode, and the teacher's is eval.
+        vit = copy.deepcopy(self.teacher).requires_grad_(True).train()
         stages = tuple(pruning_loc) if pruning_loc is not None else default_stage_blocks(vit)
         params = {**record.default_params(vit), **record.stage_params(stages, len(vit.blocks)), **params}
         # ATS's cost depends on the image: its knob is matched on validation images in setup().
