@@ -22,7 +22,42 @@ from dynvit.objectives.spatial_pruning import pruning_objective
 _TEACHER = "teacher."
 
 
-class DynamicViTModule(ImageClassification):
+class FrozenTeacherModule(ImageClassification):
+    """A module that trains ``self.net`` beside a frozen teacher ``self.teacher`` (built in the subclass).
+
+    The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written into
+    checkpoints: it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load, and every checkpoint
+    records where its weights came from (``self.teacher_record``, see :func:`teacher_record`).
+    """
+
+    teacher: nn.Module
+    teacher_record: dict[str, str | None]
+
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def train(self, mode: bool = True) -> FrozenTeacherModule:
+        # Lightning flips the whole module to train mode each epoch; the teacher must stay in eval
+        # (no dropout, no drop-path) to be the fixed target the method distils from.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # The teacher is rebuilt from its own checkpoint; storing it in every student checkpoint would
+    # double their size for nothing.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(_TEACHER)]:
+            del sd[key]
+        checkpoint.setdefault("dynvit", {})["teacher"] = dict(self.teacher_record)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
+
+
+class DynamicViTModule(FrozenTeacherModule):
     """The DynamicViT student plus a frozen teacher; the student starts from the teacher's weights.
 
     The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written
@@ -115,16 +150,6 @@ class DynamicViTModule(ImageClassification):
         # What pruning adds (predictors, fast paths) learns at lr, the pretrained backbone slower.
         return {**dict.fromkeys(self.net.new_param_prefixes, 1.0), "": self.hparams.backbone_lr_scale}
 
-    def frozen_networks(self) -> list[nn.Module]:
-        return [self.teacher]
-
-    def train(self, mode: bool = True) -> DynamicViTModule:
-        # Lightning flips the whole module to train mode each epoch; the teacher must stay in eval
-        # (no dropout, no drop-path) to be the fixed target the method distils from.
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -164,19 +189,6 @@ class DynamicViTModule(ImageClassification):
 
     def test_step(self, batch: tuple, batch_idx: int) -> None:
         self._eval_step(batch, "test")
-
-    # The teacher is rebuilt from its own checkpoint; storing it in every student checkpoint would
-    # double their size for nothing.
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        sd = checkpoint["state_dict"]
-        for key in [k for k in sd if k.startswith(_TEACHER)]:
-            del sd[key]
-        checkpoint.setdefault("dynvit", {})["teacher"] = dict(self.teacher_record)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 
 
 def build_teacher(model_name: str, pretrained: bool, checkpoint: str | None, build: dict[str, Any]) -> nn.Module:

@@ -148,6 +148,8 @@ class ThroughputCallback(L.Callback):
         block_time: Seconds each timed block lasts at least.
         warmup_time: Seconds of untimed calls per model before timing.
         enabled: Set False to skip the measurement (e.g. ``--throughput.enabled false`` on the CLI).
+        latency: Also time one image at a time (batch 1) in pairs with the teacher: logs
+            ``throughput/latency_ms`` and ``throughput/latency_speedup`` (with ``_low``/``_high``).
     """
 
     def __init__(
@@ -158,12 +160,14 @@ class ThroughputCallback(L.Callback):
         block_time: float = 0.1,
         warmup_time: float = 0.3,
         enabled: bool = True,
+        latency: bool = False,
     ) -> None:
         # Checked now, so a bad value fails before training rather than at its end.
         self.settings = SpeedSettings(
             batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time
         )
         self.enabled = enabled
+        self.latency = latency
         self.dtype = None if dtype is None else parse_dtype(dtype)
         self.metrics: dict[str, float] = {}
 
@@ -186,6 +190,13 @@ class ThroughputCallback(L.Callback):
             }
             if speedup.low is not None:
                 self.metrics.update({"throughput/speedup_low": speedup.low, "throughput/speedup_high": speedup.high})
+            if self.latency:
+                one, _ = measure_speedup(net, teacher, dataclasses.replace(settings, batch_size=1), dtype)
+                self.metrics["throughput/latency_ms"] = 1000 * one.seconds_per_call
+                self.metrics["throughput/latency_speedup"] = one.speedup.value
+                if one.speedup.low is not None:
+                    self.metrics["throughput/latency_speedup_low"] = one.speedup.low
+                    self.metrics["throughput/latency_speedup_high"] = one.speedup.high
         log_to_all(trainer, self.metrics)
 
 

@@ -38,6 +38,7 @@ from dynvit.run.sweep import (
     SweepResult,
     SweepSpec,
     check_parameters,
+    check_points,
     check_points_parse,
     fit_config_text,
     fit_point,
@@ -299,6 +300,7 @@ class DynViTCLI(LightningCLI):
         swept keep ratios, the ToMe r and EViT keep rate of the same GFLOPs (``matched.csv``/``.json``)."""
         spec = load_sweep(sweep)
         check_parameters(spec, self.config["sweep"], networks(model)[0])
+        check_points(spec, model)
         folder = Path(out) if out else Path(self.trainer.default_root_dir) / spec.path.stem
         text = fit_config_text(self._parser("sweep"), self.config["sweep"], self._subcommand_method_arguments["sweep"])
         config_path = prepare_folder(folder, text)

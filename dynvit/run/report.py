@@ -41,6 +41,8 @@ class ResultRow:
         latency_ms: Median milliseconds of one image (batch 1).
         latency_speedup, latency_speedup_low, latency_speedup_high: Batch-1 speedup over the teacher
             and its 95 % interval, estimated like ``speedup``.
+        track: ``training-free`` (the method on the teacher's weights) or ``fine-tuned`` (trained after
+            reduction), for the points of a fine-tuning grid; None elsewhere.
     """
 
     method: str
@@ -64,6 +66,7 @@ class ResultRow:
     latency_speedup_high: float | None = None
     purity: float | None = None
     images: int | None = None
+    track: str | None = None
 
     @property
     def variant(self) -> str:
@@ -125,6 +128,7 @@ def format_table(rows: Sequence[ResultRow]) -> str:
     recs = records(rows)
     columns = [
         ("method", "method", "text"),
+        ("track", "track", "text"),
         ("run", "run", "text"),
         ("keep_ratio", "ρ", "float"),
         ("param", "setting", "text"),

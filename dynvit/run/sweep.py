@@ -27,13 +27,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 
+from dynvit import methods as registry
 from dynvit.measure.allocator import keep_freed_memory
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
 from dynvit.measure.environment import environment
@@ -42,6 +43,7 @@ from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.throughput import keep_rng, time_model
 from dynvit.reducers.matching import student_at
 from dynvit.run.benchmark import check_ratios
+from dynvit.run.grid_report import write_grid_report
 from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
@@ -66,6 +68,21 @@ class SweepSpec:
 
 class SweepError(ValueError):
     """A sweep file or a sweep folder that cannot be run as asked."""
+
+
+@runtime_checkable
+class DescribesPoint(Protocol):
+    """A module that says what its row in a grid is (:class:`~dynvit.lightning.MethodFineTuning`): the method,
+    the budget ρ, the method's setting and the track, where its network alone cannot say."""
+
+    def point_fields(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ChecksPoint(Protocol):
+    """A module that can check a grid point's method and keep ratio before anything trains."""
+
+    def check_point(self, keep_ratio: float | None, method: str | None) -> None: ...
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -135,6 +152,12 @@ def check_parameters(spec: SweepSpec, config: Namespace, student: torch.nn.Modul
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise SweepError(f"{spec.path}: parameter {key!r} is not a key of the config{hint}")
+        if key.rsplit(".", 1)[-1] == "method":
+            for value in values:
+                try:
+                    registry.get(value)
+                except ValueError as e:
+                    raise SweepError(f"{spec.path}: parameter {key!r}: {e}") from e
         if key.rsplit(".", 1)[-1] != "keep_ratio":
             continue
         try:
@@ -154,6 +177,19 @@ def check_parameters(spec: SweepSpec, config: Namespace, student: torch.nn.Modul
                 raise SweepError(f"{spec.path}: parameter {key!r}: {e}") from e
             finally:
                 set_ratio(original)
+
+
+def check_points(spec: SweepSpec, module: Any) -> None:
+    """Check every point's method and keep ratio on ``module`` (a :class:`ChecksPoint`; others are not checked
+    here), so a method that does not exist or a ratio that keeps no token fails before the first point trains."""
+    if not isinstance(module, ChecksPoint):
+        return
+    for point in grid(spec):
+        by_leaf = {key.rsplit(".", 1)[-1]: value for key, value in point.items() if key.startswith("model.")}
+        try:
+            module.check_point(by_leaf.get("keep_ratio"), by_leaf.get("method"))
+        except ValueError as e:
+            raise SweepError(f"{spec.path}: sweep point {point}: {e}") from e
 
 
 def check_points_parse(parser: ArgumentParser, config_path: Path, points: Sequence[dict[str, Any]]) -> None:
@@ -252,7 +288,7 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
     recall = [metrics[f"val/recall_s{s}"] for s in stages]
     loader = trainer.val_dataloaders
     loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-    return ResultRow(
+    row = ResultRow(
         method=getattr(net, "method", type(net).__name__.lower()),
         keep_ratio=float(getattr(net, "keep_ratio", 1.0)),
         gflops=count_flops(net),
@@ -261,11 +297,19 @@ def point_row(trainer: L.Trainer, module: L.LightningModule, run: str) -> Result
         speedup=speed.get("throughput/speedup"),
         speedup_low=speed.get("throughput/speedup_low"),
         speedup_high=speed.get("throughput/speedup_high"),
+        latency_ms=speed.get("throughput/latency_ms"),
+        latency_speedup=speed.get("throughput/latency_speedup"),
+        latency_speedup_low=speed.get("throughput/latency_speedup_low"),
+        latency_speedup_high=speed.get("throughput/latency_speedup_high"),
         top1=metrics.get("val/top1"),
         recall=recall,
+        purity=metrics.get("val/purity"),
         run=run,
         images=None if loader is None else count_images(LimitedLoader(loader, trainer.limit_val_batches)),
     )
+    if isinstance(module, DescribesPoint):
+        row = dataclasses.replace(row, **module.point_fields())
+    return row
 
 
 def fit_point(
@@ -350,5 +394,9 @@ def run_sweep(
         rows.append(ResultRow.from_flat(json.loads(done.read_text())))
     paths = write_report(rows, out, stem="summary", title=f"sweep {group}", environment=environment)
     print(format_table(rows))
+    if any(row.track for row in rows):
+        # A fine-tuning grid: both tracks side by side per method and budget, with the budgets they trained on.
+        paths.update(write_grid_report(rows, out, config_path, swept=list(spec.parameters), environment=environment))
+        print(paths["grid"].read_text())
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return SweepResult(rows, trained, paths)
