@@ -105,6 +105,8 @@ class Method:
         released: The settings its authors released for DeiT-S (224², 12 blocks), by a short name
             (``{"r=13": {"r": 13}}``), as parameters of ``build`` beside :meth:`default_params`; empty for a
             method without one. ``benchmarks/methods_speed.py`` times each.
+        wraps: ``build`` returns a new model around the ViT (DVT's cascade) instead of converting it in place, and
+            ``build`` on that model sets its knob: matching builds it once, then searches the knob on it.
     """
 
     name: str
@@ -123,6 +125,7 @@ class Method:
     set_params: Callable[..., Any] | None = None
     fine_tuned_in_paper: bool = False
     released: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wraps: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.reports) - set(REPORTS)
@@ -180,7 +183,7 @@ def locations(name: str) -> Callable[[tuple[int, ...], int], dict[str, Any]]:
 
 _REGISTRY: dict[str, Method] = {}
 # Modules whose import registers methods; :func:`registered` imports them once.
-_IMPLEMENTATIONS = ("dynvit.models.factory", "dynvit.reducers")
+_IMPLEMENTATIONS = ("dynvit.models.factory", "dynvit.reducers", "dynvit.models.dvt")
 
 
 def register(method: Method) -> Method:
