@@ -67,6 +67,10 @@ class EarlyExiting(Protocol):
         """Mean GFLOPs and mean patch tokens of the exit left at, per image of ``images``, at the set thresholds."""
         ...
 
+    def leaving_shares(self, images: Iterable[torch.Tensor]) -> list[float]:
+        """The share of ``images`` leaving at each exit at the set thresholds."""
+        ...
+
 
 @runtime_checkable
 class MaskReporting(Protocol):

@@ -412,6 +412,19 @@ class DVT(nn.Module):
             raise ValueError("no images to measure the mean cost on")
         return gflops / seen, patches / seen
 
+    @torch.no_grad()
+    def leaving_shares(self, images: Iterable[torch.Tensor]) -> list[float]:
+        """The share of the images of ``images`` (batches) that leave at each exit at ``self.thresholds``."""
+        thresholds = self.thresholds if self.thresholds is not None else [math.inf] * (self.num_exits - 1)
+        device = next(self.parameters()).device
+        counts = torch.zeros(self.num_exits)
+        for x in images:
+            exit_index = self.predict_early_exit(x.to(device), thresholds).exit_index.cpu()
+            counts += torch.bincount(exit_index, minlength=self.num_exits).float()
+        if counts.sum() == 0:
+            raise ValueError("no images to count the exits on")
+        return (counts / counts.sum()).tolist()
+
     def token_schedule(self) -> None:
         """None: how many exits run, and so how many tokens, depends on the image."""
         return None
