@@ -21,8 +21,9 @@ from typing import Any, Literal
 # - "counts": real tokens entering each block's attention and MLP (every method);
 # - "masks": which original patches are still tokens after each stage (selection methods);
 # - "sources": which original patches each merged token stands for (mergers);
-# - "assignments": which output token (cluster) each input token went to (clustering methods).
-REPORTS = ("counts", "masks", "sources", "assignments")
+# - "assignments": which output token (cluster) each input token went to (clustering methods);
+# - "exits": which exit of a cascade each image left at (DVT), its counts then per block of every exit run.
+REPORTS = ("counts", "masks", "sources", "assignments", "exits")
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def test_forward_counts_and_reports(teacher, name):
     for report in method.reports:  # every declared report is offered
         assert isinstance(model, REPORT_PROTOCOLS[report]), report
 
-    cascade = isinstance(model, EarlyExiting)
+    cascade = "exits" in method.reports  # the reports loop above checked it is an EarlyExiting model
     model.train()
     # A cascade answers at every exit in training, and each exit's backbone learns.
     outs = model(x) if cascade else (logits_of(model(x)),)
@@ -304,6 +304,10 @@ def test_cli_benchmark_has_a_row_for_every_method(benchmarked, name):
     assert (row["param"] is None) == student
     assert (row["recall_s1"] is not None) == ("masks" in method.reports)
     assert (row["purity"] is not None) == bool({"sources", "assignments"} & method.reports)
+    shares = [row[k] for k in row if re.fullmatch(r"exit\d+", k) and row[k] is not None]
+    assert bool(shares) == ("exits" in method.reports)  # a cascade's row says where its images left
+    if shares:
+        assert len(shares) == 3 and sum(shares) == pytest.approx(1.0) and all(0 <= s <= 1 for s in shares)
 
 
 def test_readme_lists_exactly_the_registered_methods():

@@ -137,6 +137,7 @@ REPORT_PROTOCOLS: dict[str, type] = {
     "masks": MaskReporting,
     "sources": SourceReporting,
     "assignments": AssignmentReporting,
+    "exits": EarlyExiting,
 }
 
 

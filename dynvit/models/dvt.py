@@ -964,6 +964,7 @@ _methods.register(
         knob=_methods.Knob("threshold", 0.0, 1.0, cheaper="lower", short="T"),
         cost="images",
         wraps=True,
+        reports=frozenset({"counts", "exits"}),
         needs_class_token=True,
         onnx="its exit rule sends each image on or out by its confidence, outside any one graph: export the exits "
         "with DVT.export_onnx(folder), one ONNX file each, and apply the thresholds between them",
