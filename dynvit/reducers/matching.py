@@ -104,7 +104,8 @@ def match_gflops(
     steps: int = 100,
     **params: Any,
 ) -> Match:
-    """The knob value of ``method`` whose GFLOPs on ``model`` is nearest ``target``; ``model`` is reduced in place.
+    """The knob value of ``method`` whose GFLOPs on ``model`` is nearest ``target``; ``model`` is reduced in place
+    (a method that ``wraps`` the ViT, DVT, builds its model around it once, taking ``model`` over).
 
     Args:
         method: A registered method (or its name) whose ``cost`` is ``"schedule"`` or ``"images"``.
