@@ -21,8 +21,9 @@ from typing import Any, Literal
 # - "counts": real tokens entering each block's attention and MLP (every method);
 # - "masks": which original patches are still tokens after each stage (selection methods);
 # - "sources": which original patches each merged token stands for (mergers);
-# - "assignments": which output token (cluster) each input token went to (clustering methods).
-REPORTS = ("counts", "masks", "sources", "assignments")
+# - "assignments": which output token (cluster) each input token went to (clustering methods);
+# - "exits": which exit of a cascade each image left at (DVT), its counts then per block of every exit run.
+REPORTS = ("counts", "masks", "sources", "assignments", "exits")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class Method:
         released: The settings its authors released for DeiT-S (224², 12 blocks), by a short name
             (``{"r=13": {"r": 13}}``), as parameters of ``build`` beside :meth:`default_params`; empty for a
             method without one. ``benchmarks/methods_speed.py`` times each.
+        wraps: ``build`` returns a new model around the ViT (DVT's cascade) instead of converting it in place, and
+            ``build`` on that model sets its knob: matching builds it once, then searches the knob on it.
     """
 
     name: str
@@ -123,6 +126,7 @@ class Method:
     set_params: Callable[..., Any] | None = None
     fine_tuned_in_paper: bool = False
     released: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wraps: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.reports) - set(REPORTS)
@@ -180,7 +184,7 @@ def locations(name: str) -> Callable[[tuple[int, ...], int], dict[str, Any]]:
 
 _REGISTRY: dict[str, Method] = {}
 # Modules whose import registers methods; :func:`registered` imports them once.
-_IMPLEMENTATIONS = ("dynvit.models.factory", "dynvit.reducers")
+_IMPLEMENTATIONS = ("dynvit.models.factory", "dynvit.reducers", "dynvit.models.dvt")
 
 
 def register(method: Method) -> Method:

@@ -14,6 +14,7 @@ from dynvit import methods
 from dynvit.lightning.finetune import OBJECTIVES, MethodFineTuning, budget_gflops
 from dynvit.measure.flops import count_flops
 from dynvit.models import forward_with_tokens
+from dynvit.models.dvt import EXIT_NAMES
 from tests.test_methods_contract import tiny_params
 
 NAME = "deit_tiny_patch16_224"
@@ -72,14 +73,20 @@ def test_a_fine_tuning_step_moves_the_backbone_and_the_learned_modules(name):
     teacher_before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
     step(m, x, y)
     grads = {k: p.grad for k, p in m.net.named_parameters()}
+    # A cascade (DVT) holds one backbone per exit, each under its own prefix; every one of them trains.
+    backbones = [f"{e}." for e in EXIT_NAMES] if "exits" in methods.get(name).reports else [""]
     # The backbone trains through the reduction: its patch embedding (before any reduction) and head moved.
-    for key in ("patch_embed.proj.weight", "head.weight", "blocks.0.attn.qkv.weight"):
-        assert not torch.equal(before[key], m.net.get_parameter(key)), key
-    new = [k for k in before if k not in teacher_keys]
+    for prefix in backbones:
+        for key in ("patch_embed.proj.weight", "head.weight", "blocks.0.attn.qkv.weight"):
+            assert not torch.equal(before[prefix + key], m.net.get_parameter(prefix + key)), prefix + key
+    own = {k: next(k[len(p) :] for p in backbones if k.startswith(p)) for k in before}
+    new = [k for k in before if own[k] not in teacher_keys]
     if methods.get(name).learned:
         assert new, f"{name} is learned but adds no parameters"
-        # DTEM's embedding in the last block matches tokens after which only the class token is read.
-        reached = [k for k in new if not (name == "dtem" and k.startswith("blocks.3."))]
+        # DTEM's embedding in the last block matches tokens after which only the class token is read; DVT's
+        # last block's reuse MLP reads the previous exit for a class token whose features nothing reads after.
+        unread = {"dtem": "blocks.3.", "dvt": f"{backbones[-1]}blocks.3.feature_resuse_mlp"}
+        reached = [k for k in new if not (name in unread and k.startswith(unread[name]))]
         # Per module: a bias can get exactly none (DPC-KNN's score bias cancels in its normalised weights).
         modules = {k.rsplit(".", 1)[0] for k in reached}
         reaching = {k.rsplit(".", 1)[0] for k in reached if grads[k] is not None and grads[k].abs().sum() > 0}

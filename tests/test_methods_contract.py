@@ -2,7 +2,7 @@
 is tested by being registered.
 
 Each method is built from its registry entry on a tiny ViT and run through: train and eval forward;
-token counts and the reports its entry declares (kept-token masks, merge sources); ``count_flops`` and
+token counts (per block; for a cascade that exits early, DVT, per block of every exit it ran) and the reports its entry declares (kept-token masks, merge sources); ``count_flops`` and
 ``measure_throughput``; ``predict_step`` as ``cli.py predict`` calls it; GFLOPs matching through the
 registry; one ``cli.py benchmark`` call with every training-free method; ONNX export, or the refusal
 its entry gives; and the bad inputs every method must refuse clearly.
@@ -23,7 +23,7 @@ from torch import nn
 from dynvit import count_flops, create_teacher, measure_throughput, methods
 from dynvit.deploy import ExportError, export_onnx
 from dynvit.lightning import ClassifierModule
-from dynvit.models.contract import REPORT_PROTOCOLS, TokenReducingModel
+from dynvit.models.contract import REPORT_PROTOCOLS, EarlyExiting, TokenReducingModel
 from dynvit.reducers.cost import TokenCost
 from dynvit.reducers.matching import match_gflops, mean_cost, valid_candidates
 from tests.tiny_config import benchmark_rows, tiny_config, write_config
@@ -97,6 +97,31 @@ def logits_of(output) -> torch.Tensor:
     return getattr(output, "logits", output)
 
 
+def exit_counts(model: EarlyExiting, exit_index: torch.Tensor) -> torch.Tensor:
+    """A cascade's token counts (B, exits · depth, 2) for images leaving at ``exit_index``: every block of exit k
+    holds exit k's tokens in attention and MLP for each exit the image ran, and none in the exits after it left."""
+    depth = DEPTH
+    rows = []
+    for leaving in exit_index.tolist():
+        rows.append([[n, n] for k, n in enumerate(model.tokens_per_exit) for _ in range(depth) if k <= leaving])
+        rows[-1] += [[0, 0]] * (model.num_exits * depth - len(rows[-1]))
+    return torch.tensor(rows)
+
+
+def check_exit_counts(model: nn.Module, x: torch.Tensor, counts: torch.Tensor) -> None:
+    """A cascade's counts say which exits each image ran, as its early exit decided; the finest exit sees every
+    token, the coarser ones fewer; and a threshold every image meets stops them all at exit 1."""
+    assert counts.dtype == torch.int64
+    assert model.tokens_per_exit[-1] == P + N and model.tokens_per_exit == sorted(set(model.tokens_per_exit))
+    exit_index = model.predict_early_exit(x, model.thresholds).exit_index
+    assert torch.equal(counts, exit_counts(model, exit_index))
+    method = methods.get(model.method)
+    everyone = method.apply(model, **{method.knob.name: method.knob.candidates(model)[-1]})
+    low = 1.0 / TINY["num_classes"]  # no top softmax probability is below 1 / classes
+    assert method.knob.candidates(model)[-1] <= low
+    assert torch.equal(everyone.predict_with_counts(x)[1], exit_counts(model, torch.zeros(3, dtype=torch.long)))
+
+
 @pytest.mark.parametrize("name", REGISTERED)
 def test_forward_counts_and_reports(teacher, name):
     method = methods.get(name)
@@ -107,17 +132,25 @@ def test_forward_counts_and_reports(teacher, name):
     for report in method.reports:  # every declared report is offered
         assert isinstance(model, REPORT_PROTOCOLS[report]), report
 
+    cascade = "exits" in method.reports  # the reports loop above checked it is an EarlyExiting model
     model.train()
-    out = logits_of(model(x))
-    assert out.shape == (3, TINY["num_classes"]) and torch.isfinite(out).all()
-    nn.functional.cross_entropy(out, torch.arange(3)).backward()
-    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # A cascade answers at every exit in training, and each exit's backbone learns.
+    outs = model(x) if cascade else (logits_of(model(x)),)
+    for out in outs:
+        assert out.shape == (3, TINY["num_classes"]) and torch.isfinite(out).all()
+    sum(nn.functional.cross_entropy(out, torch.arange(3)) for out in outs).backward()
+    for backbone in model.exits if cascade else (model,):
+        assert backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
     model.eval()
     with torch.no_grad():
         logits = model(x)
     got, counts = model.predict_with_counts(x)
     torch.testing.assert_close(got, logits)
+    if cascade:
+        check_exit_counts(model, x, counts)
+        assert model.token_schedule() is None and method.cost == "images"
+        return
     assert counts.shape == (3, DEPTH, 2) and counts.dtype == torch.int64
     assert (counts[:, 0, 0] == P + N).all()  # the first block sees every token
     flat = counts.flatten(1)
@@ -227,7 +260,10 @@ def test_bad_input_is_refused_clearly(teacher, name):
     except ValueError as e:
         assert re.search(r"raise|use|at least", str(e)), str(e)
     else:
-        assert (model.predict_with_counts(images(1))[1][:, -1, 1] > P).all()
+        mlp = model.predict_with_counts(images(1))[1][:, :, 1]
+        if isinstance(model, EarlyExiting):  # the last block each image ran (later exits hold 0) is the one to check
+            mlp = mlp.gather(1, (mlp > 0).long().cumsum(dim=1).argmax(dim=1, keepdim=True))
+        assert (mlp[:, -1] > P).all()
     pooled = create_teacher(NAME, class_token=False, global_pool="avg", **TINY)
     if method.needs_class_token:
         with pytest.raises(TypeError, match="no class token.*which need none"):
@@ -276,6 +312,10 @@ def test_cli_benchmark_has_a_row_for_every_method(benchmarked, name):
     assert (row["param"] is None) == student
     assert (row["recall_s1"] is not None) == ("masks" in method.reports)
     assert (row["purity"] is not None) == bool({"sources", "assignments"} & method.reports)
+    shares = [row[k] for k in row if re.fullmatch(r"exit\d+", k) and row[k] is not None]
+    assert bool(shares) == ("exits" in method.reports)  # a cascade's row says where its images left
+    if shares:
+        assert len(shares) == 3 and sum(shares) == pytest.approx(1.0) and all(0 <= s <= 1 for s in shares)
 
 
 def test_readme_lists_exactly_the_registered_methods():

@@ -90,8 +90,11 @@ class Objective:
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    """Class logits of a training-mode forward (a DynamicViT student returns a :class:`StudentOutput`)."""
-    return out.logits if isinstance(out, StudentOutput) else out
+    """Class logits of a training-mode forward: a DynamicViT student returns a :class:`StudentOutput`, a DVT
+    cascade every exit's logits (its answer is the last exit's)."""
+    if isinstance(out, StudentOutput):
+        return out.logits
+    return out[-1] if isinstance(out, (list, tuple)) else out
 
 
 def cross_entropy(net: nn.Module, label_smoothing: float) -> Callable[[Any, torch.Tensor, Any], Terms]:
@@ -131,6 +134,17 @@ def dtem_objective(
     return cross_entropy(net, label_smoothing)
 
 
+def dvt_objective(net: nn.Module, label_smoothing: float) -> Callable[[Any, torch.Tensor, Any], Terms]:
+    """DVT: the sum of every exit's cross-entropy, as the paper trains its cascades (``DVTModule`` also
+    distils each exit; here ``distill_weight`` distils the last exit, as for every method)."""
+
+    def loss(out: Sequence[torch.Tensor], targets: torch.Tensor, teacher: Any) -> Terms:
+        terms = {f"cls{k + 1}": classification_loss(o, targets, label_smoothing) for k, o in enumerate(out)}
+        return {"total": sum(terms.values()), **terms}
+
+    return loss
+
+
 def diffrate_search(
     net: nn.Module, label_smoothing: float, *, target_gflops: float
 ) -> Callable[[Any, torch.Tensor, Any], Terms]:
@@ -154,6 +168,7 @@ OBJECTIVES: dict[str, Objective] = {
             needs_teacher=True,
         ),
         Objective("dtem", "CE through DTEM's soft merging; freeze_backbone: DTEM's own recipe", dtem_objective),
+        Objective("dvt", "the sum of every exit's CE (DVT's cascade)", dvt_objective),
         Objective(
             "diffrate",
             "DiffRate's rate search CE + 5·(GFLOPs − target)² (refused: no learnable rates)",

@@ -8,6 +8,7 @@ them each method offers; the contract test checks that record against the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -35,6 +36,39 @@ class TokenReducingModel(Protocol):
 
     def token_schedule(self) -> list[tuple[int, int]] | None:
         """The (attention, MLP) token counts of every block when they do not depend on the image, else None."""
+        ...
+
+
+@runtime_checkable
+class EarlyExiting(Protocol):
+    """A cascade of exits on ever more tokens that answers each image at the first exit confident enough (DVT).
+
+    Its ``predict_with_counts`` counts tokens per block of every exit in turn, 0 in the exits an image never
+    reached, and an image costs what the exits it ran cost, so its mean cost comes from :meth:`mean_exit_cost`
+    rather than from per-block token counts priced on the teacher.
+
+    Attributes:
+        num_exits: Exits in the cascade.
+        tokens_per_exit: Tokens each exit's blocks run on, prefix tokens included, coarsest first.
+    """
+
+    num_exits: int
+    tokens_per_exit: list[int]
+
+    def exit_gflops(self) -> list[float]:
+        """GFLOPs of one image that leaves at each exit, everything it ran included."""
+        ...
+
+    def predict_early_exit(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, classes) and the exit (B,) each image left at, at ``thresholds``."""
+        ...
+
+    def mean_exit_cost(self, images: Iterable[torch.Tensor]) -> tuple[float, float]:
+        """Mean GFLOPs and mean patch tokens of the exit left at, per image of ``images``, at the set thresholds."""
+        ...
+
+    def leaving_shares(self, images: Iterable[torch.Tensor]) -> list[float]:
+        """The share of ``images`` leaving at each exit at the set thresholds."""
         ...
 
 
@@ -103,6 +137,7 @@ REPORT_PROTOCOLS: dict[str, type] = {
     "masks": MaskReporting,
     "sources": SourceReporting,
     "assignments": AssignmentReporting,
+    "exits": EarlyExiting,
 }
 
 
@@ -122,6 +157,7 @@ __all__ = [
     "BlockSourceReporting",
     "DenseDistilling",
     "DensePredicting",
+    "EarlyExiting",
     "MaskReporting",
     "SourceReporting",
     "TokenReducingModel",

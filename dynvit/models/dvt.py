@@ -25,6 +25,8 @@ by a ``__class__`` swap, and the reuse layers are added under the released check
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib
 import io
 import math
 import warnings
@@ -39,6 +41,7 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
+from dynvit import methods as _methods
 from dynvit.models.masked_attention import attention_inputs, attention_output
 from dynvit.models.t2t_vit import SOFT_SPLITS, T2T_12_ARGS, T2T_14_ARGS, T2TViT
 
@@ -178,6 +181,10 @@ class DVT(nn.Module):
         reuse_hidden: Hidden width of ``feature_resuse_mlp``.
         reuse_dim: Channels of the reused features.
     """
+
+    # The registry's record (``dynvit.methods.get("dvt")``), and the class token no exit reduces.
+    method = "dvt"
+    num_prefix_tokens = 1
 
     def __init__(
         self,
@@ -374,6 +381,53 @@ class DVT(nn.Module):
             return EarlyExit(logits, exit_index)
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def predict_with_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode logits (at ``self.thresholds``, as ``forward``) and the tokens (B, exits·depth, 2) that
+        entered every block's attention and MLP, exit by exit, coarsest first: ``tokens_per_exit[k]`` in exit
+        k's blocks for every exit the image ran, 0 in those of the exits after the one it left at."""
+        thresholds = self.thresholds if self.thresholds is not None else [math.inf] * (self.num_exits - 1)
+        logits, exit_index = self.predict_early_exit(x, thresholds)
+        ran = torch.arange(self.num_exits, device=x.device)[None] <= exit_index[:, None]
+        tokens = torch.tensor(self.tokens_per_exit, device=x.device) * ran
+        return logits, tokens.repeat_interleave(self.depth, dim=1)[..., None].expand(-1, -1, 2).contiguous()
+
+    @torch.no_grad()
+    def mean_exit_cost(self, images: Iterable[torch.Tensor]) -> tuple[float, float]:
+        """Mean GFLOPs per image of ``images`` (batches) at ``self.thresholds``, each image at the cost of
+        the exits it ran (:meth:`exit_gflops`), and the mean patch tokens of the exit it left at."""
+        costs = torch.tensor(self.exit_gflops())
+        tokens = torch.tensor(self.tokens_per_exit, dtype=torch.float64) - self.num_prefix_tokens
+        thresholds = self.thresholds if self.thresholds is not None else [math.inf] * (self.num_exits - 1)
+        device = next(self.parameters()).device
+        gflops = patches = 0.0
+        seen = 0
+        for x in images:
+            exit_index = self.predict_early_exit(x.to(device), thresholds).exit_index.cpu()
+            gflops += costs[exit_index].sum().item()
+            patches += tokens[exit_index].sum().item()
+            seen += exit_index.numel()
+        if seen == 0:
+            raise ValueError("no images to measure the mean cost on")
+        return gflops / seen, patches / seen
+
+    @torch.no_grad()
+    def leaving_shares(self, images: Iterable[torch.Tensor]) -> list[float]:
+        """The share of the images of ``images`` (batches) that leave at each exit at ``self.thresholds``."""
+        thresholds = self.thresholds if self.thresholds is not None else [math.inf] * (self.num_exits - 1)
+        device = next(self.parameters()).device
+        counts = torch.zeros(self.num_exits)
+        for x in images:
+            exit_index = self.predict_early_exit(x.to(device), thresholds).exit_index.cpu()
+            counts += torch.bincount(exit_index, minlength=self.num_exits).float()
+        if counts.sum() == 0:
+            raise ValueError("no images to count the exits on")
+        return (counts / counts.sum()).tolist()
+
+    def token_schedule(self) -> None:
+        """None: how many exits run, and so how many tokens, depends on the image."""
+        return None
 
     # -- cost and thresholds ---------------------------------------------------------------------
 
@@ -785,3 +839,137 @@ __all__ = [
     "ReuseBlock",
     "resample_matrix",
 ]
+
+
+# -- the method registry's record ------------------------------------------------------------------
+
+
+def default_patches(img_size: int, grid: int) -> list[tuple[int, int]]:
+    """Each exit's (patch size, padding) for a ViT on a ``grid``×``grid`` patch grid of ``img_size``-px images:
+    the released cascades' grid ratios (7, 10, 14 of 14: a half, then 10/14 of the grid), each patch the
+    smallest that covers the image in that many steps, padded evenly to fit (DeiT-S: 32; 23 padded by 3; 16)."""
+    grids = (max(1, round(grid / 2)), round(grid * 10 / 14), grid)
+    if len(set(grids)) != len(grids):
+        raise ValueError(
+            f"a {grid}x{grid} patch grid is too coarse for DVT's three ever finer grids (would be {grids}): use a ViT "
+            "with at least 4x4 patches, or give patches=((patch, padding), ...) for each exit"
+        )
+    patches = []
+    for side in grids:
+        patch = -(-img_size // side)
+        patches.append((patch, -(-(patch * side - img_size) // 2)))
+    return patches
+
+
+def _exit_from_vit(vit: VisionTransformer, patch: int, padding: int) -> VisionTransformer:
+    """A copy of ``vit`` on the grid of ``patch``-px patches of its images padded by ``padding``: the patch
+    embedding resampled to the new patch size (timm's ``resample_patch_embed``, via ``set_input_size``) and the
+    position embedding to the new grid (``resample_abs_pos_embed``); everything else the teacher's."""
+    img_size = vit.patch_embed.img_size[0]
+    backbone = copy.deepcopy(vit)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm logs each resampling
+        backbone.set_input_size(img_size=(img_size + 2 * padding,) * 2, patch_size=(patch, patch))
+    if padding:
+        # As _vit_exit: the convolution pads, and the size check expects the unpadded image.
+        backbone.patch_embed.proj.padding = (padding, padding)
+        backbone.patch_embed.img_size = (img_size, img_size)
+    return backbone
+
+
+def _keep_teacher_mlps(dvt: DVT, teachers: Sequence[VisionTransformer]) -> None:
+    """Start exits 2 and 3's widened MLPs from the teacher's: its weights on the ViT's own channels, the reused
+    channels' norm at identity and their fc1 columns at zero, so only the reuse modules start fresh."""
+    dim = dvt.embed_dim
+    with torch.no_grad():
+        for backbone, teacher in zip(dvt.exits[1:], teachers[1:], strict=True):
+            for block, source in zip(backbone.blocks, teacher, strict=True):
+                norm, mlp = source
+                block.norm2.weight[:dim].copy_(norm.weight)
+                block.norm2.bias[:dim].copy_(norm.bias)
+                block.mlp.fc1.weight.zero_()
+                block.mlp.fc1.weight[:, :dim].copy_(mlp.fc1.weight)
+                block.mlp.fc1.bias.copy_(mlp.fc1.bias)
+                block.mlp.fc2.load_state_dict(mlp.fc2.state_dict())
+
+
+def build_dvt(
+    vit: nn.Module,
+    threshold: float | None = None,
+    *,
+    patches: Sequence[tuple[int, int]] | None = None,
+    upsample: Sequence[int] | None = None,
+    feature_reuse: bool = True,
+    relation_reuse: bool = True,
+    reuse_hidden: int = 128,
+    reuse_dim: int = 48,
+) -> DVT:
+    """A DVT cascade fine-tuned from one pretrained ViT (the registry's ``build``), or ``vit``'s threshold set.
+
+    Every exit starts from the teacher's weights: its patch embedding resampled to the exit's patch size, its
+    position embedding to the exit's grid, exits 2 and 3's widened MLPs from the teacher's MLPs; the reuse
+    modules are at init. The last exit is ``vit`` itself (converted in place); the other two are copies.
+
+    Args:
+        vit: A plain timm ViT with a class token on a square patch grid; or a DVT, whose threshold is set.
+        threshold: Confidence at which exits 1 and 2 both answer (the registry's knob); None: no early exit
+            (all exits run). :meth:`DVT.choose_thresholds` instead picks one per exit for a GFLOPs budget.
+        patches: Each exit's (patch size, padding), coarsest first; by default :func:`default_patches`
+            (the released DeiT-S cascade on DeiT-S).
+        upsample, feature_reuse, relation_reuse, reuse_hidden, reuse_dim: See :class:`DVT`.
+    """
+    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"threshold is a confidence in (0, 1], got {threshold}")
+    if isinstance(vit, DVT):
+        vit.thresholds = None if threshold is None else vit.check_thresholds([threshold] * (vit.num_exits - 1))
+        return vit
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"DVT builds its cascade from a timm VisionTransformer, got {type(vit).__name__}")
+    if vit.cls_token is None or vit.global_pool != "token":
+        free = sorted(m.name for m in _methods.registered().values() if not m.needs_class_token and not m.learned)
+        raise TypeError(
+            "DVT reuses the class token's attention row and column and reads its exits from the class token, and "
+            f"this ViT has no class token (global_pool={vit.global_pool!r}): use {' or '.join(free)}, which need none"
+        )
+    img_size = vit.patch_embed.img_size
+    if img_size[0] != img_size[1]:
+        raise ValueError(f"DVT needs square images, this ViT takes {tuple(img_size)}")
+    grid = square_side(vit.patch_embed.num_patches, "the ViT")
+    patches = default_patches(img_size[0], grid) if patches is None else [tuple(p) for p in patches]
+    if len(patches) != len(EXIT_NAMES):
+        raise ValueError(f"patches gives each of the {len(EXIT_NAMES)} exits' (patch size, padding), got {patches}")
+    own_patch = vit.patch_embed.patch_size[0]
+    exits = [
+        vit if (patch, padding) == (own_patch, 0) else _exit_from_vit(vit, patch, padding) for patch, padding in patches
+    ]
+    # The teacher's norms and MLPs, before feature reuse replaces them by widened ones.
+    teachers = [[(b.norm2, b.mlp) for b in backbone.blocks] for backbone in exits]
+    model = DVT(exits, upsample, feature_reuse, relation_reuse, reuse_hidden, reuse_dim)
+    if feature_reuse:
+        _keep_teacher_mlps(model, teachers)
+    return build_dvt(model, threshold)
+
+
+# Registered after the reducers (which register after DynamicViT) whichever module is imported first, so the
+# registry's order, README's table, does not depend on import order.
+importlib.import_module("dynvit.reducers")
+
+_methods.register(
+    _methods.Method(
+        name="dvt",
+        summary="a cascade of 3 ViTs on 7×7 → 10×10 → 14×14 grids reusing features and attention; each image leaves "
+        "at the first exit confident enough (DVT)",
+        learned=True,
+        build=build_dvt,
+        knob=_methods.Knob("threshold", 0.0, 1.0, cheaper="lower", short="T"),
+        cost="images",
+        wraps=True,
+        reports=frozenset({"counts", "exits"}),
+        needs_class_token=True,
+        onnx="its exit rule sends each image on or out by its confidence, outside any one graph: export the exits "
+        "with DVT.export_onnx(folder), one ONNX file each, and apply the thresholds between them",
+        reference="blackfeather-wang/Dynamic-Vision-Transformer models_deit.py",
+        objective="dvt",  # DVTModule: the exits' losses summed, each optionally distilled from the teacher
+        released={"grids 7/10/14, all exits": {"patches": ((32, 0), (23, 3), (16, 0)), "upsample": (14, 20)}},
+    )
+)

@@ -28,6 +28,7 @@ from torch import nn
 from dynvit import methods
 from dynvit.measure.flops import count_flops
 from dynvit.methods import Method
+from dynvit.models.contract import EarlyExiting
 from dynvit.reducers.base import check_reducible
 from dynvit.reducers.cost import TokenCost
 
@@ -73,11 +74,14 @@ def nearest(candidates: Sequence[float], gflops_of: Callable[[float], float], ta
 
 
 @torch.no_grad()
-def mean_cost(model: nn.Module, images: Iterable[torch.Tensor], cost: TokenCost) -> tuple[float, float]:
+def mean_cost(model: nn.Module, images: Iterable[torch.Tensor], cost: TokenCost | None) -> tuple[float, float]:
     """Mean GFLOPs and mean patch tokens in the last block (prefix tokens excluded) per image.
 
-    Each image is costed at its own token counts (``predict_with_counts``), as if run alone.
+    Each image is costed at its own token counts (``predict_with_counts``), as if run alone; a cascade that exits
+    early (DVT) at the cost of the exits it ran, and ``cost`` is not used.
     """
+    if isinstance(model, EarlyExiting):
+        return model.mean_exit_cost(images)
     device = next(model.parameters()).device
     gflops = tokens = 0.0
     seen = 0
@@ -100,7 +104,8 @@ def match_gflops(
     steps: int = 100,
     **params: Any,
 ) -> Match:
-    """The knob value of ``method`` whose GFLOPs on ``model`` is nearest ``target``; ``model`` is reduced in place.
+    """The knob value of ``method`` whose GFLOPs on ``model`` is nearest ``target``; ``model`` is reduced in place
+    (a method that ``wraps`` the ViT, DVT, builds its model around it once, taking ``model`` over).
 
     Args:
         method: A registered method (or its name) whose ``cost`` is ``"schedule"`` or ``"images"``.
@@ -116,6 +121,9 @@ def match_gflops(
     """
     method = methods.get(method) if isinstance(method, str) else method
     knob = method.knob
+    if method.wraps and methods.of(model) is not method:
+        # Its build makes a new model around the ViT (DVT's cascade): built once, then only the knob is searched.
+        model = method.build(model, **params)
     candidates = valid_candidates(method, model, steps, **params)
     if method.cost == "schedule":
         by_schedule: dict[tuple, float] = {}
@@ -130,7 +138,8 @@ def match_gflops(
     elif method.cost == "images":
         if not images:
             raise ValueError(f"matching {method.name}'s mean GFLOPs needs calibration images (a validation loader)")
-        cost = TokenCost.from_model(model) if cost is None else cost
+        if cost is None and not isinstance(model, EarlyExiting):
+            cost = TokenCost.from_model(model)
         means: dict[float, float] = {}
 
         def gflops_of(value: float) -> float:

@@ -50,7 +50,7 @@ from dynvit.measure.throughput import (
     random_images,
     time_calls,
 )
-from dynvit.models.contract import TokenReducingModel
+from dynvit.models.contract import EarlyExiting, TokenReducingModel
 from dynvit.models.factory import family_of
 from dynvit.models.spatial_pruning import SpatialPruningStudent
 from dynvit.reducers.cost import TokenCost
@@ -323,6 +323,9 @@ def _float32_points(
             # fvcore counted one random image; the method's cost is what the real images made it keep.
             on = (batch[0] for batch in loader) if loader is not None else images
             point.row.gflops, point.row.tokens = mean_cost(model, on, cost)
+            if isinstance(model, EarlyExiting):  # where its images left the cascade
+                on = (batch[0] for batch in loader) if loader is not None else images
+                point.row.exit_shares = model.leaving_shares(on)
         points.append(point)
     return points
 

@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ class ResultRow:
             and its 95 % interval, estimated like ``speedup``.
         track: ``training-free`` (the method on the teacher's weights) or ``fine-tuned`` (trained after
             reduction), for the points of a fine-tuning grid; None elsewhere.
+        exit_shares: For a cascade that exits early (DVT), the share of the scored images that left at each
+            exit, coarsest first (empty for other models).
     """
 
     method: str
@@ -67,6 +70,7 @@ class ResultRow:
     purity: float | None = None
     images: int | None = None
     track: str | None = None
+    exit_shares: list[float] = field(default_factory=list)
 
     @property
     def variant(self) -> str:
@@ -80,10 +84,11 @@ class ResultRow:
         return f"{self.method} {self.variant}".strip()
 
     def flat(self) -> dict[str, Any]:
-        """A flat record: ``recall`` becomes ``recall_s1``, ``recall_s2``, …"""
+        """A flat record: ``recall`` becomes ``recall_s1``, ``recall_s2``, …, ``exit_shares`` ``exit1``, ``exit2``, …"""
         record = asdict(self)
         recall = record.pop("recall")
         record.update({f"recall_s{s + 1}": r for s, r in enumerate(recall)})
+        record.update({f"exit{k + 1}": share for k, share in enumerate(record.pop("exit_shares"))})
         return record
 
     @classmethod
@@ -91,7 +96,11 @@ class ResultRow:
         record = dict(record)
         stages = sorted((k for k in record if k.startswith("recall_s")), key=lambda k: int(k.removeprefix("recall_s")))
         recall = [record.pop(k) for k in stages]
-        return cls(**record, recall=[r for r in recall if r is not None])
+        exits = sorted((k for k in record if re.fullmatch(r"exit\d+", k)), key=lambda k: int(k.removeprefix("exit")))
+        shares = [record.pop(k) for k in exits]
+        return cls(
+            **record, recall=[r for r in recall if r is not None], exit_shares=[e for e in shares if e is not None]
+        )
 
 
 def records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
@@ -119,13 +128,16 @@ def _fmt(value: Any, kind: str, record: dict[str, Any] | None = None, key: str =
 
 def format_table(rows: Sequence[ResultRow]) -> str:
     """A Markdown table: method, ρ, setting, precision, backend, GFLOPs, tokens, params, images/s,
-    speedup (95 % interval), batch-1 latency and its speedup, scored images, top-1 %, recall % per stage,
-    purity %.
+    speedup (95 % interval), batch-1 latency and its speedup, scored images, top-1 %, the share of images
+    leaving at each exit of a cascade, recall % per stage, purity %.
 
     Columns nothing was measured for are left out, and so are precision and backend while every row
     is float32 eager PyTorch.
     """
     recs = records(rows)
+    for rec in recs:  # a cascade's exit shares in one cell: 62/30/8
+        shares = [rec[k] for k in rec if re.fullmatch(r"exit\d+", k) and rec[k] is not None]
+        rec["exit_shares"] = "/".join(f"{100 * v:.0f}" for v in shares) if shares else None
     columns = [
         ("method", "method", "text"),
         ("track", "track", "text"),
@@ -143,6 +155,7 @@ def format_table(rows: Sequence[ResultRow]) -> str:
         ("latency_speedup", "latency speedup (95 % CI)", "ratio"),
         ("images", "images", "text"),
         ("top1", "top-1 %", "percent"),
+        ("exit_shares", "% left at exit 1/2/3", "text"),
     ]
     columns += [(k, f"recall s{k.removeprefix('recall_s')} %", "percent") for k in recs[0] if k.startswith("recall_s")]
     columns += [("purity", "purity %", "percent")]
