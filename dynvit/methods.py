@@ -103,6 +103,9 @@ class Method:
         onnx: None when the model exports to ONNX; else why it cannot (shown as the refusal).
         reference: Where the authors' code is (``"JoakimHaurum/TokenReduction models/kmedoids.py"``).
         objective: For learned methods, the name of the training objective beyond cross-entropy, or None.
+        accepts: Raises ``TypeError`` saying why when the method cannot take a given ViT over, beyond what every
+            method needs (:func:`dynvit.reducers.base.check_reducible`): DVT resamples a patch embedding that is
+            one convolution. None when the common checks suffice.
         released: The settings its authors released for DeiT-S (224², 12 blocks), by a short name
             (``{"r=13": {"r": 13}}``), as parameters of ``build`` beside :meth:`default_params`; empty for a
             method without one. ``benchmarks/methods_speed.py`` times each.
@@ -126,6 +129,7 @@ class Method:
     set_params: Callable[..., Any] | None = None
     fine_tuned_in_paper: bool = False
     released: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accepts: Callable[[Any], None] | None = None
     wraps: bool = False
 
     def __post_init__(self) -> None:

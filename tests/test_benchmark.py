@@ -289,3 +289,16 @@ def test_cli_refuses_an_unknown_precision_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"unknown precision 'int4'.*did you mean 'int8'"):
         run_benchmark(tmp_path, "--precision=fp32,int4")
     assert not (tmp_path / "bench").exists()
+
+
+def test_methods_all_lists_a_method_that_cannot_take_the_teacher_over_instead_of_refusing_the_benchmark():
+    # vit_digits embeds patches with a convolutional stem, which DVT cannot resample into coarser exits.
+    teacher = create_teacher("vit_digits").eval()
+    student = create_student("vit_digits", keep_ratio=0.7, pruning_loc=(1, 3, 5)).eval()
+    plan = check_benchmark(student, teacher, [0.7], "all")
+    assert "dvt" not in plan.methods and "tome" in plan.methods and "dynamicvit" in plan.methods
+    (reason,) = plan.skipped
+    assert reason.startswith("dvt: DVT builds its coarser exits by resampling the patch embedding")
+    # Asked for by name, the same method is refused before anything is measured.
+    with pytest.raises(TypeError, match=r"\['dvt'\] cannot run on this teacher: DVT builds its coarser exits"):
+        check_benchmark(student, teacher, [0.7], ["dynamicvit", "dvt"])

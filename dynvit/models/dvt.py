@@ -893,6 +893,28 @@ def _keep_teacher_mlps(dvt: DVT, teachers: Sequence[VisionTransformer]) -> None:
                 block.mlp.fc2.load_state_dict(mlp.fc2.state_dict())
 
 
+def check_buildable(vit: nn.Module) -> None:
+    """``TypeError`` saying why DVT cannot build its cascade from ``vit`` (the registry's ``accepts``): it needs a
+    timm ViT with a class token, square images and a patch embedding that is one convolution to resample."""
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"DVT builds its cascade from a timm VisionTransformer, got {type(vit).__name__}")
+    if vit.cls_token is None or vit.global_pool != "token":
+        free = sorted(m.name for m in _methods.registered().values() if not m.needs_class_token and not m.learned)
+        raise TypeError(
+            "DVT reuses the class token's attention row and column and reads its exits from the class token, and "
+            f"this ViT has no class token (global_pool={vit.global_pool!r}): use {' or '.join(free)}, which need none"
+        )
+    if not isinstance(vit.patch_embed.proj, nn.Conv2d):
+        raise TypeError(
+            "DVT builds its coarser exits by resampling the patch embedding, which must be one convolution; this "
+            f"ViT's is a {type(vit.patch_embed.proj).__name__} (a convolutional stem): build a cascade of its own "
+            "with dynvit.create_dvt instead"
+        )
+    img_size = vit.patch_embed.img_size
+    if img_size[0] != img_size[1]:
+        raise TypeError(f"DVT needs square images, this ViT takes {tuple(img_size)}")
+
+
 def build_dvt(
     vit: nn.Module,
     threshold: float | None = None,
@@ -923,17 +945,8 @@ def build_dvt(
     if isinstance(vit, DVT):
         vit.thresholds = None if threshold is None else vit.check_thresholds([threshold] * (vit.num_exits - 1))
         return vit
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"DVT builds its cascade from a timm VisionTransformer, got {type(vit).__name__}")
-    if vit.cls_token is None or vit.global_pool != "token":
-        free = sorted(m.name for m in _methods.registered().values() if not m.needs_class_token and not m.learned)
-        raise TypeError(
-            "DVT reuses the class token's attention row and column and reads its exits from the class token, and "
-            f"this ViT has no class token (global_pool={vit.global_pool!r}): use {' or '.join(free)}, which need none"
-        )
+    check_buildable(vit)
     img_size = vit.patch_embed.img_size
-    if img_size[0] != img_size[1]:
-        raise ValueError(f"DVT needs square images, this ViT takes {tuple(img_size)}")
     grid = square_side(vit.patch_embed.num_patches, "the ViT")
     patches = default_patches(img_size[0], grid) if patches is None else [tuple(p) for p in patches]
     if len(patches) != len(EXIT_NAMES):
@@ -971,5 +984,6 @@ _methods.register(
         reference="blackfeather-wang/Dynamic-Vision-Transformer models_deit.py",
         objective="dvt",  # DVTModule: the exits' losses summed, each optionally distilled from the teacher
         released={"grids 7/10/14, all exits": {"patches": ((32, 0), (23, 3), (16, 0)), "upsample": (14, 20)}},
+        accepts=check_buildable,
     )
 )

@@ -474,6 +474,8 @@ def check_reducible(model: VisionTransformer, method: str | None = None) -> None
             f"{method} ranks tokens by the class token's attention, and this ViT has no class token "
             f"(global_pool={model.global_pool!r}): use {' or '.join(free)}, which need none"
         )
+    if method is not None and methods.get(method).accepts is not None:
+        methods.get(method).accepts(model)
 
 
 __all__ = [

@@ -53,8 +53,10 @@ from dynvit.measure.throughput import (
 from dynvit.models.contract import EarlyExiting, TokenReducingModel
 from dynvit.models.factory import family_of
 from dynvit.models.spatial_pruning import SpatialPruningStudent
+from dynvit.reducers.base import check_reducible
 from dynvit.reducers.cost import TokenCost
 from dynvit.reducers.matching import (
+    ALL,
     Matched,
     check_comparable,
     check_methods,
@@ -111,6 +113,7 @@ class Plan(NamedTuple):
     methods: list[str]
     precisions: list[str]
     backend: str
+    skipped: tuple[str, ...] = ()  # methods of `--methods all` that cannot take this teacher over, with why
 
 
 def check_benchmark(
@@ -131,8 +134,18 @@ def check_benchmark(
             a training-free method without a teacher, or one costed on images without calibration images.
         TypeError: the student has no keep ratio and stage blocks, or a method cannot take the teacher over.
     """
+    every = names == ALL or (not isinstance(names, str) and list(names) == [ALL])
     ratios, names = sorted(check_ratios(ratios), reverse=True), check_methods(names)
-    plan = Plan(ratios, names, check_precisions(precisions), check_backend(backend))
+    skipped = []
+    if every and teacher is not None:
+        # `--methods all` is every method that can take this teacher over; the others are listed, not refused.
+        for name in on_teacher(student, names):
+            try:
+                check_reducible(teacher, name)
+            except TypeError as e:
+                names.remove(name)
+                skipped.append(f"{name}: {e}")
+    plan = Plan(ratios, names, check_precisions(precisions), check_backend(backend), tuple(skipped))
     check_comparable(student, teacher, names)
     imaged = [n for n in on_teacher(student, names) if registry.get(n).cost == "images"]
     if imaged and not calibration:
@@ -434,12 +447,13 @@ def benchmark_plan(
             matched = match_to_student(student, teacher, plan.ratios, plan.methods, images, steps, cost)
 
             points = _float32_points(student, teacher, matched, loader, images, cost)
-            skipped: list[str] = []
+            skipped = list(plan.skipped)
             variants = _precision_points(points, plan.precisions[1:])
             if plan.backend == "onnxruntime":
                 folder = Path(onnx_dir) if onnx_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 check = timing_images(loader, student, 8)  # the export is checked on real images where there are
-                onnx, skipped = _onnx_points(points, plan.precisions, folder, check, settings.num_threads)
+                onnx, refused = _onnx_points(points, plan.precisions, folder, check, settings.num_threads)
+                skipped += refused
                 variants = [mine + extra for mine, extra in zip(variants, onnx, strict=True)]
             ordered = [p for point, mine in zip(points, variants, strict=True) for p in (point, *mine)]
 
