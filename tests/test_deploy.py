@@ -25,12 +25,8 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_c
 LOC = (1, 2, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from a second intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decisive(model: nn.Module) -> nn.Module:

@@ -19,12 +19,8 @@ TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=5, reus
 B = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from a second intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dvt(**kwargs) -> DVT:

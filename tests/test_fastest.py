@@ -35,12 +35,8 @@ QUICK = SpeedSettings(pairs=6, block_time=0.0, warmup_time=0.0, threads=1)
 EAGER = ["bf16 eager", "int8 eager torchao", "int8 eager torch.ao"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from a second intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digit_loader(n: int = 64):

@@ -398,7 +398,8 @@ def test_atc_one_clustering_step_written_out(base, images, linkage):
         x = model.embed(images)
         one_block = copy.deepcopy(model)
         one_block.blocks = one_block.blocks[:1]
-        run, sources, (labels,) = one_block.trace(x, track_sources=True)
+        run, sources, (stage,) = one_block.trace(x, track_sources=True)
+        labels = stage["assignment"]
         block = model.blocks[0]
         for i in range(len(images)):
             q, k, v = heads(block.attn, block.norm1(x[i]))
