@@ -36,7 +36,7 @@ from dynvit.methods import Knob, Method, register
 from dynvit.models.checkpoint import CheckpointMismatch, register_layout
 from dynvit.models.tokens import bipartite_soft_matching, max_merges, merge_sum, merge_weighted
 from dynvit.reducers.base import ReducedRun, ReducedViT, held_before
-from dynvit.reducers.tome import merge_schedule
+from dynvit.reducers.tome import merge_schedule, merge_token_schedule
 
 
 class DecoupledQKV(nn.Linear):
@@ -199,11 +199,7 @@ class DTEMViT(ReducedViT):
         self.feat_dim, self.k2, self.tau1, self.tau2 = feat_dim, k2, float(tau1), float(tau2)
 
     def token_schedule(self) -> list[tuple[int, int]]:
-        counts, n = [], self.num_patches + self.num_prefix_tokens
-        for m in self.merges:
-            counts.append((n, n - m))
-            n -= m
-        return counts
+        return merge_token_schedule(self.num_patches + self.num_prefix_tokens, self.merges)
 
     def run_blocks(self, x: torch.Tensor) -> ReducedRun:
         return self.trace(x)[0]

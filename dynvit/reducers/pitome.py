@@ -24,6 +24,7 @@ from dynvit.methods import Knob, Method, register
 from dynvit.models.tokens import bipartite_soft_matching, gather_tokens, merge_weighted
 from dynvit.reducers.base import ReducedRun, validate_rate
 from dynvit.reducers.sources import TracedMergingViT, TracedRun, initial_sources, merge_sources
+from dynvit.reducers.tome import merge_token_schedule
 
 
 def energy_scores(metric: torch.Tensor, margin: float) -> torch.Tensor:
@@ -74,11 +75,7 @@ class PiToMeViT(TracedMergingViT):
         self.matched_blocks = math.ceil(depth * 0.5)
 
     def token_schedule(self) -> list[tuple[int, int]]:
-        counts, n = [], self.num_patches + self.num_prefix_tokens
-        for m in self.merges:
-            counts.append((n, n - m))
-            n -= m
-        return counts
+        return merge_token_schedule(self.num_patches + self.num_prefix_tokens, self.merges)
 
     def trace(self, x: torch.Tensor, track_sources: bool = False) -> TracedRun:
         prefix = self.num_prefix_tokens

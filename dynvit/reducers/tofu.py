@@ -21,7 +21,7 @@ from dynvit.methods import Knob, Method, register
 from dynvit.models.tokens import MergePlan, bipartite_soft_matching, gather_tokens, max_merges
 from dynvit.reducers.base import ReducedRun, held_before
 from dynvit.reducers.sources import TracedMergingViT, TracedRun, drop_merged, initial_sources, merge_sources
-from dynvit.reducers.tome import merge_schedule
+from dynvit.reducers.tome import merge_schedule, merge_token_schedule
 
 
 def merge_mlerp(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +60,7 @@ class ToFuViT(TracedMergingViT):
         return block <= len(self.blocks) // 2
 
     def token_schedule(self) -> list[tuple[int, int]]:
-        counts, n = [], self.num_patches + self.num_prefix_tokens
-        for m in self.merges:
-            counts.append((n, n - m))
-            n -= m
-        return counts
+        return merge_token_schedule(self.num_patches + self.num_prefix_tokens, self.merges)
 
     def trace(self, x: torch.Tensor, track_sources: bool = False) -> TracedRun:
         sources = initial_sources(x, self.num_prefix_tokens) if track_sources else None

@@ -47,6 +47,16 @@ def merge_schedule(num_patches: int, depth: int, r: int | Sequence[int]) -> list
     return merges
 
 
+def merge_token_schedule(tokens: int, merges: Sequence[int]) -> list[tuple[int, int]]:
+    """Tokens in each block's attention and MLP for a merger that merges ``merges[i]`` tokens between block
+    ``i``'s attention and MLP, starting from ``tokens`` (prefix tokens included)."""
+    counts = []
+    for m in merges:
+        counts.append((tokens, tokens - m))
+        tokens -= m
+    return counts
+
+
 class ToMeViT(MergingViT):
     """A timm ViT that merges tokens in every block (ToMe). Build with ``apply_reducer(vit, "tome", r=13)``.
 
@@ -67,11 +77,7 @@ class ToMeViT(MergingViT):
         self.prop_attn = bool(prop_attn)
 
     def token_schedule(self) -> list[tuple[int, int]]:
-        counts, n = [], self.num_patches + self.num_prefix_tokens
-        for m in self.merges:
-            counts.append((n, n - m))
-            n -= m
-        return counts
+        return merge_token_schedule(self.num_patches + self.num_prefix_tokens, self.merges)
 
     def start(self, state: TokenState) -> None:
         state.proportional = self.prop_attn
@@ -111,4 +117,4 @@ register(
     )
 )
 
-__all__ = ["ToMeViT", "merge_schedule"]
+__all__ = ["ToMeViT", "merge_schedule", "merge_token_schedule"]
