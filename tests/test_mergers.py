@@ -34,28 +34,26 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32)
 
 
-def mlp_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
-    """The tokens entering block ``block``'s MLP, as the model runs."""
+def first_input(model: nn.Module, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """The first input of ``layer`` (a norm inside ``model``) while the model runs on ``x``."""
     seen = []
-    hook = model.blocks[block].norm2.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    hook = layer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     try:
         with torch.no_grad():
             model(x)
     finally:
         hook.remove()
     return seen[0]
+
+
+def mlp_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
+    """The tokens entering block ``block``'s MLP, as the model runs."""
+    return first_input(model, x, model.blocks[block].norm2)
 
 
 def block_inputs(model: nn.Module, x: torch.Tensor, block: int) -> torch.Tensor:
     """The tokens entering block ``block`` (its first norm's input), as the model runs."""
-    seen = []
-    hook = model.blocks[block].norm1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        hook.remove()
-    return seen[0]
+    return first_input(model, x, model.blocks[block].norm1)
 
 
 def check_sources(sources: list[torch.Tensor], counts: list[tuple[int, int]], prefix: int = 1) -> None:
