@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import dynvit
 from dynvit.models.dvt import DVT, exit_indices, exit_shares, find_thresholds, resample_matrix
@@ -47,6 +49,26 @@ def test_grids_tokens_and_train_forward() -> None:
     dvt.eval()
     with torch.no_grad():
         assert torch.allclose(dvt(images()), dvt.forward_exits(images())[-1])
+
+
+def test_digits_cascade_exits_pad_the_image_before_their_conv_stem() -> None:
+    # experiments/digits_dvt.yaml: vit_digits_exit on 4x4, 6x6 and 8x8 grids of the 64-px canvas.
+    config = yaml.safe_load((Path(__file__).parents[1] / "experiments" / "digits_dvt.yaml").read_text())
+    args = config["model"]["init_args"]
+    torch.manual_seed(0)
+    dvt = dynvit.create_dvt(args["model_name"], img_size=64, patches=[tuple(p) for p in args["patches"]])
+    assert dvt.grids == [4, 6, 8] and dvt.tokens_per_exit == [17, 37, 65]
+    x = torch.randn(2, 1, 64, 64)
+    middle = dvt.exits[1].patch_embed.proj.eval()
+    assert middle.padding == (4, 4) and middle.patchify.kernel_size == (3, 3)
+    with torch.no_grad():  # padding 4 px is padding the image, then the stride-4 stem, then a 3x3 patchify conv
+        expected = middle.patchify(middle.stem(F.pad(x, (4, 4, 4, 4))))
+        torch.testing.assert_close(middle(x), expected)
+    assert expected.shape[-2:] == (6, 6)
+    dvt.train()
+    assert [o.shape for o in dvt(x)] == [(2, 10)] * 3
+    with pytest.raises(ValueError, match="multiple of the stem's stride 4"):
+        dynvit.create_dvt(args["model_name"], img_size=64, patches=[(16, 0), (11, 1), (8, 0)])
 
 
 def test_released_grids_from_the_patch_embeddings_and_soft_splits() -> None:

@@ -28,7 +28,7 @@ def teacher() -> torch.nn.Module:
 def test_default_patches_are_the_released_deit_s_and_the_digits_cascades():
     # The released DeiT-S cascade (7x7, 10x10, 14x14 grids of 224 px): patch 32; 23 padded by 3; 16.
     assert default_patches(224, 14) == [(32, 0), (23, 3), (16, 0)]
-    # experiments/digits_dvt.yaml's 4x4, 6x6, 8x8 grids of the 64-px canvas.
+    # 4x4, 6x6, 8x8 grids of a 64-px canvas, from a ViT on its 8x8 grid.
     assert default_patches(64, 8) == [(16, 0), (11, 1), (8, 0)]
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import dynvit
 from dynvit import methods
 from dynvit.lightning import MethodFineTuning
 from dynvit.run import finetune_configs
@@ -153,6 +154,14 @@ def test_bad_grids_are_refused_before_anything_trains(tmp_path, parameters, matc
     assert not out.exists() or not [p for p in out.iterdir() if p.is_dir()]
 
 
+def test_a_method_that_cannot_take_the_teacher_over_is_refused_before_the_grid_trains():
+    # The digits teacher's patch embedding is a conv stem, which DVT's cascade cannot resample.
+    module = MethodFineTuning(method="tome", model_name="vit_digits", keep_ratio=0.7)
+    module.check_point(0.7, "tome")
+    with pytest.raises(ValueError, match="dvt cannot take this teacher over: .*convolutional stem"):
+        module.check_point(0.7, "dvt")
+
+
 def test_pareto_front_and_best_method_per_budget():
     # (GFLOPs, top-1): the second is dominated by the first (cheaper and better); ties in both count once.
     assert pareto_front([(1.0, 0.9), (1.5, 0.8), (2.0, 0.95), (0.5, 0.5)], lower_x_is_better=True) == [3, 0, 2]
@@ -170,7 +179,16 @@ def test_pareto_front_and_best_method_per_budget():
 
 def test_the_digits_grid_names_every_registered_method_at_two_budgets_and_both_tracks():
     spec = load_sweep(REPO / "experiments" / "sweep_finetune_digits.yaml")
-    assert sorted(spec.parameters[METHOD]) == sorted(methods.registered())
+    teacher = dynvit.create_teacher("vit_digits")
+    takes_over = []
+    for name, method in methods.registered().items():
+        try:
+            if method.accepts is not None:
+                method.accepts(teacher)
+        except TypeError:
+            continue
+        takes_over.append(name)
+    assert sorted(spec.parameters[METHOD]) == sorted(takes_over) and "dvt" not in takes_over
     assert spec.parameters[RHO] == [0.7, 0.5] and spec.parameters[TRACK] == [False, True]
     assert len(spec.parameters["seed_everything"]) == 2
 

@@ -325,7 +325,12 @@ class MethodFineTuning(FrozenTeacherModule):
         """Check a grid point's method and budget on this teacher without building the method (the sweep
         calls it for every point before anything trains)."""
         if method is not None:
-            registry.get(method)
+            record = registry.get(method)
+            if record.accepts is not None:
+                try:
+                    record.accepts(self.teacher)
+                except TypeError as e:
+                    raise ValueError(f"{method} cannot take this teacher over: {e}") from e
         if keep_ratio is not None:
             stages = self.hparams.pruning_loc or default_stage_blocks(self.teacher)
             check_budget(keep_ratio, stages, self.teacher)

@@ -137,37 +137,59 @@ def multi_criteria_matching(
     return FusionPlan(unmerged, src, dst, order_b[..., r2:], src_b, partner_b.gather(-1, src_b))
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, ..., index[b], :] along x's second-to-last axis, for any axes between the batch and it."""
-    B, k = index.shape
-    shape = (B, *([1] * (x.dim() - 3)), k, 1)
-    return x.gather(-2, index.view(shape).expand(*x.shape[:-2], k, x.shape[-1]))
+def _along(index: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``index`` (B, n) broadcast to x's shape with n entries along ``dim`` (a gather or scatter index)."""
+    view = [1] * x.dim()
+    view[0], view[dim] = index.shape
+    shape = list(x.shape)
+    shape[dim] = index.shape[1]
+    return index.view(view).expand(shape)
 
 
-def _scatter(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, mode: str) -> torch.Tensor:
-    B, k = index.shape
-    shape = (B, *([1] * (x.dim() - 3)), k, 1)
-    return x.scatter_reduce(-2, index.view(shape).expand(*src.shape), src, reduce=mode)
+def _gather_into(out: torch.Tensor, x: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """``out`` ← x gathered at ``index`` along ``dim``, without a copy in between where eager inference allows
+    it (``out=`` takes no gradient, and export and compile trace no ``out=`` on symbolic shapes)."""
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        out.copy_(x.gather(dim, index))
+    else:
+        torch.gather(x, dim, index, out=out)
 
 
-def fuse(plan: FusionPlan, x: torch.Tensor, mode: str = "sum", held: int = 0) -> torch.Tensor:
-    """Apply a plan along x's second-to-last axis (tokens), combining fused rows by ``mode`` (sum or amax).
+def fuse(plan: FusionPlan, x: torch.Tensor, mode: str = "sum", held: int = 0, dim: int = -2) -> torch.Tensor:
+    """Apply a plan along x's axis ``dim`` (tokens; an attention map's keys are the last axis), combining
+    fused tokens by ``mode`` (sum or amax) in MCTF's order, so that sums round as its code does.
+
+    The result is written in place into one output: the A tokens left and the B tokens left are gathered
+    straight into their slices, and only the fused tokens are scattered. On the attention map, the largest
+    tensor here, this takes a third of the time of gathering, scattering and concatenating whole sets.
 
     Args:
-        held: Rows in front that took no part in the matching (prefix tokens before the class token);
+        held: Tokens in front that took no part in the matching (prefix tokens before the class token);
             they pass unchanged.
     Returns:
-        (…, T − r, C) in MCTF's order: held rows, A left, then B left (best score first; all of B one-way).
+        x with T − r tokens along ``dim`` in MCTF's order: held tokens, A left, then B left (best score
+        first; all of B one-way).
     """
-    if held:
-        return torch.cat([x[..., :held, :], fuse(plan, x[..., held:, :], mode)], dim=-2)
-    a, b = x[..., ::2, :], x[..., 1::2, :]
-    unmerged = _rows(a, plan.unmerged)
-    b = _scatter(b, plan.dst, _rows(a, plan.src), mode)
+    dim = dim % x.dim()
+    matched = x.narrow(dim, held, x.shape[dim] - held)
+    a = matched[(slice(None),) * dim + (slice(0, None, 2),)]
+    b = matched[(slice(None),) * dim + (slice(1, None, 2),)]
+    b = b.scatter_reduce(dim, _along(plan.dst, b, dim), a.gather(dim, _along(plan.src, a, dim)), mode)
+    left_a = plan.unmerged.shape[1]
+    left_b = b.shape[dim] if plan.unmerged_b is None else plan.unmerged_b.shape[1]
+    shape = list(x.shape)
+    shape[dim] = held + left_a + left_b
+    out = x.new_empty(shape)
+    out.narrow(dim, 0, held).copy_(x.narrow(dim, 0, held))
+    kept_a = out.narrow(dim, held, left_a)
+    _gather_into(kept_a, a, dim, _along(plan.unmerged, a, dim))
     if plan.unmerged_b is None:
-        return torch.cat([unmerged, b], dim=-2)
-    unmerged = _scatter(unmerged, plan.dst_b, _rows(b, plan.src_b), mode)
-    return torch.cat([unmerged, _rows(b, plan.unmerged_b)], dim=-2)
+        out.narrow(dim, held + left_a, left_b).copy_(b)
+        return out
+    _gather_into(out.narrow(dim, held + left_a, left_b), b, dim, _along(plan.unmerged_b, b, dim))
+    # Last, as autograd needs: the scatter's backward reads its result, which a later write into out would change.
+    kept_a.scatter_reduce_(dim, _along(plan.dst_b, kept_a, dim), b.gather(dim, _along(plan.src_b, b, dim)), mode)
+    return out
 
 
 def fuse_tokens(
@@ -187,7 +209,7 @@ def fuse_tokens(
     Returns:
         Fused tokens (B, T', C), their sizes (B, T', 1), the fused map (B, H, T', T') or None.
     """
-    fused_probs = fuse(plan, probs[..., None], held=held).squeeze(-1) if fuse_map else None  # keys add up
+    fused_probs = fuse(plan, probs, held=held, dim=-1) if fuse_map else None  # keys add up
     with torch.no_grad():
         new_size = fuse(plan, size, held=held)
     if pooling_type == 1:
@@ -195,14 +217,13 @@ def fuse_tokens(
             received = received_attention(probs).unsqueeze(-1)
             relative = size / size.amax(dim=-2, keepdim=True)
             norm = fuse(plan, received * relative, held=held)
-        if fused_probs is not None:
-            weighted = fused_probs * received[:, None] * relative[:, None]
-            fused_probs = fuse(plan, weighted, held=held) / norm[:, None]
+        if fused_probs is not None:  # products in MCTF's order, which rounds as its code does
+            fused_probs = fuse(plan, fused_probs * received[:, None] * relative[:, None], held=held) / norm[:, None]
         return fuse(plan, x * received * relative, held=held) / norm, new_size, fused_probs
     if pooling_type == 2:
         if fused_probs is not None:
-            fused_probs = fuse(plan, fused_probs, "amax", held=held)
-        return fuse(plan, x, "amax", held=held), new_size, fused_probs
+            fused_probs = fuse(plan, fused_probs, "amax", held)
+        return fuse(plan, x, "amax", held), new_size, fused_probs
     if pooling_type == 0:
         if fused_probs is not None:
             fused_probs = fuse(plan, fused_probs * size[:, None], held=held) / new_size[:, None]
