@@ -15,6 +15,7 @@ from dynvit.lightning.finetune import OBJECTIVES, MethodFineTuning, budget_gflop
 from dynvit.measure.flops import count_flops
 from dynvit.models import forward_with_tokens
 from dynvit.models.dvt import EXIT_NAMES
+from dynvit.models.masked_attention import MaskedAttention
 from tests.test_methods_contract import tiny_params
 
 NAME = "deit_tiny_patch16_224"
@@ -110,7 +111,7 @@ def test_budget_matches_each_method_to_dynamicvits_gflops_at_rho():
 
 
 def test_dynamicvit_dispatches_to_its_objective_and_others_to_cross_entropy():
-    dyn = tiny_module("dynamicvit", objective_args={"ratio_weight": 2.0})
+    dyn = tiny_module("dynamicvit", objective_args={"dynamicvit": {"ratio_weight": 2.0}, "dtem": {}})
     assert dyn.objective is OBJECTIVES["dynamicvit"]
     x, y = images()
     dyn.train()
@@ -141,8 +142,25 @@ def test_distillation_adds_the_teachers_logit_kl():
     torch.testing.assert_close(b, a + 0.5 * kl.detach(), rtol=1e-4, atol=1e-5)
 
 
+def test_dynamicvit_objective_takes_the_digits_recipes_keep_gradient_and_start():
+    torch.manual_seed(0)
+    plain = module("dynamicvit", keep_ratio=0.7)
+    torch.manual_seed(0)
+    tuned = module(
+        "dynamicvit",
+        keep_ratio=0.7,
+        objective_args={"dynamicvit": {"keep_gradient": "secant", "start_at_target": True}},
+    )
+    layers = [m for m in tuned.net.modules() if isinstance(m, MaskedAttention)]
+    assert layers and {m.keep_gradient for m in layers} == {"secant"}
+    assert {m.keep_gradient for m in plain.net.modules() if isinstance(m, MaskedAttention)} == {"tangent"}
+    plain.net.start_predictors_at_target()  # what start_at_target does to the same fresh predictors
+    for (name, want), got in zip(plain.net.state_dict().items(), tuned.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+
+
 def test_dtem_freeze_backbone_trains_only_the_embedding():
-    m = tiny_module("dtem", objective_args={"freeze_backbone": True})
+    m = tiny_module("dtem", objective_args={"dtem": {"freeze_backbone": True}, "dynamicvit": {"ratio_weight": 2.0}})
     trainable = [k for k, p in m.net.named_parameters() if p.requires_grad]
     assert trainable and all(".metric_layer." in k for k in trainable)
 
@@ -179,9 +197,21 @@ def test_training_free_point_fits_nothing(tmp_path):
     [
         ({"method": "tomee"}, "did you mean 'tome'"),
         ({"method": "tome", "objective": "focal"}, "objective 'focal'"),
-        ({"method": "diffrate", "objective": "diffrate", "objective_args": {"target_gflops": 0.1}}, "not implemented"),
+        (
+            {"method": "diffrate", "objective": "diffrate", "objective_args": {"diffrate": {"target_gflops": 0.1}}},
+            "not implemented",
+        ),
         ({"method": "diffrate", "objective": "diffrate"}, "needs objective_args ['target_gflops']"),
-        ({"method": "dynamicvit", "objective_args": {"ratio_wieght": 2.0}}, "takes no objective_args ['ratio_wieght']"),
+        (
+            {"method": "dynamicvit", "objective_args": {"dynamicvit": {"ratio_wieght": 2.0}}},
+            "takes no objective_args ['ratio_wieght']",
+        ),
+        ({"method": "dynamicvit", "objective_args": {"ratio_weight": 2.0}}, "keyed by objective name"),
+        ({"method": "dynamicvit", "objective_args": {"dynamicvit": 2.0}}, "objective_args.dynamicvit must map"),
+        (
+            {"method": "dynamicvit", "objective_args": {"dynamicvit": {"keep_gradient": "chord"}}},
+            "keep_gradient",
+        ),
         ({"method": "tome", "keep_ratio": 1.5}, "keep ratios must be in (0, 1]"),
         ({"method": "tome", "keep_ratio": 0.05}, "keep"),
         ({"method": "tome", "keep_ratio": 0.7, "method_params": {"r": 2}}, "given twice"),

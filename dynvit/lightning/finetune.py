@@ -36,6 +36,7 @@ from dynvit.models import forward_with_tokens
 from dynvit.models.contract import reports
 from dynvit.models.dynamic_vit import StudentOutput, validate_pruning
 from dynvit.models.factory import default_stage_blocks
+from dynvit.models.masked_attention import set_keep_gradient
 from dynvit.objectives.dynamicvit import classification_loss, logit_distillation_loss
 from dynvit.objectives.spatial_pruning import pruning_objective
 from dynvit.reducers.matching import match_gflops
@@ -81,7 +82,7 @@ class Objective:
         if missing:
             raise ValueError(
                 f"objective {self.name!r} needs objective_args {missing}: give them, e.g. "
-                f"--model.init_args.objective_args '{{{missing[0]}: ...}}'"
+                f"--model.init_args.objective_args '{{{self.name}: {{{missing[0]}: ...}}}}'"
             )
         if unknown:
             raise ValueError(
@@ -111,8 +112,19 @@ def dynamicvit_objective(
     ratio_weight: float | None = None,
     distill_weight: float = 0.5,
     token_weight: float = 0.5,
+    keep_gradient: str = "tangent",
+    start_at_target: bool = False,
 ) -> Callable[[Any, torch.Tensor, Any], Terms]:
-    """DynamicViT's CE + keep-ratio MSE + logit KL + token distillation (:class:`~dynvit.objectives.DynamicViTLoss`)."""
+    """DynamicViT's CE + keep-ratio MSE + logit KL + token distillation (:class:`~dynvit.objectives.DynamicViTLoss`).
+
+    ``keep_gradient`` and ``start_at_target`` are :class:`~dynvit.lightning.DynamicViTModule`'s options (the
+    reference: tangent, predictors at 1/2); the digits recipes take secant and ρ, without which the predictors
+    saturate there and the tangent's gradient, clipped, steers the whole network (BENCHMARKS.md).
+    """
+    if set_keep_gradient(net, keep_gradient) == 0 and keep_gradient != "tangent":
+        raise ValueError(f"keep_gradient={keep_gradient!r} acts in masked attention, which this student does not have")
+    if start_at_target:
+        net.start_predictors_at_target()
     objective = pruning_objective(net, ratio_weight, distill_weight, token_weight, label_smoothing)
 
     def loss(out: StudentOutput, targets: torch.Tensor, teacher: Any) -> Terms:
@@ -194,6 +206,24 @@ def objective_of(method: registry.Method, name: str | None) -> Objective:
     return OBJECTIVES[name]
 
 
+def objective_arguments(by_objective: Mapping[str, Any] | None, objective: Objective) -> dict[str, Any]:
+    """``objective``'s entry of ``by_objective`` (arguments keyed by objective name), checked; ``ValueError``
+    for a name that is no objective, an entry that is not a mapping, or arguments the objective does not take."""
+    by_objective = dict(by_objective or {})
+    unknown = sorted(set(by_objective) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(
+            f"objective_args is keyed by objective name ({sorted(OBJECTIVES)}), got {unknown}: nest the "
+            f"arguments under their objective, e.g. {{dynamicvit: {{ratio_weight: 2.0}}}}"
+        )
+    for name, args in by_objective.items():
+        if not isinstance(args, Mapping):
+            raise ValueError(f"objective_args.{name} must map argument names to values, got {args!r}")
+    own = dict(by_objective.get(objective.name) or {})
+    objective.check(own)
+    return own
+
+
 def budget_gflops(vit: nn.Module, keep_ratio: float, stages: Sequence[int]) -> float:
     """GFLOPs of DynamicViT's student of ``vit`` at keep ratio ρ before ``stages`` (``vit`` is not changed)."""
     student = registry.get(BUDGET_METHOD).build(copy.deepcopy(vit), keep_ratio=keep_ratio, pruning_loc=tuple(stages))
@@ -225,7 +255,8 @@ class MethodFineTuning(FrozenTeacherModule):
             (``model_kwargs.drop_path_rate`` 0.1 in TokenReduction's recipe; the frozen teacher runs in eval).
         teacher_checkpoint, pretrained: Where the teacher's weights come from; the method starts from them.
         objective: Overrides the registry entry's objective (:data:`OBJECTIVES`); None takes the entry's.
-        objective_args: The objective's arguments (``{ratio_weight: 2.0}`` for ``dynamicvit``).
+        objective_args: Arguments by objective name (``{dynamicvit: {ratio_weight: 2.0}}``); the point's
+            objective takes its own entry, so one grid config can carry every method's.
         distill_weight: Weight of the logit KL to the frozen teacher added to any objective (0: off).
         backbone_lr_scale: Backbone learning rate relative to ``lr``; what the method adds
             (``new_param_prefixes``) learns at ``lr``. 1.0 in TokenReduction's recipe.
@@ -252,7 +283,7 @@ class MethodFineTuning(FrozenTeacherModule):
         pretrained: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         objective: str | None = None,
-        objective_args: dict[str, Any] | None = None,
+        objective_args: dict[str, dict[str, Any]] | None = None,
         distill_weight: float = 0.0,
         backbone_lr_scale: float = 1.0,
         lr: float = 1e-3,
@@ -269,7 +300,7 @@ class MethodFineTuning(FrozenTeacherModule):
         # Every argument is checked before the teacher is built or loaded.
         record = registry.get(method)
         self.objective = objective_of(record, objective)
-        self.objective.check(objective_args or {})
+        own_args = objective_arguments(objective_args, self.objective)
         if distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0 (0 switches distillation off), got {distill_weight}")
         params = dict(method_params or {})
@@ -302,7 +333,7 @@ class MethodFineTuning(FrozenTeacherModule):
         self.method = record
         self.method_params = params
         self.net = record.build(vit, **params)
-        self.loss = self.objective.build(self.net, label_smoothing, **(objective_args or {}))
+        self.loss = self.objective.build(self.net, label_smoothing, **own_args)
         self.val_purity = MeanMetric()
         self.val_recall = nn.ModuleList(MeanMetric() for _ in range(len(stages)))
 
