@@ -7,9 +7,10 @@ teacher on one batch of real test images (early exit depends on the images: rand
 the last exit). DVT's *share* is its speedup divided by the FLOP ratio its mean GFLOPs on that batch
 predict (issue 28's target: at least 0.8 at batch 64).
 
-Then, at each budget, which is faster at equal top-1: DVT's speed against the fastest at which DynamicViT's
-curve over ρ reaches DVT's top-1 (interpolated between its points); and the trade-off figure with DVT's
-curve over budgets beside DynamicViT's over ρ.
+A picture groups test images by the exit they left at (``exits.png``). Then, at each budget, which is
+faster at equal top-1: DVT's speed against the fastest at which DynamicViT's curve over ρ reaches DVT's
+top-1 (interpolated between its points); and the trade-off figure with DVT's curve over budgets beside
+DynamicViT's over ρ.
 
     python cli.py fit --config experiments/digits_dvt.yaml          # after `make demo`
     python benchmarks/dvt_digits.py --dvt runs/digits_dvt/checkpoints/last.ckpt \\
@@ -30,6 +31,7 @@ from dynvit.lightning import DVTModule, DynamicViTModule
 from dynvit.measure.environment import describe, environment
 from dynvit.measure.evaluate import evaluate
 from dynvit.measure.throughput import SpeedSettings, inference_call, time_calls
+from dynvit.models.dvt import save_exit_gallery
 from dynvit.run.report import ResultRow, format_table, write_report
 
 RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -125,8 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = environment("cpu", settings.batch_size, ["fp32"], threads=args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Which test images are "easy": grouped by the exit they left at, at the budget nearest DynamicViT ρ 0.7's.
+    _, thresholds = min(cascade, key=lambda c: abs(c[0].keep_ratio - 0.7))
+    gallery = save_exit_gallery(images, dvt.predict_early_exit(images, thresholds).exit_index, out / "exits.png")
     write_report(rows, out, stem="dvt_vs_dynamicvit", title="DVT vs DynamicViT on the digits", environment=env)
-    print(f"{describe(env)}; {args.pairs} pairs per speedup, test top-1 on {len(test.dataset)} images\n")
+    print(f"{describe(env)}; {args.pairs} pairs per speedup, test top-1 on {len(test.dataset)} images")
+    print(f"test images by the exit they left at: {gallery}\n")
     print(format_table(rows))
     print(
         "\n| ρ budget | GFLOPs | DynamicViT top-1 / speedup | DVT top-1 / speedup | DVT share of its FLOP ratio "

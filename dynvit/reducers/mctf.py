@@ -161,7 +161,7 @@ def fuse(plan: FusionPlan, x: torch.Tensor, mode: str = "sum", held: int = 0, di
 
     The result is written in place into one output: the A tokens left and the B tokens left are gathered
     straight into their slices, and only the fused tokens are scattered. On the attention map, the largest
-    tensor here, this takes a third of the time of gathering, scattering and concatenating whole sets.
+    tensor here, this takes less than half the time of gathering, scattering and concatenating whole sets.
 
     Args:
         held: Tokens in front that took no part in the matching (prefix tokens before the class token);
@@ -180,7 +180,8 @@ def fuse(plan: FusionPlan, x: torch.Tensor, mode: str = "sum", held: int = 0, di
     shape = list(x.shape)
     shape[dim] = held + left_a + left_b
     out = x.new_empty(shape)
-    out.narrow(dim, 0, held).copy_(x.narrow(dim, 0, held))
+    if held:
+        out.narrow(dim, 0, held).copy_(x.narrow(dim, 0, held))
     kept_a = out.narrow(dim, held, left_a)
     _gather_into(kept_a, a, dim, _along(plan.unmerged, a, dim))
     if plan.unmerged_b is None:
