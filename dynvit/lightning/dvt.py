@@ -8,13 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynvit.lightning.base import ImageClassification
-from dynvit.lightning.pruning import _TEACHER, build_teacher, teacher_record
+from dynvit.lightning.pruning import FrozenTeacherModule, build_teacher, teacher_record
 from dynvit.models.dvt import create_dvt, search_thresholds
 from dynvit.objectives.dynamicvit import classification_loss, logit_distillation_loss
 
 
-class DVTModule(ImageClassification):
+class DVTModule(FrozenTeacherModule):
     """A DVT cascade (:func:`~dynvit.models.dvt.create_dvt`) trained on the sum of its exits' losses.
 
     From scratch (the paper): each exit's cross-entropy, summed. With a teacher (``teacher_checkpoint``
@@ -40,7 +39,8 @@ class DVTModule(ImageClassification):
         teacher_kwargs: Extra timm kwargs of the teacher.
         distill_weight: Share of the KL term in each exit's loss (with a teacher).
         gflops: Budget (mean GFLOPs per image) for the thresholds chosen each validation epoch; None: none.
-        Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`.
+        Remaining arguments: see :class:`~dynvit.lightning.base.ImageClassification`; the teacher is handled
+            as by every :class:`~dynvit.lightning.pruning.FrozenTeacherModule`.
     """
 
     def __init__(
@@ -94,15 +94,6 @@ class DVTModule(ImageClassification):
         self._confidences: list[torch.Tensor] = []
         self._correct: list[torch.Tensor] = []
 
-    def frozen_networks(self) -> list[nn.Module]:
-        return [] if self.teacher is None else [self.teacher]
-
-    def train(self, mode: bool = True) -> DVTModule:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -152,20 +143,14 @@ class DVTModule(ImageClassification):
         self.log("val/early_exit_top1", choice.top1 / 100.0)
         self.log("val/early_exit_gflops", choice.gflops)
 
-    # The teacher is rebuilt from its own checkpoint; the thresholds travel with the cascade.
+    # The thresholds travel with the cascade (the teacher, as for every FrozenTeacherModule, does not).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        sd = checkpoint["state_dict"]
-        for key in [k for k in sd if k.startswith(_TEACHER)]:
-            del sd[key]
-        checkpoint.setdefault("dynvit", {})["teacher"] = dict(self.teacher_record)
         if self.net.thresholds is not None:
             checkpoint["dvt_thresholds"] = self.net.thresholds.clone()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.teacher is not None:
-            checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
         thresholds = checkpoint.get("dvt_thresholds")
         self.net.thresholds = None if thresholds is None else self.net.check_thresholds(thresholds)
 

@@ -23,24 +23,26 @@ _TEACHER = "teacher."
 
 
 class FrozenTeacherModule(ImageClassification):
-    """A module that trains ``self.net`` beside a frozen teacher ``self.teacher`` (built in the subclass).
+    """A module that trains ``self.net`` beside a frozen teacher ``self.teacher`` (built in the subclass;
+    None where the teacher is optional, as for a DVT cascade trained from scratch).
 
     The teacher stays in eval mode, gets no gradients, is not in the optimiser and is not written into
     checkpoints: it is rebuilt from ``teacher_checkpoint``/``pretrained`` on load, and every checkpoint
     records where its weights came from (``self.teacher_record``, see :func:`teacher_record`).
     """
 
-    teacher: nn.Module
+    teacher: nn.Module | None
     teacher_record: dict[str, str | None]
 
     def frozen_networks(self) -> list[nn.Module]:
-        return [self.teacher]
+        return [] if self.teacher is None else [self.teacher]
 
     def train(self, mode: bool = True) -> FrozenTeacherModule:
         # Lightning flips the whole module to train mode each epoch; the teacher must stay in eval
         # (no dropout, no drop-path) to be the fixed target the method distils from.
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     # The teacher is rebuilt from its own checkpoint; storing it in every student checkpoint would
@@ -54,7 +56,8 @@ class FrozenTeacherModule(ImageClassification):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({_TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 
 
 class DynamicViTModule(FrozenTeacherModule):
