@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from dynvit.run.report import ResultRow
-
-
-def _script():
-    path = Path(__file__).parents[1] / "benchmarks" / "dvt_digits.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_dvt_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import benchmark_scripts
 
 
 def point(top1: float, speedup: float) -> ResultRow:
@@ -23,7 +13,7 @@ def point(top1: float, speedup: float) -> ResultRow:
 
 
 def test_fastest_speedup_reaching_a_top1_walks_the_curve_from_the_fastest_point():
-    fastest_reaching = _script().fastest_reaching
+    fastest_reaching = benchmark_scripts.load("dvt_digits").fastest_reaching
     curve = [point(0.90, 2.0), point(0.94, 1.5), point(0.96, 1.2), point(0.95, 1.0)]
     assert fastest_reaching(0.89, curve) == 2.0  # the fastest point already reaches it
     # Between 2.0× at 90 % and 1.5× at 94 %: 92 % is reached halfway, at 1.75×.
@@ -34,7 +24,7 @@ def test_fastest_speedup_reaching_a_top1_walks_the_curve_from_the_fastest_point(
 
 
 def test_missing_checkpoints_and_bad_ratios_are_refused_with_what_to_do(tmp_path, capsys):
-    script = _script()
+    script = benchmark_scripts.load("dvt_digits")
     with pytest.raises(SystemExit):
         script.parse_args(["--dvt", str(tmp_path / "dvt.ckpt"), "--student", str(tmp_path / "student.ckpt")])
     err = capsys.readouterr().err

@@ -4,28 +4,17 @@ tiny width (no timing is asserted: only what the numbers are made of)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from dynvit import count_flops, create_teacher, methods
-
-
-def _script():
-    path = Path(__file__).parents[1] / "benchmarks" / "methods_speed.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_methods_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[object, dict]:
-    script = _script()
+    script = benchmark_scripts.load("methods_speed")
     out = tmp_path_factory.mktemp("speed") / "speed.json"
     script.main(["--quick", "--json", str(out)])
     return script, json.loads(out.read_text())
@@ -65,7 +54,7 @@ def test_gflops_are_fvcore_counts_of_the_method_built_at_its_setting(run):
 
 
 def test_table_flags_slow_methods_and_an_unknown_method_is_refused():
-    script = _script()
+    script = benchmark_scripts.load("methods_speed")
     row = script.Row("tome", "r=13", {}, 2.0, 2.0, 1.0, 0.9, 1.1, 10.0, 0.5, True)
     table = script.table(4.0, [row])
     assert "| tome | r=13 | 2.000 | 2.00 | 1.00× (0.90–1.10) | 10.0 | 0.50 **< 0.8** |" in table

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from dynvit import methods
-
-
-def small_models():
-    path = Path(__file__).parents[1] / "benchmarks" / "small_models.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_small_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import benchmark_scripts
 
 
 def test_quick_run_times_the_student_and_tome_against_the_teacher_at_each_batch(tmp_path, capsys):
     out = tmp_path / "small.json"
-    rows = small_models().main(["--quick", "--attention-kernel", "sdpa", "--json", str(out)])
+    rows = benchmark_scripts.load("small_models").main(["--quick", "--attention-kernel", "sdpa", "--json", str(out)])
     assert [(r["method"], r["batch_size"]) for r in rows] == [
         ("dynamicvit", 1),
         ("tome", 1),
@@ -39,7 +30,7 @@ def test_quick_run_times_the_student_and_tome_against_the_teacher_at_each_batch(
 
 
 def test_merging_names_every_merging_method_and_unknown_ones_are_refused():
-    module = small_models()
+    module = benchmark_scripts.load("small_models")
     args = module.parse_args(["--methods", "dynamicvit,merging,tome"])
     assert args.methods[0] == "dynamicvit" and args.methods.count("tome") == 1
     assert set(args.methods[1:]) == {m.name for m in methods.registered().values() if "sources" in m.reports}

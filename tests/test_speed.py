@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,6 @@ import random
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from dynvit import create_student, create_teacher, environment, measure_speedup
 from dynvit.measure.environment import describe
 from dynvit.measure.throughput import SpeedSettings, median_interval, time_calls, warm_up
 from dynvit.run.report import ResultRow, read_rows, write_report
+from tests import benchmark_scripts
 from tests.conftest import TINY, TINY_LOC
 
 
@@ -233,18 +232,10 @@ def test_timing_makes_glibc_reuse_freed_memory_instead_of_faulting_it_in_again()
     assert "malloc glibc" in describe(environment("cpu"))
 
 
-def _benchmark_script(name: str):
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_repeat_benchmark_runs_fresh_processes_and_reports_their_spread(tmp_path, capsys):
     """One real call (with glibc's default allocator: the setting only a fresh process can show),
     then the spread of three calls' speedups."""
-    repeat = _benchmark_script("repeat")
+    repeat = benchmark_scripts.load("repeat")
     out = tmp_path / "repeat.json"
     quick = ["--model", "vit_digits", "--ratios", "0.7", "--batch-size", "2", "--pairs", "2", "--block-time", "0"]
     repeat.main(["--calls", "1", "--allocator", "default", "--json", str(out), "--", *quick])
@@ -270,7 +261,7 @@ def test_repeat_benchmark_runs_fresh_processes_and_reports_their_spread(tmp_path
 
 
 def test_repeat_benchmark_ends_on_the_failed_calls_own_message(tmp_path, monkeypatch):
-    repeat = _benchmark_script("repeat")
+    repeat = benchmark_scripts.load("repeat")
     failing = tmp_path / "throughput.py"
     failing.write_text("import sys\nprint('a warning first', file=sys.stderr)\nsys.exit('error: no model called x')\n")
     monkeypatch.setattr(repeat, "THROUGHPUT", failing)
