@@ -121,8 +121,7 @@ def dynamicvit_objective(
     reference: tangent, predictors at 1/2); the digits recipes take secant and ρ, without which the predictors
     saturate there and the tangent's gradient, clipped, steers the whole network (BENCHMARKS.md).
     """
-    if set_keep_gradient(net, keep_gradient) == 0 and keep_gradient != "tangent":
-        raise ValueError(f"keep_gradient={keep_gradient!r} acts in masked attention, which this student does not have")
+    set_keep_gradient(net, keep_gradient)
     if start_at_target:
         net.start_predictors_at_target()
     objective = pruning_objective(net, ratio_weight, distill_weight, token_weight, label_smoothing)

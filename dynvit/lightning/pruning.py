@@ -137,11 +137,7 @@ class DynamicViTModule(FrozenTeacherModule):
             load_weights(self.net, self.teacher.state_dict(), source="the teacher")
             if start_at_target:
                 self.net.start_predictors_at_target()
-        if set_keep_gradient(self.net, keep_gradient) == 0 and keep_gradient != "tangent":
-            raise ValueError(
-                f"keep_gradient={keep_gradient!r} acts in masked attention, which {type(self.net).__name__} does not "
-                "have: leave it at 'tangent'"
-            )
+        set_keep_gradient(self.net, keep_gradient)
         self.loss = pruning_objective(self.net, ratio_weight, distill_weight, token_weight, label_smoothing)
         self.val_recall = nn.ModuleList(MeanMetric() for _ in self.net.pruning_loc)
 

@@ -182,7 +182,7 @@ def make_block_maskable(block: Block) -> None:
 
 def set_keep_gradient(model: nn.Module, mode: str) -> int:
     """Choose the gradient every :class:`MaskedAttention` in ``model`` gives its keep mask; returns how
-    many layers were set.
+    many layers were set (``ValueError`` for a mode other than the tangent on a model with none).
 
     ``"tangent"`` (the reference) is the derivative at the hard 0/1 decision. ``"secant"`` gives a
     dropped key j the slope of the line from keep_j = 0 to keep_j = 1 instead: for a loss linear in
@@ -193,6 +193,11 @@ def set_keep_gradient(model: nn.Module, mode: str) -> int:
     """
     check_keep_gradient(mode)
     layers = [m for m in model.modules() if isinstance(m, MaskedAttention)]
+    if not layers and mode != "tangent":
+        raise ValueError(
+            f"keep_gradient={mode!r} acts in masked attention, which {type(model).__name__} does not have: "
+            "leave it at 'tangent'"
+        )
     for layer in layers:
         layer.keep_gradient = mode
     return len(layers)
