@@ -80,6 +80,10 @@ def test_a_fine_tuning_step_moves_the_backbone_and_the_learned_modules(name):
     new = [k for k in before if own[k] not in teacher_keys]
     if methods.get(name).learned:
         assert new, f"{name} is learned but adds no parameters"
+    else:
+        # A training-free method adds parameters only through its objective (DiffRate's searched rates).
+        assert not new or methods.get(name).objective is not None
+    if new:
         # DTEM's embedding in the last block matches tokens after which only the class token is read; DVT's
         # last block's reuse MLP reads the previous exit for a class token whose features nothing reads after.
         unread = {"dtem": "blocks.3.", "dvt": f"{backbones[-1]}blocks.3.feature_resuse_mlp"}
@@ -88,8 +92,6 @@ def test_a_fine_tuning_step_moves_the_backbone_and_the_learned_modules(name):
         modules = {k.rsplit(".", 1)[0] for k in reached}
         reaching = {k.rsplit(".", 1)[0] for k in reached if grads[k] is not None and grads[k].abs().sum() > 0}
         assert modules == reaching, f"{name}: no gradient reached {sorted(modules - reaching)}"
-    else:
-        assert not new
     # The frozen teacher took no step.
     assert all(torch.equal(v, m.teacher.state_dict()[k]) for k, v in teacher_before.items())
 
@@ -165,6 +167,46 @@ def test_dtem_freeze_backbone_trains_only_the_embedding():
     assert trainable and all(".metric_layer." in k for k in trainable)
 
 
+def test_diffrate_objective_searches_the_rates_under_its_flops_constraint():
+    args = {"diffrate": {"flops_unit": 1e6, "rate_lr": 0.05}}
+    m = module("diffrate", keep_ratio=0.7, objective_args=args)
+    net, plain = m.net, module("diffrate", keep_ratio=0.7, fine_tune=False).net
+    # The training-free point runs the budget's schedule; fine-tuning searches rates that start uniform, with
+    # the formula's count of that schedule as target.
+    assert plain.prune_rates is None and net.kept_counts() == ([17] + [11] * 3,) * 2
+    target = plain.formula_flops([m for _, m in plain.token_schedule()]).item()
+    assert m.loss.target_flops == target
+    assert m.point_fields()["param"] == "searched rates"
+    x, y = images()
+    net.train()
+    terms = m.loss(net(x), y, None)
+    flops = net.formula_flops()
+    torch.testing.assert_close(terms["total"], terms["cls"] + 5.0 * ((flops - target) / 1e6) ** 2)
+    # The rates learn at DiffRate's own rate (before the schedule), the backbone at the recipe's.
+    scales = m.lr_scales()
+    assert scales["prune_rates."] * m.peak_lr() == pytest.approx(0.05) and scales[""] == 1.0
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    step(m, x, y)
+    moved = {k for k, p in net.named_parameters() if not torch.equal(before[k], p)}
+    assert {f"{kind}_rates.{i}.logits" for kind in ("prune", "merge") for i in range(3)} <= moved
+    assert "blocks.0.attn.qkv.weight" in moved
+    # DiffRate's own recipe: the backbone frozen, only the rates train.
+    frozen = module("diffrate", keep_ratio=0.7, objective_args={"diffrate": {"freeze_backbone": True}})
+    trainable = {k for k, p in frozen.net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{kind}_rates.{i}.logits" for kind in ("prune", "merge") for i in range(3)}
+
+
+def test_a_searched_diffrate_checkpoint_reloads_its_schedule():
+    m = module("diffrate", keep_ratio=0.7)
+    with torch.no_grad():
+        for rates in (*m.net.prune_rates, *m.net.merge_rates):
+            rates.logits.normal_()
+    again = module("diffrate", keep_ratio=0.7)
+    assert again.net.kept_counts() != m.net.kept_counts()
+    again.load_state_dict(m.state_dict())
+    assert again.net.kept_counts() == m.net.kept_counts()
+
+
 def test_training_free_point_fits_nothing(tmp_path):
     import lightning as L
 
@@ -197,11 +239,10 @@ def test_training_free_point_fits_nothing(tmp_path):
     [
         ({"method": "tomee"}, "did you mean 'tome'"),
         ({"method": "tome", "objective": "focal"}, "objective 'focal'"),
-        (
-            {"method": "diffrate", "objective": "diffrate", "objective_args": {"diffrate": {"target_gflops": 0.1}}},
-            "not implemented",
-        ),
-        ({"method": "diffrate", "objective": "diffrate"}, "needs objective_args ['target_gflops']"),
+        ({"method": "tome", "objective": "diffrate"}, "searches DiffRate's per-block rates"),
+        ({"method": "diffrate", "objective_args": {"diffrate": {"granularity": 0}}}, "granularity is the gap"),
+        ({"method": "diffrate", "objective_args": {"diffrate": {"flops_weight": -5}}}, "flops_weight must be"),
+        ({"method": "diffrate", "objective_args": {"diffrate": {"target_gflops": "2.9"}}}, "target_gflops must be"),
         (
             {"method": "dynamicvit", "objective_args": {"dynamicvit": {"ratio_wieght": 2.0}}},
             "takes no objective_args ['ratio_wieght']",

@@ -231,6 +231,7 @@ def test_diffrate_needs_a_class_token():
 def test_diffrate_is_registered(base, images):
     method = methods.get("diffrate")
     assert not method.learned and "sources" in method.reports and method.needs_class_token
+    assert method.objective == "diffrate"  # its fine-tuning searches the rates
     model = method.build(copy.deepcopy(base), **method.default_params(base))
     assert isinstance(model, DiffRateViT)
     low, high = method.knob.bounds(model)
@@ -238,6 +239,105 @@ def test_diffrate_is_registered(base, images):
     assert sum(m for _, m in cheap.token_schedule()) < sum(m for _, m in model.token_schedule())
     model.train()
     model(images).sum().backward()  # fine-tunes like the plain model
+
+
+# What OpenGVLab/DiffRate's search computes (DiffRate/ddp.py, DiffRate/patch/deit.py, timm 0.4.5) for a ViT of
+# 64 patches (64² images, patch 8, width 96, 6 blocks) with rate logits 2 · randn from Generator(2), drawn in its
+# order (every block's pruning, then merging; block 0's single candidate included): the kept counts with the
+# class token and its training FLOPs formula, at granularity 4 and 1 (/work/scratch/drsearch/ref_search.py).
+OFFICIAL_SEARCH = {
+    4: (([65, 34, 38, 33, 22, 41], [65, 31, 41, 31, 43, 45]), 27392640.0),
+    1: (([65, 25, 48, 26, 29, 51], [65, 30, 35, 38, 28, 30]), 25788480.0),
+}
+
+
+def searching(base: nn.Module, granularity: int = 4, **params) -> DiffRateViT:
+    model = DiffRateViT.from_vit(copy.deepcopy(base), **params)
+    model.learn_rates(granularity)
+    return model.train()
+
+
+@pytest.mark.parametrize("granularity", sorted(OFFICIAL_SEARCH))
+def test_diffrate_search_counts_and_flops_equal_the_official_code(granularity):
+    vit = create_teacher(NAME, img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=3, num_classes=10)
+    model = searching(vit, granularity)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for i in range(6):
+            for rates in (model.prune_rates, model.merge_rates):
+                logits = 2.0 * torch.randn(1 if i == 0 else 64 // granularity, generator=g)
+                if i > 0:
+                    rates[i - 1].logits.copy_(logits)
+    counts, flops = OFFICIAL_SEARCH[granularity]
+    assert model.kept_counts() == counts
+    assert model.formula_flops().item() == flops
+    # Eval runs those counts: what is left after each block is the running minimum of both.
+    prune, merge = counts
+    assert [m for _, m in model.token_schedule()] == [min(prune[: i + 1] + merge[: i + 1]) for i in range(6)]
+
+
+def test_diffrate_search_starts_uniform_and_the_first_block_keeps_everything(base):
+    model = searching(base, granularity=4)
+    assert len(model.prune_rates) == len(model.merge_rates) == len(model.blocks) - 1
+    # Uniform over 64, 60, …, 4 patches: expectation 34, plus the class token.
+    assert model.kept_counts() == ([65] + [35] * 3, [65] + [35] * 3)
+    assert {k for k, p in model.named_parameters() if k.startswith(model.new_param_prefixes)} == {
+        f"{kind}_rates.{i}.logits" for kind in ("prune", "merge") for i in range(3)
+    }
+    with pytest.raises(ValueError, match="granularity is the gap"):
+        model.learn_rates(65)
+
+
+def test_diffrate_keep_mask_is_exact_with_the_keep_probability_as_gradient(base):
+    rates = searching(base).prune_rates[0]
+    with torch.no_grad():
+        rates.logits.normal_()
+    mask = rates.keep_mask(30, 50)
+    assert torch.equal(mask, torch.cat([torch.ones(30), torch.zeros(20), torch.ones(15)]))
+    weights = torch.randn(65)
+    (grad,) = torch.autograd.grad((mask * weights).sum(), rates.logits)
+    # The probability that position j is kept: the mass of the candidates that reach it (class token: all).
+    probability = torch.stack(
+        [
+            sum(q for c, q in zip(rates.candidates, rates.logits.softmax(-1), strict=True) if c + 1 > j)
+            for j in range(65)
+        ]
+    )
+    (expected,) = torch.autograd.grad((probability * weights).sum(), rates.logits)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_diffrate_search_masks_in_training_what_eval_removes(base, images):
+    model = searching(base)
+    with torch.no_grad():
+        for i, (prune, merge) in enumerate(zip(model.prune_rates, model.merge_rates, strict=True)):
+            prune.logits.copy_(-30.0 * (prune.candidates != 48 - 16 * i).float())  # prune to 48, 32, 16 patches
+            merge.logits.copy_(-30.0 * (merge.candidates != 64).float())  # no merging
+    assert model.kept_counts() == ([65, 49, 33, 17], [65] * 4)
+    # Masked keys are out of every later attention (to DynamicViT's eps), as removed ones are in eval.
+    torch.testing.assert_close(model.train()(images), model.eval()(images), atol=1e-4, rtol=1e-4)
+    # Keeping every token, the training forward is the plain ViT's.
+    with torch.no_grad():
+        for rates in (*model.prune_rates, *model.merge_rates):
+            rates.logits.copy_(-30.0 * (rates.candidates != 64).float())
+    torch.testing.assert_close(model.train()(images), base(images), atol=1e-4, rtol=1e-4)
+
+
+def test_diffrate_search_merges_in_training_and_reaches_every_rate(base, images):
+    model = searching(base)
+    with torch.no_grad():
+        for rates in (*model.prune_rates, *model.merge_rates):
+            rates.logits.normal_()
+    logits = model(images)
+    assert logits.shape == (3, 10)
+    loss = F.cross_entropy(logits, torch.arange(3)) + model.formula_flops() / 1e6
+    loss.backward()
+    for rates in (*model.prune_rates, *model.merge_rates):
+        assert rates.logits.grad is not None and rates.logits.grad.abs().sum() > 0
+    # The backbone's gradient passes the masks and merges.
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sources are traced in eval"):
+        model.trace(model.embed(images), track_sources=True)
 
 
 # ---------------------------------------------------------------- ToFu

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ from dynvit.models.factory import default_stage_blocks
 from dynvit.models.masked_attention import set_keep_gradient
 from dynvit.objectives.dynamicvit import classification_loss, logit_distillation_loss
 from dynvit.objectives.spatial_pruning import pruning_objective
+from dynvit.reducers.diffrate import DiffRateViT
 from dynvit.reducers.matching import match_gflops
 
 # What the budget is measured in: the GFLOPs of this method's student at keep ratio ρ, at the stage blocks.
@@ -61,12 +63,15 @@ class Objective:
             on the same images, or None when the objective does not need it. Required arguments are the
             keyword-only ones without a default; a ``ValueError`` from ``build`` is a refusal.
         needs_teacher: Whether ``loss`` reads the teacher's outputs.
+        setting: What a grid row's setting says for a point it trained, when training replaces what the
+            method's knob set (DiffRate's search replaces the schedule); None: the knob's value.
     """
 
     name: str
     summary: str
     build: Callable[..., Callable[[Any, torch.Tensor, Any], Terms]]
     needs_teacher: bool = False
+    setting: str | None = None
 
     def arguments(self) -> tuple[list[str], list[str]]:
         """(required, optional) argument names of ``build`` beyond ``net`` and ``label_smoothing``."""
@@ -156,16 +161,77 @@ def dvt_objective(net: nn.Module, label_smoothing: float) -> Callable[[Any, torc
     return loss
 
 
-def diffrate_search(
-    net: nn.Module, label_smoothing: float, *, target_gflops: float
-) -> Callable[[Any, torch.Tensor, Any], Terms]:
-    """DiffRate's search objective, CE + 5·(GFLOPs − target)², needs learnable per-block rates."""
-    raise ValueError(
-        "objective 'diffrate' (DiffRate's rate search: CE + 5·(GFLOPs − target)² over learnable per-block kept "
-        "counts) is not implemented: dynvit's diffrate runs a fixed released schedule and has no learnable "
-        "rates (dynvit/reducers/diffrate.py). Fine-tune diffrate with its registry objective (plain "
-        "cross-entropy at a fixed schedule): leave model.init_args.objective unset"
-    )
+@runtime_checkable
+class SetsLearningRates(Protocol):
+    """A loss that gives some parameters their own learning rate: ``{name prefix: lr}``, before the schedule."""
+
+    learning_rates: Mapping[str, float]
+
+
+@dataclass
+class DiffRateSearchLoss:
+    """DiffRate's search loss: cross-entropy + ``weight`` · ((FLOPs − target) / ``unit``)², FLOPs by DiffRate's
+    formula (:meth:`~dynvit.reducers.diffrate.DiffRateViT.formula_flops`) of the schedule the rates give."""
+
+    net: nn.Module
+    label_smoothing: float
+    target_flops: float
+    weight: float
+    unit: float
+    learning_rates: Mapping[str, float]
+
+    def __call__(self, out: Any, targets: torch.Tensor, teacher: Any) -> Terms:
+        cls = classification_loss(logits_of(out), targets, self.label_smoothing)
+        flops = self.net.formula_flops()
+        penalty = ((flops - self.target_flops) / self.unit) ** 2
+        return {"total": cls + self.weight * penalty, "cls": cls, "flops": penalty, "gflops": flops.detach() / 1e9}
+
+
+def diffrate_objective(
+    net: nn.Module,
+    label_smoothing: float,
+    target_gflops: float | None = None,
+    flops_weight: float = 5.0,
+    flops_unit: float = 1e9,
+    granularity: int = 4,
+    rate_lr: float = 0.01,
+    freeze_backbone: bool = False,
+) -> DiffRateSearchLoss:
+    """DiffRate's rate search (OpenGVLab/DiffRate ``engine.py``): learnable kept-count distributions in every
+    block after the first (:meth:`~dynvit.reducers.diffrate.DiffRateViT.learn_rates`), trained on
+    cross-entropy + ``flops_weight`` · ((FLOPs − target) / ``flops_unit``)².
+
+    Args:
+        target_gflops: The FLOPs target in GFLOPs as DiffRate's formula counts them (its ``--target_flops``);
+            None: the formula's count of the schedule the budget set (the released schedule bent to the
+            budget), so the search moves the rates, not the cost.
+        flops_weight, flops_unit: DiffRate's 5 on GFLOPs (unit 1e9). A model far smaller than DeiT-S needs a
+            smaller unit for the constraint to weigh as much against cross-entropy.
+        granularity: Gap between candidate kept counts (DiffRate's 4).
+        rate_lr: The rates' learning rate before the schedule (DiffRate's ``--arch-lr`` 0.01); no weight decay.
+        freeze_backbone: DiffRate's own recipe: only the rates train. By default every parameter trains, as the
+            common fine-tuning recipe does.
+    """
+    if not isinstance(net, DiffRateViT):
+        raise ValueError(
+            f"objective 'diffrate' searches DiffRate's per-block rates, and {type(net).__name__} has none: use it "
+            "with method diffrate"
+        )
+    for name, value in (("flops_weight", flops_weight), ("flops_unit", flops_unit), ("rate_lr", rate_lr)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if target_gflops is None:
+        target = float(net.formula_flops([m for _, m in net.token_schedule()]))
+    elif isinstance(target_gflops, bool) or not isinstance(target_gflops, int | float) or not target_gflops > 0:
+        raise ValueError(f"target_gflops must be a positive number (GFLOPs as DiffRate counts), got {target_gflops!r}")
+    else:
+        target = target_gflops * 1e9
+    net.learn_rates(granularity)
+    if freeze_backbone:
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.startswith(net.new_param_prefixes))
+    rates = dict.fromkeys(net.new_param_prefixes, rate_lr)
+    return DiffRateSearchLoss(net, label_smoothing, target, flops_weight, flops_unit, rates)
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -182,8 +248,9 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("dvt", "the sum of every exit's CE (DVT's cascade)", dvt_objective),
         Objective(
             "diffrate",
-            "DiffRate's rate search CE + 5·(GFLOPs − target)² (refused: no learnable rates)",
-            diffrate_search,
+            "DiffRate's rate search: learnable kept counts per block, CE + 5·(GFLOPs − target)²",
+            diffrate_objective,
+            setting="searched rates",
         ),
     )
 }
@@ -332,7 +399,8 @@ class MethodFineTuning(FrozenTeacherModule):
         self.method = record
         self.method_params = params
         self.net = record.build(vit, **params)
-        self.loss = self.objective.build(self.net, label_smoothing, **own_args)
+        # The training-free point trains nothing, so its model stays as built (an objective may add modules).
+        self.loss = self.objective.build(self.net, label_smoothing, **own_args) if fine_tune else None
         self.val_purity = MeanMetric()
         self.val_recall = nn.ModuleList(MeanMetric() for _ in range(len(stages)))
 
@@ -341,10 +409,13 @@ class MethodFineTuning(FrozenTeacherModule):
         """What a grid's row says of this point: method, budget ρ, the method's setting and the track."""
         knob = self.method.knob
         value = self.method_params.get(knob.name)
+        param = None if value is None else knob.label(value)
+        if self.hparams.fine_tune and self.objective.setting is not None:
+            param = self.objective.setting
         fields = {
             "method": self.method.name,
             "keep_ratio": float(self.hparams.keep_ratio) if self.hparams.keep_ratio is not None else 1.0,
-            "param": None if value is None else knob.label(value),
+            "param": param,
             "track": "fine-tuned" if self.hparams.fine_tune else "training-free",
         }
         if self.matched_gflops is not None:
@@ -404,8 +475,10 @@ class MethodFineTuning(FrozenTeacherModule):
             self.trainer.fit_loop.max_epochs = 0
 
     def lr_scales(self) -> Mapping[str, float]:
-        added = getattr(self.net, "new_param_prefixes", ())
-        return {**dict.fromkeys(added, 1.0), "": self.hparams.backbone_lr_scale}
+        scales = dict.fromkeys(getattr(self.net, "new_param_prefixes", ()), 1.0)
+        if isinstance(self.loss, SetsLearningRates):
+            scales.update({prefix: lr / self.peak_lr() for prefix, lr in self.loss.learning_rates.items()})
+        return {**scales, "": self.hparams.backbone_lr_scale}
 
     # -- steps -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

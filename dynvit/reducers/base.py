@@ -30,7 +30,7 @@ from dynvit import methods
 from dynvit.models.attention_kernel import attend
 from dynvit.models.dynamic_vit import TokenPruning, check_prunable
 from dynvit.models.factory import default_stage_blocks
-from dynvit.models.masked_attention import KernelAttention, attention_inputs, attention_output
+from dynvit.models.masked_attention import KernelAttention, attention_inputs, attention_output, masked_softmax
 from dynvit.models.tokens import (
     MergePlan,
     embed_tokens,
@@ -184,7 +184,12 @@ class ReducerAttention(KernelAttention):
     """
 
     def attend(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None, cls_attn: bool = False, attn: bool = False
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        cls_attn: bool = False,
+        attn: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttentionStats]:
         """Self-attention of x (B, N, C) with an additive bias on the keys.
 
@@ -194,6 +199,9 @@ class ReducerAttention(KernelAttention):
             cls_attn: Also return the class token's attention row. With fused attention it is computed
                 separately (one query row, so cheap); the rest stays fused.
             attn: Also return the whole attention matrix; this call then runs unfused.
+            keep: A differentiable keep mask (B, N) applied inside the softmax, as DynamicViT's training
+                masks keys (:func:`~dynvit.models.masked_attention.masked_softmax`, after ``bias``); this
+                call then runs unfused.
         Returns:
             The attention output (B, N, C) and its :class:`AttentionStats`.
         """
@@ -202,7 +210,12 @@ class ReducerAttention(KernelAttention):
             # SDPA wants a float mask in the query's dtype (bf16 under autocast).
             bias = bias.to(q.dtype)
         row = matrix = None
-        if self.fused_attn and not attn:
+        if keep is not None:
+            # Scaled after the product, as DynamicViT's and DiffRate's training attention (bit for bit).
+            matrix = masked_softmax(maybe_add_mask((q @ k.transpose(-2, -1)) * self.scale, bias), keep)
+            row = matrix[:, :, 0] if cls_attn else None
+            x = self.attn_drop(matrix).to(v.dtype) @ v
+        elif self.fused_attn and not attn:
             x = attend(q, k, v, self.scale, bias=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
             if cls_attn:
                 row = maybe_add_mask((q[:, :, :1] * self.scale) @ k.transpose(-2, -1), bias)
@@ -219,10 +232,15 @@ class ReducerBlock(Block):
     """timm's ``Block`` split in two, so a reducer can act between attention and MLP."""
 
     def attend(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None, cls_attn: bool = False, attn: bool = False
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        cls_attn: bool = False,
+        attn: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttentionStats]:
         """The attention half with its residual; see :meth:`ReducerAttention.attend`."""
-        out, stats = self.attn.attend(self.norm1(x), bias=bias, cls_attn=cls_attn, attn=attn)
+        out, stats = self.attn.attend(self.norm1(x), bias=bias, cls_attn=cls_attn, attn=attn, keep=keep)
         return x + self.drop_path1(self.ls1(out)), stats
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:

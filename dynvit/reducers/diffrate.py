@@ -10,10 +10,18 @@ receives. Token sizes grow by ``size × similarity`` of each merged token, and e
 adds ``log(size)`` to its logits (proportional attention). The schedule counts every token, so a DeiT's
 first entry is 197.
 
-DiffRate's contribution is the *search* for the schedule (two categorical distributions over kept
-counts per block, a straight-through estimator, cross-entropy + 5·(GFLOPs − target)², backbone frozen,
-3 epochs). That search is training and is not here; the released DeiT-S schedules are
-(:data:`DEIT_S_SCHEDULES`), and ``strength`` bends one to another cost (``strength=0``: no reduction).
+The released DeiT-S schedules are :data:`DEIT_S_SCHEDULES`; ``strength`` bends one to another cost
+(``strength=0``: no reduction). DiffRate's contribution is the *search* for the schedule, and
+:meth:`DiffRateViT.learn_rates` turns it on: every block after the first gets two
+:class:`KeptCountDistribution` (pruning, merging): a categorical distribution over candidate kept
+counts (every ``granularity``-th count), whose expectation, rounded up, is the block's count. In training
+mode nothing is removed: tokens are sorted as in eval, pruned and merged ones are *masked* out of every
+later attention (DynamicViT's masked softmax) by a 0/1 mask whose gradient is the distribution's keep
+probability per position (straight-through), merged tokens are averaged into their destinations as in
+eval, and :meth:`DiffRateViT.formula_flops` is DiffRate's differentiable FLOPs count. The search
+objective, cross-entropy + 5·(GFLOPs − target)², is the fine-tuned track's ``diffrate`` objective
+(:mod:`dynvit.lightning.finetune`). In eval the model runs the counts the distributions give, as
+DiffRate deploys a searched schedule.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from dynvit.methods import Knob, Method, register
+from dynvit.models.dynamic_vit import input_size
 from dynvit.models.tokens import gather_tokens, key_bias
 from dynvit.reducers.base import ReducedRun
 from dynvit.reducers.sources import TracedMergingViT, TracedRun, initial_sources
@@ -85,13 +95,55 @@ def _bend(counts: Sequence[int], num_prefix: int, base_patches: int, num_patches
     return [num_prefix + max(1, round(num_patches * ((k - num_prefix) / base_patches) ** strength)) for k in counts]
 
 
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """``hard``'s value with ``soft``'s gradient (DiffRate's straight-through ceil, min and masks)."""
+    return hard.detach() + (soft - soft.detach())
+
+
+class KeptCountDistribution(nn.Module):
+    """DiffRate's differentiable discrete proxy for one block's pruning or merging.
+
+    A categorical distribution (softmax of :attr:`logits`, zeros at start: uniform, as DiffRate starts)
+    over the candidate kept patch counts ``N, N − g, N − 2g, …`` (g the granularity). The block keeps
+    ``ceil(E[count]) + P`` tokens (P prefix tokens), with the gradient of the expectation.
+    """
+
+    def __init__(self, num_patches: int, num_prefix: int, granularity: int) -> None:
+        super().__init__()
+        self.num_prefix, self.num_patches = num_prefix, num_patches
+        candidates = torch.arange(num_patches, 0, -granularity, dtype=torch.float32)
+        self.register_buffer("candidates", candidates, persistent=False)
+        self.logits = nn.Parameter(torch.zeros_like(candidates))
+
+    def expected_kept(self) -> torch.Tensor:
+        """Tokens kept, prefix tokens included: ``ceil(E[count]) + P`` as a 0-d tensor with E's gradient."""
+        expected = self.candidates @ self.logits.softmax(dim=-1)
+        return straight_through(torch.ceil(expected), expected) + self.num_prefix
+
+    def kept(self) -> int:
+        """Tokens kept, prefix tokens included, as the model runs in eval."""
+        with torch.no_grad():
+            return int(self.expected_kept())
+
+    def keep_mask(self, kept: int, upto: int) -> torch.Tensor:
+        """A mask over the P + N sorted positions: 0 on ``[kept, upto)``, 1 elsewhere, with the gradient of the
+        probability that each position is kept (the probability mass of the candidates that reach it)."""
+        positions = torch.arange(self.num_prefix + self.num_patches, device=self.logits.device)
+        reach = positions[None, :] < self.candidates[:, None] + self.num_prefix
+        probability = self.logits.softmax(dim=-1) @ reach.to(self.logits.dtype)
+        hard = torch.ones_like(probability)
+        hard[kept:upto] = 0.0
+        return straight_through(hard, probability)
+
+
 class DiffRateViT(TracedMergingViT):
     """A timm ViT that prunes and merges tokens by a DiffRate schedule in every block.
 
     Build with ``DiffRateViT.from_vit(vit, schedule="deit_s_2.9")`` or with explicit ``prune_kept_num`` and
     ``merge_kept_num`` lists; ``predict_with_sources`` shows which patches each token stands for. In
-    training mode it reduces as in eval (so the backbone can be fine-tuned at a schedule); DiffRate's own
-    training-mode forward, which keeps all tokens under soft masks, serves its search.
+    training mode it reduces as in eval (so the backbone can be fine-tuned at a schedule), until
+    :meth:`learn_rates` starts DiffRate's search: from then on the rates set the schedule, and training mode
+    is DiffRate's own forward, which keeps every token and masks the reduced ones.
     """
 
     method = "diffrate"
@@ -144,21 +196,92 @@ class DiffRateViT(TracedMergingViT):
         self.schedule, self.strength = schedule, float(strength)
         self.prune_kept_num = _bend(prune, prefix, base, patches, strength)
         self.merge_kept_num = _bend(merge, prefix, base, patches, strength)
+        if "prune_rates" not in self._modules:
+            self.prune_rates: nn.ModuleList | None = None
+            self.merge_rates: nn.ModuleList | None = None
+
+    def learn_rates(self, granularity: int = 4) -> None:
+        """Give every block after the first learnable kept-count distributions for pruning and merging (DiffRate's
+        search; the first block keeps every token, as in DiffRate), which set the schedule from now on.
+
+        Args:
+            granularity: Gap between candidate kept counts (DiffRate's default 4 on DeiT's 196 patches).
+        """
+        if (
+            isinstance(granularity, bool)
+            or not isinstance(granularity, int)
+            or not 1 <= granularity <= self.num_patches
+        ):
+            raise ValueError(
+                f"granularity is the gap between candidate kept counts, an int in [1, {self.num_patches}] for this "
+                f"model's {self.num_patches} patches, got {granularity!r}"
+            )
+        p, n, device = self.num_prefix_tokens, self.num_patches, self.cls_token.device
+        self.prune_rates = nn.ModuleList(KeptCountDistribution(n, p, granularity) for _ in self.blocks[1:]).to(device)
+        self.merge_rates = nn.ModuleList(KeptCountDistribution(n, p, granularity) for _ in self.blocks[1:]).to(device)
+        self.new_param_prefixes = ("prune_rates.", "merge_rates.")
+        self._counts_key: tuple | None = None
+
+    def kept_counts(self) -> tuple[list[int], list[int]]:
+        """(prune_kept_num, merge_kept_num): the configured schedule, or the one the learned rates give."""
+        if self.prune_rates is None:
+            return self.prune_kept_num, self.merge_kept_num
+        # Read once per change of the rates (an optimiser step or a loaded state bumps their version), not in
+        # every eval forward, where ~10 small ops per block would show in a small model's batch-1 latency.
+        rates = [*self.prune_rates, *self.merge_rates]
+        key = tuple((id(d.logits), d.logits._version) for d in rates)
+        if self._counts_key != key:
+            full = [self.num_patches + self.num_prefix_tokens]
+            depth = len(self.prune_rates)
+            kept = [d.kept() for d in rates]
+            self._counts_key, self._counts = key, (full + kept[:depth], full + kept[depth:])
+        return list(self._counts[0]), list(self._counts[1])
 
     def token_schedule(self) -> list[tuple[int, int]]:
         # A count above the tokens left changes nothing, as in DiffRate (its slicing keeps what there is).
         counts, n = [], self.num_patches + self.num_prefix_tokens
-        for p, m in zip(self.prune_kept_num, self.merge_kept_num, strict=True):
+        for p, m in zip(*self.kept_counts(), strict=True):
             counts.append((n, min(n, p, m)))
             n = counts[-1][1]
         return counts
 
+    def formula_flops(self, kept_after: Sequence[int] | None = None) -> torch.Tensor:
+        """DiffRate's FLOPs count (multiply-adds, as its ``calculate_flop_training``): per block ``4NC² + 2N²C`` in
+        attention for the N tokens entering it and ``2NC·hidden`` in the MLP for the N left after pruning and
+        merging, plus patch embedding (N with prefix tokens, as DiffRate; a conv stem counted as one patchify
+        convolution) and classifier.
+
+        Args:
+            kept_after: Tokens left after each block (prefix tokens included). None: the learned rates' counts,
+                differentiable in them (the N after a block is a straight-through min of its two counts, whose
+                gradient goes to both, as in DiffRate).
+        """
+        if kept_after is None and self.prune_rates is None:
+            raise ValueError("formula_flops without kept_after counts a learned schedule: call learn_rates() first")
+        c, patch = self.embed_dim, self.patch_embed.patch_size
+        n = torch.tensor(float(self.num_patches + self.num_prefix_tokens), device=self.cls_token.device)
+        flops = n * c * patch[0] * patch[1] * input_size(self)[0] + c * self.num_classes
+        rates = [None, *zip(self.prune_rates, self.merge_rates, strict=True)] if kept_after is None else None
+        for i, block in enumerate(self.blocks):
+            flops = flops + 4 * n * c * c + 2 * n * n * c
+            if kept_after is not None:
+                n = torch.full_like(n, kept_after[i])
+            elif rates[i] is not None:
+                prune, merge = (d.expected_kept() for d in rates[i])
+                n = straight_through(torch.minimum(n, torch.minimum(prune, merge)), prune + merge)
+            flops = flops + 2 * n * c * block.mlp.fc1.out_features
+        return flops
+
     def trace(self, x: torch.Tensor, track_sources: bool = False) -> TracedRun:
+        if self.training and self.prune_rates is not None:
+            if track_sources:
+                raise ValueError("sources are traced in eval; the rate search's training forward masks tokens")
+            return TracedRun(self._search_run(x), None)
         prefix = self.num_prefix_tokens
         sources = initial_sources(x, prefix) if track_sources else None
         size = None  # all ones until the first merge: no bias until then
         per_block = []
-        for block, (n, m), prune in zip(self.blocks, self.token_schedule(), self.prune_kept_num, strict=True):
+        for block, (n, m), prune in zip(self.blocks, self.token_schedule(), self.kept_counts()[0], strict=True):
             p = min(n, prune)  # tokens left after pruning; m after merging
             bias = None if size is None else key_bias(size.log())
             if m == n:
@@ -180,6 +303,61 @@ class DiffRateViT(TracedMergingViT):
         run = ReducedRun(tokens=x, kept=[], counts=self.schedule_counts(x), sizes=size)
         return TracedRun(run, per_block if track_sources else None)
 
+    def _search_run(self, x: torch.Tensor) -> ReducedRun:
+        """DiffRate's training forward: every token stays; the pruned and merged ones are masked out of later
+        attention by the rates' straight-through masks, which is how cross-entropy reaches the rates."""
+        B, prefix = x.shape[0], self.num_prefix_tokens
+        size = x.new_ones(x.shape[:2])
+        mask = x.new_ones(x.shape[:2])
+        left = x.shape[1]  # tokens not masked: the first ``left`` after every sort
+        rates = [None, *zip(self.prune_rates, self.merge_rates, strict=True)]
+        for block, block_rates in zip(self.blocks, rates, strict=True):
+            x, stats = block.attend(x, bias=key_bias(size.log()), cls_attn=True, keep=mask)
+            # Masked tokens get (almost) no attention, so they sort behind every token still in play.
+            ranked = stats.cls_attn.mean(dim=1)[:, prefix:].sort(dim=1, descending=True).indices + prefix
+            order = torch.cat([torch.arange(prefix, device=x.device).expand(B, -1), ranked], dim=1)
+            x, size, mask = gather_tokens(x, order), torch.gather(size, 1, order), torch.gather(mask, 1, order)
+            if block_rates is not None:
+                prune, merge = block_rates
+                kept = int(prune.expected_kept().detach())
+                if kept < left:
+                    mask = mask * prune.keep_mask(kept, left)
+                mid = min(left, kept)
+                kept = int(merge.expected_kept().detach())
+                if kept < mid:
+                    x, size = merge_masked(x, size, kept, mid, prefix)
+                    mask = mask * merge.keep_mask(kept, mid)
+                left = min(mid, kept)
+            x = block.feed_forward(x)
+        return ReducedRun(tokens=x, kept=[], counts=self.schedule_counts(x), sizes=size)
+
+
+@torch.no_grad()
+def merge_destinations(x: torch.Tensor, kept: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every token of x (B, n, C) past the first ``kept``: its highest cosine similarity to one of them and
+    that one's position (B, n − kept), the ``num_prefix`` first excluded. Without gradient, as DiffRate matches."""
+    metric = x / x.norm(dim=-1, keepdim=True)
+    similarity = metric[:, kept:] @ metric[:, :kept].transpose(-2, -1)
+    similarity[..., :num_prefix] = -math.inf
+    return similarity.max(dim=-1)
+
+
+def merge_masked(
+    x: torch.Tensor, size: torch.Tensor, kept: int, mid: int, num_prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffRate's training-mode merge: tokens ``[kept, mid)`` of x (B, n, C) are averaged into their most
+    similar among the first ``kept`` (as :func:`merge_into_kept`) but stay in place, to be masked.
+
+    Sizes (B, n): a merged token's ``size × similarity``, at least 1 (DiffRate clamps in training), is added
+    to its destination's and stays its own.
+    """
+    best, dst = merge_destinations(x[:, :mid], kept, num_prefix)
+    index = dst.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    head = x[:, :kept].scatter_reduce(1, index, x[:, kept:mid], reduce="mean")
+    moved = torch.cat([size[:, :kept], size[:, kept:mid] * best], dim=1).clamp(min=1)
+    size = torch.cat([moved[:, :kept].scatter_add(1, dst, moved[:, kept:]), moved[:, kept:], size[:, mid:]], dim=1)
+    return torch.cat([head, x[:, kept:]], dim=1), size
+
 
 def merge_into_kept(
     x: torch.Tensor, size: torch.Tensor, sources: torch.Tensor | None, kept: int, num_prefix: int
@@ -194,10 +372,7 @@ def merge_into_kept(
     Returns:
         The first ``kept`` tokens, each the unweighted mean of itself and what it received, their sizes and sources.
     """
-    metric = x / x.norm(dim=-1, keepdim=True)
-    similarity = metric[:, kept:] @ metric[:, :kept].transpose(-2, -1)
-    similarity[..., :num_prefix] = -math.inf
-    best, dst = similarity.max(dim=-1)
+    best, dst = merge_destinations(x, kept, num_prefix)
     index = dst.unsqueeze(-1)
     x = x[:, :kept].scatter_reduce(1, index.expand(-1, -1, x.shape[-1]), x[:, kept:], reduce="mean")
     size = size[:, :kept].scatter_add(1, dst, size[:, kept:] * best)
@@ -212,10 +387,11 @@ register(
     Method(
         name="diffrate",
         summary=(
-            "prune by class attention, then merge into the most similar kept token, per a DiffRate schedule "
-            "(OpenGVLab/DiffRate; its schedule search, a training, is not included)"
+            "prune by class attention, then merge into the most similar kept token, per a DiffRate schedule: "
+            "a released one, or searched by fine-tuning with its FLOPs constraint (OpenGVLab/DiffRate)"
         ),
         learned=False,
+        objective="diffrate",
         build=DiffRateViT.from_vit,
         knob=Knob("strength", 0.0, 4.0, integer=False, cheaper="higher"),
         cost="schedule",
@@ -224,9 +400,18 @@ register(
         needs_class_token=True,
         onnx="after a merge, torch 2.15's ONNX decomposition cannot view the output of attention with the size "
         "bias ('Cannot view a tensor'), as for ToMe",
-        reference="OpenGVLab/DiffRate DiffRate/patch/deit.py, DiffRate/merge.py, compression_rate.json",
+        reference="OpenGVLab/DiffRate DiffRate/patch/deit.py, DiffRate/ddp.py, DiffRate/merge.py, engine.py, "
+        "compression_rate.json",
         released={"2.9 GFLOPs": {"schedule": "deit_s_2.9"}, "2.3 GFLOPs": {"schedule": "deit_s_2.3"}},
     )
 )
 
-__all__ = ["DEFAULT_SCHEDULE", "DEIT_S_SCHEDULES", "DiffRateViT", "merge_into_kept"]
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "DEIT_S_SCHEDULES",
+    "DiffRateViT",
+    "KeptCountDistribution",
+    "merge_destinations",
+    "merge_into_kept",
+    "merge_masked",
+]

@@ -60,7 +60,7 @@ def _spread(values: Sequence[float]) -> tuple[float, float] | None:
 
 def grid_records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     """One record per method and budget ρ, in first-seen order: cost and speed (of the fine-tuned points where
-    there are any: the cost is the same, the speed measured per point), and per track the mean top-1, its range
+    there are any: the cost is the budget's, the speed measured per point), and per track the mean top-1, its range
     over repeated points (seeds), and the last stage's recall and the purity, as fractions."""
     groups: dict[tuple[str, float], list[ResultRow]] = {}
     for row in rows:
@@ -76,7 +76,8 @@ def grid_records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
         record: dict[str, Any] = {
             "method": method,
             "keep_ratio": rho,
-            "param": points[0].param,
+            # Training may replace the knob's setting (DiffRate's searched rates): both tracks' then.
+            "param": " / ".join(dict.fromkeys(r.param for r in points if r.param)) or None,
             "gflops": mean_of("gflops"),
             "speedup": mean_of("speedup"),
             "speedup_low": mean_of("speedup_low"),
