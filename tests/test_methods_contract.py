@@ -194,6 +194,28 @@ def test_flops_throughput_and_predict(teacher, name):
         assert prediction["masks"].shape[::2] == (2, N) and prediction["masks"].dtype == torch.bool
 
 
+# Methods whose eval forward cannot be one torch.compile graph, and why: the deploy paths compile the rest.
+GRAPH_BREAKS = {
+    "atc": "scikit-learn clusters each image",
+    "ats": "the number of tokens depends on the image",
+    "dvt": "early exit decides per batch which exits run",
+    "random": "its own torch.Generator",
+}
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_eval_forward_is_one_compiled_graph(teacher, name):
+    if name in GRAPH_BREAKS:
+        pytest.skip(GRAPH_BREAKS[name])
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    with torch.inference_mode():
+        explained = dynamo.explain(built(teacher, name))(images(2))
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, f"{name} breaks torch.compile's graph: {reasons}"
+
+
 @pytest.mark.parametrize("name", REGISTERED)
 def test_cost_matching_through_the_registry(teacher, name):
     method = methods.get(name)

@@ -26,7 +26,8 @@ def test_quick_run_times_the_student_and_tome_against_the_teacher_at_each_batch(
         assert r["share"] == pytest.approx(r["speedup"] / r["flop_ratio"]) and r["speedup"] > 0
     assert json.loads(out.read_text())["rows"] == rows
     printed = capsys.readouterr().out
-    assert "| tome | 2 |" in printed and "attention kernel sdpa" in printed
+    assert "| tome | 2 |" in printed and "attention kernel sdpa" in printed and "runtime: eager" in printed
+    assert benchmark_scripts.load("small_models").parse_args(["--compile"]).compile
 
 
 def test_merging_names_every_merging_method_and_unknown_ones_are_refused():

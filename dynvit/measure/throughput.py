@@ -380,17 +380,22 @@ def time_model(
 
 
 def measure_speedup(
-    model: nn.Module, reference: nn.Module, settings: SpeedSettings, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    reference: nn.Module,
+    settings: SpeedSettings,
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> tuple[Timing, Timing]:
     """``model`` and ``reference`` timed in pairs on the same random batch: (model's, reference's) timings.
 
-    ``model_timing.speedup`` is the median ratio with its interval.
+    ``model_timing.speedup`` is the median ratio with its interval. ``compile``: both run through
+    ``torch.compile(..., dynamic=False)``, compiled in the warm-up, untimed.
     """
     with keep_rng(settings.device):
         images = random_images(reference, settings.batch_size)
         with (
-            inference_call(reference, images, settings.device, dtype) as ref_call,
-            inference_call(model, images, settings.device, dtype) as call,
+            inference_call(reference, images, settings.device, dtype, compile) as ref_call,
+            inference_call(model, images, settings.device, dtype, compile) as call,
         ):
             ref_timing, timing = time_calls([ref_call, call], settings)
     return timing, ref_timing

@@ -130,8 +130,9 @@ def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tupl
     """Size-weighted average merge of tokens x (B, N, C) with sizes (B, N, 1); returns both, merged."""
     # Sum x·size and size in one pass (size rides along as an extra channel), then divide. Without autograd
     # the product is written straight into the wider tensor, where a cat would copy every token once more;
-    # autograd takes no out= arguments, so training cats (the same values).
-    if torch.is_grad_enabled() and (x.requires_grad or size.requires_grad):
+    # autograd takes no out= arguments, so training cats (the same values), and so does torch.compile, which
+    # breaks its graph at an out= into a view and fuses the cat itself.
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or size.requires_grad)):
         weighted = torch.cat([x * size, size], dim=-1)
     else:
         weighted = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
