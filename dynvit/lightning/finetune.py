@@ -184,7 +184,12 @@ class DiffRateSearchLoss:
         cls = classification_loss(logits_of(out), targets, self.label_smoothing)
         flops = self.net.formula_flops()
         penalty = ((flops - self.target_flops) / self.unit) ** 2
-        return {"total": cls + self.weight * penalty, "cls": cls, "flops": penalty, "gflops": flops.detach() / 1e9}
+        return {
+            "total": cls + self.weight * penalty,
+            "cls": cls,
+            "flops_penalty": penalty,
+            "gflops": flops.detach() / 1e9,
+        }
 
 
 def diffrate_objective(
