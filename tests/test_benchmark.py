@@ -10,7 +10,7 @@ import torch
 
 import dynvit.run.benchmark
 import dynvit.run.trainer
-from dynvit import count_flops, create_student, create_teacher
+from dynvit import count_flops, create_student, create_teacher, methods
 from dynvit.data import ClutteredDigitsDataModule, SyntheticDataModule
 from dynvit.measure.throughput import SpeedSettings
 from dynvit.models import CheckpointMismatch
@@ -136,6 +136,10 @@ def test_bad_ratios_and_non_pruned_models_are_refused():
             benchmark(student, ratios=bad, settings=FAST)
     with pytest.raises(TypeError, match="no keep_ratio"):
         student_at(create_teacher("vit_tiny_patch16_224", **ARCH))
+    # A (fine-tuned) training-free method is no student to vary: the message says where its speed was measured.
+    tome = methods.get("tome").build(create_teacher("vit_tiny_patch16_224", **ARCH), r=2)
+    with pytest.raises(TypeError, match=r"ToMeViT is a tome model, not a learned student.*cli.py sweep"):
+        student_at(tome)
 
 
 def test_table_shows_percentages_and_hides_unmeasured_columns():

@@ -239,6 +239,13 @@ def student_at(student: nn.Module) -> Callable[[float], nn.Module]:
         TypeError: ``student`` is no student whose knob can be set (a plain ViT, a reducer).
     """
     method = student_method(student)
+    if not method.learned and methods.controlling(student) is method:
+        raise TypeError(
+            f"{type(student).__name__} is a {method.name} model, not a learned student: `benchmark` varies a "
+            f"learned student's knob and matches every method to it. A fine-tuned {method.name} "
+            "(dynvit.lightning.MethodFineTuning) is timed against its teacher by its own fit (throughput/speedup "
+            "in its run's metrics) and in the grid `cli.py sweep` writes"
+        )
     if not method.learned or getattr(student, method.knob.name, None) is None:
         raise TypeError(
             f"{type(student).__name__} has no {method.knob.name} to vary: the comparison needs a trained student "
