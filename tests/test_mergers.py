@@ -340,6 +340,21 @@ def test_diffrate_search_merges_in_training_and_reaches_every_rate(base, images)
         model.trace(model.embed(images), track_sources=True)
 
 
+def test_a_searched_diffrate_compiles_to_one_graph_with_its_learned_counts(base, images):
+    import torch._dynamo as dynamo
+
+    model = searching(base)
+    with torch.no_grad():
+        for rates in (*model.prune_rates, *model.merge_rates):
+            rates.logits.normal_()
+    model.eval()
+    dynamo.reset()
+    with torch.inference_mode():
+        explained = dynamo.explain(model)(images)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert record_counts(model, images) == model.token_schedule()
+
+
 # ---------------------------------------------------------------- ToFu
 
 

@@ -226,6 +226,9 @@ class DiffRateViT(TracedMergingViT):
         """(prune_kept_num, merge_kept_num): the configured schedule, or the one the learned rates give."""
         if self.prune_rates is None:
             return self.prune_kept_num, self.merge_kept_num
+        if torch.compiler.is_compiling() and self._counts_key is not None:
+            # A compiled graph bakes the counts in, as read when the model last entered eval mode.
+            return list(self._counts[0]), list(self._counts[1])
         # Read once per change of the rates (an optimiser step or a loaded state bumps their version), not in
         # every eval forward, where ~10 small ops per block would show in a small model's batch-1 latency.
         rates = [*self.prune_rates, *self.merge_rates]
@@ -236,6 +239,12 @@ class DiffRateViT(TracedMergingViT):
             kept = [d.kept() for d in rates]
             self._counts_key, self._counts = key, (full + kept[:depth], full + kept[depth:])
         return list(self._counts[0]), list(self._counts[1])
+
+    def train(self, mode: bool = True) -> DiffRateViT:
+        super().train(mode)
+        if not mode and self.prune_rates is not None:
+            self.kept_counts()  # read the learned counts now, outside any compiled graph
+        return self
 
     def token_schedule(self) -> list[tuple[int, int]]:
         # A count above the tokens left changes nothing, as in DiffRate (its slicing keeps what there is).
