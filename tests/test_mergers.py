@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynvit import count_flops, create_teacher, methods
+from dynvit import count_flops, create_teacher, load_checkpoint, methods
+from dynvit.models.checkpoint import CheckpointMismatch
 from dynvit.reducers.diffrate import DiffRateViT
 from dynvit.reducers.pitome import PiToMeViT
 from dynvit.reducers.tofu import ToFuViT, merge_mlerp
@@ -338,6 +339,31 @@ def test_diffrate_search_merges_in_training_and_reaches_every_rate(base, images)
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="sources are traced in eval"):
         model.trace(model.embed(images), track_sources=True)
+
+
+def test_diffrate_loads_the_official_search_checkpoint_layout(base, tmp_path):
+    searched = searching(base)
+    with torch.no_grad():
+        for rates in (*searched.prune_rates, *searched.merge_rates):
+            rates.logits.normal_()
+    # OpenGVLab/DiffRate's checkpoint.pth: the backbone's keys, and per block (block 0 included) two DiffRate
+    # modules with their candidates and logits (/work/scratch/drsearch/ref_ckpt.py loads the real one the same).
+    official = dict(base.state_dict())
+    for i in range(4):
+        for kind in ("prune", "merge"):
+            candidates = torch.arange(64, 0, -4).float() if i else torch.tensor([64.0])
+            logits = getattr(searched, f"{kind}_rates")[i - 1].logits.detach() if i else torch.zeros(1)
+            official[f"blocks.{i}.{kind}_ddp.kept_token_candidate"] = candidates
+            official[f"blocks.{i}.{kind}_ddp.selected_probability"] = logits
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": official, "epoch": 2}, path)
+    plain = DiffRateViT.from_vit(copy.deepcopy(base))
+    with pytest.raises(CheckpointMismatch, match=r"call model.learn_rates\(4\) before loading it"):
+        load_checkpoint(plain, path)
+    fresh = searching(base)
+    report = load_checkpoint(fresh, path)
+    assert report.missing == report.unexpected == []
+    assert fresh.kept_counts() == searched.kept_counts()
 
 
 def test_a_searched_diffrate_compiles_to_one_graph_with_its_learned_counts(base, images):

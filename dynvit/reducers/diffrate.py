@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dynvit.methods import Knob, Method, register
+from dynvit.models.checkpoint import CheckpointMismatch, register_layout
 from dynvit.models.dynamic_vit import input_size
 from dynvit.models.tokens import gather_tokens, key_bias
 from dynvit.reducers.base import ReducedRun
@@ -392,6 +393,43 @@ def merge_into_kept(
     return x, size, sources
 
 
+def diffrate_layout(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """DiffRate's checkpoint layout (its search's ``checkpoint.pth``) → dynvit's: ``blocks.{i}.prune_ddp.
+    selected_probability`` becomes ``prune_rates.{i-1}.logits`` (likewise merging); block 0's single-candidate
+    logits and every ``kept_token_candidate`` (the candidates follow from the granularity) are dropped. dynvit's
+    own layout passes unchanged.
+
+    Raises:
+        CheckpointMismatch: the checkpoint holds searched rates and ``model`` none, or rates of another granularity.
+    """
+    out = {}
+    candidates = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "blocks" and parts[2] in ("prune_ddp", "merge_ddp"):
+            block, kind = int(parts[1]), parts[2].split("_")[0]
+            if parts[3] == "kept_token_candidate":
+                candidates[block] = value
+            elif block > 0:
+                out[f"{kind}_rates.{block - 1}.logits"] = value
+        else:
+            out[key] = value
+    if candidates:
+        found = [c for b, c in sorted(candidates.items()) if b > 0 and len(c) > 1]
+        granularity = int(found[0][0] - found[0][1]) if found else None
+        if model.prune_rates is None or (
+            granularity is not None and len(model.prune_rates[0].candidates) != len(found[0])
+        ):
+            raise CheckpointMismatch(
+                f"this checkpoint holds DiffRate's searched rates (granularity {granularity}), and this "
+                f"{type(model).__name__} {'has none' if model.prune_rates is None else 'has rates of another granularity'}: "
+                f"call model.learn_rates({granularity}) before loading it"
+            )
+    return out
+
+
+register_layout(DiffRateViT, diffrate_layout)
+
 register(
     Method(
         name="diffrate",
@@ -420,6 +458,7 @@ __all__ = [
     "DEIT_S_SCHEDULES",
     "DiffRateViT",
     "KeptCountDistribution",
+    "diffrate_layout",
     "merge_destinations",
     "merge_into_kept",
     "merge_masked",
