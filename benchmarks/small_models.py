@@ -9,7 +9,7 @@ digits student (``vit_digits``, 64 px, ρ 0.7, stages 1, 3, 5) and ToMe at batch
     python benchmarks/small_models.py                                   # digits: student and ToMe, batch 1 and 64
     python benchmarks/small_models.py --model deit_small_patch16_224 --batch-sizes 32 --methods merging
     python benchmarks/small_models.py --attention-kernel sdpa          # timm's fused attention everywhere
-    python benchmarks/small_models.py --compile                        # every model torch.compiled, as deployed
+    python benchmarks/small_models.py --compile                        # every model, teacher too, torch.compiled
     python benchmarks/small_models.py --quick                          # seconds: one pair per row (tests)
 """
 
