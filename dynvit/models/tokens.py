@@ -126,13 +126,21 @@ def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
     return merged
 
 
+def writes_out(*inputs: torch.Tensor) -> bool:
+    """Whether an op on ``inputs`` may write into a preallocated tensor (``out=``), saving a copy: in eager
+    mode with no gradient to record. Autograd takes no ``out=``, and torch.compile and export break their graph
+    at an ``out=`` into a view (and fuse the copy themselves), so there the copying form is used: the same
+    values."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+
+
 def merge_weighted(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge of tokens x (B, N, C) with sizes (B, N, 1); returns both, merged."""
-    # Sum x·size and size in one pass (size rides along as an extra channel), then divide. Without autograd
-    # the product is written straight into the wider tensor, where a cat would copy every token once more;
-    # autograd takes no out= arguments, so training cats (the same values), and so does torch.compile, which
-    # breaks its graph at an out= into a view and fuses the cat itself.
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or size.requires_grad)):
+    # Sum x·size and size in one pass (size rides along as an extra channel), then divide; where allowed the
+    # product is written straight into the wider tensor, where a cat would copy every token once more.
+    if not writes_out(x, size):
         weighted = torch.cat([x * size, size], dim=-1)
     else:
         weighted = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
@@ -182,6 +190,7 @@ __all__ = [
     "merge_sources",
     "merge_sum",
     "merge_weighted",
+    "writes_out",
     "select_tokens",
     "validate_loc",
     "weighted_mean",

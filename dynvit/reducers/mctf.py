@@ -34,6 +34,7 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from dynvit.methods import Knob, Method, register
+from dynvit.models.tokens import writes_out
 from dynvit.reducers.base import ReducedRun, ReducedViT
 
 # How a fused token is pooled (MCTF's ``pooling_type``): 0 size-weighted mean, 1 weighted by attention
@@ -147,9 +148,8 @@ def _along(index: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _gather_into(out: torch.Tensor, x: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-    """``out`` ← x gathered at ``index`` along ``dim``, without a copy in between where eager inference allows
-    it (``out=`` takes no gradient, and export and compile trace no ``out=`` on symbolic shapes)."""
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+    """``out`` ← x gathered at ``index`` along ``dim``, without a copy in between where :func:`writes_out` allows."""
+    if not writes_out(x):
         out.copy_(x.gather(dim, index))
     else:
         torch.gather(x, dim, index, out=out)
