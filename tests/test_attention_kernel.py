@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention
 
 from dynvit import create_student, create_teacher
 from dynvit.models import attention_kernel
@@ -134,3 +135,68 @@ def test_pruned_and_reduced_models_compute_the_fused_outputs_on_every_kernel():
                     logits, masks = model.predict_with_masks(x)
                 assert torch.allclose(logits, fused, atol=1e-5), (name, kernel)
                 assert all(torch.equal(a, b) for a, b in zip(masks, fused_masks, strict=True)), (name, kernel)
+
+
+class FakeClock:
+    """``time.perf_counter`` that advances by the duration the kernel just called declared."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def kernel(self, seconds: float):
+        def run(q, k, v, scale, bias):
+            self.now += seconds
+            return q
+
+        return run
+
+
+@pytest.mark.parametrize(
+    ("sdpa_s", "math_s", "chosen"),
+    [
+        (200e-6, 150e-6, "math"),  # 25 % and 50 µs faster
+        (20e-6, 15e-6, "sdpa"),  # 25 % faster but 5 µs: inside a forward that is noise or a loss
+        (200e-6, 195e-6, "sdpa"),  # 5 µs and only 2.5 %
+    ],
+)
+def test_math_must_win_by_a_margin_and_an_absolute_saving(monkeypatch, sdpa_s: float, math_s: float, chosen: str):
+    clock = FakeClock()
+    monkeypatch.setattr(attention_kernel.time, "perf_counter", clock)
+    kernels = {"sdpa": clock.kernel(sdpa_s), "math": clock.kernel(math_s)}
+    monkeypatch.setattr(attention_kernel, "_KERNEL_FUNCTIONS", kernels)
+    q, k, v = qkv(1, 2, 30, 16)
+    assert attention_kernel._measure(q, k, v, 0.25, None) == chosen
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "math"])
+def test_kernel_attention_is_timms_attention_where_sdpa_is_planned(monkeypatch, kernel: str):
+    """With SDPA planned for its shape a converted attention runs timm's own forward (bit for bit); with the
+    math planned, the explicit formula (equal to rounding). The plan is read from the shape of x before
+    any query exists, and auto measures an unknown shape on its first call, then reuses the choice."""
+    torch.manual_seed(0)
+    student = create_student("deit_small_patch16_224", keep_ratio=0.7, pruning_loc=TINY_LOC, **TINY).eval()
+    attention = student.blocks[0].attn
+    timm_attention = copy.deepcopy(attention)
+    timm_attention.__class__ = Attention
+    x = torch.randn(2, 17, attention.qkv.in_features)
+    with torch.no_grad():
+        expected = timm_attention(x)
+        with use_attention_kernel(kernel):
+            out = attention(x)
+    if kernel == "sdpa":
+        assert torch.equal(out, expected)
+    else:
+        assert torch.allclose(out, expected, atol=1e-5) and not torch.equal(out, expected)
+    # auto: one measurement for the shape, whatever it picks, then the cached plan.
+    fast = "math" if kernel == "math" else "sdpa"
+    monkeypatch.setattr(attention_kernel, "_measure", lambda *args: fast)
+    shape = torch.Size((2, attention.num_heads, 17, attention.head_dim))
+    with use_attention_kernel("auto"), torch.no_grad():
+        assert attention_kernel.planned_kernel(shape, shape, x.dtype, x.device, needs_grad=False) is None
+        out = attention(x)
+        assert attention_kernel.planned_kernel(shape, shape, x.dtype, x.device, needs_grad=False) == fast
+        assert torch.allclose(out, expected, atol=1e-5)
+    assert list(chosen_kernels().values()) == [fast]

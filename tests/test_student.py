@@ -168,6 +168,22 @@ def test_eval_ranks_a_saturated_predictor_by_its_keep_odds() -> None:
         assert set(expected[b].tolist()) != set(range(model.stage_keep_counts[0]))
 
 
+def test_keep_log_odds_are_forwards_score_difference_bit_for_bit() -> None:
+    """The inference scores equal the difference of the module's two log-probabilities exactly (prefix rows
+    skipped), so the inference ranking is the training scores' ranking."""
+    torch.manual_seed(0)
+    predictor = KeepPredictor(64).eval()
+    for p in predictor.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 1 + N, 64)
+    with torch.no_grad():
+        scores = predictor(x[:, 1:])
+        odds = predictor.keep_log_odds(x[:, 1:])
+        with_prefix = predictor.keep_log_odds(x, num_prefix=1)
+    assert torch.equal(odds, scores[..., 0] - scores[..., 1])
+    torch.testing.assert_close(with_prefix, odds, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("keep", [[1, 0, 1, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0]])
 def test_masked_softmax_equals_softmax_over_allowed_keys(keep: list[int]) -> None:
     scores = torch.randn(3, 2, 7, 7)

@@ -29,6 +29,10 @@ KERNELS = ("auto", "sdpa", "math")
 MAX_MATH_BYTES = 64 * 2**20
 # Math must beat SDPA by this factor to be chosen, so that timing noise does not flip equal kernels.
 MATH_MARGIN = 0.95
+# ... and by this many seconds a call: math is five dispatched ops to SDPA's one, and inside a forward each
+# costs more than in the timing loop (digits ViT at batch 1, 2-core EPYC: a block ran 2-13 µs slower on
+# math at 22-65 tokens where the loop timed math 6 µs faster to 3 µs slower; docs/reference.md).
+MATH_MIN_SAVING_S = 10e-6
 # Timed calls per kernel (alternating, after one untimed call each); the fastest counts.
 ROUNDS = 5
 
@@ -99,19 +103,17 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias:
 _KERNEL_FUNCTIONS = {"sdpa": _sdpa, "math": math_attention}
 
 
-def _measurable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether ``"auto"`` may time this call: an eager CPU inference call whose scores are small enough."""
+def _measurable(q_shape: torch.Size, keys: int, dtype: torch.dtype, device: torch.device, needs_grad: bool) -> bool:
+    """Whether ``"auto"`` may time a call: eager CPU inference whose (q_shape[:-1], keys) scores are small enough."""
     if (
-        q.device.type != "cpu"
+        device.type != "cpu"
+        or needs_grad
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
     ):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        return False
-    scores = q.shape[:-1].numel() * k.shape[-2] * torch.promote_types(q.dtype, torch.float32).itemsize
-    return scores <= MAX_MATH_BYTES
+    return q_shape[:-1].numel() * keys * torch.promote_types(dtype, torch.float32).itemsize <= MAX_MATH_BYTES
 
 
 def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None) -> str:
@@ -124,7 +126,34 @@ def _measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bi
             start = time.perf_counter()
             function(q, k, v, scale, bias)
             best[kernel] = min(best[kernel], time.perf_counter() - start)
-    return "math" if best["math"] < MATH_MARGIN * best["sdpa"] else "sdpa"
+    clearly_faster = best["math"] < MATH_MARGIN * best["sdpa"] and best["sdpa"] - best["math"] > MATH_MIN_SAVING_S
+    return "math" if clearly_faster else "sdpa"
+
+
+def _choice_key(
+    q_shape: torch.Size, k_shape: torch.Size, dtype: torch.dtype, device: torch.device, bias: torch.Tensor | None
+) -> tuple:
+    bias_key = None if bias is None else (tuple(bias.shape), bias.dtype)
+    return (tuple(q_shape), tuple(k_shape), bias_key, dtype, device, torch.get_num_threads())
+
+
+def planned_kernel(
+    q_shape: torch.Size,
+    k_shape: torch.Size,
+    dtype: torch.dtype,
+    device: torch.device,
+    needs_grad: bool,
+    bias: torch.Tensor | None = None,
+) -> str | None:
+    """The kernel :func:`attend` runs for queries and keys of these shapes under the current setting, or None
+    where ``"auto"`` has yet to measure them. From shapes alone, so an attention layer can know it before
+    computing its queries (:class:`~dynvit.models.masked_attention.KernelAttention` then runs timm's own code
+    for SDPA)."""
+    if _kernel == "sdpa" or not _measurable(q_shape, k_shape[-2], dtype, device, needs_grad):
+        return "sdpa"
+    if _kernel == "math":
+        return "math"
+    return _chosen.get(_choice_key(q_shape, k_shape, dtype, device, bias))
 
 
 def kernel_for(
@@ -132,21 +161,10 @@ def kernel_for(
 ) -> str:
     """The kernel :func:`attend` runs for these inputs under the current setting, measuring it first if
     ``"auto"`` has not seen this shape yet."""
-    if _kernel == "sdpa" or not _measurable(q, k, v, bias):
-        return "sdpa"
-    if _kernel == "math":
-        return "math"
-    key = (
-        tuple(q.shape),
-        tuple(k.shape),
-        None if bias is None else (tuple(bias.shape), bias.dtype),
-        q.dtype,
-        q.device,
-        torch.get_num_threads(),
-    )
-    kernel = _chosen.get(key)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    kernel = planned_kernel(q.shape, k.shape, q.dtype, q.device, needs_grad, bias)
     if kernel is None:
-        kernel = _chosen[key] = _measure(q, k, v, scale, bias)
+        kernel = _chosen[_choice_key(q.shape, k.shape, q.dtype, q.device, bias)] = _measure(q, k, v, scale, bias)
     return kernel
 
 
@@ -180,6 +198,7 @@ __all__ = [
     "clear_chosen_kernels",
     "kernel_for",
     "math_attention",
+    "planned_kernel",
     "set_attention_kernel",
     "use_attention_kernel",
 ]

@@ -14,7 +14,7 @@ from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from dynvit.models.attention_kernel import attend
+from dynvit.models.attention_kernel import attend, planned_kernel
 from dynvit.models.masked_attention_function import KEEP_GRADIENTS, MASK_EPS, check_keep_gradient, masked_attention
 
 
@@ -73,6 +73,12 @@ class KernelAttention(Attention):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal or not self.fused_attn:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        shape = torch.Size((B, self.num_heads, N, self.head_dim))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)
+        if planned_kernel(shape, shape, x.dtype, x.device, needs_grad) == "sdpa":
+            # timm's own forward: at batch 1 a block is dispatch-bound, and the helpers below cost ~2 %.
+            return super().forward(x)
         q, k, v, gate = attention_inputs(self, x)
         x = attend(q, k, v, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
         return attention_output(self, x, gate)
