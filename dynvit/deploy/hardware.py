@@ -102,6 +102,13 @@ class CpuInfo:
         wanted = {"bf16": BF16_FEATURES, "int8": INT8_FEATURES}[precision]
         return any(f in self.usable for f in wanted)
 
+    @property
+    def int8_dot_product(self) -> bool:
+        """Whether 8-bit products accumulate without saturating here (AVX-VNNI, AVX-512 VNNI or AMX, whatever
+        oneDNN's cap: onnxruntime's kernels do not read it). Without them x86 int8 kernels multiply with
+        ``vpmaddubsw``, whose pairwise int16 sums saturate for unsigned × signed 8-bit operands."""
+        return any(f in self.features for f in ("avx_vnni", *INT8_FEATURES))
+
     def describe(self) -> str:
         """``AMD EPYC (x86_64, ATen AVX2, oneDNN capped at AVX2; avx2 avx512_f avx512_bf16 …)``."""
         parts = [self.architecture, f"ATen {self.capability}"]
@@ -121,6 +128,7 @@ class CpuInfo:
             "onednn_max_isa": self.onednn_max_isa,
             "fast_bf16": self.fast("bf16"),
             "fast_int8": self.fast("int8"),
+            "int8_dot_product": self.int8_dot_product,
         }
 
 
