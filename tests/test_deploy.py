@@ -305,35 +305,38 @@ def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(name, tmp_p
     assert model.training is False  # exported as it was
 
 
-@pytest.mark.parametrize(
-    ("features", "bits"),
-    [({"avx2"}, 7), ({"avx2", "avx512_f"}, 7), ({"avx2", "avx_vnni"}, 8), ({"avx2", "avx512_f", "avx512_vnni"}, 8)],
-)
-def test_onnxruntime_int8_weights_have_7_bits_on_cpus_without_vnni(monkeypatch, tmp_path, features, bits):
-    """onnxruntime's advice: x86 without VNNI multiplies u8 × s8 with ``vpmaddubsw``, whose int16 pair sums
-    saturate unless the weights keep to 7 bits; with VNNI or AMX the full 8 bits."""
+@pytest.mark.parametrize(("reduce_range", "largest"), [(False, 127), (True, 64)])
+def test_onnxruntime_int8_weights_take_8_or_7_bits(tmp_path, reduce_range, largest):
+    """7-bit weights are onnxruntime's advice for x86 CPUs without VNNI, whose ``vpmaddubsw`` sums u8 × s8
+    pairs into saturating int16; symmetric int8 weights span ±127, onnxruntime's reduced range ±64."""
     import onnx
     from onnx import numpy_helper
 
-    from dynvit.deploy import hardware, quantize_onnx
-    from dynvit.deploy import onnx as deploy_onnx
+    from dynvit.deploy import quantize_onnx
 
-    cpu = hardware.CpuInfo("cpu", "x86_64", "AVX2", frozenset(features))
-    monkeypatch.setattr(deploy_onnx, "detect_cpu", lambda: cpu)
-    assert cpu.int8_dot_product is (bits == 8) and cpu.record()["int8_dot_product"] is (bits == 8)
     model = create_teacher("deit_small_patch16_224", **TINY).eval()
-    path = quantize_onnx(export_onnx(model, tmp_path / "teacher.onnx", images=digits(2)))
-    weights = [
-        numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.INT8
-    ]
-    largest = max(int(abs(w.astype("int32")).max()) for w in weights)
-    # Symmetric weights: ±127 in 8 bits; ±64 in 7 (onnxruntime's reduced range is [-64, 64]).
-    assert len(weights) >= 4 * TINY["depth"] and largest == {8: 127, 7: 64}[bits]
-    session = onnx_session(path, threads=1)
+    exported = export_onnx(model, tmp_path / "teacher.onnx", images=digits(2))
+    path = quantize_onnx(exported, reduce_range=reduce_range)
+    assert path == tmp_path / "teacher.int8.onnx"
+    initializers = onnx.load(path).graph.initializer
+    weights = [numpy_helper.to_array(t) for t in initializers if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 4 * TINY["depth"]
+    assert max(int(abs(w.astype("int32")).max()) for w in weights) == largest
     images = digits(4)
     with torch.inference_mode():
-        error = (run_onnx(session, images) - model(images)).norm() / model(images).norm()
+        error = (run_onnx(onnx_session(path, threads=1), images) - model(images)).norm() / model(images).norm()
     assert error.item() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("features", "dot_product"),
+    [({"avx2"}, False), ({"avx2", "avx512_f"}, False), ({"avx2", "avx_vnni"}, True), ({"avx512_vnni"}, True)],
+)
+def test_int8_dot_product_is_vnni_or_amx_whatever_onednns_cap(features, dot_product):
+    from dynvit.deploy.hardware import CpuInfo
+
+    cpu = CpuInfo("cpu", "x86_64", "AVX2", frozenset(features), onednn_max_isa="AVX2")
+    assert cpu.int8_dot_product is dot_product and cpu.record()["int8_dot_product"] is dot_product
 
 
 def test_onnx_sessions_do_not_spin_unless_asked(tmp_path):

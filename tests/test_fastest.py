@@ -22,7 +22,7 @@ from dynvit.deploy import (
     load_deployed,
     quantize,
 )
-from dynvit.deploy.fastest import REFERENCE
+from dynvit.deploy.fastest import REFERENCE, DeployPath, choice_path
 from dynvit.measure.throughput import SpeedSettings, Timing
 from tests.test_deploy import digits, int8_layers, vit_student
 from tests.tiny_config import DIGITS
@@ -49,7 +49,7 @@ def digit_loader(n: int = 64):
 
 
 def test_the_paths_tried_are_those_that_apply_on_the_device():
-    cpu = [p.name for p in candidate_paths("cpu")]
+    cpu = [p.name for p in candidate_paths("cpu", cpu=WITH_AMX)]
     assert cpu == [
         "fp32 eager",
         "bf16 eager",
@@ -58,8 +58,10 @@ def test_the_paths_tried_are_those_that_apply_on_the_device():
         "fp32 onnxruntime",
         "int8 onnxruntime",
     ]
-    compiled = [p.name for p in candidate_paths("cpu", compile=True)]
+    compiled = [p.name for p in candidate_paths("cpu", compile=True, cpu=WITH_AMX)]
     assert compiled == [*cpu, "fp32 compiled", "bf16 compiled", "int8 compiled torchao"]
+    # Without VNNI or AMX onnxruntime's int8 is also tried with 7-bit weights (saturation against precision).
+    assert [p.name for p in candidate_paths("cpu", cpu=AVX2_ONLY)] == [*cpu, "int8 onnxruntime 7-bit"]
     gpu = [p.name for p in candidate_paths("cuda")]
     # Three precisions, each with PyTorch's attention kernel and with each of four SDPA backends forced.
     assert gpu[0] == "fp32 eager" and len(gpu) == 3 * 5
@@ -213,6 +215,27 @@ def test_the_artifact_records_the_choice_and_runs_again(path, suffix, monkeypatc
     with torch.inference_mode():
         assert torch.equal(deployed(x), choice.runner(x))
         assert ((deployed(x) - student(x)).norm() / student(x).norm()).item() < 0.1
+
+
+def test_a_cpu_without_vnni_gets_the_7_bit_onnxruntime_file_when_it_wins(monkeypatch, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    monkeypatch.setattr(fastest_module, "detect_cpu", lambda: AVX2_ONLY)
+    monkeypatch.setattr(fastest_module, "surely_faster", lambda speedup: speedup is not None)
+    student, x = vit_student(), digits(8)
+    choice = fastest(student, x, settings=QUICK, paths=["int8 onnxruntime 7-bit"])
+    assert choice.chosen.path == DeployPath("int8", "onnxruntime", reduce_range=True)
+    artifact = choice.save(tmp_path / "student.onnx")
+    weights = [
+        numpy_helper.to_array(t) for t in onnx.load(artifact).graph.initializer if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert weights and max(int(abs(w.astype("int32")).max()) for w in weights) == 64
+    assert json.loads(choice_path(artifact).read_text())["path"]["reduce_range"] is True
+    assert load_deployed(artifact).path == choice.chosen.path
+    with pytest.raises(ValueError, match="unknown paths \\['int8 onnxruntime 7-bit'\\]"):
+        monkeypatch.setattr(fastest_module, "detect_cpu", lambda: WITH_AMX)
+        fastest(student, x, settings=QUICK, paths=["int8 onnxruntime 7-bit"])
 
 
 # --- what quantize knows of the CPU ----------------------------------------------------------------

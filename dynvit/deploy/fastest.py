@@ -5,7 +5,8 @@ than float32 on an AVX2-only CPU, where torchao's int8 is slower still and fbgem
 fastest (BENCHMARKS.md, "Deploy"). :func:`fastest` therefore measures instead of recommending:
 
 1. it builds every path that applies on the device (:func:`candidate_paths`): on a CPU float32,
-   bf16 and int8 (torchao and torch.ao) in eager PyTorch, float32 and int8 in onnxruntime, and,
+   bf16 and int8 (torchao and torch.ao) in eager PyTorch, float32 and int8 in onnxruntime (int8
+   with 8- and 7-bit weights on x86 without VNNI or AMX), and,
    when the user allows the compile time, ``torch.compile``; on a GPU float32, fp16 and bf16, each
    with PyTorch's attention kernel and with each SDPA backend forced. A path that cannot be built
    here (an export the exporter refuses, a kernel the device lacks) is *skipped*, with the reason;
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynvit.deploy.hardware import SlowPrecisionWarning, detect_cpu
+from dynvit.deploy.hardware import CpuInfo, SlowPrecisionWarning, detect_cpu
 from dynvit.deploy.onnx import INPUT, export_onnx, onnx_session, quantize_onnx, run_onnx
 from dynvit.deploy.quantize import check_inference_ready, quantize
 from dynvit.measure.environment import environment
@@ -70,21 +71,26 @@ class DeployPath:
             (:func:`dynvit.deploy.quantize`); None otherwise.
         sdpa: On a GPU, the attention kernel forced (a key of :data:`SDPA_BACKENDS`); None leaves
             the choice to PyTorch.
+        reduce_range: For int8 in onnxruntime, 7-bit weights (:func:`~dynvit.deploy.onnx.quantize_onnx`).
     """
 
     precision: str
     runtime: str = "eager"
     int8_backend: str | None = None
     sdpa: str | None = None
+    reduce_range: bool = False
 
     @property
     def name(self) -> str:
-        """``int8 eager torch.ao``, ``fp16 eager sdpa=flash``, …: how tables and ``paths=`` name it."""
+        """``int8 eager torch.ao``, ``fp16 eager sdpa=flash``, ``int8 onnxruntime 7-bit``, …: how tables and
+        ``paths=`` name it."""
         parts = [self.precision, self.runtime]
         if self.int8_backend:
             parts.append(self.int8_backend)
         if self.sdpa:
             parts.append(f"sdpa={self.sdpa}")
+        if self.reduce_range:
+            parts.append("7-bit")
         return " ".join(parts)
 
     @property
@@ -96,15 +102,22 @@ class DeployPath:
 REFERENCE = DeployPath("fp32", "eager")
 
 
-def candidate_paths(device: torch.device | str = "cpu", compile: bool = False) -> list[DeployPath]:
+def candidate_paths(
+    device: torch.device | str = "cpu", compile: bool = False, cpu: CpuInfo | None = None
+) -> list[DeployPath]:
     """The paths :func:`fastest` tries on ``device``, float32 eager (the reference) first.
 
     Args:
         device: ``cpu`` or a GPU.
         compile: Also ``torch.compile`` paths (minutes of compilation per model on a small CPU).
+        cpu: The CPU (:func:`~dynvit.deploy.hardware.detect_cpu` when None). On x86 without VNNI or AMX
+            onnxruntime's int8 is tried with 8-bit weights and with 7-bit ones: its u8 × s8 product can
+            saturate there (onnxruntime advises 7 bits), and 7 bits cost precision (on a random-weight
+            DeiT-S student, logits error 0.08 → 0.15 on a VNNI CPU), so the check and the clock decide.
     """
     device = torch.device(device)
     if device.type == "cpu":
+        cpu = cpu or detect_cpu()
         paths = [
             REFERENCE,
             DeployPath("bf16"),
@@ -113,6 +126,8 @@ def candidate_paths(device: torch.device | str = "cpu", compile: bool = False) -
             DeployPath("fp32", "onnxruntime"),
             DeployPath("int8", "onnxruntime"),
         ]
+        if cpu.is_x86 and not cpu.int8_dot_product:
+            paths.append(DeployPath("int8", "onnxruntime", reduce_range=True))
         if compile:
             # torchao's fast CPU int8 is its compiled path: inductor fuses the activation's quantization.
             paths += [DeployPath("fp32", "compiled"), DeployPath("bf16", "compiled")]
@@ -227,7 +242,8 @@ def build_runner(
             raise ValueError(f"dynvit runs onnxruntime on the CPU only, from an exported file (device {device})")
         file = exported()
         if path.precision == "int8":
-            file = quantize_onnx(file)
+            suffix = ".int8-7bit.onnx" if path.reduce_range else ".int8.onnx"
+            file = quantize_onnx(file, file.with_name(file.stem + suffix), reduce_range=path.reduce_range)
         return Runner(path, device, onnx_file=file, threads=threads)
     if path.precision == "int8":
         if device.type != "cpu":

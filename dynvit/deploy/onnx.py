@@ -27,7 +27,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dynvit import methods
-from dynvit.deploy.hardware import detect_cpu
 from dynvit.deploy.quantize import QuantizationError, check_inference_ready, precision_of
 from dynvit.measure.throughput import quiet_logs, random_images
 
@@ -124,21 +123,18 @@ def export_onnx(
     return path
 
 
-def quantize_onnx(path: str | Path, out: str | Path | None = None, reduce_range: bool | None = None) -> Path:
+def quantize_onnx(path: str | Path, out: str | Path | None = None, reduce_range: bool = False) -> Path:
     """onnxruntime's dynamic int8 quantization of an exported file: int8 weights, activations quantized
     per call (``MatMulInteger``); written to ``out``, by default ``<stem>.int8.onnx`` beside it.
 
     Args:
-        reduce_range: Quantize weights to 7 bits. By default for this CPU, as onnxruntime advises: on
-            with x86 without VNNI or AMX, where its unsigned × signed 8-bit products go through
-            ``vpmaddubsw`` and can saturate (:attr:`~dynvit.deploy.hardware.CpuInfo.int8_dot_product`);
-            off elsewhere. The file is then meant for CPUs like this one.
+        reduce_range: Quantize the weights to 7 bits, as onnxruntime advises on x86 CPUs without VNNI or
+            AMX (:attr:`~dynvit.deploy.hardware.CpuInfo.int8_dot_product`), where its unsigned × signed
+            8-bit products go through ``vpmaddubsw``, whose int16 pair sums can saturate. It costs
+            precision, so :func:`~dynvit.deploy.fastest` tries both there.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if reduce_range is None:
-        cpu = detect_cpu()
-        reduce_range = cpu.is_x86 and not cpu.int8_dot_product
     path = Path(path)
     out = Path(out) if out is not None else path.with_name(f"{path.stem}.int8.onnx")
     with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
