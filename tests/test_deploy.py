@@ -483,3 +483,14 @@ def test_a_failed_export_leaves_the_file_at_its_path_as_it_was(tmp_path):
     with staged(earlier) as staging:
         staging.write_bytes(b"a new export")
     assert earlier.read_bytes() == b"a new export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_an_int8_attention_runs_outside_inference_mode():
+    """torch.ao's int8 Linear has a ``weight()`` method, not a parameter: the attention's kernel choice asks
+    its parameters whether a gradient is needed, so a call with gradients on runs as under inference mode."""
+    quantized = quantize(vit_student(), "int8", int8_backend="torch.ao")
+    attention = quantized.blocks[0].attn
+    tokens = torch.randn(2, 65, attention.qkv.in_features)
+    with torch.inference_mode():
+        expected = attention(tokens)
+    assert torch.is_grad_enabled() and torch.equal(attention(tokens), expected)

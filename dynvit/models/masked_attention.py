@@ -75,9 +75,12 @@ class KernelAttention(Attention):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
         shape = torch.Size((B, self.num_heads, N, self.head_dim))
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)
+        # Parameters, not .weight: a quantized qkv (torch.ao's dynamic Linear) has a weight() method instead.
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.qkv.parameters())
+        )
         if planned_kernel(shape, shape, x.dtype, x.device, needs_grad) == "sdpa":
-            # timm's own forward: at batch 1 a block is dispatch-bound, and the helpers below cost ~2 %.
+            # timm's own forward, nothing added: at batch 1 a block is dispatch-bound.
             return super().forward(x)
         q, k, v, gate = attention_inputs(self, x)
         x = attend(q, k, v, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
