@@ -1,9 +1,10 @@
 """Every deployment path of one model on this machine, timed and checked (dynvit.deploy.fastest), as a table.
 
 Which path is fastest depends on the CPU (and the GPU): run this on each machine a model will serve
-on. Every speedup is over the same model in float32 eager PyTorch, the median of per-pair time
-ratios with its 95 % interval (6 pairs or more); predictions are checked on the example batch
-(logits within 0.2 of float32's, relative). Weights are random (timm init): speed does not depend
+on. Every speedup in the table is over the same model in float32 eager PyTorch, the median of per-pair
+time ratios with its 95 % interval (6 pairs or more); a student's chosen path is then also timed in
+pairs against the float32 eager teacher (the figure issue 25's targets are set in). Predictions are
+checked on the example batch (logits within 0.2 of float32's, relative). Weights are random (timm init): speed does not depend
 on them; the keep predictors' last layer gets a wide init, as in benchmarks/throughput.py, so that
 token selection does not hinge on rounding.
 
@@ -19,6 +20,7 @@ token selection does not hinge on rounding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -26,7 +28,7 @@ import time
 import torch
 from throughput import build, positive_int
 
-from dynvit.deploy import Tolerance, detect_cpu, fastest
+from dynvit.deploy import Tolerance, detect_cpu, fastest, speedup_over
 from dynvit.measure.environment import describe
 from dynvit.measure.throughput import SpeedSettings, random_images
 
@@ -89,9 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{what}, {describe(choice.environment)}; {args.pairs} pairs; {time.perf_counter() - start:.0f} s\n")
     print(choice.table())
     print(f"\nchosen: {choice.chosen.path.name}")
+    record = {"args": vars(args), "caps": caps, **choice.record()}
+    if not args.teacher:
+        # The targets are set against the unpruned model in float32 eager: time the choice against it too.
+        over = speedup_over(teacher.eval(), choice, images, settings)
+        print(f"{choice.chosen.path.name} over the float32 eager teacher: {over}")
+        record["over_teacher"] = dataclasses.asdict(over)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "caps": caps, **choice.record()}, f, indent=2, default=str)
+            json.dump(record, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

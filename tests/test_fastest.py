@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import time
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from dynvit.data import ClutteredDigitsDataModule
 from dynvit.deploy import (
     CpuInfo,
+    QuantizationError,
     SlowPrecisionWarning,
     Tolerance,
     candidate_paths,
@@ -21,6 +23,7 @@ from dynvit.deploy import (
     hardware,
     load_deployed,
     quantize,
+    speedup_over,
 )
 from dynvit.deploy.fastest import REFERENCE, DeployPath, choice_path
 from dynvit.measure.throughput import SpeedSettings, Timing
@@ -236,6 +239,29 @@ def test_a_cpu_without_vnni_gets_the_7_bit_onnxruntime_file_when_it_wins(monkeyp
     with pytest.raises(ValueError, match="unknown paths \\['int8 onnxruntime 7-bit'\\]"):
         monkeypatch.setattr(fastest_module, "detect_cpu", lambda: WITH_AMX)
         fastest(student, x, settings=QUICK, paths=["int8 onnxruntime 7-bit"])
+
+
+class Sleepy(torch.nn.Module):
+    """A model 20 ms slower than the one it wraps, per call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return self.model(x)
+
+
+def test_the_choice_is_timed_against_another_model_in_pairs():
+    student, x = vit_student(), digits(4)
+    choice = fastest(student, x, settings=QUICK, paths=["fp32 onnxruntime"])
+    over = speedup_over(Sleepy(vit_student()).eval(), choice, x, QUICK)
+    # A forward of a few ms against the same plus 20 ms; QUICK's 6 pairs give an interval.
+    assert over.pairs == QUICK.pairs and over.low is not None and over.low > 3
+    assert str(over) == f"{over.value:.2f}× ({over.low:.2f}–{over.high:.2f})"
+    with pytest.raises(QuantizationError, match="eval"):
+        speedup_over(vit_student().train(), choice, x, QUICK)
 
 
 # --- what quantize knows of the CPU ----------------------------------------------------------------

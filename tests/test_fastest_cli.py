@@ -60,6 +60,11 @@ def test_benchmark_precision_auto_chooses_at_each_ratio(tmp_path, capsys):
     record = json.loads((out / "rho_0.5.choice.json").read_text())
     assert record["checked_on"] == "validation (16 images)"
     assert [r["status"] for r in record["results"]].count("chosen") == 1
-    assert "ρ = 0.5, checked on validation (16 images); chosen: " + record["chosen"] in capsys.readouterr().out
+    # The chosen path is also timed against the float32 eager teacher: the figure deployment targets use.
+    over = record["over_teacher"]
+    assert over["pairs"] == 2 and over["value"] > 0 and over["low"] is None
+    printed = capsys.readouterr().out
+    assert "ρ = 0.5, checked on validation (16 images); chosen: " + record["chosen"] in printed
+    assert f"{record['chosen']} over the float32 eager teacher: {over['value']:.2f}×" in printed
     with pytest.raises(ValueError, match=r"--precision auto measures the student's deployment paths.*drop --methods"):
         DynViTCLI(args=[*args, "--methods=[dynamicvit,tome]"])

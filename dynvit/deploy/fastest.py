@@ -339,13 +339,7 @@ class Choice:
             "| --- | ---: | --- | ---: | ---: | --- |",
         ]
         for r in self.results:
-            if r.path == REFERENCE:
-                speed = "1.00×"
-            elif r.speedup is None:
-                speed = "–"
-            else:
-                ci = f" ({r.speedup.low:.2f}–{r.speedup.high:.2f})" if r.speedup.low is not None else ""
-                speed = f"{r.speedup.value:.2f}×{ci}"
+            speed = str(r.speedup) if r.speedup is not None else ("1.00×" if r.path == REFERENCE else "–")
             rate = f"{r.images_per_s:.1f}" if r.images_per_s is not None else "–"
             agree = f"{r.agreement:.3f}" if r.agreement is not None else "–"
             error = f"{r.logits_error:.2g}" if r.logits_error is not None else "–"
@@ -379,6 +373,27 @@ class Choice:
 def choice_path(artifact: str | Path) -> Path:
     """``<artifact stem>.choice.json`` beside an artifact."""
     return Path(artifact).with_suffix(".choice.json")
+
+
+def speedup_over(
+    baseline: nn.Module, choice: Choice, example_batch: torch.Tensor, settings: SpeedSettings | None = None
+) -> Speedup:
+    """The chosen path's speedup over another model in float32 eager, timed in pairs as :func:`fastest`
+    times its paths: a student's choice over its teacher, the figure deployment targets are set in.
+
+    Args:
+        baseline: A float32 model in eval mode on the device the choice was measured on.
+        settings: As for :func:`fastest` (the example batch sets the batch size); 10 pairs when None.
+    """
+    check_inference_ready(baseline, "speedup_over")
+    device = choice.runner.device
+    settings = dataclasses.replace(
+        settings or SpeedSettings(device=device, pairs=10), batch_size=example_batch.shape[0]
+    )
+    reference = Runner(REFERENCE, device, module=baseline)
+    with keep_rng(device):
+        timings = time_calls([reference.call(example_batch), choice.runner.call(example_batch)], settings)
+    return timings[1].speedup
 
 
 def load_deployed(artifact: str | Path, device: torch.device | str | None = None, threads: int | None = None) -> Runner:

@@ -91,6 +91,11 @@ class Speedup:
     high: float | None
     pairs: int
 
+    def __str__(self) -> str:
+        """``1.52× (1.50–1.54)``, or ``1.52×`` without an interval."""
+        interval = f" ({self.low:.2f}–{self.high:.2f})" if self.low is not None and self.high is not None else ""
+        return f"{self.value:.2f}×{interval}"
+
 
 @dataclass
 class Timing:

@@ -6,6 +6,7 @@ two extra subcommands are declared here and read the same ``--config`` as ``fit`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit import methods as registry
-from dynvit.deploy import Choice, Tolerance, export_onnx, fastest
+from dynvit.deploy import Choice, Tolerance, export_onnx, fastest, speedup_over
 from dynvit.deploy.fastest import choice_path
 from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, check_output_file, staged
 from dynvit.measure.callbacks import networks
@@ -136,7 +137,9 @@ class DynViTTrainer(L.Trainer):
             calibration = first_images(loader, calibration_images)
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
         if precision == "auto":
-            return self._fastest_per_ratio(student, plan.ratios, loader if accuracy else None, settings, out_dir)
+            return self._fastest_per_ratio(
+                student, teacher, plan.ratios, loader if accuracy else None, settings, out_dir
+            )
         result = benchmark_plan(
             student,
             teacher,
@@ -154,26 +157,37 @@ class DynViTTrainer(L.Trainer):
 
     @staticmethod
     def _fastest_per_ratio(
-        student: torch.nn.Module, ratios: Sequence[float], loader, settings: SpeedSettings, out_dir: Path
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        ratios: Sequence[float],
+        loader,
+        settings: SpeedSettings,
+        out_dir: Path,
     ) -> dict[float, Choice]:
-        """``benchmark --precision auto``: :func:`dynvit.deploy.fastest` of the student at each ratio."""
+        """``benchmark --precision auto``: :func:`dynvit.deploy.fastest` of the student at each ratio, and the
+        chosen path timed against the float32 eager teacher."""
         model_at, original = student_at(student), student.keep_ratio
         images = timing_images(loader, student, settings.batch_size)
-        was_training = student.training
+        was_training = student.training, teacher.training
         choices = {}
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
+            teacher.eval()
             for ratio in sorted(ratios, reverse=True):
                 choice = fastest(model_at(ratio).eval(), images, loader, settings=settings)
+                over = speedup_over(teacher, choice, images, settings)
                 record = out_dir / f"rho_{ratio:g}.choice.json"
-                record.write_text(json.dumps(choice.record(), indent=2, default=str) + "\n")
+                data = {**choice.record(), "over_teacher": dataclasses.asdict(over)}
+                record.write_text(json.dumps(data, indent=2, default=str) + "\n")
                 print(f"\nρ = {ratio:g}, checked on {choice.checked_on}; chosen: {choice.chosen.path.name}")
                 print(choice.table())
+                print(f"{choice.chosen.path.name} over the float32 eager teacher: {over}")
                 print(f"wrote {record}")
                 choices[ratio] = choice
         finally:
             model_at(original)
-            student.train(was_training)
+            student.train(was_training[0])
+            teacher.train(was_training[1])
         return choices
 
     def export(
