@@ -4,9 +4,9 @@ Which path is fastest depends on the CPU (and the GPU): run this on each machine
 on. Every speedup in the table is over the same model in float32 eager PyTorch, the median of per-pair
 time ratios with its 95 % interval (6 pairs or more); a student's chosen path is then also timed in
 pairs against the float32 eager teacher (the figure issue 25's targets are set in). Predictions are
-checked on the example batch (logits within 0.2 of float32's, relative). Weights are random (timm init): speed does not depend
-on them; the keep predictors' last layer gets a wide init, as in benchmarks/throughput.py, so that
-token selection does not hinge on rounding.
+checked on the example batch (logits within 0.2 of float32's, relative). Weights are random (timm
+init): speed does not depend on them; the keep predictors' last layer gets a wide init, as in
+benchmarks/throughput.py, so that token selection does not hinge on rounding.
 
     python benchmarks/deploy_paths.py                                   # DeiT-S ρ 0.7, batch 8, CPU
     python benchmarks/deploy_paths.py --batch-size 32 --pairs 10 --json deit_s_paths.json

@@ -190,8 +190,8 @@ def test_kernel_attention_is_timms_attention_where_sdpa_is_planned(monkeypatch, 
         assert torch.equal(out, expected)
     else:
         assert torch.allclose(out, expected, atol=1e-5) and not torch.equal(out, expected)
-    # auto: one measurement for the shape, whatever it picks, then the cached plan.
-    fast = "math" if kernel == "math" else "sdpa"
+    # auto: one measurement for the shape (made to pick this kernel), then the cached plan.
+    fast = kernel
     monkeypatch.setattr(attention_kernel, "_measure", lambda *args: fast)
     shape = torch.Size((2, attention.num_heads, 17, attention.head_dim))
     with use_attention_kernel("auto"), torch.no_grad():
