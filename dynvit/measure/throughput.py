@@ -82,6 +82,12 @@ class SpeedSettings:
         return self.threads or torch.get_num_threads()
 
 
+def format_speedup(value: float, low: float | None = None, high: float | None = None) -> str:
+    """``1.52× (1.50–1.54)``, or ``1.52×`` without both ends of an interval: how every table writes a speedup."""
+    interval = f" ({low:.2f}–{high:.2f})" if low is not None and high is not None else ""
+    return f"{value:.2f}×{interval}"
+
+
 @dataclass(frozen=True)
 class Speedup:
     """A speedup (the median of per-pair ratios) and its 95 % interval (None below 6 pairs)."""
@@ -92,9 +98,7 @@ class Speedup:
     pairs: int
 
     def __str__(self) -> str:
-        """``1.52× (1.50–1.54)``, or ``1.52×`` without an interval."""
-        interval = f" ({self.low:.2f}–{self.high:.2f})" if self.low is not None and self.high is not None else ""
-        return f"{self.value:.2f}×{interval}"
+        return format_speedup(self.value, self.low, self.high)
 
 
 @dataclass

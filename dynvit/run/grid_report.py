@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from dynvit.measure.throughput import format_speedup
 from dynvit.run.report import ResultRow
 
 TRACKS = ("training-free", "fine-tuned")
@@ -187,9 +188,7 @@ def _pct(value: float | None, low: float | None = None, high: float | None = Non
 
 
 def _ratio(value: float | None, low: float | None = None, high: float | None = None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}×" + (f" ({low:.2f}–{high:.2f})" if low is not None and high is not None else "")
+    return "–" if value is None else format_speedup(value, low, high)
 
 
 def format_grid(records: Sequence[dict[str, Any]], teacher: ResultRow | None = None) -> str:

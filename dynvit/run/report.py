@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynvit.measure.throughput import format_speedup
+
 
 @dataclass
 class ResultRow:
@@ -118,9 +120,7 @@ def _fmt(value: Any, kind: str, record: dict[str, Any] | None = None, key: str =
     if kind == "percent":
         return f"{100 * value:.2f}"
     if kind == "ratio":
-        low, high = (record or {}).get(f"{key}_low"), (record or {}).get(f"{key}_high")
-        interval = f" ({low:.2f}–{high:.2f})" if low is not None and high is not None else ""
-        return f"{value:.2f}×{interval}"
+        return format_speedup(value, (record or {}).get(f"{key}_low"), (record or {}).get(f"{key}_high"))
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
