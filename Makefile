@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(UV) pip install -q --compile-bytecode --python $(PY) -e ".[dev]"
 	touch $(STAMP)
 
+# One test process per core, each test file whole in one process (its module fixtures built once), each
+# process with one torch thread (tests/conftest.py): two 2-thread processes on 2 cores ran slower than one.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,13 @@ from dynvit.models.attention_kernel import set_attention_kernel
 os.environ["DYNVIT_ATTENTION_KERNEL"] = "sdpa"
 set_attention_kernel("sdpa")
 
+# Under pytest-xdist (`make test`: a process per core) each process, and the CLIs it starts, takes one intra-op
+# thread: a second one per process only contends for the cores the other processes use (12 minutes against 7
+# for the suite on 2 cores), and the tiny models gain nothing from it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Small enough for milliseconds per step, big enough to have several pruning stages.
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TINY_LOC = (1, 2, 3)

@@ -257,8 +257,9 @@ def test_the_choice_is_timed_against_another_model_in_pairs():
     student, x = vit_student(), digits(4)
     choice = fastest(student, x, settings=QUICK, paths=["fp32 onnxruntime"])
     over = speedup_over(Sleepy(vit_student()).eval(), choice, x, QUICK)
-    # A forward of a few ms against the same plus 20 ms; QUICK's 6 pairs give an interval.
-    assert over.pairs == QUICK.pairs and over.low is not None and over.low > 3
+    # A forward of a few ms against the same plus 20 ms (idle: ~8×; a loaded machine slows both forwards, so the
+    # bound leaves room); QUICK's 6 pairs give an interval.
+    assert over.pairs == QUICK.pairs and over.low is not None and over.low > 1.3
     assert str(over) == f"{over.value:.2f}× ({over.low:.2f}–{over.high:.2f})"
     with pytest.raises(QuantizationError, match="eval"):
         speedup_over(vit_student().train(), choice, x, QUICK)
