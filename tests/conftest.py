@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -35,6 +36,13 @@ N = 64
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run the CLI in-process with ``args=``; without pytest's own arguments in ``sys.argv``, LightningCLI
+    has no reason to warn that both were given, whatever warning filters the run sets."""
+    monkeypatch.setattr("sys.argv", sys.argv[:1])
 
 
 @pytest.fixture(scope="module")
