@@ -318,9 +318,27 @@ def test_only_the_instructions_onednn_may_use_count():
     )
     assert dataclasses.replace(zen5, onednn_max_isa="AVX512_CORE_BF16").fast("bf16") is True
     assert dataclasses.replace(zen5, onednn_max_isa="ALL").usable == zen5.features
+    # ATen below AVX512: a CPU without AVX-512 (or one standing for it), whatever cpuinfo lists.
+    aten_avx2 = dataclasses.replace(zen5, capability="AVX2")
+    assert aten_avx2.usable == {"avx2", "avx_vnni"} and aten_avx2.fast("bf16") is False
+    assert aten_avx2.fast("int8") is False and aten_avx2.int8_dot_product  # onnxruntime reads the CPU itself
+    assert aten_avx2.describe() == (
+        "AMD EPYC (x86_64, ATen AVX2; avx2 avx_vnni; not used here: avx512_bf16 avx512_f avx512_vnni)"
+    )
     # Off x86 there is no measurement to judge by: no verdict, no warning.
     assert CpuInfo("Neoverse", "aarch64", "SVE256", frozenset()).fast("bf16") is None
     assert hardware.warn_if_slow("bf16", CpuInfo("Neoverse", "aarch64", "SVE256", frozenset())) is False
+
+
+@pytest.mark.skipif(not detect_cpu().is_x86, reason="the instruction table is x86's")
+def test_an_aten_capability_below_avx512_warns_for_bf16_and_torchao_int8(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(hardware, "_warned", set())
+    student = vit_student()
+    with pytest.warns(SlowPrecisionWarning, match=r"bf16 matrix products need .*ATen AVX2"):
+        quantize(student, "bf16")
+    with pytest.warns(SlowPrecisionWarning, match=r"torchao's int8 .*ATen AVX2"):
+        quantize(student, "int8", int8_backend="torchao")
 
 
 def test_detect_cpu_reads_this_process(monkeypatch):

@@ -12,7 +12,7 @@ libraries are allowed to use them:
 The CPU's own features come from ``torch.cpu.get_capabilities()`` (the cpuinfo library) and, on
 Linux, ``/proc/cpuinfo``; what the kernels may use is lowered by ``ONEDNN_MAX_CPU_ISA`` (oneDNN's cap,
 also spelled ``DNNL_MAX_CPU_ISA``). ``ATEN_CPU_CAPABILITY`` lowers ATen's own kernels, which
-:attr:`CpuInfo.capability` reports. Setting these caps in a fresh process emulates an older CPU on a
+:attr:`CpuInfo.capability` reports; below ``AVX512`` no AVX-512 or AMX feature counts. Setting these caps in a fresh process emulates an older CPU on a
 newer one (docs/reference.md, "Which reduced-precision kernels run on which CPU").
 """
 
@@ -82,11 +82,17 @@ class CpuInfo:
 
     @property
     def usable(self) -> frozenset[str]:
-        """:attr:`features` less those the oneDNN cap forbids."""
+        """:attr:`features` less those the oneDNN cap forbids, and on x86 less every AVX-512 and AMX feature where
+        ATen's capability is below ``AVX512``: every CPU with AVX-512 (so every AMX CPU) gets ATen's AVX512
+        kernels, so a lower level means a CPU without it, or one made to stand for such a CPU
+        (``ATEN_CPU_CAPABILITY``)."""
+        features = self.features
+        if self.is_x86 and not self.capability.upper().startswith("AVX512"):
+            features = frozenset(f for f in features if not f.startswith(("avx512", "amx")))
         limit = _ONEDNN_RANK.get((self.onednn_max_isa or "").upper())
         if limit is None:  # unset, ALL/DEFAULT, or a name this table does not know: no cap
-            return self.features
-        return frozenset(f for f in self.features if f not in _NEEDS_LEVEL or _ONEDNN_RANK[_NEEDS_LEVEL[f]] <= limit)
+            return features
+        return frozenset(f for f in features if f not in _NEEDS_LEVEL or _ONEDNN_RANK[_NEEDS_LEVEL[f]] <= limit)
 
     @property
     def is_x86(self) -> bool:
@@ -110,12 +116,13 @@ class CpuInfo:
         return any(f in self.features for f in ("avx_vnni", *INT8_FEATURES))
 
     def describe(self) -> str:
-        """``AMD EPYC (x86_64, ATen AVX2, oneDNN capped at AVX2; avx2 avx512_f avx512_bf16 …)``."""
+        """``AMD EPYC (x86_64, ATen AVX2, oneDNN capped at AVX2; avx2; not used here: avx512_bf16 avx512_f …)``."""
         parts = [self.architecture, f"ATen {self.capability}"]
         if self.onednn_max_isa:
             parts.append(f"oneDNN capped at {self.onednn_max_isa}")
-        features = " ".join(sorted(self.features)) or "no AVX-512, VNNI or AMX"
-        return f"{self.name} ({', '.join(parts)}; {features})"
+        features = " ".join(sorted(self.usable)) or "no AVX-512, VNNI or AMX"
+        unused = " ".join(sorted(self.features - self.usable))
+        return f"{self.name} ({', '.join(parts)}; {features}" + (f"; not used here: {unused})" if unused else ")")
 
     def record(self) -> dict[str, object]:
         """A JSON-ready record of the fields and what each precision finds here."""
