@@ -87,6 +87,8 @@ def test_fastest_tries_every_cpu_path_and_picks_by_its_rule():
         assert r.logits_error is not None and r.agreement is not None
         if r.status == "refused":
             assert r.logits_error > choice.tolerance.logits and r.images_per_s is None
+        elif r.status == "too slow":  # e.g. torchao's int8 on a CPU without VNNI
+            assert r.reason.endswith("float32 eager's; not timed in pairs") and r.speedup is None
         else:
             assert r.images_per_s > 0
             assert r.path == REFERENCE or (r.speedup is not None and r.speedup.pairs == 6)
@@ -125,12 +127,46 @@ def test_the_choice_is_never_a_path_that_is_not_surely_faster_than_float32(monke
         "int8 eager torch.ao": [1.4, 1.45, 1.5, 1.5, 1.55, 1.6],  # surely faster
     }
     monkeypatch.setattr(fastest_module, "time_calls", _fake_timings(ratios))
+    monkeypatch.setattr(fastest_module, "TOO_SLOW", float("inf"))  # every path reaches the (fake) pairs
     choice = fastest(vit_student(), digits(4), settings=QUICK, paths=EAGER)
     assert choice.chosen.path.name == "int8 eager torch.ao" and choice.chosen.speedup.value == 1.5
     assert choice.chosen.speedup.low == 1.4 and choice.chosen.speedup.high == 1.6
     slower = {name: [r / 4 for r in rs] for name, rs in ratios.items()}
     monkeypatch.setattr(fastest_module, "time_calls", _fake_timings(slower))
     assert fastest(vit_student(), digits(4), settings=QUICK, paths=EAGER).chosen.path == REFERENCE
+
+
+def test_a_path_several_times_slower_than_float32_in_two_single_calls_is_not_timed_in_pairs(monkeypatch):
+    def slow_bf16(model, precision, **kwargs):
+        out = quantize(model, precision, **kwargs)
+        return Sleepy(out, seconds=0.05).eval() if precision == "bf16" else out
+
+    monkeypatch.setattr(fastest_module, "quantize", slow_bf16)
+    paths = ["bf16 eager", "int8 eager torch.ao"]
+    choice = fastest(vit_student(), digits(4), settings=QUICK, paths=paths)
+    _, bf16, int8 = choice.results
+    multiple = float(bf16.reason.split("× ")[0].removeprefix("one call took "))
+    assert bf16.status == "too slow" and multiple > fastest_module.TOO_SLOW
+    assert bf16.reason == f"one call took {multiple:.1f}× float32 eager's; not timed in pairs"
+    assert bf16.speedup is None and bf16.images_per_s is None and bf16.logits_error is not None
+    assert int8.speedup is not None and int8.speedup.pairs == QUICK.pairs and choice.chosen != bf16
+    assert "too slow: one call took" in choice.table()
+
+
+def test_one_slow_call_does_not_make_a_path_too_slow():
+    def sleeping(*seconds: float):
+        left = list(seconds)
+        return lambda: time.sleep(left.pop(0) if len(left) > 1 else left[0])
+
+    slow, hiccup, near = (DeployPath("bf16", "eager"), DeployPath("int8", "eager"), DeployPath("fp32", "onnxruntime"))
+    calls = {
+        REFERENCE: sleeping(0.004),
+        slow: sleeping(0.04),  # 10× in both rounds
+        hiccup: sleeping(0.04, 0.004),  # 10× once, then as fast as float32
+        near: sleeping(0.008),  # 2×: could not win, but not far enough off to skip its pairs
+    }
+    found = fastest_module._too_slow(calls, QUICK)
+    assert list(found) == [slow] and 5 < found[slow] < 11
 
 
 def test_a_path_whose_logits_stray_beyond_the_tolerance_is_refused_and_not_timed():
@@ -195,6 +231,7 @@ def test_bad_requests_are_refused_before_anything_runs():
 def test_the_artifact_records_the_choice_and_runs_again(path, suffix, monkeypatch, tmp_path):
     # Whatever the timing says, the one other path wins: the test is about what is written.
     monkeypatch.setattr(fastest_module, "surely_faster", lambda speedup: speedup is not None)
+    monkeypatch.setattr(fastest_module, "TOO_SLOW", float("inf"))
     student, x = vit_student(), digits(8)
     # Two threads for the timing while torch is set to one: onnxruntime must be timed with the same two.
     choice = fastest(student, x, settings=dataclasses.replace(QUICK, threads=2), paths=[path])
@@ -226,6 +263,7 @@ def test_a_cpu_without_vnni_gets_the_7_bit_onnxruntime_file_when_it_wins(monkeyp
 
     monkeypatch.setattr(fastest_module, "detect_cpu", lambda: AVX2_ONLY)
     monkeypatch.setattr(fastest_module, "surely_faster", lambda speedup: speedup is not None)
+    monkeypatch.setattr(fastest_module, "TOO_SLOW", float("inf"))
     student, x = vit_student(), digits(8)
     choice = fastest(student, x, settings=QUICK, paths=["int8 onnxruntime 7-bit"])
     assert choice.chosen.path == DeployPath("int8", "onnxruntime", reduce_range=True)
@@ -242,14 +280,14 @@ def test_a_cpu_without_vnni_gets_the_7_bit_onnxruntime_file_when_it_wins(monkeyp
 
 
 class Sleepy(torch.nn.Module):
-    """A model 20 ms slower than the one it wraps, per call."""
+    """A model ``seconds`` (20 ms) slower than the one it wraps, per call."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, seconds: float = 0.02) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.seconds = model, seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.02)
+        time.sleep(self.seconds)
         return self.model(x)
 
 

@@ -15,7 +15,9 @@ fastest (BENCHMARKS.md, "Deploy"). :func:`fastest` therefore measures instead of
    :class:`Tolerance` is *refused*;
 3. it times the float32 eager model and every accepted path in pairs at the example batch's size
    (:func:`dynvit.measure.throughput.time_calls`): each speedup is the median of per-pair ratios to
-   float32 eager, with its 95 % interval;
+   float32 eager, with its 95 % interval. A path that takes over :data:`TOO_SLOW` times float32 eager's
+   time in each of two single calls first is reported ``too slow`` and not timed in pairs (it could
+   not be chosen; on an AVX2-only CPU torchao's int8 alone would take most of the timing);
 4. it chooses the accepted path with the highest speedup among those that are surely faster than
    float32 eager (the whole interval above 1; below 6 pairs, the median), else float32 eager. So
    the choice is never a path measured slower than float32 eager.
@@ -47,7 +49,15 @@ from dynvit.deploy.hardware import CpuInfo, SlowPrecisionWarning, detect_cpu
 from dynvit.deploy.onnx import INPUT, export_onnx, onnx_session, quantize_onnx, run_onnx
 from dynvit.deploy.quantize import check_inference_ready, quantize
 from dynvit.measure.environment import environment
-from dynvit.measure.throughput import SpeedSettings, Speedup, keep_rng, time_calls
+from dynvit.measure.throughput import (
+    SpeedSettings,
+    Speedup,
+    intra_op_threads,
+    keep_rng,
+    synchronised_clock,
+    time_calls,
+    warm_up,
+)
 
 RUNTIMES: tuple[str, ...] = ("eager", "compiled", "onnxruntime")
 # torch.nn.attention.SDPBackend member of each name a GPU path may force.
@@ -100,6 +110,11 @@ class DeployPath:
 
 
 REFERENCE = DeployPath("fp32", "eager")
+# A path whose one call (after the check's, past its one-off set-up) takes this many times float32 eager's is
+# not timed in pairs: the choice must be surely faster than float32, and a path this slow would spend most of
+# the timing (torchao's int8 on an AVX2-only CPU: 15× float32's time; bf16 there: 5.5×). Noise on an idle
+# machine is a few percent, so a path that could win is never dropped by a single call.
+TOO_SLOW = 3.0
 
 
 def candidate_paths(
@@ -263,8 +278,9 @@ class PathResult:
     Attributes:
         path: The path.
         status: ``chosen``, ``reference`` (float32 eager, not chosen), ``accepted`` (checked and
-            timed, not chosen), ``refused`` (predictions
-            outside the tolerance) or ``skipped`` (could not be built or run here).
+            timed, not chosen), ``refused`` (predictions outside the tolerance), ``too slow`` (one call
+            took over :data:`TOO_SLOW` times float32 eager's: not timed in pairs) or ``skipped`` (could
+            not be built or run here).
         reason: Why it was refused or skipped.
         agreement: Top-1 agreement with float32 eager (validation images, else the example batch).
         logits_error: ``‖logits − float32 logits‖ / ‖float32 logits‖`` on the example batch.
@@ -494,6 +510,30 @@ def _check_predictions(
     return f"validation ({seen} images)"
 
 
+def _too_slow(calls: dict[DeployPath, Callable[[], object]], settings: SpeedSettings) -> dict[DeployPath, float]:
+    """The paths among ``calls`` that took over :data:`TOO_SLOW` times float32 eager's time in each of two
+    rounds (one call each, against a fresh float32 eager call), with the smaller multiple: one hiccup on a
+    busy machine never drops a path, and a path that fast after a first round costs one call."""
+    if REFERENCE not in calls:
+        return {}
+    clock = synchronised_clock()
+    reference = calls[REFERENCE]
+    slow = {}
+    with intra_op_threads(settings.num_threads):
+        for path, call in calls.items():
+            if path == REFERENCE:
+                continue
+            multiples = []
+            for _ in range(2):
+                multiple = warm_up(call, 0.0, clock) / warm_up(reference, 0.0, clock)
+                if multiple <= TOO_SLOW:
+                    break
+                multiples.append(multiple)
+            else:
+                slow[path] = min(multiples)
+    return slow
+
+
 def fastest(
     model: nn.Module,
     example_batch: torch.Tensor,
@@ -569,9 +609,13 @@ def fastest(
             elif loader is None and result.logits_error > tolerance.logits:
                 result.status = "refused"
                 result.reason = f"logits error {result.logits_error:.3g} > {tolerance.logits:g}"
-        timed = [p for p in candidates if results[p].status == "accepted"]
+        accepted = {p: runners[p].call(example_batch) for p in candidates if results[p].status == "accepted"}
+        for path, times in _too_slow(accepted, settings).items():
+            results[path].status = "too slow"
+            results[path].reason = f"one call took {times:.1f}× float32 eager's; not timed in pairs"
+        timed = [p for p in accepted if results[p].status == "accepted"]
         # With nothing else left, float32 eager is timed alone (for its images/s): pairs need a partner.
-        calls = [runners[p].call(example_batch) for p in timed]
+        calls = [accepted[p] for p in timed]
         timings = time_calls(calls, settings) if len(calls) > 1 else time_calls(calls, settings, reference=False)
     for path, timing in zip(timed, timings, strict=True):
         results[path].images_per_s, results[path].speedup = timing.images_per_s, timing.speedup

@@ -168,7 +168,7 @@ def quiet_logs(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _synchronised_clock() -> Callable[[], float]:
+def synchronised_clock() -> Callable[[], float]:
     """``torch.utils.benchmark``'s clock, which synchronises an accelerator before reading the time;
     imported on first use: the import pulls in torch's C++-extension builder, which logs a warning
     on machines without CUDA."""
@@ -178,7 +178,8 @@ def _synchronised_clock() -> Callable[[], float]:
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def intra_op_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``n`` inside the block, restored after it."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -230,7 +231,7 @@ def time_calls(
     """
     if not calls:
         raise ValueError("nothing to time")
-    clock = clock or _synchronised_clock()
+    clock = clock or synchronised_clock()
     if settings.keep_freed_memory:
         keep_freed_memory()
     threads = settings.num_threads
@@ -241,7 +242,7 @@ def time_calls(
     for call, setup in zip(calls, setups, strict=True):
         if setup is not None:
             setup()
-        with _threads(threads):
+        with intra_op_threads(threads):
             per_call = warm_up(call, settings.warmup_time, clock)
         numbers.append(max(1, math.ceil(settings.block_time / per_call)))
     # The paired blocks themselves: one timeit block each, with torch.utils.benchmark's clock, which
@@ -258,7 +259,7 @@ def time_calls(
         return seconds
 
     others = list(range(1, len(calls))) if reference else list(range(len(calls)))
-    with _threads(threads):
+    with intra_op_threads(threads):
         for round_ in range(settings.pairs):
             for i in others if round_ % 2 == 0 else others[::-1]:
                 if not reference:
