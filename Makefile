@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 
 # One test process per core, each test file whole in one process (its module fixtures built once), each
 # process with one torch thread (tests/conftest.py): two 2-thread processes on 2 cores ran slower than one.
+# At most 4: each holds torch and its models (~1-2 GB), and the longest files bound the time beyond that.
 test: install
-	$(PY) -m pytest tests -n auto --dist loadfile
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
