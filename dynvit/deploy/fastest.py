@@ -112,8 +112,8 @@ class DeployPath:
 REFERENCE = DeployPath("fp32", "eager")
 # A path whose one call (after the check's, past its one-off set-up) takes this many times float32 eager's is
 # not timed in pairs: the choice must be surely faster than float32, and a path this slow would spend most of
-# the timing (torchao's int8 on an AVX2-only CPU: 15× float32's time; bf16 there: 5.5×). Noise on an idle
-# machine is a few percent, so a path that could win is never dropped by a single call.
+# the timing (torchao's int8 on an AVX2-only CPU: 15× float32's time; bf16 there: 5.5×). Two single calls must
+# both say so: one hiccup on a busy machine never drops a path that could win.
 TOO_SLOW = 3.0
 
 
@@ -512,8 +512,8 @@ def _check_predictions(
 
 def _too_slow(calls: dict[DeployPath, Callable[[], object]], settings: SpeedSettings) -> dict[DeployPath, float]:
     """The paths among ``calls`` that took over :data:`TOO_SLOW` times float32 eager's time in each of two
-    rounds (one call each, against a fresh float32 eager call), with the smaller multiple: one hiccup on a
-    busy machine never drops a path, and a path that fast after a first round costs one call."""
+    rounds (one call each, against a fresh float32 eager call), with the smaller multiple. A path within
+    the factor in its first round costs that one call."""
     if REFERENCE not in calls:
         return {}
     clock = synchronised_clock()

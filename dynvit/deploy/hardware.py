@@ -12,8 +12,9 @@ libraries are allowed to use them:
 The CPU's own features come from ``torch.cpu.get_capabilities()`` (the cpuinfo library) and, on
 Linux, ``/proc/cpuinfo``; what the kernels may use is lowered by ``ONEDNN_MAX_CPU_ISA`` (oneDNN's cap,
 also spelled ``DNNL_MAX_CPU_ISA``). ``ATEN_CPU_CAPABILITY`` lowers ATen's own kernels, which
-:attr:`CpuInfo.capability` reports; below ``AVX512`` no AVX-512 or AMX feature counts. Setting these caps in a fresh process emulates an older CPU on a
-newer one (docs/reference.md, "Which reduced-precision kernels run on which CPU").
+:attr:`CpuInfo.capability` reports; below ``AVX512`` no AVX-512 or AMX feature counts. Setting these
+caps in a fresh process emulates an older CPU on a newer one (docs/reference.md, "Which
+reduced-precision kernels run on which CPU").
 """
 
 from __future__ import annotations
