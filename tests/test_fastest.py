@@ -222,6 +222,12 @@ def test_bad_requests_are_refused_before_anything_runs():
         fastest(student, digits(1)[0], paths=[])
     with pytest.raises(ValueError, match="agreement is a fraction"):
         Tolerance(agreement=99)
+    # A bare number is no tolerance (0 would otherwise have meant the defaults): said before any timing.
+    for number in (0, 0.01):
+        with pytest.raises(TypeError, match=r"tolerance must be a dynvit.deploy.Tolerance, e.g. Tolerance\("):
+            fastest(student, digits(2), tolerance=number)
+    with pytest.raises(TypeError, match="settings must be a dynvit.measure.SpeedSettings"):
+        fastest(student, digits(2), settings={"pairs": 6})
 
 
 # --- the artifact ----------------------------------------------------------------------------------
@@ -255,6 +261,17 @@ def test_the_artifact_records_the_choice_and_runs_again(path, suffix, monkeypatc
     with torch.inference_mode():
         assert torch.equal(deployed(x), choice.runner(x))
         assert ((deployed(x) - student(x)).norm() / student(x).norm()).item() < 0.1
+    # A dot in the name stays (a keep ratio is no suffix); the record loads as well as its artifact.
+    dotted = choice.save(tmp_path / "deploy" / "student_0.7")
+    assert dotted == tmp_path / "deploy" / f"student_0.7{suffix}"
+    record_file = tmp_path / "deploy" / "student_0.7.choice.json"
+    with torch.inference_mode():
+        assert torch.equal(load_deployed(record_file)(x), choice.runner(x))
+    dotted.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"student_0.7{suffix} not found: the artifact .* records is missing"):
+        load_deployed(record_file)
+    with pytest.raises(FileNotFoundError, match=r"other.choice.json not found: load_deployed needs the artifact"):
+        load_deployed(tmp_path / "other.onnx")
 
 
 def test_a_cpu_without_vnni_gets_the_7_bit_onnxruntime_file_when_it_wins(monkeypatch, tmp_path):

@@ -115,6 +115,9 @@ REFERENCE = DeployPath("fp32", "eager")
 # the timing (torchao's int8 on an AVX2-only CPU: 15× float32's time; bf16 there: 5.5×). Two single calls must
 # both say so: one hiccup on a busy machine never drops a path that could win.
 TOO_SLOW = 3.0
+# What Choice.save writes: the artifact (an onnxruntime file or a torch.save'd module) and its record.
+ARTIFACT_SUFFIXES = (".onnx", ".pt")
+RECORD_SUFFIX = ".choice.json"
 
 
 def candidate_paths(
@@ -371,15 +374,18 @@ class Choice:
         The artifact takes ``out``'s name with the suffix of its kind: ``.onnx`` for an onnxruntime
         path (the exported or int8 file), ``.pt`` otherwise (the prepared module, ``torch.save``'d
         whole: load it with :func:`load_deployed`, which also compiles it or forces its attention
-        kernel as chosen).
+        kernel as chosen). That suffix replaces an ``.onnx`` or ``.pt`` one and follows any other
+        (``deit_s_0.7`` → ``deit_s_0.7.onnx``).
         """
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        # A name's last dot need not start a suffix (a keep ratio, a version), so only an artifact's own goes.
+        stem = out.with_suffix("") if out.suffix in ARTIFACT_SUFFIXES else out
         if self.runner.onnx_file is not None:
-            artifact = out.with_suffix(".onnx")
+            artifact = stem.with_name(stem.name + ".onnx")
             shutil.copyfile(self.runner.onnx_file, artifact)
         else:
-            artifact = out.with_suffix(".pt")
+            artifact = stem.with_name(stem.name + ".pt")
             torch.save(self.runner.module, artifact)
         record = {"artifact": artifact.name, **self.record()}
         choice_path(artifact).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -387,8 +393,8 @@ class Choice:
 
 
 def choice_path(artifact: str | Path) -> Path:
-    """``<artifact stem>.choice.json`` beside an artifact."""
-    return Path(artifact).with_suffix(".choice.json")
+    """``<artifact stem>.choice.json`` beside an artifact (``.onnx`` or ``.pt``)."""
+    return Path(artifact).with_suffix(RECORD_SUFFIX)
 
 
 def speedup_over(
@@ -416,15 +422,24 @@ def load_deployed(artifact: str | Path, device: torch.device | str | None = None
     """The artifact :meth:`Choice.save` wrote, ready to run as chosen (``runner(images)`` → logits).
 
     Args:
-        artifact: The ``.onnx`` or ``.pt`` file; its ``.choice.json`` must lie beside it.
+        artifact: The ``.onnx`` or ``.pt`` file with its ``.choice.json`` beside it, or that record itself.
         device: Where to run a PyTorch artifact; by default where it was measured.
         threads: onnxruntime's intra-op threads (torch's current setting when None).
+
+    Raises:
+        FileNotFoundError: no artifact or no record there.
     """
-    artifact = Path(artifact)
-    record_file = choice_path(artifact)
+    given = Path(artifact)
+    record_file = given if given.name.endswith(RECORD_SUFFIX) else choice_path(given)
     if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file} not found: load_deployed needs the .choice.json that Choice.save wrote")
+        raise FileNotFoundError(
+            f"{record_file} not found: load_deployed needs the artifact that Choice.save (or `cli.py export "
+            f"--auto`) wrote, with its {RECORD_SUFFIX} beside it"
+        )
     record = json.loads(record_file.read_text())
+    artifact = record_file.with_name(record["artifact"]) if given == record_file else given
+    if not artifact.is_file():
+        raise FileNotFoundError(f"{artifact} not found: the artifact {record_file.name} records is missing")
     path = DeployPath(**record["path"])
     device = torch.device(device or record["environment"]["device"])
     if path.runtime == "onnxruntime":
@@ -565,11 +580,21 @@ def fastest(
     Raises:
         QuantizationError: a model in training mode.
         ValueError: an unknown path name, an empty loader, or an example batch that is not 4-D.
+        TypeError: a ``tolerance`` or ``settings`` of another type (a number for ``tolerance``, say).
     """
     check_inference_ready(model, "fastest")
     if example_batch.ndim != 4:
         raise ValueError(f"example_batch must be images (B, C, H, W), got shape {tuple(example_batch.shape)}")
-    tolerance = tolerance or Tolerance()
+    if tolerance is None:
+        tolerance = Tolerance()
+    elif not isinstance(tolerance, Tolerance):
+        raise TypeError(
+            f"tolerance must be a dynvit.deploy.Tolerance, e.g. Tolerance(agreement=0.99, logits=0.1), got {tolerance!r}"
+        )
+    if settings is not None and not isinstance(settings, SpeedSettings):
+        raise TypeError(
+            f"settings must be a dynvit.measure.SpeedSettings, e.g. SpeedSettings(pairs=10), got {settings!r}"
+        )
     device = torch.device(settings.device if settings is not None else next(model.parameters()).device)
     base = settings or SpeedSettings(device=device, pairs=10)
     settings = dataclasses.replace(base, batch_size=example_batch.shape[0])

@@ -222,8 +222,9 @@ class DynViTTrainer(L.Trainer):
         With ``--auto`` every path that applies here is checked against float32 (top-1 agreement on
         the validation images, else logits on the timing batch) and timed at ``batch_size``
         (:func:`dynvit.deploy.fastest`); the table is printed and the chosen artifact is written:
-        ``<out stem>.onnx`` for an onnxruntime path, else ``<out stem>.pt`` (load either with
-        :func:`dynvit.deploy.load_deployed`), with ``<out stem>.choice.json`` beside it.
+        ``<out stem>.onnx`` for an onnxruntime path, else ``<out stem>.pt`` (the stem: ``out`` less an
+        ``.onnx`` or ``.pt`` suffix; load either with :func:`dynvit.deploy.load_deployed`), with
+        ``<out stem>.choice.json`` beside it.
 
         Args:
             ckpt_path: Weights to export (a ``.ckpt`` of this toolkit or a released checkpoint).
