@@ -323,7 +323,8 @@ MISTAKES = [
     Mistake(
         "benchmark at fp8",
         ("benchmark", "--config={config}", "--precision=fp8"),
-        "error: unknown precision 'fp8': choose from ['fp32', 'bf16', 'int8']",
+        "error: unknown precision 'fp8': choose from ['fp32', 'bf16', 'int8'] (or --precision auto: every "
+        "deployment path here, measured, the fastest chosen)",
     ),
     Mistake(
         "benchmark keep ratio above 1",

@@ -30,6 +30,7 @@ from dynvit.run.benchmark import (
     BenchmarkResult,
     benchmark_plan,
     check_benchmark,
+    check_precisions,
     first_images,
     report,
     timing_images,
@@ -102,7 +103,14 @@ class DynViTTrainer(L.Trainer):
                 at init (rows ``patchmerger (at init)``), training-free ones run on the teacher's weights.
             calibration_images: Validation images a method whose cost varies per image (ATS) is matched on.
         """
-        if precision == "auto" and check_methods(methods) != ["dynamicvit"]:
+        if precision != "auto":
+            try:
+                check_precisions(precision)
+            except ValueError as e:
+                raise ValueError(
+                    f"{e} (or --precision auto: every deployment path here, measured, the fastest chosen)"
+                ) from None
+        elif check_methods(methods) != ["dynamicvit"]:
             raise ValueError(
                 f"--precision auto measures the student's deployment paths, not other methods: drop --methods {methods}"
             )
