@@ -232,6 +232,18 @@ def test_timing_makes_glibc_reuse_freed_memory_instead_of_faulting_it_in_again()
     assert "malloc glibc" in describe(environment("cpu"))
 
 
+def test_a_report_header_names_the_capability_the_kernels_ran_at(monkeypatch):
+    # The header is what labels a table with its CPU: an AVX2 run on an AVX-512 CPU must say so.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    env = environment("cpu", batch_size=32, threads=2)
+    assert env["cpu_capability"] == "AVX2" and env["onednn_max_cpu_isa"] == "AVX2"
+    header = describe(env)
+    assert "capability AVX2; oneDNN capped at AVX2) on cpu · 2 threads · batch 32 · fp32" in header
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert "capability AVX2) on cpu" in describe(environment("cpu"))
+
+
 def test_repeat_benchmark_runs_fresh_processes_and_reports_their_spread(tmp_path, capsys):
     """One real call (with glibc's default allocator: the setting only a fresh process can show),
     then the spread of three calls' speedups."""

@@ -87,9 +87,20 @@ def environment(
 
 
 def describe(env: dict[str, Any]) -> str:
-    """One line for a report header: ``cpu (features) · N threads · batch B · fp32 · torch … · timm …``."""
+    """One line for a report header: ``cpu (features; capability …) · N threads · batch B · fp32 · torch … · timm …``.
+
+    On a CPU the header names ATen's capability (and oneDNN's cap where one is set) beside the CPU's
+    features: which kernels ran, and so which table a figure belongs to, depends on them.
+    """
     where = env.get("gpu") or env.get("cpu")
-    features = f" ({env['cpu_features']})" if env.get("cpu_features") and not env.get("gpu") else ""
+    features = ""
+    if not env.get("gpu"):
+        notes = [env["cpu_features"]] if env.get("cpu_features") else []
+        if env.get("cpu_capability"):
+            notes.append(f"capability {env['cpu_capability']}")
+        if env.get("onednn_max_cpu_isa"):
+            notes.append(f"oneDNN capped at {env['onednn_max_cpu_isa']}")
+        features = f" ({'; '.join(notes)})" if notes else ""
     parts = [
         f"{where}{features} on {env.get('device')}",
         f"{env.get('threads')} threads",
