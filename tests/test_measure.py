@@ -62,6 +62,13 @@ def test_count_flops_restores_train_mode() -> None:
     assert train_count == count_flops(model.eval()) == count_flops(model, img_size=TINY["img_size"])
 
 
+def test_a_model_that_does_not_say_its_input_size_is_refused_by_name() -> None:
+    # A plain module neither has a patch embedding nor timm's config: what to do instead, not AttributeError.
+    for measure in (count_flops, measure_throughput):
+        with pytest.raises(TypeError, match=r"cannot tell what images a Sequential takes.*build it with timm"):
+            measure(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 3)))
+
+
 def test_count_params_adds_exactly_the_predictors() -> None:
     C = TINY["embed_dim"]
     # LayerNorm, C→C, C→C/2, C/2→C/4, C/4→2, with biases, per stage.

@@ -83,7 +83,13 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     fit any size, carries it in its timm ``pretrained_cfg`` (the factory records ``img_size`` there)."""
     embed = getattr(model, "patch_embed", None)
     if embed is None:
-        chans, *size = model.pretrained_cfg["input_size"]
+        cfg = getattr(model, "pretrained_cfg", None)
+        if not isinstance(cfg, dict) or "input_size" not in cfg:
+            raise TypeError(
+                f"cannot tell what images a {type(model).__name__} takes: it has neither a patch embedding nor "
+                "timm's pretrained_cfg['input_size']; build it with timm or dynvit (create_teacher, create_student)"
+            )
+        chans, *size = cfg["input_size"]
         return (getattr(model, "in_chans", chans), *size)
     chans = getattr(embed, "in_chans", None) or embed.proj.in_channels
     return (chans, *embed.img_size)
