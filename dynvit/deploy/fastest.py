@@ -381,11 +381,11 @@ class Choice:
         out.parent.mkdir(parents=True, exist_ok=True)
         # A name's last dot need not start a suffix (a keep ratio, a version), so only an artifact's own goes.
         stem = out.with_suffix("") if out.suffix in ARTIFACT_SUFFIXES else out
-        if self.runner.onnx_file is not None:
-            artifact = stem.with_name(stem.name + ".onnx")
-            shutil.copyfile(self.runner.onnx_file, artifact)
+        onnx_file = self.runner.onnx_file
+        artifact = stem.with_name(stem.name + (".onnx" if onnx_file is not None else ".pt"))
+        if onnx_file is not None:
+            shutil.copyfile(onnx_file, artifact)
         else:
-            artifact = stem.with_name(stem.name + ".pt")
             torch.save(self.runner.module, artifact)
         record = {"artifact": artifact.name, **self.record()}
         choice_path(artifact).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -395,6 +395,14 @@ class Choice:
 def choice_path(artifact: str | Path) -> Path:
     """``<artifact stem>.choice.json`` beside an artifact (``.onnx`` or ``.pt``)."""
     return Path(artifact).with_suffix(RECORD_SUFFIX)
+
+
+def _timing_settings(
+    settings: SpeedSettings | None, device: torch.device, example_batch: torch.Tensor
+) -> SpeedSettings:
+    """The timing settings of :func:`fastest` and :func:`speedup_over`: the user's, else 10 pairs on ``device``,
+    at the example batch's size."""
+    return dataclasses.replace(settings or SpeedSettings(device=device, pairs=10), batch_size=example_batch.shape[0])
 
 
 def speedup_over(
@@ -409,9 +417,7 @@ def speedup_over(
     """
     check_inference_ready(baseline, "speedup_over")
     device = choice.runner.device
-    settings = dataclasses.replace(
-        settings or SpeedSettings(device=device, pairs=10), batch_size=example_batch.shape[0]
-    )
+    settings = _timing_settings(settings, device, example_batch)
     reference = Runner(REFERENCE, device, module=baseline)
     with keep_rng(device):
         timings = time_calls([reference.call(example_batch), choice.runner.call(example_batch)], settings)
@@ -596,8 +602,7 @@ def fastest(
             f"settings must be a dynvit.measure.SpeedSettings, e.g. SpeedSettings(pairs=10), got {settings!r}"
         )
     device = torch.device(settings.device if settings is not None else next(model.parameters()).device)
-    base = settings or SpeedSettings(device=device, pairs=10)
-    settings = dataclasses.replace(base, batch_size=example_batch.shape[0])
+    settings = _timing_settings(settings, device, example_batch)
     candidates = candidate_paths(device, compile)
     if paths is not None:
         known = {p.name: p for p in candidates}

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit import methods as registry
 from dynvit.deploy import Choice, Tolerance, export_onnx, fastest, speedup_over
-from dynvit.deploy.fastest import choice_path
+from dynvit.deploy.fastest import RECORD_SUFFIX, choice_path
 from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, check_output_file, staged
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
@@ -184,7 +184,7 @@ class DynViTTrainer(L.Trainer):
             for ratio in sorted(ratios, reverse=True):
                 choice = fastest(model_at(ratio).eval(), images, loader, settings=settings)
                 over = speedup_over(teacher, choice, images, settings)
-                record = out_dir / f"rho_{ratio:g}.choice.json"
+                record = out_dir / f"rho_{ratio:g}{RECORD_SUFFIX}"
                 data = {**choice.record(), "over_teacher": dataclasses.asdict(over)}
                 record.write_text(json.dumps(data, indent=2, default=str) + "\n")
                 print(f"\nρ = {ratio:g}, checked on {choice.checked_on}; chosen: {choice.chosen.path.name}")
