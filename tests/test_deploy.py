@@ -470,6 +470,20 @@ def test_the_check_refuses_a_graph_that_keeps_other_tokens_than_its_scores_say(t
         check_onnx(student, path, x)
 
 
+def test_the_check_names_a_graph_onnxruntime_refuses(tmp_path):
+    """A graph that exports but that onnxruntime cannot load is an ExportError, not onnxruntime's own exception."""
+    import onnx
+
+    student = vit_student()
+    x = digits(2)
+    path = export_onnx(student, tmp_path / "student.onnx", images=x)
+    graph = onnx.load(str(path))
+    graph.graph.node[-1].op_type = "NoSuchOp"
+    onnx.save(graph, str(path))
+    with pytest.raises(ExportError, match=r"onnxruntime cannot run the graph exported from DynamicViT: .*NoSuchOp"):
+        check_onnx(student, path, x)
+
+
 def test_a_failed_export_leaves_the_file_at_its_path_as_it_was(tmp_path):
     ats = create_reduced(
         "vit_tiny_patch16_224", "ats", params={"max_tokens": 20, "pruning_loc": (1,)}, **{**TINY, "depth": 2}

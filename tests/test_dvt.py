@@ -18,6 +18,7 @@ from dynvit.models.t2t_vit import TokensToToken
 # 32-px images: 16-px patches (2×2), 11-px patches padded by 1 (3×3), 8-px patches (4×4).
 PATCHES = ((16, 0), (11, 1), (8, 0))
 TINY = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=5, reuse_hidden=16, reuse_dim=8)
+TINY_VIT = dict(img_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=5)
 B = 6
 
 
@@ -306,6 +307,22 @@ def test_bad_input() -> None:
         dynvit.create_dvt("vit_tiny_patch16_224", patches=PATCHES, **{**TINY, "img_size": 8})
     with pytest.raises(ValueError, match="patches="):
         dynvit.create_dvt("vit_tiny_patch16_224", **TINY)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("deit_tiny_distilled_patch16_224", {}, "has 2 .distillation or register tokens"),
+        ("vit_tiny_patch16_224", {"reg_tokens": 4}, "has 5 .distillation or register tokens"),
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, "no class token"),
+        ("vit_tiny_patch16_224", {"img_size": (32, 48)}, r"square images, this ViT takes \(32, 48\)"),
+    ],
+)
+def test_the_registry_refuses_vits_it_cannot_cascade(name, kwargs, message) -> None:
+    # Refused when built: a distilled or register ViT used to build, then fail in its first forward.
+    vit = dynvit.create_teacher(name, **{**TINY_VIT, **kwargs})
+    with pytest.raises(TypeError, match=message):
+        dynvit.methods.get("dvt").build(vit)
 
 
 def test_onnx_exits_chain_in_onnxruntime(tmp_path) -> None:

@@ -442,6 +442,18 @@ def test_tofu_mlerp_by_hand():
     torch.testing.assert_close(merged[0], torch.stack([x[0, 0], mean / 1.0 * 10.0, x[0, 3], x[0, 5]]))
 
 
+def test_tofu_exports_its_merging_blocks_to_onnx(images, tmp_path):
+    # scatter_reduce(reduce="mean") exported to a graph onnxruntime refused (torch 2.15), or one that summed wrongly.
+    from dynvit.deploy import export_onnx
+    from dynvit.deploy.onnx import check_onnx
+
+    torch.manual_seed(0)
+    model = tofu(create_teacher(REDUCED_NAME, **{**TINY, "depth": 6}).eval(), r=4)
+    assert [model.prunes(i) for i in range(6)] == [True] * 4 + [False] * 2
+    path = export_onnx(model, tmp_path / "tofu.onnx", images=images)
+    assert check_onnx(model, path, images[:1]).ties == ()
+
+
 def test_tofu_sources_lose_pruned_patches_and_join_merged_ones(base, images):
     model = tofu(base, r=5)
     _, sources = model.predict_with_block_sources(images)

@@ -18,6 +18,7 @@ import dynvit.reducers.mctf  # noqa: F401  (registers "mctf")
 from dynvit import create_teacher, load_checkpoint
 from dynvit.methods import get
 from dynvit.models.checkpoint import CheckpointMismatch
+from dynvit.models.tokens import log_sizes
 from dynvit.reducers.mctf import merge_count
 from tests.conftest import REDUCED_NAME, TINY, N, record_counts
 
@@ -140,6 +141,26 @@ def test_dtem_trains_the_embedding_with_plain_cross_entropy(base, images):
     assert torch.all(grads[-1] == 0)
     # Training keeps every token (soft merging): all 65 enter every block.
     assert record_counts(model.train(), images) == [(65, 65)] * 4
+
+
+def test_dtem_trains_an_attention_pooling_vit_with_finite_gradients(images):
+    # Soft merging leaves tokens of size 0, which the attention pool's log(size) bias sets to -inf; the
+    # gradient of log at 0 made every embedding gradient NaN.
+    torch.manual_seed(0)
+    vit = create_teacher("vit_base_patch16_siglip_224", **{**TINY, "embed_dim": 32, "num_heads": 2}).train()
+    model = get("dtem").build(vit, r=8).train()
+    F.cross_entropy(model(images), torch.tensor([0, 1, 2])).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert any(block.attn.qkv.metric_layer.weight.grad.abs().sum() > 0 for block in model.blocks)
+
+
+def test_log_sizes_is_minus_infinity_at_zero_with_a_zero_gradient():
+    sizes = torch.tensor([0.0, 0.5, 3.0], requires_grad=True)
+    logs = log_sizes(sizes)
+    assert logs[0] == float("-inf") and torch.equal(logs[1:], sizes[1:].log())
+    logs.softmax(dim=0)[1].backward()  # as attention uses it: the -inf key gets weight 0 and gradient 0
+    assert sizes.grad[0] == 0 and torch.isfinite(sizes.grad).all()
+    assert sizes.grad[1] > 0 > sizes.grad[2]
 
 
 def test_dtem_embedding_input_is_detached_in_training(base):

@@ -289,6 +289,15 @@ def test_bad_input_is_refused_clearly(teacher, name):
         method.build(pooled, **tiny_params(method, pooled))
 
 
+@pytest.mark.parametrize("value", [float("nan"), "0.5", True])  # None is some knobs' default (ATS, ATC, DVT)
+@pytest.mark.parametrize("name", REGISTERED)
+def test_a_knob_that_is_no_number_is_refused_by_name(teacher, name, value):
+    method = methods.get(name)
+    vit = copy.deepcopy(teacher)
+    with pytest.raises(ValueError, match=re.escape(method.knob.name)):
+        method.build(vit, **{**method.default_params(vit), method.knob.name: value})
+
+
 def test_an_unknown_method_lists_the_registered_ones():
     with pytest.raises(ValueError, match=r"unknown token-reduction method 'tomee'.*did you mean 'tome'") as error:
         methods.get("tomee")

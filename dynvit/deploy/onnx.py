@@ -247,7 +247,12 @@ def check_onnx(model: nn.Module, path: str | Path, images: torch.Tensor, toleran
     device = next(model.parameters()).device
     with torch.inference_mode():
         eager = model(images.to(device, torch.float32)).float().cpu()
-    ort = run_onnx(onnx_session(path), images)
+    try:
+        ort = run_onnx(onnx_session(path), images)
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...) share no base but Exception
+        raise ExportError(
+            f"onnxruntime cannot run the graph exported from {type(model).__name__}: {_summary(e)}"
+        ) from e
     per_image = (ort - eager).flatten(1).abs().amax(1) / eager.abs().max().clamp_min(1e-12)
     differing = [i for i, d in enumerate(per_image.tolist()) if not d <= tolerance]
     ties, errors = [], []

@@ -29,6 +29,7 @@ import copy
 import importlib
 import io
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -904,6 +905,12 @@ def check_buildable(vit: nn.Module) -> None:
             "DVT reuses the class token's attention row and column and reads its exits from the class token, and "
             f"this ViT has no class token (global_pool={vit.global_pool!r}): use {' or '.join(free)}, which need none"
         )
+    if vit.num_prefix_tokens != 1:
+        raise TypeError(
+            "DVT resamples the patch tokens' attention relations between exits behind exactly one prefix token, the "
+            f"class token; this ViT has {vit.num_prefix_tokens} (distillation or register tokens): use a ViT with "
+            "a class token only"
+        )
     if not isinstance(vit.patch_embed.proj, nn.Conv2d):
         raise TypeError(
             "DVT builds its coarser exits by resampling the patch embedding, which must be one convolution; this "
@@ -940,8 +947,10 @@ def build_dvt(
             (the released DeiT-S cascade on DeiT-S).
         upsample, feature_reuse, relation_reuse, reuse_hidden, reuse_dim: See :class:`DVT`.
     """
-    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
-        raise ValueError(f"threshold is a confidence in (0, 1], got {threshold}")
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0
+    ):
+        raise ValueError(f"threshold is a confidence in (0, 1] or None (no early exit), got {threshold!r}")
     if isinstance(vit, DVT):
         vit.thresholds = None if threshold is None else vit.check_thresholds([threshold] * (vit.num_exits - 1))
         return vit

@@ -46,6 +46,12 @@ def key_bias(weights: torch.Tensor) -> torch.Tensor:
     return weights[:, None, None, :]
 
 
+def log_sizes(sizes: torch.Tensor) -> torch.Tensor:
+    """``log(sizes)``, ``-inf`` where a size is 0, with a zero gradient there: plain ``sizes.log()`` gives the
+    gradient ``inf · 0 = NaN`` at 0 (a DTEM token that gave all of itself away in training)."""
+    return sizes.clamp_min(torch.finfo(sizes.dtype).tiny).log().masked_fill(sizes == 0, float("-inf"))
+
+
 def embed_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm ``VisionTransformer``'s way from images to the tokens its blocks see: patch embedding, prefix
     tokens and position embedding, patch dropout, pre-norm."""
@@ -55,6 +61,8 @@ def embed_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def validate_loc(pruning_loc: Sequence[int], depth: int, name: str = "pruning_loc") -> tuple[int, ...]:
     """The block indices as a tuple; ``ValueError`` unless they are integers, at least one, strictly
     increasing and inside a ``depth``-block model."""
+    if not isinstance(pruning_loc, Sequence) or isinstance(pruning_loc, str):
+        raise ValueError(f"{name} must be a sequence of block indices, e.g. [3, 6, 9], got {pruning_loc!r}")
     locs = tuple(pruning_loc)
     if any(isinstance(i, bool) or not isinstance(i, int) for i in locs):
         raise ValueError(f"{name} must hold integer block indices, got {locs}")
@@ -185,6 +193,7 @@ __all__ = [
     "gather_tokens",
     "index_to_mask",
     "key_bias",
+    "log_sizes",
     "max_merges",
     "merge_index",
     "merge_sources",

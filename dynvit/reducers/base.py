@@ -36,6 +36,7 @@ from dynvit.models.tokens import (
     embed_tokens,
     index_to_mask,
     key_bias,
+    log_sizes,
     merge_index,
     merge_sources,
     merge_weighted,
@@ -396,7 +397,7 @@ class ReducedViT(VisionTransformer):
             x, sizes = x[:, self.num_prefix_tokens :], sizes[:, self.num_prefix_tokens :]
         sizes = sizes.to(x.dtype)
         if self.attn_pool is not None:
-            pooled = self.attn_pool(x, attn_mask=key_bias(sizes.log()))
+            pooled = self.attn_pool(x, attn_mask=key_bias(log_sizes(sizes)))
         else:
             pooled = weighted_mean(x, sizes)
         return self.head(self.head_drop(self.fc_norm(pooled)))

@@ -323,7 +323,7 @@ class MCTFViT(ReducedViT):
             mean, 2 max, 3 plain mean.
         """
         depth = len(self.blocks)
-        if isinstance(r, bool) or not isinstance(r, int | float) or r < 0 or (isinstance(r, float) and r >= 1):
+        if isinstance(r, bool) or not isinstance(r, int | float) or not r >= 0 or (isinstance(r, float) and not r < 1):
             raise ValueError(
                 f"r must be an int count >= 0 or a fraction in (0, 1) of the patch tokens, got {r!r}"
                 + (" (a fraction of 1 or more would fuse every token)" if isinstance(r, float) and r >= 1 else "")

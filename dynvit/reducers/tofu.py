@@ -32,7 +32,12 @@ def merge_mlerp(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
     """
     a, b = x[:, ::2], x[:, 1::2]
     src = gather_tokens(a, plan.src)
-    mean = b.scatter_reduce(1, plan.dst.unsqueeze(-1).expand_as(src), src, reduce="mean")
+    # A sum and a count rather than scatter_reduce(reduce="mean"): the same numbers, and the ONNX exporter
+    # (torch 2.15) translates "mean" wrongly (a wrong sum, or a graph onnxruntime refuses).
+    dst = plan.dst.unsqueeze(-1)
+    total = b.scatter_add(1, dst.expand_as(src), src)
+    count = torch.ones_like(b[..., :1]).scatter_add(1, dst, torch.ones_like(src[..., :1]))
+    mean = total / count
     norm = b.norm(dim=-1).scatter_reduce(1, plan.dst, src.norm(dim=-1), reduce="amax")
     # Every B token is rescaled, as in OpenToMe: one that received nothing is itself up to rounding.
     b = mean / b.norm(dim=-1, keepdim=True) * norm.unsqueeze(-1)

@@ -30,8 +30,8 @@ def merge_schedule(num_patches: int, depth: int, r: int | Sequence[int]) -> list
         ValueError: r is negative, not an integer, of the wrong length, or more than even the first
             block can merge (``num_patches // 2``).
     """
-    rs = [r] * depth if isinstance(r, int) else list(r)
-    if len(rs) != depth or any(isinstance(v, bool) or not isinstance(v, int) for v in rs):
+    rs = [r] * depth if isinstance(r, int) else list(r) if isinstance(r, Sequence) and not isinstance(r, str) else None
+    if rs is None or len(rs) != depth or any(isinstance(v, bool) or not isinstance(v, int) for v in rs):
         raise ValueError(f"r must be an int or {depth} ints (one per block), got {r!r}")
     if any(v < 0 for v in rs):
         raise ValueError(f"r must be >= 0, got {r!r}")
