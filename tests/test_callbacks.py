@@ -147,6 +147,17 @@ def test_logged_gflops_equal_count_flops_at_each_keep_ratio(fitted):
     assert logged(fitted.csv, "cost/params_m") == pytest.approx([params, params])
 
 
+def test_drawing_kept_tokens_leaves_the_random_stream_where_it_was(fitted, tmp_path):
+    # Its first call in a process builds a loader, which draws a seed: a resumed run then trained on other noise.
+    callback = KeptTokensCallback(num_images=3, dirname=str(tmp_path / "pictures"))
+    before = torch.get_rng_state()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fitted.trainer, "loggers", [])  # W&B finished with the fit
+        callback.on_validation_epoch_end(fitted.trainer, fitted.module)
+    assert callback.last_path is not None and callback.last_path.is_file()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_checkpoint_metadata_holds_the_latest_cost(fitted):
     meta = torch.load(fitted.root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["dynvit"]
     assert meta["keep_ratio"] == KEEP_AFTER

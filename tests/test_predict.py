@@ -67,6 +67,10 @@ def test_student_predictions_masks_and_pictures(tmp_path, capsys):
     assert [p.name for p in pictures] == [f"{i:05d}_{i}.png" for i in range(4)]
     width = Image.open(pictures[0]).size[0]
     assert width > 3 * Image.open(pictures[0]).size[1]  # the image, then one column per stage
+    # Predicting again with fewer pictures leaves none of the first predict's, and no file of the user's goes.
+    (out / "kept_tokens" / "notes.png").write_bytes(b"mine")
+    predict(tmp_path, config, "--prediction.pictures=1")
+    assert sorted(p.name for p in (out / "kept_tokens").iterdir()) == ["00000_0.png", "notes.png"]
 
 
 def lvvit_student() -> dict:

@@ -357,6 +357,12 @@ class KeptTokensCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
             return
+        # Drawing must not move the training run's random stream: the first-images loader draws its seed from
+        # it once per process, so a resumed run drew it again and trained on other Gumbel noise from then on.
+        with keep_rng(pl_module.device):
+            self._draw(trainer, pl_module)
+
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         net, _ = networks(pl_module)
         x, target = self._first_images(trainer)
         param = next(net.parameters())

@@ -69,6 +69,15 @@ class PredictionWriter(BasePredictionWriter):
             )
         self.folder = Path(self.out) if self.out else Path(trainer.default_root_dir) / "predictions"
         self.rows, self.masks, self.groups, self.paths = [], [], [], {}
+        self._remove_earlier_outputs()
+
+    def _remove_earlier_outputs(self) -> None:
+        """Remove what an earlier predict wrote here and this one may not overwrite (fewer images, a network that
+        reports no masks), so that the folder describes one predict; other files are left alone."""
+        for name in ("masks.pt", "groups.pt"):
+            (self.folder / name).unlink(missing_ok=True)
+        for picture in (self.folder / "kept_tokens").glob("[0-9][0-9][0-9][0-9][0-9]_*.png"):
+            picture.unlink()
 
     def write_on_batch_end(
         self,
