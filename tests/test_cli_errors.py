@@ -23,7 +23,7 @@ from dynvit import create_teacher, methods
 from dynvit.data import SyntheticDataModule
 from dynvit.lightning import ClassifierModule
 from dynvit.models import CheckpointMismatch
-from dynvit.run.cli import DynViTCLI, main, oversubscription
+from dynvit.run.cli import DynViTCLI, main, options_before_config, oversubscription
 from dynvit.run.errors import TRACEBACK_ENV
 from tests.tiny_config import STUDENT, tiny_config, write_config
 
@@ -610,3 +610,17 @@ def test_a_gpu_accelerator_on_a_machine_without_one_is_one_line(workspace, capsy
         "(torch.cuda.is_available() is False): use --trainer.accelerator cpu, or auto to take a GPU when there is one"
     )
     assert not (Path(workspace["tmp"]) / "run").exists()
+
+
+def test_options_before_config_that_it_also_sets_are_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "trainer: {default_root_dir: runs/x, max_epochs: 2}\n"
+        "model: {class_path: dynvit.lightning.DynamicViTModule, init_args: {keep_ratio: 0.7}}\n"
+    )
+    before = ["--trainer.default_root_dir", "mine", "--model.keep_ratio=0.5", "--trainer.max_steps", "3"]
+    line = ["fit", *before, "--config", str(config), "--trainer.max_epochs", "4"]
+    # max_steps is not in the config, and options after --config override it as meant.
+    assert options_before_config(line) == ["--trainer.default_root_dir", "--model.keep_ratio"]
+    assert options_before_config(["fit", f"--config={config}", "--trainer.default_root_dir", "x"]) == []
+    assert options_before_config(["fit", "--trainer.max_epochs", "1", "--config", str(tmp_path / "none.yaml")]) == []

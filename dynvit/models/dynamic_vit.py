@@ -58,7 +58,7 @@ def keep_counts(num_patches: int, keep_ratio: float, num_stages: int) -> list[in
 def validate_pruning(keep_ratio: float, pruning_loc: Sequence[int], depth: int, num_patches: int) -> None:
     """Raise ``ValueError`` naming the fix when a pruning setup cannot work on this backbone."""
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     locs = validate_loc(pruning_loc, depth)
     counts = keep_counts(num_patches, keep_ratio, len(locs))
     if counts[-1] < 1:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -118,7 +119,14 @@ class DynViTCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"callbacks": [LearningRateMonitor(logging_interval="step")]})
         quiet_known_noise()
         command_line = kwargs.get("args")
-        self.typed_model_options = typed_model_options(sys.argv[1:] if command_line is None else command_line)
+        command_line = sys.argv[1:] if command_line is None else command_line
+        self.typed_model_options = typed_model_options(command_line)
+        overridden = options_before_config(command_line)
+        if overridden:
+            rank_zero_warn(
+                f"{', '.join(overridden)} given before --config, which sets {'it' if len(overridden) == 1 else 'them'} "
+                "too: the config's value wins. Give options after --config to override the config"
+            )
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -414,6 +422,40 @@ def typed_model_options(command_line: Any) -> list[str]:
         if name and name not in {"class_path", "init_args", "dict_kwargs"}:
             keys.append(f"model.init_args.{name}")
     return keys
+
+
+def options_before_config(command_line: Any) -> list[str]:
+    """The ``--options`` of a command line that come before its first ``--config`` and that this config also
+    sets: jsonargparse applies arguments in order, so the config's values silently replace them."""
+    if not isinstance(command_line, (list, tuple)):
+        return []
+    tokens = [t for t in command_line if isinstance(t, str)]
+    at = next((i for i, t in enumerate(tokens) if t == "--config" or t.startswith("--config=")), None)
+    if at is None:
+        return []
+    path = tokens[at].split("=", 1)[1] if "=" in tokens[at] else (tokens[at + 1] if at + 1 < len(tokens) else "")
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # the parser itself reports a config it cannot read
+    return [
+        t.split("=", 1)[0]
+        for t in tokens[:at]
+        if t.startswith("--") and _sets(config, t[2:].split("=", 1)[0].split("."))
+    ]
+
+
+def _sets(config: Any, keys: list[str]) -> bool:
+    """Whether a loaded config sets the option at ``keys``, ``init_args`` optional (``--model.keep_ratio``)."""
+    for key in keys:
+        if not isinstance(config, dict):
+            return False
+        if key not in config and isinstance(config.get("init_args"), dict):
+            config = config["init_args"]
+        if key not in config:
+            return False
+        config = config[key]
+    return True
 
 
 def main(args: list[str] | None = None) -> None:
