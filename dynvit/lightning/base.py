@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -129,6 +130,9 @@ class ImageClassification(L.LightningModule):
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [torch.from_numpy(keys.astype(np.int64)), torch.tensor([pos, has_gauss]), torch.tensor(cached)],
+            # Python's generator drives timm's RandAugment and RandomErasing (in the main process when
+            # num_workers is 0); without it a resumed run augments its images differently.
+            "python": python_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -142,6 +146,8 @@ class ImageClassification(L.LightningModule):
             torch.cuda.set_rng_state_all(states["cuda"])
         keys, (pos, has_gauss), cached = states["numpy"]
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        if "python" in states:  # checkpoints written before it was stored lack it
+            set_python_rng_state(states["python"])
 
     def check_fits(self, checkpoint: dict[str, Any]) -> None:
         """Raise a clear error when a Lightning checkpoint's network does not fit ``self.net`` (another class
@@ -198,3 +204,18 @@ class ImageClassification(L.LightningModule):
         warmup = min(total // 2, round(self.hparams.warmup_epochs * self.steps_per_epoch(total)))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def python_rng_state() -> list[torch.Tensor]:
+    """``random.getstate()`` as tensors (version, the 625 words of its Mersenne Twister, the cached
+    Gaussian or none), so that a checkpoint holding it still loads with ``weights_only=True``."""
+    version, words, gauss = random.getstate()
+    cached = torch.tensor([] if gauss is None else [gauss], dtype=torch.float64)
+    return [torch.tensor([version]), torch.tensor(words, dtype=torch.int64), cached]
+
+
+def set_python_rng_state(state: list[torch.Tensor]) -> None:
+    """Restore Python's generator from :func:`python_rng_state`'s tensors."""
+    version, words, cached = state
+    gauss = float(cached[0]) if cached.numel() else None
+    random.setstate((int(version[0]), tuple(int(w) for w in words), gauss))
