@@ -201,6 +201,43 @@ def test_checkpoints_carry_every_generator_and_old_ones_still_load(tmp_path, tea
     assert now[:2] == expected[:2] and now[2:] != expected[2:]
 
 
+def test_mixup_with_an_odd_batch_is_refused_before_the_first_step(tmp_path):
+    module = ClassifierModule(
+        model_name="deit_tiny_patch16_224",
+        num_classes=TINY["num_classes"],
+        img_size=TINY["img_size"],
+        model_kwargs=MODEL_KWARGS,
+        lr_base_batch_size=None,
+        cutmix=1.0,
+    )
+    message = (
+        "mixup/cutmix need an even batch_size (timm's Mixup pairs the images of a batch), got batch_size 15 with "
+        "mixup=0, cutmix=1: use batch_size 14 or 16, or set mixup and cutmix to 0"
+    )
+    with pytest.raises(ValueError) as raised:
+        trainer(tmp_path, max_steps=1).fit(module, tiny_data(batch_size=15))
+    assert str(raised.value) == message
+    assert module.global_step == 0
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, tiny_data(batch_size=16))
+    assert module.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"num_classes": 1}, "num_classes must be >= 2, got 1: a classifier needs at least 2 classes"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be in [0, 1), got 1.5"),
+        ({"mixup": -1.0}, "mixup must be >= 0 (its Beta distribution's alpha; 0 turns it off), got -1.0"),
+        ({"cutmix": -0.5}, "cutmix must be >= 0 (its Beta distribution's alpha; 0 turns it off), got -0.5"),
+    ],
+)
+def test_classification_options_out_of_range_are_refused_naming_the_option(option, message):
+    args = dict(model_name="deit_tiny_patch16_224", img_size=TINY["img_size"], model_kwargs=MODEL_KWARGS)
+    with pytest.raises(ValueError) as raised:
+        ClassifierModule(**(args | option))
+    assert str(raised.value).startswith(message)
+
+
 def test_checkpoint_holds_student_not_teacher_and_reloads(tmp_path, teacher_ckpt):
     module = tiny_student(teacher_ckpt)
     t = trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=True)
