@@ -304,6 +304,42 @@ MISTAKES = [
         "Drop --ckpt_path to start a new run, or point --trainer.default_root_dir at the run to continue",
     ),
     Mistake(
+        "an odd batch size with mixup",
+        ("fit", "--config={config}", "--model.init_args.mixup=0.8", "--data.init_args.batch_size=3"),
+        "error: mixup/cutmix need an even batch_size (timm's Mixup pairs the images of a batch), got batch_size 3 "
+        "with mixup=0.8, cutmix=0: use batch_size 2 or 4, or set mixup and cutmix to 0",
+    ),
+    Mistake(
+        "label smoothing above 1",
+        ("fit", "--config={config}", "--model.init_args.label_smoothing=1.5"),
+        "error: label_smoothing must be in [0, 1), got 1.5",
+    ),
+    Mistake(
+        "an image folder with one class",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.root={tmp}/one_class"),
+        "error: {tmp}/one_class/train holds 1 class folder (a): a classifier needs at least 2 class folders, "
+        "{tmp}/one_class/train/<class>/<image>, one per class",
+    ),
+    Mistake(
+        "fewer training images than batch_size",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.batch_size=5"),
+        "error: {tmp}/photos/train holds 4 images, fewer than batch_size (5): training drops the last partial "
+        "batch, so no batch would remain. Lower batch_size to at most 4, or add images",
+    ),
+    Mistake(
+        "a mistyped interpolation",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.interpolation=bicubik"),
+        "error: interpolation 'bicubik': choose from nearest, bilinear, bicubic, box, hamming, lanczos; did you "
+        "mean bicubic?",
+    ),
+    Mistake(
+        "a mistyped auto_augment policy",
+        ("fit", "--config={tmp}/folder.yaml", "--data.init_args.auto_augment=rnd-m9-mstd0.5-inc1"),
+        "error: auto_augment 'rnd-m9-mstd0.5-inc1' is not a timm augmentation policy (AssertionError: Unknown "
+        "AutoAugment config section): use e.g. 'rand-m9-mstd0.5-inc1' (RandAugment, DeiT's), 'augmix-m5-w4-d2', "
+        "'original', 'v0' or '3a', or null for none",
+    ),
+    Mistake(
         "sweep file that is not there",
         ("sweep", "--config={config}", "--sweep={tmp}/missing_sweep.yaml"),
         "error: sweep file {tmp}/missing_sweep.yaml does not exist",
@@ -380,6 +416,7 @@ def workspace(tmp_path: Path) -> dict[str, str]:
     write_config(tmp_path / "folder.yaml", folder)
     write_image_folder_tree(tmp_path / "other_classes", ["a", "b"], ["a", "c"])
     write_image_folder_tree(tmp_path / "empty_class", ["a", "b"], ["a", "b"], empty=("b",))
+    write_image_folder_tree(tmp_path / "one_class", ["a"], ["a"])
     (tmp_path / "no_train" / "val" / "a").mkdir(parents=True)
     for name in ("photos", "truncated", "random"):
         write_image_folder_tree(tmp_path / name, ["a", "b"], ["a", "b"])

@@ -396,15 +396,15 @@ def test_image_folder_empty_split(tmp_path):
     for png in (root / "val").rglob("*.png"):
         png.unlink()
     with pytest.raises(FileNotFoundError, match=f"{root / 'val'} holds no images"):
-        _folder_dm(root).setup("fit")
+        _folder_dm(root, batch_size=1).setup("fit")
     for png in (root / "train" / "b").glob("*.png"):
         png.unlink()
     with pytest.raises(ValueError, match=f"training class folders without images: {root / 'train' / 'b'}"):
-        _folder_dm(root).setup("fit")
+        _folder_dm(root, batch_size=1).setup("fit")
     for p in (root / "train").iterdir():
         p.rename(root / p.name)
     with pytest.raises(FileNotFoundError, match="holds no class folders"):
-        _folder_dm(root).setup("fit")
+        _folder_dm(root, batch_size=1).setup("fit")
 
 
 def test_image_folder_class_mismatch_lists_the_differences(folder):
@@ -444,6 +444,85 @@ def test_a_truncated_jpeg_with_a_valid_header_is_caught_before_training(folder):
     assert all(f"{path} (OSError: image file is truncated" in listed for path in cut)
     assert "whole.jpg" not in listed
     assert listed.index(str(cut[1])) < listed.index(str(cut[0]))  # in the dataset's (class, file) order
+
+
+def test_image_folder_with_one_class_asks_for_a_second_folder(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("cat",), per_class=4)
+    train = root / "train"
+    message = f"{train} holds 1 class folder \\(cat\\): a classifier needs at least 2 class folders"
+    with pytest.raises(ValueError, match=message):
+        _ = _folder_dm(root).num_classes  # what the CLI reads to size the model, before the model exists
+
+
+def test_a_training_set_smaller_than_the_batch_is_refused_by_setup(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2)
+    with pytest.raises(ValueError, match=f"{root / 'train'} holds 4 images, fewer than batch_size \\(5\\)"):
+        _folder_dm(root, batch_size=5).setup("fit")
+    dm = _folder_dm(root, batch_size=4)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1  # a full batch is the least that trains
+    _folder_dm(root, batch_size=5).setup("validate")  # evaluating keeps partial batches
+
+
+def test_hidden_files_in_the_splits_are_not_images(folder):
+    # macOS writes an AppleDouble `._<name>` beside each file it copies to a foreign disk: not a PNG.
+    (folder / "train" / "ant" / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    (folder / "val" / "bee" / ".ipynb_checkpoints").mkdir()
+    (folder / "val" / "bee" / "0.png").rename(folder / "val" / "bee" / ".ipynb_checkpoints" / "0.png")
+    dm = _folder_dm(folder)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 9 and len(dm.datasets["val"]) == 8
+    assert not any("/." in path for path, _ in dm.datasets["train"].samples + dm.datasets["val"].samples)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            {"interpolation": "bicubik"},
+            "interpolation 'bicubik': choose from nearest, bilinear, bicubic, box, "
+            "hamming, lanczos; did you mean bicubic?",
+        ),
+        ({"re_mode": "foo"}, "re_mode 'foo': choose from pixel, rand, const"),
+        (
+            {"auto_augment": "rnd-m9-mstd0.5-inc1"},
+            "auto_augment 'rnd-m9-mstd0.5-inc1' is not a timm augmentation "
+            "policy (AssertionError: Unknown AutoAugment config section): use e.g. 'rand-m9-mstd0.5-inc1'",
+        ),
+        ({"crop_pct": -0.5}, "crop_pct (the centre crop's share of the resized image) must be in (0, 1], got -0.5"),
+        ({"crop_pct": 0.0}, "crop_pct (the centre crop's share of the resized image) must be in (0, 1], got 0.0"),
+        ({"re_prob": 1.5}, "re_prob (the random-erasing probability) must be in [0, 1], got 1.5"),
+        ({"hflip": 2.0}, "hflip (the horizontal-flip probability) must be in [0, 1], got 2.0"),
+        (
+            {"scale": (1.0, 0.08)},
+            "scale (the random crop's area range, as a share of the image) must be [min, max] "
+            "with 0 < min <= max <= 1, got [1.0, 0.08]",
+        ),
+        ({"ratio": (0.0, 1.0)}, "ratio (the random crop's aspect-ratio range) must be [min, max] with 0 < min <= max"),
+        ({"re_count": 0}, "re_count (random-erasing regions per image) must be >= 1, got 0"),
+        ({"color_jitter": -0.4}, "color_jitter must be >= 0, got -0.4"),
+    ],
+)
+def test_augmentation_options_out_of_range_are_refused_naming_the_option(folder, option, message):
+    with pytest.raises(ValueError) as raised:
+        _folder_dm(folder, **option)
+    assert str(raised.value).startswith(message)
+
+
+def test_augmentation_options_in_range_are_taken(folder):
+    dm = _folder_dm(
+        folder,
+        interpolation="bilinear",
+        re_mode="Const",
+        crop_pct=1.0,
+        re_prob=1.0,
+        hflip=0.0,
+        scale=(1.0, 1.0),
+        auto_augment="augmix-m5-w4-d2",
+    )
+    assert (dm.interpolation, dm.crop_pct) == ("bilinear", 1.0)  # the bounds of each range are in it
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 9
 
 
 def test_image_folder_empty_val_class_is_a_warning_naming_the_folder(folder):

@@ -252,7 +252,7 @@ def test_score_map_labels_follow_the_eval_crop_and_the_flip(tmp_path):
     # A wide image: the centre crop keeps its middle, so the class boundary moves.
     Image.new("RGB", (80, 40)).save(images / "train/a/0.png")
     write_score_maps(images, tmp_path / "maps", split_column=3)
-    folder = ImageFolderDataModule(images, img_size=32, crop_pct=1.0, verify_images=False)
+    folder = ImageFolderDataModule(images, img_size=32, crop_pct=1.0, verify_images=False, batch_size=2)
     folder.setup("fit")
     kwargs = dict(img_size=32, crop_pct=1.0, interpolation="bilinear", mean=folder.mean, std=folder.std)
     plain = ScoreMapDataset(folder.datasets["train"], tmp_path / "maps", 2, hflip=0.0, **kwargs)
@@ -312,7 +312,9 @@ def test_score_maps_need_an_image_folder_and_existing_maps(tmp_path):
         score_map_root=str(tmp_path / "empty"),
     )
     with pytest.raises(FileNotFoundError, match="no score map"):
-        trainer(tmp_path, max_steps=1).fit(module, ImageFolderDataModule(images, img_size=32, num_workers=0))
+        trainer(tmp_path, max_steps=1).fit(
+            module, ImageFolderDataModule(images, img_size=32, batch_size=4, num_workers=0)
+        )
     with pytest.raises(FileNotFoundError, match="score_map_root"):
         TokenLabelingModule(model_name="lvvit_s", score_map_root=str(tmp_path / "nowhere"))
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from dynvit import create_teacher
-from dynvit.data import SyntheticDataModule
+from dynvit.data import ImageFolderDataModule, SyntheticDataModule, write_image_folder
 from dynvit.lightning import ClassifierModule, DynamicViTModule
 from dynvit.models import CheckpointMismatch, MaskedAttention, read_state_dict
 from dynvit.run.cli import DynViTCLI
@@ -146,12 +148,23 @@ class Interrupt(L.Callback):
         trainer.should_stop = True
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, teacher_ckpt):
+def randaugment_folder(root: Path) -> ImageFolderDataModule:
+    """Photos-like image folders under timm's RandAugment and random erasing, which draw from Python's
+    ``random`` (in this process: no workers)."""
+    write_image_folder(root, classes=[str(k) for k in range(TINY["num_classes"])], per_class=2, img_size=40)
+    # root as text, as the CLI gives it: a Path in the hyper-parameters would not load with weights_only=True.
+    return ImageFolderDataModule(str(root), batch_size=10, num_workers=0, re_prob=0.5, verify_images=False)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "randaugment"])
+def test_resume_matches_uninterrupted_run(tmp_path, teacher_ckpt, data):
     def run(root: Path, callbacks=(), ckpt_path: str | None = None) -> DynamicViTModule:
         L.seed_everything(0)
         module = tiny_student(teacher_ckpt)
         t = trainer(root, max_epochs=2, enable_checkpointing=True, limit_val_batches=0, callbacks=list(callbacks))
-        t.fit(module, tiny_data(), ckpt_path=ckpt_path)
+        t.fit(
+            module, tiny_data() if data == "synthetic" else randaugment_folder(tmp_path / "images"), ckpt_path=ckpt_path
+        )
         return module
 
     straight = run(tmp_path / "a")
@@ -161,6 +174,68 @@ def test_resume_matches_uninterrupted_run(tmp_path, teacher_ckpt):
     resumed = run(tmp_path / "b", ckpt_path=str(last))
     for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def draws() -> tuple:
+    """One draw of each generator a training step may use."""
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1)
+
+
+def test_checkpoints_carry_every_generator_and_old_ones_still_load(tmp_path, teacher_ckpt):
+    module = tiny_student(teacher_ckpt)
+    module.trainer = trainer(tmp_path)
+    random.seed(3)
+    random.gauss(0, 1)  # leaves a second Gaussian cached in the state, which is restored too
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path / "states.ckpt"
+    torch.save(checkpoint, path)
+    expected = draws()
+    checkpoint = torch.load(path, weights_only=True)  # tensors only, as Lightning may load it
+    module.on_load_checkpoint(checkpoint)
+    assert draws() == expected
+    # A checkpoint written before Python's state was stored loads, restoring the others.
+    del checkpoint["rng_states"]["python"]
+    module.on_load_checkpoint(checkpoint)
+    now = draws()
+    assert now[:2] == expected[:2] and now[2:] != expected[2:]
+
+
+def test_mixup_with_an_odd_batch_is_refused_before_the_first_step(tmp_path):
+    module = ClassifierModule(
+        model_name="deit_tiny_patch16_224",
+        num_classes=TINY["num_classes"],
+        img_size=TINY["img_size"],
+        model_kwargs=MODEL_KWARGS,
+        lr_base_batch_size=None,
+        cutmix=1.0,
+    )
+    message = (
+        "mixup/cutmix need an even batch_size (timm's Mixup pairs the images of a batch), got batch_size 15 with "
+        "mixup=0, cutmix=1: use batch_size 14 or 16, or set mixup and cutmix to 0"
+    )
+    with pytest.raises(ValueError) as raised:
+        trainer(tmp_path, max_steps=1).fit(module, tiny_data(batch_size=15))
+    assert str(raised.value) == message
+    assert module.global_step == 0
+    trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, tiny_data(batch_size=16))
+    assert module.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"num_classes": 1}, "num_classes must be >= 2, got 1: a classifier needs at least 2 classes"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be in [0, 1), got 1.5"),
+        ({"mixup": -1.0}, "mixup must be >= 0 (its Beta distribution's alpha; 0 turns it off), got -1.0"),
+        ({"cutmix": -0.5}, "cutmix must be >= 0 (its Beta distribution's alpha; 0 turns it off), got -0.5"),
+    ],
+)
+def test_classification_options_out_of_range_are_refused_naming_the_option(option, message):
+    args = dict(model_name="deit_tiny_patch16_224", img_size=TINY["img_size"], model_kwargs=MODEL_KWARGS)
+    with pytest.raises(ValueError) as raised:
+        ClassifierModule(**(args | option))
+    assert str(raised.value).startswith(message)
 
 
 def test_checkpoint_holds_student_not_teacher_and_reloads(tmp_path, teacher_ckpt):

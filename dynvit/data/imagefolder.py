@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import difflib
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import Compose
 
 from dynvit.data._common import (
@@ -35,6 +36,10 @@ _MAX_LISTED = 10  # files or classes named in one error message
 DEFAULT_IMG_SIZE = 224  # without a model to follow
 _ANNOUNCED_CHECK = 10_000  # images: a check this long says what it is doing
 _CHECK_CHUNK = 64  # files per task of the image check: few tasks for a million files, all threads busy for a hundred
+# Resize interpolations timm's transforms take by name (timm.data.transforms.str_to_interp_mode).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# Fills of timm's RandomErasing (case-insensitive).
+RE_MODES = ("pixel", "rand", "const")
 
 
 # Modes of one channel wider than 8 bits: 16-bit PNG/TIFF open as I;16*, some as 32-bit I.
@@ -159,6 +164,84 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f", … ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
+def _visible_image(split_dir: Path):
+    """Whether a file under ``split_dir`` is an image the split holds: an image extension, and no part of its
+    path below ``split_dir`` hidden (a macOS ``._x.png`` AppleDouble file, a ``.ipynb_checkpoints`` copy),
+    as for ``predict_root``."""
+
+    def valid(path: str) -> bool:
+        parts = Path(os.path.relpath(path, split_dir)).parts
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+    return valid
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """``ValueError`` naming ``name``, the choices and the nearest one unless ``value`` is one of them."""
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ValueError(f"{name} {value!r}: choose from {', '.join(choices)}{hint}")
+
+
+def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
+    """``ValueError`` unless ``value`` is in [0, 1] ((0, 1] with ``low_open``); NaN is refused too."""
+    inside = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not inside:
+        raise ValueError(f"{name} must be in {'(0' if low_open else '[0'}, 1], got {value}")
+
+
+def check_augmentation(
+    crop_pct: float | None,
+    interpolation: str | None,
+    auto_augment: str | None,
+    re_prob: float,
+    re_mode: str,
+    re_count: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    hflip: float,
+    color_jitter: float,
+) -> None:
+    """``ValueError`` naming the option and its valid values for each setting timm would refuse only when
+    the transforms are built (a ``KeyError``, a bare assertion) or would take silently (a ``crop_pct`` of 0
+    becomes 0.875, a probability above 1 means always)."""
+    if crop_pct is not None:
+        _check_fraction("crop_pct (the centre crop's share of the resized image)", crop_pct, low_open=True)
+    if interpolation is not None:
+        _choice("interpolation", interpolation, INTERPOLATIONS)
+    _check_fraction("re_prob (the random-erasing probability)", re_prob)
+    _choice("re_mode", str(re_mode).lower(), RE_MODES)
+    if re_count < 1:
+        raise ValueError(f"re_count (random-erasing regions per image) must be >= 1, got {re_count}")
+    _check_fraction("hflip (the horizontal-flip probability)", hflip)
+    if not color_jitter >= 0:
+        raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+    low, high = scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(
+            f"scale (the random crop's area range, as a share of the image) must be [min, max] with "
+            f"0 < min <= max <= 1, got [{low}, {high}]: e.g. [0.08, 1.0]"
+        )
+    low, high = ratio
+    if not 0.0 < low <= high:
+        raise ValueError(
+            f"ratio (the random crop's aspect-ratio range) must be [min, max] with 0 < min <= max, got "
+            f"[{low}, {high}]: e.g. [0.75, 1.3333]"
+        )
+    if auto_augment:
+        # timm parses the policy only as it builds the transform, with a bare assertion on a mistake.
+        try:
+            create_transform(DEFAULT_IMG_SIZE, is_training=True, auto_augment=auto_augment)
+        except Exception as e:  # AssertionError, KeyError, ValueError: whatever timm's parser raises
+            raise ValueError(
+                f"auto_augment {auto_augment!r} is not a timm augmentation policy ({type(e).__name__}: {e}): use "
+                "e.g. 'rand-m9-mstd0.5-inc1' (RandAugment, DeiT's), 'augmix-m5-w4-d2', 'original', 'v0' or '3a', "
+                "or null for none"
+            ) from e
+
+
 def _class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise FileNotFoundError(
@@ -180,12 +263,18 @@ class ImageFolderDataModule(L.LightningDataModule):
     Pillow 13, a black image, where Pillow 13 raises: see :func:`posterize`); evaluation resizes to
     ``img_size / crop_pct`` and centre-crops ``img_size``. Batches are ``(images, labels)``
     with labels indexing the sorted class folder names (``class_names``). Images are read as RGB, so
-    ``in_chans`` is 3. Files whose extension is not an image one (torchvision's ``IMG_EXTENSIONS``) are ignored.
+    ``in_chans`` is 3. Files whose extension is not an image one (torchvision's ``IMG_EXTENSIONS``: ``.jpg``,
+    ``.jpeg``, ``.png``, ``.ppm``, ``.bmp``, ``.pgm``, ``.tif``, ``.tiff``, ``.webp``, in any case; not ``.gif``)
+    are ignored, and so are hidden files and folders (names starting with ``.``, such as macOS's ``._x.png``).
 
     **Errors, all raised by** ``setup()`` **before any training**: ``FileNotFoundError`` when ``root``, its
     ``train`` or ``val`` folder is missing, or a split holds no class folders or no images;
-    ``ValueError`` when train and val (or test) class folders differ (the differences are listed), when a
-    training class folder holds no images, or when an image file cannot be decoded. A val or test class
+    ``ValueError`` when train and val (or test) class folders differ (the differences are listed), when
+    ``train`` holds a single class folder, when a training class folder holds no images, when the training
+    set has fewer images than ``batch_size`` (the last partial batch is dropped, so none would remain), or
+    when an image file cannot be decoded. Augmentation and preprocessing options out of range (``crop_pct``,
+    ``interpolation``, ``auto_augment``, ``re_*``, ``scale``, ``ratio``, ``hflip``, ``color_jitter``) are a
+    ``ValueError`` naming the option as the DataModule is built. A val or test class
     folder without images is a warning naming it (a small evaluation set may lack a class; usually it
     is a copy that failed).
 
@@ -279,6 +368,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         for name, values in (("mean", mean), ("std", std)):
             if values is not None and len(values) != 3:
                 raise ValueError(f"{name} needs 3 values (R, G, B), got {tuple(values)}")
+        check_augmentation(
+            crop_pct, interpolation, auto_augment, re_prob, re_mode, re_count, scale, ratio, hflip, color_jitter
+        )
         self.root = Path(root) if root is not None else None
         self.predict_root = Path(predict_root) if predict_root is not None else None
         self._num_classes = num_classes
@@ -343,7 +435,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self._class_names is None:
             if not self.root.is_dir():
                 raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder")
-            self._class_names = _class_folders(self.root / "train")
+            classes = _class_folders(self.root / "train")
+            if len(classes) < 2:
+                raise ValueError(
+                    f"{self.root / 'train'} holds 1 class folder ({classes[0]}): a classifier needs at least 2 "
+                    f"class folders, {self.root / 'train'}/<class>/<image>, one per class"
+                )
+            self._class_names = classes
         return self._class_names
 
     @property
@@ -436,7 +534,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             if split in self.datasets:
                 continue
             transform = self.train_transform() if split == "train" else self.eval_transform()
-            dataset = ImageFolder(dirs[split], transform=transform, loader=load_rgb, allow_empty=True)
+            dataset = ImageFolder(
+                dirs[split],
+                transform=transform,
+                loader=load_rgb,
+                is_valid_file=_visible_image(dirs[split]),
+                allow_empty=True,
+            )
             self._check(dataset, dirs[split], split)
             self.datasets[split] = dataset
 
@@ -447,6 +551,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         empty = [str(folder / dataset.classes[k]) for k in np.flatnonzero(counts == 0)]
         if empty and split == "train":
             raise ValueError(f"training class folders without images: {_listing(empty)}")
+        if split == "train" and len(dataset) < self.batch_size:
+            raise ValueError(
+                f"{folder} holds {len(dataset)} images, fewer than batch_size ({self.batch_size}): training drops "
+                "the last partial batch, so no batch would remain. Lower batch_size to at most "
+                f"{len(dataset)}, or add images"
+            )
         if empty:
             rank_zero_warn(
                 f"{split} class folders without images (their classes are never evaluated): {_listing(empty)}"

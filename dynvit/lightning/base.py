@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -25,9 +26,10 @@ class ImageClassification(L.LightningModule):
     """Base for modules that classify images with one network ``self.net`` (the model being trained).
 
     Args:
-        num_classes: Classes of the dataset (linked from the DataModule by the CLI).
-        label_smoothing: For hard targets; passed to timm's Mixup when mixup/cutmix are on.
-        mixup, cutmix: Alpha of timm's Mixup/CutMix (0 disables); targets then become soft.
+        num_classes: Classes of the dataset (linked from the DataModule by the CLI); at least 2.
+        label_smoothing: For hard targets, in [0, 1); passed to timm's Mixup when mixup/cutmix are on.
+        mixup, cutmix: Alpha (>= 0) of timm's Mixup/CutMix (0 disables); targets then become soft. Either
+            needs an even batch_size (:meth:`check_batch_size`).
 
     Checkpoints carry the class names of the data the module was fitted on (``checkpoint["class_names"]``,
     restored as ``class_names``), so predictions can be named without the training folders.
@@ -42,6 +44,7 @@ class ImageClassification(L.LightningModule):
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0) -> None:
         super().__init__()
+        check_classification_options(num_classes, label_smoothing, mixup, cutmix)
         self.mixup_fn = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
             if mixup > 0 or cutmix > 0
@@ -65,7 +68,22 @@ class ImageClassification(L.LightningModule):
         """Networks kept frozen in eval mode on purpose (a teacher, an annotator)."""
         return []
 
+    def check_batch_size(self, batch_size: int | None) -> None:
+        """``ValueError`` when mixup/cutmix are on and ``batch_size`` (per device) is odd: timm's Mixup
+        pairs each image with its mirror in the batch and refuses odd batches with an assertion, at the
+        first training step. The CLI calls it as soon as the model and data are built; ``on_fit_start``
+        again, for runs started from Python."""
+        if self.mixup_fn is not None and batch_size is not None and batch_size % 2:
+            even = f"{batch_size - 1} or {batch_size + 1}" if batch_size > 1 else "2"
+            raise ValueError(
+                f"mixup/cutmix need an even batch_size (timm's Mixup pairs the images of a batch), got batch_size "
+                f"{batch_size} with mixup={self.mixup_fn.mixup_alpha:g}, cutmix={self.mixup_fn.cutmix_alpha:g}: "
+                f"use batch_size {even}, or set mixup and cutmix to 0"
+            )
+
     def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.check_batch_size(getattr(datamodule, "batch_size", None) if datamodule is not None else None)
         # Lightning warns when any module is in eval mode as training starts. The frozen networks are, on
         # purpose; any other module in eval mode changes the count, and the warning then still shows.
         frozen = sum(not m.training for net in self.frozen_networks() for m in net.modules())
@@ -129,6 +147,9 @@ class ImageClassification(L.LightningModule):
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [torch.from_numpy(keys.astype(np.int64)), torch.tensor([pos, has_gauss]), torch.tensor(cached)],
+            # Python's generator drives timm's RandAugment and RandomErasing (in the main process when
+            # num_workers is 0); without it a resumed run augments its images differently.
+            "python": python_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -142,6 +163,8 @@ class ImageClassification(L.LightningModule):
             torch.cuda.set_rng_state_all(states["cuda"])
         keys, (pos, has_gauss), cached = states["numpy"]
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        if "python" in states:  # checkpoints written before it was stored lack it
+            set_python_rng_state(states["python"])
 
     def check_fits(self, checkpoint: dict[str, Any]) -> None:
         """Raise a clear error when a Lightning checkpoint's network does not fit ``self.net`` (another class
@@ -198,3 +221,34 @@ class ImageClassification(L.LightningModule):
         warmup = min(total // 2, round(self.hparams.warmup_epochs * self.steps_per_epoch(total)))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_classification_options(num_classes: int, label_smoothing: float, mixup: float, cutmix: float) -> None:
+    """``ValueError`` naming the option for a class count below 2 or a ``label_smoothing``, ``mixup`` or
+    ``cutmix`` out of range, before torchmetrics or timm refuse them with a traceback (or accept them:
+    a smoothing above 1 makes targets negative)."""
+    if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 2):
+        raise ValueError(
+            f"num_classes must be >= 2, got {num_classes}: a classifier needs at least 2 classes (an image "
+            "folder: at least 2 class folders in train/)"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
+        if not alpha >= 0.0:  # `not >=`: NaN is refused too
+            raise ValueError(f"{name} must be >= 0 (its Beta distribution's alpha; 0 turns it off), got {alpha}")
+
+
+def python_rng_state() -> list[torch.Tensor]:
+    """``random.getstate()`` as tensors (version, the 625 words of its Mersenne Twister, the cached
+    Gaussian or none), so that a checkpoint holding it still loads with ``weights_only=True``."""
+    version, words, gauss = random.getstate()
+    cached = torch.tensor([] if gauss is None else [gauss], dtype=torch.float64)
+    return [torch.tensor([version]), torch.tensor(words, dtype=torch.int64), cached]
+
+
+def set_python_rng_state(state: list[torch.Tensor]) -> None:
+    """Restore Python's generator from :func:`python_rng_state`'s tensors."""
+    version, words, cached = state
+    gauss = float(cached[0]) if cached.numel() else None
+    random.setstate((int(version[0]), tuple(int(w) for w in words), gauss))

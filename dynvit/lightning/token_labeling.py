@@ -135,8 +135,6 @@ class TokenLabelingModule(ImageClassification):
         check_choice("class_target", class_target, CLASS_TARGETS)
         if mixtoken and mixtoken_alpha <= 0:
             raise ValueError(f"mixtoken_alpha must be positive, got {mixtoken_alpha}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans)
         self.net = create_teacher(model_name, **build, **(model_kwargs or {}))

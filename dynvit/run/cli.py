@@ -236,6 +236,10 @@ class DynViTCLI(LightningCLI):
         follow = getattr(self.datamodule, "follow", None)
         if follow is not None:
             follow(self.model)
+        # timm's Mixup refuses an odd batch only at the first training step, after the run folder is made.
+        check_batch_size = getattr(self.model, "check_batch_size", None)
+        if check_batch_size is not None and self.subcommand == "fit":
+            check_batch_size(getattr(self.datamodule, "batch_size", None))
         # An image folder's checks (layout, classes, images that do not decode) run in its setup(), which
         # Lightning calls after the loggers have made the run folder: run them now, before anything is
         # written. Its setup() keeps the splits it built, so Lightning's call does not repeat the work.
