@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit.data.imagefolder import ImageFolderDataModule, use_stored_preprocessing
+from dynvit.lightning.base import ImageClassification
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
 from dynvit.models.checkpoint import is_lightning_checkpoint
 from dynvit.run.benchmark import sweep_matches
@@ -237,9 +238,8 @@ class DynViTCLI(LightningCLI):
         if follow is not None:
             follow(self.model)
         # timm's Mixup refuses an odd batch only at the first training step, after the run folder is made.
-        check_batch_size = getattr(self.model, "check_batch_size", None)
-        if check_batch_size is not None and self.subcommand == "fit":
-            check_batch_size(getattr(self.datamodule, "batch_size", None))
+        if isinstance(self.model, ImageClassification) and self.subcommand == "fit":
+            self.model.check_batch_size(getattr(self.datamodule, "batch_size", None))
         # An image folder's checks (layout, classes, images that do not decode) run in its setup(), which
         # Lightning calls after the loggers have made the run folder: run them now, before anything is
         # written. Its setup() keeps the splits it built, so Lightning's call does not repeat the work.
