@@ -15,8 +15,9 @@ from torch import nn
 from dynvit import create_student, create_teacher, export_onnx, quantize
 from dynvit.data import ClutteredDigitsDataModule
 from dynvit.deploy import ExportError, QuantizationError, compare_onnx, onnx_session, run_onnx
-from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx, staged
+from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx
 from dynvit.deploy.quantize import KEEP_FP32
+from dynvit.files import staged
 from dynvit.models.spatial_pruning import rank_locations
 from dynvit.reducers import create_reduced
 from tests.tiny_config import DIGITS

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dynvit import methods as registry
 from dynvit.deploy import Choice, Tolerance, export_onnx, fastest, speedup_over
 from dynvit.deploy.fastest import RECORD_SUFFIX, choice_path
-from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, check_output_file, staged
+from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx
+from dynvit.files import check_output_file, staged
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, random_images
