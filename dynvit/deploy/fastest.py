@@ -47,7 +47,7 @@ from torch import nn
 
 from dynvit.deploy.hardware import CpuInfo, SlowPrecisionWarning, detect_cpu
 from dynvit.deploy.onnx import INPUT, export_onnx, onnx_session, quantize_onnx, run_onnx
-from dynvit.deploy.quantize import check_inference_ready, quantize
+from dynvit.deploy.quantize import TORCH_AO_DEPRECATION, check_inference_ready, quantize
 from dynvit.files import staged
 from dynvit.measure.environment import environment
 from dynvit.measure.throughput import (
@@ -502,8 +502,10 @@ def load_deployed(artifact: str | Path, device: torch.device | str | None = None
         return Runner(path, "cpu", onnx_file=artifact, threads=threads)
     # The whole module was pickled (quantized layers have no state-dict-only form across backends).
     with warnings.catch_warnings():
-        # torch.ao's packed int8 weights unpickle through TypedStorage, which torch warns is deprecated.
+        # torch.ao's packed int8 weights unpickle through TypedStorage and quantized tensor creation functions,
+        # both of which torch warns are deprecated.
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        warnings.filterwarnings("ignore", message=TORCH_AO_DEPRECATION)
         module = torch.load(artifact, map_location=device, weights_only=False)
     return Runner(path, device, module=module.eval())
 
