@@ -190,13 +190,50 @@ MISTAKES = [
     Mistake(
         "a folder to export to",
         ("export", "--config={config}", "--out={tmp}"),
-        "error: {tmp} is a folder: give the file to write in it, e.g. {tmp}/model.onnx",
+        "error: --out {tmp} is a folder: give the file to write in it, e.g. {tmp}/model.onnx",
     ),
     Mistake(
         "an export path under a file",
         ("export", "--config={config}", "--out={tmp}/random.ckpt/model.onnx"),
-        "error: cannot write {tmp}/random.ckpt/model.onnx: {tmp}/random.ckpt is a file, not a folder; "
+        "error: cannot write --out {tmp}/random.ckpt/model.onnx: {tmp}/random.ckpt is a file, not a folder; "
         "choose another path",
+    ),
+    Mistake(
+        "an export path where no file can be made",
+        ("export", "--config={config}", "--out=/proc/nope/model.onnx"),
+        "error: cannot write --out /proc/nope/model.onnx: no file can be created in /proc (No such file or "
+        "directory); choose a folder you can write to",
+    ),
+    Mistake(
+        "export --auto where no file can be made",
+        ("export", "--config={config}", "--auto=true", "--out=/proc/nope/student"),
+        "error: cannot write --out /proc/nope/student: no file can be created in /proc (No such file or "
+        "directory); choose a folder you can write to",
+    ),
+    Mistake(
+        "export --auto at a batch size of 0",
+        ("export", "--config={config}", "--auto=true", "--batch_size=0"),
+        "error: --batch_size must be >= 1, got 0",
+    ),
+    Mistake(
+        "export --auto with no timing pairs",
+        ("export", "--config={config}", "--auto=true", "--batch_size=4", "--pairs=0"),
+        "error: --pairs must be >= 1, got 0",
+    ),
+    Mistake(
+        "export --auto on a device torch does not know",
+        ("export", "--config={config}", "--auto=true", "--device=foo"),
+        "error: --device foo: not a device torch knows: give cpu, cuda or cuda:<index>",
+    ),
+    Mistake(
+        "export --auto comparing no images",
+        ("export", "--config={config}", "--auto=true", "--agreement_images=0"),
+        "error: --agreement_images must be >= 1, got 0",
+    ),
+    Mistake(
+        "export --auto with an agreement above 1",
+        ("export", "--config={config}", "--auto=true", "--agreement=1.5"),
+        "error: --agreement 1.5: give the least top-1 agreement with float32 as a fraction in [0, 1], e.g. 0.99",
     ),
     Mistake(
         "no devices",
@@ -207,7 +244,7 @@ MISTAKES = [
     Mistake(
         "an export check tolerance of 0",
         ("export", "--config={config}", "--check_tolerance=0"),
-        "error: check_tolerance must be > 0, got 0.0",
+        "error: --check_tolerance must be > 0, got 0.0",
     ),
     Mistake(
         "an image folder that is not there",
@@ -361,6 +398,26 @@ MISTAKES = [
         ("benchmark", "--config={config}", "--precision=fp8"),
         "error: unknown precision 'fp8': choose from ['fp32', 'bf16', 'int8'] (or --precision auto: every "
         "deployment path here, measured, the fastest chosen)",
+    ),
+    Mistake(
+        "benchmark into a file",
+        ("benchmark", "--config={config}", "--out={tmp}/random.ckpt"),
+        "error: --out {tmp}/random.ckpt is a file: give a folder to write the results into",
+    ),
+    Mistake(
+        "benchmark --precision auto into a file",
+        ("benchmark", "--config={config}", "--precision=auto", "--out={tmp}/random.ckpt"),
+        "error: --out {tmp}/random.ckpt is a file: give a folder to write the results into",
+    ),
+    Mistake(
+        "benchmark at a batch size of 0",
+        ("benchmark", "--config={config}", "--batch_size=0"),
+        "error: --batch_size must be >= 1, got 0",
+    ),
+    Mistake(
+        "benchmark on a device torch does not know",
+        ("benchmark", "--config={config}", "--device=foo"),
+        "error: --device foo: not a device torch knows: give cpu, cuda or cuda:<index>",
     ),
     Mistake(
         "benchmark keep ratio above 1",

@@ -15,8 +15,9 @@ from torch import nn
 from dynvit import create_student, create_teacher, export_onnx, quantize
 from dynvit.data import ClutteredDigitsDataModule
 from dynvit.deploy import ExportError, QuantizationError, compare_onnx, onnx_session, run_onnx
-from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx, staged
+from dynvit.deploy.onnx import TIE_TOLERANCE, TOLERANCE, check_onnx
 from dynvit.deploy.quantize import KEEP_FP32
+from dynvit.files import staged
 from dynvit.models.spatial_pruning import rank_locations
 from dynvit.reducers import create_reduced
 from tests.tiny_config import DIGITS
@@ -122,12 +123,23 @@ def test_int8_quantizes_the_linear_layers_and_keeps_predictors_and_head_in_float
         assert quantized.blocks[0].attn.qkv.weight.qdata.dtype == torch.int8
     else:  # fbgemm's packed weights, per output channel
         assert quantized.blocks[0].attn.qkv.weight().qscheme() == torch.per_channel_affine
-    assert KEEP_FP32 == ("*score_predictor.*", "head", "head.*", "aux_head")
+    assert KEEP_FP32 == ("*score_predictor.*", "head", "head.*", "head_dist", "head_dist.*", "aux_head")
     everything = quantize(vit_student(), "int8", keep_fp32=(), int8_backend=int8_backend)
     assert "head" in int8_layers(everything)
     with torch.inference_mode():
         everything.keep_ratio = 0.5  # the keep ratio still moves
         assert everything(digits(4)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("int8_backend", ["torchao", "torch.ao"])
+def test_int8_keeps_both_heads_of_a_distilled_deit_in_float32(int8_backend):
+    deit = create_teacher("deit_tiny_distilled_patch16_224", **{**TINY, "depth": 2}).eval()
+    quantized = quantize(deit, "int8", int8_backend=int8_backend)
+    # timm names a distilled DeiT's heads ('head', 'head_dist') in its pretrained_cfg's classifier.
+    assert deit.pretrained_cfg["classifier"] == ("head", "head_dist")
+    assert not {"head", "head_dist"} & int8_layers(quantized) and "blocks.0.attn.qkv" in int8_layers(quantized)
+    with torch.inference_mode():
+        assert quantized(digits(2)).shape == (2, 10)
 
 
 def test_int8_auto_picks_fbgemm_on_x86_cpus_and_torchao_elsewhere():
@@ -231,6 +243,10 @@ def test_quantize_refuses_what_it_cannot_do():
         quantize(copy.deepcopy(student).train(), "int8")
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize(quantize(student, "int8"), "bf16")
+    # A bf16 copy quantized again would take bf16 inputs into int8 kernels made for float32 and fail when called.
+    for backend in ("torchao", "torch.ao"):
+        with pytest.raises(QuantizationError, match="int8 quantizes float32 models; this one is bf16: quantize the"):
+            quantize(quantize(student, "bf16"), "int8", int8_backend=backend)
 
     class WithMHA(nn.Module):
         def __init__(self) -> None:

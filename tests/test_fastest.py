@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +34,7 @@ from dynvit.measure.throughput import SpeedSettings, Timing
 from tests.test_deploy import digits, int8_layers, vit_student
 from tests.tiny_config import DIGITS
 
+ROOT = Path(__file__).resolve().parents[1]
 # The module, not the function the package exports under its name.
 fastest_module = importlib.import_module("dynvit.deploy.fastest")
 
@@ -272,6 +277,57 @@ def test_the_artifact_records_the_choice_and_runs_again(path, suffix, monkeypatc
         load_deployed(record_file)
     with pytest.raises(FileNotFoundError, match=r"other.choice.json not found: load_deployed needs the artifact"):
         load_deployed(tmp_path / "other.onnx")
+
+
+def test_a_save_under_the_name_of_an_earlier_one_of_the_other_kind_replaces_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(fastest_module, "surely_faster", lambda speedup: speedup is not None)
+    monkeypatch.setattr(fastest_module, "TOO_SLOW", float("inf"))
+    student, x = vit_student(), digits(4)
+    onnx_choice = fastest(student, x, settings=QUICK, paths=["fp32 onnxruntime"])
+    pt_choice = fastest(student, x, settings=QUICK, paths=["int8 eager torch.ao"])
+    out = tmp_path / "deit_s_0.7"  # a dot that starts no suffix
+    assert onnx_choice.save(out) == tmp_path / "deit_s_0.7.onnx"
+    # The --out name itself (no suffix) loads the recorded artifact, dot and all.
+    assert load_deployed(out).path.name == "fp32 onnxruntime"
+    assert pt_choice.save(out) == tmp_path / "deit_s_0.7.pt"
+    # The earlier .onnx went with its record: left, it would be read through the new record.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit_s_0.7.choice.json", "deit_s_0.7.pt"]
+    with torch.inference_mode():
+        assert torch.equal(load_deployed(out)(x), pt_choice.runner(x))
+    # A file of the other kind under that name is not what the record describes: named, not unpickled.
+    (tmp_path / "deit_s_0.7.onnx").write_bytes(b"an older export copied back")
+    with pytest.raises(
+        ValueError,
+        match=r"deit_s_0.7.onnx is not the artifact deit_s_0.7.choice.json records: the last "
+        r"save to this name chose int8 eager torch.ao and wrote .*deit_s_0.7.pt; load that",
+    ):
+        load_deployed(tmp_path / "deit_s_0.7.onnx")
+    # A record of `benchmark --precision auto` names no artifact.
+    record = json.loads((tmp_path / "deit_s_0.7.choice.json").read_text())
+    del record["artifact"]
+    (tmp_path / "rho_0.7.choice.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"rho_0.7.choice.json records a choice but no artifact.*cli.py export --auto"):
+        load_deployed(tmp_path / "rho_0.7.choice.json")
+
+
+def test_a_torch_ao_int8_artifact_loads_in_a_fresh_process_without_torchs_deprecation_warnings(monkeypatch, tmp_path):
+    monkeypatch.setattr(fastest_module, "surely_faster", lambda speedup: speedup is not None)
+    monkeypatch.setattr(fastest_module, "TOO_SLOW", float("inf"))
+    choice = fastest(vit_student(), digits(4), settings=QUICK, paths=["int8 eager torch.ao"])
+    artifact = choice.save(tmp_path / "student")
+    # torch warns once per process, so only a fresh one shows what a user loading the file sees.
+    code = f"from dynvit.deploy import load_deployed; print(load_deployed({str(artifact)!r}).path.name)"
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "int8 eager torch.ao"
+    assert "deprecated" not in done.stderr, done.stderr[-2000:]
 
 
 def test_a_cpu_without_vnni_gets_the_7_bit_onnxruntime_file_when_it_wins(monkeypatch, tmp_path):

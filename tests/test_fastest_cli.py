@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from dynvit.deploy import load_deployed
+from dynvit.deploy import Tolerance, load_deployed
 from dynvit.run.cli import DynViTCLI
+from dynvit.run.trainer import DynViTTrainer
 from tests.test_benchmark import decisive_student
 from tests.tiny_config import tiny_config, write_config
 
@@ -68,3 +71,32 @@ def test_benchmark_precision_auto_chooses_at_each_ratio(tmp_path, capsys):
     assert f"{record['chosen']} over the float32 eager teacher: {over['value']:.2f}×" in printed
     with pytest.raises(ValueError, match=r"--precision auto measures the student's deployment paths.*drop --methods"):
         DynViTCLI(args=[*args, "--methods=[dynamicvit,tome]"])
+
+
+@pytest.mark.parametrize("command", ["export", "benchmark"])
+def test_a_gpu_device_on_a_machine_without_one_is_refused_before_any_work(tmp_path, monkeypatch, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    extra = ["--auto=true", f"--out={tmp_path / 'deploy' / 'student'}"] if command == "export" else []
+    with pytest.raises(ValueError, match=r"^--device cuda: this machine has no GPU that torch can use"):
+        DynViTCLI(args=[command, f"--config={config}", "--device=cuda", *extra])
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_export_auto_warns_about_the_onnx_check_options_it_does_not_use(tmp_path, monkeypatch):
+    taken = {}
+
+    def measured(self, net, loader, out, batch_size, pairs, compile, tolerance, agreement_images, device):
+        taken.update(batch_size=batch_size, tolerance=tolerance, agreement_images=agreement_images)
+        return Path(out)
+
+    # What is measured is another test's; this one is about the options.
+    monkeypatch.setattr(DynViTTrainer, "_export_fastest", measured)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path / "run"))
+    args = ["export", f"--config={config}", f"--out={tmp_path / 'student'}", "--auto=true", "--batch_size=4"]
+    with pytest.warns(UserWarning, match=r"ignored with --auto: --check false, --check_images 4\. --auto checks"):
+        DynViTCLI(args=[*args, "--check=false", "--check_images=4", "--agreement=0.9"])
+    assert taken == {"batch_size": 4, "tolerance": Tolerance(agreement=0.9), "agreement_images": 1000}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ignored with --auto")
+        DynViTCLI(args=args)

@@ -47,7 +47,8 @@ from torch import nn
 
 from dynvit.deploy.hardware import CpuInfo, SlowPrecisionWarning, detect_cpu
 from dynvit.deploy.onnx import INPUT, export_onnx, onnx_session, quantize_onnx, run_onnx
-from dynvit.deploy.quantize import check_inference_ready, quantize
+from dynvit.deploy.quantize import TORCH_AO_DEPRECATION, check_inference_ready, quantize
+from dynvit.files import staged
 from dynvit.measure.environment import environment
 from dynvit.measure.throughput import (
     SpeedSettings,
@@ -376,25 +377,59 @@ class Choice:
         whole: load it with :func:`load_deployed`, which also compiles it or forces its attention
         kernel as chosen). That suffix replaces an ``.onnx`` or ``.pt`` one and follows any other
         (``deit_s_0.7`` → ``deit_s_0.7.onnx``).
+
+        That replaces what an earlier save to the same name wrote: its record, and its artifact when that
+        was of the other kind (``student.onnx`` when ``student.pt`` is chosen now), which would otherwise be
+        left beside a record that no longer describes it.
         """
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # A name's last dot need not start a suffix (a keep ratio, a version), so only an artifact's own goes.
-        stem = out.with_suffix("") if out.suffix in ARTIFACT_SUFFIXES else out
+        stem = _stem(out)
         onnx_file = self.runner.onnx_file
         artifact = stem.with_name(stem.name + (".onnx" if onnx_file is not None else ".pt"))
-        if onnx_file is not None:
-            shutil.copyfile(onnx_file, artifact)
-        else:
-            torch.save(self.runner.module, artifact)
+        record_file = choice_path(artifact)
+        earlier = _recorded_artifact(record_file)
+        # Each is written through a temporary file: a failed save leaves the earlier artifact and record whole.
+        with staged(artifact) as staging:
+            if onnx_file is not None:
+                shutil.copyfile(onnx_file, staging)
+            else:
+                torch.save(self.runner.module, staging)
         record = {"artifact": artifact.name, **self.record()}
-        choice_path(artifact).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        with staged(record_file) as staging:
+            staging.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        if (
+            earlier is not None
+            and earlier != artifact
+            and earlier.suffix in ARTIFACT_SUFFIXES
+            and _stem(earlier) == stem
+        ):
+            earlier.unlink(missing_ok=True)
         return artifact
 
 
+def _stem(out: str | Path) -> Path:
+    """The name :meth:`Choice.save` writes ``out``'s files under: ``out`` less an ``.onnx`` or ``.pt`` suffix.
+
+    Only an artifact's own suffix goes, since a name's last dot need not start one (``deit_s_0.7``: a keep
+    ratio; ``v1.2``: a version).
+    """
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in ARTIFACT_SUFFIXES else out
+
+
 def choice_path(artifact: str | Path) -> Path:
-    """``<artifact stem>.choice.json`` beside an artifact (``.onnx`` or ``.pt``)."""
-    return Path(artifact).with_suffix(RECORD_SUFFIX)
+    """``<stem>.choice.json``: the record beside an artifact (``.onnx`` or ``.pt``), or of the ``out`` it was
+    saved as (:func:`_stem`)."""
+    stem = _stem(artifact)
+    return stem.with_name(stem.name + RECORD_SUFFIX)
+
+
+def _recorded_artifact(record_file: Path) -> Path | None:
+    """The artifact a record names, beside it; None without a readable record naming one."""
+    try:
+        name = json.loads(record_file.read_text()).get("artifact")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record_file.with_name(name) if isinstance(name, str) else None
 
 
 def _timing_settings(
@@ -428,12 +463,14 @@ def load_deployed(artifact: str | Path, device: torch.device | str | None = None
     """The artifact :meth:`Choice.save` wrote, ready to run as chosen (``runner(images)`` → logits).
 
     Args:
-        artifact: The ``.onnx`` or ``.pt`` file with its ``.choice.json`` beside it, or that record itself.
+        artifact: The ``.onnx`` or ``.pt`` file with its ``.choice.json`` beside it, that record itself, or the
+            name it was saved as (``Choice.save``'s ``out``, ``cli.py export --auto``'s ``--out``).
         device: Where to run a PyTorch artifact; by default where it was measured.
         threads: onnxruntime's intra-op threads (torch's current setting when None).
 
     Raises:
         FileNotFoundError: no artifact or no record there.
+        ValueError: an artifact other than the one its record names, or a record that names none.
     """
     given = Path(artifact)
     record_file = given if given.name.endswith(RECORD_SUFFIX) else choice_path(given)
@@ -443,7 +480,20 @@ def load_deployed(artifact: str | Path, device: torch.device | str | None = None
             f"--auto`) wrote, with its {RECORD_SUFFIX} beside it"
         )
     record = json.loads(record_file.read_text())
-    artifact = record_file.with_name(record["artifact"]) if given == record_file else given
+    if "artifact" not in record:
+        raise ValueError(
+            f"{record_file} records a choice but no artifact (`cli.py benchmark --precision auto` writes such "
+            "records, and no model): write the chosen model with `cli.py export --auto --out <file>` (or "
+            "Choice.save) and load that"
+        )
+    artifact = record_file.with_name(record["artifact"])
+    # Given an artifact's name, it must be the one the record describes: a record's path run on another file (the
+    # .onnx of an earlier save, read as the .pt this one chose) fails far from the cause, or runs the wrong way.
+    if given != record_file and given.suffix in ARTIFACT_SUFFIXES and given.name != artifact.name:
+        raise ValueError(
+            f"{given} is not the artifact {record_file.name} records: the last save to this name chose "
+            f"{record['chosen']} and wrote {artifact}; load that (or {record_file})"
+        )
     if not artifact.is_file():
         raise FileNotFoundError(f"{artifact} not found: the artifact {record_file.name} records is missing")
     path = DeployPath(**record["path"])
@@ -452,8 +502,10 @@ def load_deployed(artifact: str | Path, device: torch.device | str | None = None
         return Runner(path, "cpu", onnx_file=artifact, threads=threads)
     # The whole module was pickled (quantized layers have no state-dict-only form across backends).
     with warnings.catch_warnings():
-        # torch.ao's packed int8 weights unpickle through TypedStorage, which torch warns is deprecated.
+        # torch.ao's packed int8 weights unpickle through TypedStorage and quantized tensor creation functions,
+        # both of which torch warns are deprecated.
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        warnings.filterwarnings("ignore", message=TORCH_AO_DEPRECATION)
         module = torch.load(artifact, map_location=device, weights_only=False)
     return Runner(path, device, module=module.eval())
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from dynvit import methods
 from dynvit.deploy.quantize import QuantizationError, check_inference_ready, precision_of
+from dynvit.files import staged
 from dynvit.measure.throughput import quiet_logs, random_images
 
 INPUT, OUTPUT = "images", "logits"
@@ -140,33 +138,6 @@ def quantize_onnx(path: str | Path, out: str | Path | None = None, reduce_range:
     with quiet_logs(""):  # it advises its pre-processing step on the root logger every time
         quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, reduce_range=reduce_range)
     return out
-
-
-def check_output_file(path: str | Path) -> Path:
-    """``path`` as a file to write, or a ValueError naming the fix: a folder, or a parent that is a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder: give the file to write in it, e.g. {path / 'model.onnx'}")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"cannot write {path}: {blocking} is a file, not a folder; choose another path")
-    return path
-
-
-@contextlib.contextmanager
-def staged(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write ``path`` through: it replaces ``path`` when the block ends
-    and is removed when the block raises, so a failed export leaves whatever was at ``path`` as it was."""
-    check_output_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    staging = Path(name)
-    try:
-        yield staging
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,15 @@ INT8_BACKENDS: tuple[str, ...] = ("auto", "torchao", "torch.ao")
 # predictors decide which tokens a student keeps: their ranking must not move with quantization noise,
 # and they cost < 5 % of the compute; a hierarchical student keeps them in its pruned stage
 # (``stages.2.score_predictor.*``, ``layers.2.score_predictor.*``). The heads see one token (LV-ViT's
-# aux head: every token, but only through a max); ConvNeXt's and Swin's are modules (``head.fc``).
+# aux head: every token, but only through a max); ConvNeXt's and Swin's are modules (``head.fc``); a distilled
+# DeiT's second head, ``head_dist``, is a head too (timm's ``classifier`` names: ``head``, ``head_dist``,
+# ``head.fc``, ``head_dist.linear``, ``aux_head``).
 # Fast paths are quantized: like the MLPs they add to the map and choose nothing, so int8 noise there
 # is as harmless as in the MLPs, and they run on every dropped location.
-KEEP_FP32: tuple[str, ...] = ("*score_predictor.*", "head", "head.*", "aux_head")
+KEEP_FP32: tuple[str, ...] = ("*score_predictor.*", "head", "head.*", "head_dist", "head_dist.*", "aux_head")
+# torch.ao's int8 weights are made (when quantized) and unpickled (when a saved module is loaded) through torch's
+# quantized tensor creation functions, which torch warns are deprecated: not the user's to act on.
+TORCH_AO_DEPRECATION = ".*quantized tensor creation functions.*"
 
 # Layers whose projection weights are read directly by their parent instead of through the Linear's
 # forward, which int8 weights cannot serve: quantizing them would fail at run time or silently
@@ -80,6 +85,11 @@ def _check_layers(model: nn.Module, precision: str) -> None:
         )
     if precision != "int8":
         return
+    # int8 replaces float32 Linear layers; on a bf16 copy its kernels get bf16 inputs and fail at the first call.
+    if precision_of(model) != "fp32":
+        raise QuantizationError(
+            f"int8 quantizes float32 models; this one is {precision_of(model)}: quantize the float32 model"
+        )
     for name, module in model.named_modules():
         if isinstance(module, _UNSUPPORTED):
             raise QuantizationError(
@@ -146,8 +156,8 @@ def quantize(
 
     Raises:
         ValueError: an unknown precision or int8 backend, or ``torch.ao`` for a model off the CPU.
-        QuantizationError: a model in training mode, one already quantized, or (int8) a layer int8
-            cannot quantize or no Linear layer at all.
+        QuantizationError: a model in training mode, one already quantized, or (int8) one not in float32,
+            a layer int8 cannot quantize or no Linear layer at all.
     """
     check_precision(precision)
     check_int8_backend(int8_backend)
@@ -191,7 +201,7 @@ def _quantize_torch_ao(model: nn.Module, names: Sequence[str]) -> nn.Module:
     # two on CPUs (see int8_backend_for): its warnings are not the user's to act on.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=TORCH_AO_DEPRECATION)
         quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8, inplace=True)
     return model.eval()  # the new layers are built in training mode
 

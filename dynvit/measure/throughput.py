@@ -32,6 +32,7 @@ import statistics
 import timeit
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,16 +71,59 @@ class SpeedSettings:
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.pairs < 1:
-            raise ValueError(f"need batch_size >= 1 and pairs >= 1; got {self.batch_size}, {self.pairs}")
-        if self.block_time < 0 or self.warmup_time < 0:
-            raise ValueError(f"block_time and warmup_time must be >= 0; got {self.block_time}, {self.warmup_time}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_speed_settings(
+            batch_size=self.batch_size,
+            pairs=self.pairs,
+            block_time=self.block_time,
+            warmup_time=self.warmup_time,
+            threads=self.threads,
+        )
 
     @property
     def num_threads(self) -> int:
         return self.threads or torch.get_num_threads()
+
+
+def check_speed_settings(prefix: str = "", **settings: Any) -> None:
+    """A ValueError naming the first of ``settings`` (:class:`SpeedSettings` fields, by name) out of its range.
+
+    ``prefix`` goes before the name: ``cli.py`` passes ``--``, since its options share the fields' names, and
+    checks them before it loads or measures anything.
+    """
+    for name, value in settings.items():
+        if name in ("batch_size", "pairs") and value < 1:
+            raise ValueError(f"{prefix}{name} must be >= 1, got {value}")
+        if name in ("block_time", "warmup_time") and value < 0:
+            raise ValueError(f"{prefix}{name} must be >= 0, got {value}")
+        if name == "threads" and value is not None and value < 1:
+            raise ValueError(f"{prefix}{name} must be >= 1, got {value}")
+
+
+def check_device(device: torch.device | str, option: str | None = None) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has, or a ValueError naming it (and the ``option`` it came
+    from) with the fix: a name torch does not know, or a GPU that is not here. Without this, torch's own error
+    comes as a traceback from the first model moved there."""
+    name = f"{option} {device}" if option else f"device {device!r}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}: not a device torch knows: give cpu, cuda or cuda:<index>") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"{name}: this machine has no GPU that torch can use (torch.cuda.is_available() is False): use cpu"
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        return parsed
+    # mps, xpu, …: torch.<type>.is_available() where torch has such a module.
+    available = getattr(getattr(torch, parsed.type, None), "is_available", None)
+    if not callable(available) or not available():
+        raise ValueError(f"{name}: torch cannot run models on {parsed.type} on this machine: use cpu or cuda")
+    return parsed
 
 
 def format_speedup(value: float, low: float | None = None, high: float | None = None) -> str:

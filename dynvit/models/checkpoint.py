@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,6 +13,8 @@ from typing import Any, NamedTuple
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from dynvit.files import staged
 
 # Lightning modules of this toolkit keep the trained network as ``self.net``; other Lightning code
 # commonly names it ``student`` (distillation) or ``model``.
@@ -247,16 +247,8 @@ def _fit_position_embedding(
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged(path) as staging:
+        torch.save(obj, staging)
 
 
 def _short(keys: list[str], n: int = 8) -> str:

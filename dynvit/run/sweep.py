@@ -20,9 +20,7 @@ import dataclasses
 import difflib
 import itertools
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 
 from dynvit import methods as registry
+from dynvit.files import staged
 from dynvit.measure.allocator import keep_freed_memory
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
 from dynvit.measure.environment import environment
@@ -207,14 +206,8 @@ def check_points_parse(parser: ArgumentParser, config_path: Path, points: Sequen
 
 def _write_json_atomic(data: Any, path: Path) -> None:
     """Write through a temporary file and rename, so a marker is either complete or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged(path) as staging:
+        staging.write_text(json.dumps(data, indent=2))
 
 
 def fit_config_text(parser: ArgumentParser, config: Namespace, drop: Sequence[str]) -> str:

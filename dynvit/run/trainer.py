@@ -19,10 +19,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dynvit import methods as registry
 from dynvit.deploy import Choice, Tolerance, export_onnx, fastest, speedup_over
 from dynvit.deploy.fastest import RECORD_SUFFIX, choice_path
-from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx, check_output_file, staged
+from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx
+from dynvit.files import check_output_file, check_output_folder, staged
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
-from dynvit.measure.throughput import SpeedSettings, random_images
+from dynvit.measure.throughput import SpeedSettings, check_device, check_speed_settings, random_images
 from dynvit.models import load_checkpoint
 from dynvit.reducers.matching import check_methods, on_teacher, student_at
 from dynvit.run.benchmark import (
@@ -36,6 +37,9 @@ from dynvit.run.benchmark import (
     timing_images,
 )
 from dynvit.run.run_folder import describe_teachers
+
+# Validation images `export` checks its ONNX file on by default.
+CHECK_IMAGES = 16
 
 
 class DynViTTrainer(L.Trainer):
@@ -115,7 +119,14 @@ class DynViTTrainer(L.Trainer):
                 f"--precision auto measures the student's deployment paths, not other methods: drop --methods {methods}"
             )
         if calibration_images < 1:
-            raise ValueError(f"calibration_images must be >= 1, got {calibration_images}")
+            raise ValueError(f"--calibration_images must be >= 1, got {calibration_images}")
+        check_speed_settings(
+            "--", batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time, threads=threads
+        )
+        if device is not None:
+            check_device(device, "--device")
+        out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
+        check_output_folder(out_dir, "--out")
         student, teacher = networks(model)
         # Every argument is checked against this student and teacher before anything is loaded or measured.
         plan = check_benchmark(student, teacher, ratios, methods, "fp32" if precision == "auto" else precision, backend)
@@ -143,7 +154,6 @@ class DynViTTrainer(L.Trainer):
             if loader is None:
                 raise ValueError(f"{imaged} are matched on validation images: give the config a DataModule")
             calibration = first_images(loader, calibration_images)
-        out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
         if precision == "auto":
             return self._fastest_per_ratio(
                 student, teacher, plan.ratios, loader if accuracy else None, settings, out_dir
@@ -206,7 +216,7 @@ class DynViTTrainer(L.Trainer):
         format: Literal["onnx"] = "onnx",
         out: str = "model.onnx",
         keep_ratio: float | None = None,
-        check_images: int = 16,
+        check_images: int = CHECK_IMAGES,
         check: bool = True,
         check_tolerance: float = TOLERANCE,
         auto: bool = False,
@@ -242,7 +252,9 @@ class DynViTTrainer(L.Trainer):
             check_images: Validation images the export is checked on.
             check: Check the file in onnxruntime; ``false`` writes it unchecked, with a warning.
             check_tolerance: Largest relative logit difference (to the largest eager logit) the check
-                accepts; raising it above the default is warned about.
+                accepts; raising it above the default is warned about. ``check``, ``check_tolerance`` and
+                ``check_images`` do not apply with ``auto`` (which checks by ``agreement``): given, they are
+                warned about.
             auto: Measure every deployment path here and write the fastest within the tolerance.
             batch_size: With ``auto``: images per timed call (the batch the model will serve).
             pairs: With ``auto``: timing rounds.
@@ -254,8 +266,13 @@ class DynViTTrainer(L.Trainer):
         if format != "onnx":
             raise ValueError(f"unknown export format {format!r}: choose 'onnx'")
         if not check_tolerance > 0:
-            raise ValueError(f"check_tolerance must be > 0, got {check_tolerance}")
-        check_output_file(out)
+            raise ValueError(f"--check_tolerance must be > 0, got {check_tolerance}")
+        if check_images < 1:
+            raise ValueError(f"--check_images must be >= 1, got {check_images}")
+        check_output_file(out, "--out", writable=True)
+        tolerance = _check_auto_options(batch_size, pairs, agreement, agreement_images, device) if auto else None
+        if auto:
+            _warn_check_options_unused(check, check_tolerance, check_images)
         net, _ = networks(model)
         if keep_ratio is not None:
             student_at(net)(keep_ratio)
@@ -266,7 +283,8 @@ class DynViTTrainer(L.Trainer):
             datamodule.prepare_data()
             datamodule.setup("validate")
             loader = datamodule.val_dataloader()
-            examples = torch.cat(first_images(loader, check_images))
+            if not auto:  # --auto checks every path on its own images (--agreement_images)
+                examples = torch.cat(first_images(loader, check_images))
         if check and check_tolerance > TOLERANCE and not auto:
             rank_zero_warn(
                 f"--check_tolerance {check_tolerance:g} accepts larger differences than the default {TOLERANCE:g}"
@@ -276,7 +294,7 @@ class DynViTTrainer(L.Trainer):
         try:
             if auto:
                 return self._export_fastest(
-                    net.eval(), loader, out, batch_size, pairs, compile, agreement, agreement_images, device
+                    net.eval(), loader, out, batch_size, pairs, compile, tolerance, agreement_images, device
                 )
             # Written through a temporary file: a failed export or check leaves `out` as it was.
             with staged(path) as staging:
@@ -299,18 +317,18 @@ class DynViTTrainer(L.Trainer):
         batch_size: int,
         pairs: int,
         compile: bool,
-        agreement: float,
+        tolerance: Tolerance,
         agreement_images: int,
         device: str | None,
     ) -> Path:
         """``export --auto``: the fastest path of ``net`` measured here, written with its choice record."""
-        settings = SpeedSettings(device=device or self.strategy.root_device, pairs=pairs)
+        settings = SpeedSettings(batch_size=batch_size, device=device or self.strategy.root_device, pairs=pairs)
         images = timing_images(loader, net, batch_size)
         choice = fastest(
             net,
             images,
             loader,
-            Tolerance(agreement=agreement),
+            tolerance,
             settings,
             compile=compile,
             check_images=agreement_images,
@@ -337,6 +355,44 @@ class DynViTTrainer(L.Trainer):
         """
         # Each point is a fresh `fit` built from the config, which only the CLI can do; DynViTCLI.sweep runs it.
         raise RuntimeError("a sweep builds one training run per point from the config: run `python cli.py sweep`")
+
+
+def _check_auto_options(
+    batch_size: int, pairs: int, agreement: float, agreement_images: int, device: str | None
+) -> Tolerance:
+    """``export --auto``'s options checked before anything is loaded or measured (each error names its
+    option); returns the tolerance ``--agreement`` sets."""
+    check_speed_settings("--", batch_size=batch_size, pairs=pairs)
+    if device is not None:
+        check_device(device, "--device")
+    if agreement_images < 1:
+        raise ValueError(f"--agreement_images must be >= 1, got {agreement_images}")
+    try:
+        return Tolerance(agreement=agreement)
+    except ValueError:
+        raise ValueError(
+            f"--agreement {agreement}: give the least top-1 agreement with float32 as a fraction in [0, 1], e.g. 0.99"
+        ) from None
+
+
+def _warn_check_options_unused(check: bool, check_tolerance: float, check_images: int) -> None:
+    """Warn about the ONNX check's options given with ``--auto``, which checks every path its own way (top-1
+    agreement with float32 on ``--agreement_images``; its onnxruntime paths' exports are checked at the
+    default tolerance), so they would otherwise be dropped without a word."""
+    given = [
+        option
+        for option, used in (
+            ("--check false", not check),
+            (f"--check_tolerance {check_tolerance:g}", check_tolerance != TOLERANCE),
+            (f"--check_images {check_images}", check_images != CHECK_IMAGES),
+        )
+        if used
+    ]
+    if given:
+        rank_zero_warn(
+            f"ignored with --auto: {', '.join(given)}. --auto checks every path by its top-1 agreement with float32 "
+            "(--agreement, on --agreement_images validation images) instead; drop them"
+        )
 
 
 def checked_export(net: torch.nn.Module, staging: Path, images: torch.Tensor, tolerance: float, out: Path) -> OnnxCheck:
