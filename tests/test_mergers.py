@@ -448,8 +448,9 @@ def test_tofu_exports_its_merging_blocks_to_onnx(images, tmp_path):
     from dynvit.deploy.onnx import check_onnx
 
     torch.manual_seed(0)
-    model = tofu(create_teacher(REDUCED_NAME, **{**TINY, "depth": 6}).eval(), r=4)
-    assert [model.prunes(i) for i in range(6)] == [True] * 4 + [False] * 2
+    # Two merging blocks in a row are what the exporter got wrong; the pruning blocks merely cost time.
+    model = tofu(create_teacher(REDUCED_NAME, **{**TINY, "depth": 5}).eval(), r=[0, 0, 0, 4, 4])
+    assert [model.prunes(i) for i in range(5)] == [True] * 3 + [False] * 2
     path = export_onnx(model, tmp_path / "tofu.onnx", images=images)
     assert check_onnx(model, path, images[:1]).ties == ()
 

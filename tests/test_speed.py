@@ -149,7 +149,7 @@ def test_median_interval_is_the_order_statistic_interval():
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="pairs >= 1"):
+    with pytest.raises(ValueError, match="pairs must be >= 1, got 0"):
         SpeedSettings(pairs=0)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         SpeedSettings(threads=0)
