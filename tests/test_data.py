@@ -464,6 +464,14 @@ def test_a_training_set_smaller_than_the_batch_is_refused_by_setup(tmp_path):
     _folder_dm(root, batch_size=5).setup("validate")  # evaluating keeps partial batches
 
 
+def test_folder_paths_given_as_path_objects_keep_checkpoints_loadable(folder, tmp_path):
+    dm = _folder_dm(folder, predict_root=folder / "val")
+    assert dm.hparams["root"] == str(folder) and dm.hparams["predict_root"] == str(folder / "val")
+    torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "c.ckpt")
+    loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)  # a PosixPath is refused here
+    assert loaded["datamodule_hyper_parameters"]["root"] == str(folder)
+
+
 def test_hidden_files_in_the_splits_are_not_images(folder):
     # macOS writes an AppleDouble `._<name>` beside each file it copies to a foreign disk: not a PNG.
     (folder / "train" / "ant" / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))

@@ -358,6 +358,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         # num_classes and img_size are the model's hyper-parameters (the data follows the model's size);
         # Lightning refuses a DataModule one of another value.
         self.save_hyperparameters(ignore=["num_classes", "img_size"])
+        # A checkpoint stores these; a Path would make it unloadable with torch.load(weights_only=True).
+        for key in ("root", "predict_root"):
+            if self.hparams[key] is not None:
+                self.hparams[key] = os.fspath(self.hparams[key])
         if root is None and predict_root is None:
             raise ValueError("ImageFolderDataModule needs root (root/train, root/val) or predict_root, or both")
         if root is None and num_classes is None:
