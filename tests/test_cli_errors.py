@@ -718,3 +718,13 @@ def test_options_before_config_that_it_also_sets_are_named(tmp_path):
     assert options_before_config(line) == ["--trainer.default_root_dir", "--model.keep_ratio"]
     assert options_before_config(["fit", f"--config={config}", "--trainer.default_root_dir", "x"]) == []
     assert options_before_config(["fit", "--trainer.max_epochs", "1", "--config", str(tmp_path / "none.yaml")]) == []
+
+
+def test_the_nearest_name_is_found_whatever_the_case():
+    from dynvit.run.errors import _did_you_mean
+
+    assert _did_you_mean("ONNX", ["onnx"]) == "; did you mean onnx?"
+    assert _did_you_mean("--trainer.Max_Epochs", ["--trainer.max_epochs", "--trainer.max_steps"]) == (
+        "; did you mean --trainer.max_epochs?"
+    )
+    assert _did_you_mean("tflite", ["onnx"]) == ""

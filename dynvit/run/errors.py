@@ -259,5 +259,7 @@ def _did_you_mean(given: str, valid: Sequence[str], prefix: str = "") -> str:
     also taken off ``given`` and the valid names before they are compared)."""
     key = given.removeprefix(prefix)
     names = [v.removeprefix(prefix) for v in valid]
-    nearest = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{nearest[0]}?" if nearest else ""
+    # Case counts in a name but not in its distance from one (ONNX is one letter-case from onnx).
+    lowered = {name.lower(): name for name in names}
+    nearest = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{lowered[nearest[0]]}?" if nearest else ""
