@@ -201,15 +201,20 @@ def test_checkpoints_carry_every_generator_and_old_ones_still_load(tmp_path, tea
     assert now[:2] == expected[:2] and now[2:] != expected[2:]
 
 
-def test_mixup_with_an_odd_batch_is_refused_before_the_first_step(tmp_path):
-    module = ClassifierModule(
+def tiny_classifier(**kwargs) -> ClassifierModule:
+    """A plain tiny DeiT classifier module, ``kwargs`` replacing its arguments."""
+    args = dict(
         model_name="deit_tiny_patch16_224",
         num_classes=TINY["num_classes"],
         img_size=TINY["img_size"],
         model_kwargs=MODEL_KWARGS,
         lr_base_batch_size=None,
-        cutmix=1.0,
     )
+    return ClassifierModule(**(args | kwargs))
+
+
+def test_mixup_with_an_odd_batch_is_refused_before_the_first_step(tmp_path):
+    module = tiny_classifier(cutmix=1.0)
     message = (
         "mixup/cutmix need an even batch_size (timm's Mixup pairs the images of a batch), got batch_size 15 with "
         "mixup=0, cutmix=1: use batch_size 14 or 16, or set mixup and cutmix to 0"
@@ -232,9 +237,8 @@ def test_mixup_with_an_odd_batch_is_refused_before_the_first_step(tmp_path):
     ],
 )
 def test_classification_options_out_of_range_are_refused_naming_the_option(option, message):
-    args = dict(model_name="deit_tiny_patch16_224", img_size=TINY["img_size"], model_kwargs=MODEL_KWARGS)
     with pytest.raises(ValueError) as raised:
-        ClassifierModule(**(args | option))
+        tiny_classifier(**option)
     assert str(raised.value).startswith(message)
 
 
@@ -276,15 +280,7 @@ def test_unknown_model_name_is_reported_with_suggestions():
 
 
 def test_classifier_trains_and_reports_top1_top5(tmp_path):
-    module = ClassifierModule(
-        model_name="deit_tiny_patch16_224",
-        num_classes=TINY["num_classes"],
-        img_size=TINY["img_size"],
-        model_kwargs=MODEL_KWARGS,
-        lr=1e-3,
-        lr_base_batch_size=None,
-        warmup_epochs=0,
-    )
+    module = tiny_classifier(lr=1e-3, warmup_epochs=0)
     t = trainer(tmp_path, max_epochs=1)
     t.fit(module, tiny_data())
     metrics = t.validate(module, tiny_data(), verbose=False)[0]
