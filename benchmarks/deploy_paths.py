@@ -26,6 +26,7 @@ import os
 import time
 
 import torch
+from options import check_options
 from throughput import build, positive_int
 
 from dynvit.deploy import Tolerance, detect_cpu, fastest, speedup_over
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # in a trained model: a wider tolerance than the library's 0.1 keeps this a table of speeds.
     p.add_argument("--logits-tolerance", type=float, default=0.2, help="largest relative logits error accepted")
     p.add_argument("--json", metavar="PATH", help="also write the choice, every path and the environment as JSON")
-    return p.parse_args(argv)
+    return check_options(p, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

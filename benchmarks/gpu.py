@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from options import check_options
 from torch import nn
 
 from dynvit import create_student, create_teacher, environment, forward_with_tokens, measure_throughput
@@ -240,7 +241,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu for a smoke check")
     if "compiled" in args.modes and args.warmup < 1:
         parser.error("compiled mode needs --warmup >= 1 (the first call compiles)")
-    return args
+    return check_options(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

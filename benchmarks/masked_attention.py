@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from options import check_options
 from torch.autograd.graph import saved_tensors_hooks
 
 from dynvit import create_student, environment
@@ -138,7 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--check-compile", action="store_true", help="also check inductor on a tiny student (slow)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    args = parser.parse_args()
+    args = check_options(parser, parser.parse_args())
     torch.set_num_threads(args.threads)
     rows = [
         compare(name, dtype, args.batch_size, args.repeats, args.keep_ratio)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from options import check_options, usage_errors
 from torch import nn
 
 from dynvit import count_flops, create_teacher, methods
@@ -89,11 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny width, batch 2, 2 pairs, no warm-up: a smoke run")
     p.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")
     args = p.parse_args(argv)
-    for name in args.methods or []:
-        methods.get(name)  # an unknown name lists the registered ones
+    with usage_errors(p):
+        for name in args.methods or []:
+            methods.get(name)  # an unknown name lists the registered ones
     if args.quick:
         args.batch_size, args.pairs, args.block_time, args.warmup_time = 2, 2, 0.0, 0.0
-    return args
+    return check_options(p, args)
 
 
 def released_models(plain: nn.Module, names: list[str]) -> list[tuple[str, str, dict[str, Any], nn.Module]]:

@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from options import check_options
+
 THROUGHPUT = Path(__file__).with_name("throughput.py")
 ALLOCATORS = {"kept": [], "default": ["--no-keep-freed-memory"]}
 
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--calls must be at least 1, got {args.calls}")
     if any(a == "--json" or a.startswith("--json=") for a in args.throughput_args):
         p.error("--json belongs before --: each call's JSON is written by this script")
-    return args
+    return check_options(p, args)
 
 
 def run_call(throughput_args: Sequence[str], allocator: str) -> dict:

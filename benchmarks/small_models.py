@@ -20,6 +20,7 @@ import copy
 import json
 
 import torch
+from options import check_options, usage_errors
 
 from dynvit import count_flops, create_student, create_teacher, methods
 from dynvit.measure.environment import describe, environment
@@ -65,11 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.pairs, args.block_time, args.warmup_time, args.batch_sizes = 1, 0.0, 0.0, [1, 2]
     names = [n for part in args.methods.split(",") for n in (merging_methods() if part == "merging" else [part])]
     args.methods = list(dict.fromkeys(names))
-    for name in args.methods:
-        methods.get(name)  # an unknown name exits with the registered ones listed
+    with usage_errors(p):
+        for name in args.methods:
+            methods.get(name)  # an unknown name exits with the registered ones listed
     if any(b < 1 for b in args.batch_sizes) or args.pairs < 1:
         p.error("batch sizes and --pairs must be positive")
-    return args
+    return check_options(p, args)
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:

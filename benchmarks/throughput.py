@@ -20,6 +20,7 @@ import json
 import tempfile
 
 import torch
+from options import check_options
 
 from dynvit import create_student, create_teacher
 from dynvit.measure.environment import describe
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")
     args = p.parse_args(argv)
     check_precisions(args.precision)
-    return args
+    return check_options(p, args)
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -10,7 +10,11 @@ from types import ModuleType
 
 def load(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` as a module (registered in ``sys.modules``: a dataclass looks its module up there)."""
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).parents[1] / "benchmarks"
+    # The scripts import their shared modules (options.py, throughput.py) as they do when run: from their folder.
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -99,3 +99,41 @@ def test_measure_throughput_on_cuda_moves_the_model_back() -> None:
     model = student(0.7).train()
     assert measure_throughput(model, batch_size=2, pairs=2, device="cuda") > 0
     assert model.training and all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_counting_flops_leaves_the_callers_random_stream_where_it_was() -> None:
+    from dynvit.reducers.cost import TokenCost
+
+    model = create_teacher(NAME, **TINY)
+    for measure in (count_flops, TokenCost.from_model):
+        torch.manual_seed(0)
+        expected = torch.rand(3)
+        torch.manual_seed(0)
+        measure(model)
+        assert torch.equal(torch.rand(3), expected), measure
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name_and_left_as_it_was() -> None:
+    from dynvit.reducers.cost import TokenCost
+
+    with torch.device("meta"):
+        model = create_teacher(NAME, **TINY).train()
+    for measure in (count_flops, measure_throughput, TokenCost.from_model):
+        with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+            measure(model)
+        assert model.training
+
+
+@pytest.mark.parametrize("kwargs", [dict(dtype=torch.int8), dict(device="nodevice")])
+def test_measure_throughput_refuses_what_it_would_not_time_as_asked(kwargs: dict) -> None:
+    # int8 was timed as float32 without a word; a device torch cannot use failed inside torch.
+    with pytest.raises(ValueError, match=r"dtype must be torch.float32|not a device torch knows"):
+        measure_throughput(create_teacher(NAME, **TINY), batch_size=1, pairs=1, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_speed_settings_on_a_missing_gpu_say_so_before_any_model_moves() -> None:
+    from dynvit.measure import SpeedSettings
+
+    with pytest.raises(ValueError, match=r"no GPU that torch can use.*use cpu"):
+        SpeedSettings(device="cuda")

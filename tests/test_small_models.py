@@ -30,10 +30,11 @@ def test_quick_run_times_the_student_and_tome_against_the_teacher_at_each_batch(
     assert benchmark_scripts.load("small_models").parse_args(["--compile"]).compile
 
 
-def test_merging_names_every_merging_method_and_unknown_ones_are_refused():
+def test_merging_names_every_merging_method_and_unknown_ones_are_refused(capsys):
     module = benchmark_scripts.load("small_models")
     args = module.parse_args(["--methods", "dynamicvit,merging,tome"])
     assert args.methods[0] == "dynamicvit" and args.methods.count("tome") == 1
     assert set(args.methods[1:]) == {m.name for m in methods.registered().values() if "sources" in m.reports}
-    with pytest.raises(ValueError, match="tomee"):
+    with pytest.raises(SystemExit, match="2"):
         module.parse_args(["--methods", "tomee"])
+    assert "unknown token-reduction method 'tomee'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynvit.measure.throughput import check_measurable, keep_rng
 from dynvit.models.dynamic_vit import input_size
 
 
@@ -33,12 +34,13 @@ def count_flops(model: nn.Module, img_size: int | Sequence[int] | None = None) -
     in_chans, *own_size = input_size(model)
     size = own_size if img_size is None else img_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    param = next(model.parameters())
-    x = torch.randn(1, in_chans, *size, device=param.device, dtype=param.dtype)
+    device, dtype = check_measurable(model), next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     try:
-        return count_module_flops(model, x) / 1e9
+        with keep_rng(device):
+            x = torch.randn(1, in_chans, *size, device=device, dtype=dtype)
+            return count_module_flops(model, x) / 1e9
     finally:
         model.train(was_training)
 

@@ -78,6 +78,8 @@ class SpeedSettings:
             warmup_time=self.warmup_time,
             threads=self.threads,
         )
+        # A GPU that is not here fails now, naming the fix, not in the first model moved there.
+        check_device(self.device)
 
     @property
     def num_threads(self) -> int:
@@ -323,6 +325,20 @@ def keep_rng(device: torch.device | str) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng([device.index or 0] if device.type == "cuda" else [])
 
 
+def check_measurable(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters, or a ValueError naming the fix when they hold no data (the
+    ``meta`` device): without this, fvcore and the timing fail deep inside torch with messages about
+    tensors, not about the model."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        raise ValueError(
+            f"the {type(model).__name__} is on the meta device (shapes only, no weights): "
+            "nothing can be counted or timed on it; materialise it first (model.to_empty(device='cpu') "
+            "and load its weights)"
+        )
+    return device
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype a model's inputs should have: that of its first plain floating parameter."""
     for p in model.parameters():
@@ -361,8 +377,13 @@ def inference_call(
             embedding convolution) to channels-last, which GPU convolution kernels prefer.
     """
     device = torch.device(device)
-    was_training, old_device = model.training, next(model.parameters()).device
-    model.eval().to(device)
+    was_training, old_device = model.training, check_measurable(model)
+    try:
+        # Inside the try: a move that fails part-way must still put the model back as it was.
+        model.eval().to(device)
+    except BaseException:
+        model.train(was_training).to(old_device)
+        raise
     x = images.to(device, model_dtype(model))
     # Only a model that was in the default format is put back into it afterwards.
     restore_format = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
@@ -413,6 +434,12 @@ def measure_throughput(
         compile: Time ``torch.compile(model, dynamic=False)``; it compiles during the warm-up.
         channels_last: See :func:`inference_call`.
     """
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # Anything else would be timed as float32 without a word (autocast takes only these two).
+        raise ValueError(
+            f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}; "
+            "for int8, time dynvit.quantize(model, 'int8') at float32"
+        )
     settings = SpeedSettings(batch_size=batch_size, device=device, pairs=pairs, threads=threads)
     return time_model(model, settings, dtype, img_size, compile, channels_last).images_per_s
 

@@ -11,12 +11,14 @@ token's attention row, top-k, sorting) is not included: it is well under 1% on D
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dynvit.measure.flops import count_module_flops
+from dynvit.measure.throughput import check_measurable, keep_rng
 from dynvit.models.dynamic_vit import input_size
 from dynvit.models.tokens import embed_tokens
 from dynvit.reducers.base import ReducedViT
@@ -63,6 +65,7 @@ class TokenCost:
     @torch.no_grad()
     def from_model(cls, model: nn.Module) -> TokenCost:
         """Fit the per-block polynomials of a timm ViT (reduced or not) with fvcore."""
+        check_measurable(model)
         param = next(model.parameters())
         dim = model.embed_dim
 
@@ -71,7 +74,9 @@ class TokenCost:
 
         was_training = model.training
         model.eval()
-        try:
+        # The random tokens and image must not move the caller's random stream, as no measurement does.
+        with keep_rng(param.device), contextlib.ExitStack() as restore:
+            restore.callback(model.train, was_training)
             attn, mlp = [], []
             for b in model.blocks:
                 half = _Call(lambda x, b=b: x + b.ls1(b.attn(b.norm1(x))), b)
@@ -88,8 +93,6 @@ class TokenCost:
             image = torch.randn(1, *input_size(model), device=param.device, dtype=param.dtype)
             embed = _Call(lambda x: embed_tokens(model, x), model)
             fixed = count_module_flops(embed, image)
-        finally:
-            model.train(was_training)
         return cls(fixed, attn, mlp, tail)
 
     def __call__(self, counts: torch.Tensor) -> torch.Tensor:
