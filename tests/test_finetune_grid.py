@@ -19,7 +19,8 @@ from dynvit.lightning import MethodFineTuning
 from dynvit.run import finetune_configs
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.grid_report import best_at_budgets, pareto_front
-from dynvit.run.sweep import SweepError, load_sweep
+from dynvit.run.report import ResultRow
+from dynvit.run.sweep import SweepError, load_sweep, run_sweep
 from tests.test_sweep import sweep_file
 from tests.tiny_config import tiny_config, write_config
 
@@ -175,6 +176,36 @@ def test_pareto_front_and_best_method_per_budget():
     assert "**a** 90.00 %" in line and "2.00 points ahead of b" in line and "within (a tie)" in line
     records[1]["top1_ft_high"] = 0.885
     assert "beyond the range over 2 seeds" in best_at_budgets(records)[0]
+
+
+def stand_in_fit(top1):
+    """A sweep's ``fit`` that trains nothing: the point's row, with top-1 ``top1(point)``."""
+
+    def fit(config_path, point, run_dir, group):
+        rho, track = point.get(RHO, 0.7), "fine-tuned" if point.get(TRACK, True) else "training-free"
+        return ResultRow(point[METHOD], rho, 1.0, 1.0, top1=top1(point), run=run_dir.name, track=track)
+
+    return fit
+
+
+def test_points_that_differ_in_another_swept_key_are_separate_lines_not_a_range_over_seeds(tmp_path):
+    # distill_weight swept beside the seed: 0.0 and 0.5 are two recipes, each with its own range over seeds.
+    weight = "model.init_args.distill_weight"
+    sweep = sweep_file(
+        tmp_path / "distill.yaml",
+        {METHOD: {"values": ["tome"]}, weight: {"values": [0.0, 0.5]}, "seed_everything": {"values": [0, 1]}},
+    )
+    top1 = {(0.0, 0): 0.50, (0.0, 1): 0.52, (0.5, 0): 0.90, (0.5, 1): 0.94}
+    fit = stand_in_fit(lambda point: top1[point[weight], point["seed_everything"]])
+    config = write_config(tmp_path / "config.yaml", grid_config(tmp_path / "run"))
+    result = run_sweep(load_sweep(sweep), tmp_path / "out", config, fit, teacher=lambda: None)
+    records = {r["variant"]: r for r in json.loads((tmp_path / "out" / "grid.json").read_text())["rows"]}
+    assert set(records) == {"distill_weight=0.0", "distill_weight=0.5"}
+    assert (records["distill_weight=0.0"]["top1_ft_low"], records["distill_weight=0.0"]["top1_ft_high"]) == (0.5, 0.52)
+    assert records["distill_weight=0.5"]["top1_ft"] == pytest.approx(0.92)
+    assert records["distill_weight=0.5"]["seeds_ft"] == 2
+    text = result.paths["grid"].read_text()
+    assert "| tome (distill_weight=0.5) | 0.7 |" in text and "**tome (distill_weight=0.5)** 92.00 %" in text
 
 
 def test_the_digits_grid_names_every_registered_method_at_two_budgets_and_both_tracks():

@@ -42,7 +42,7 @@ from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.throughput import keep_rng, time_model
 from dynvit.reducers.matching import student_at
 from dynvit.run.benchmark import check_ratios
-from dynvit.run.grid_report import write_grid_report
+from dynvit.run.grid_report import point_variant, write_grid_report
 from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
@@ -389,7 +389,12 @@ def run_sweep(
     print(format_table(rows))
     if any(row.track for row in rows):
         # A fine-tuning grid: both tracks side by side per method and budget, with the budgets they trained on.
-        paths.update(write_grid_report(rows, out, config_path, swept=list(spec.parameters), environment=environment))
+        variants = {point_name(point): point_variant(point) for point in grid(spec)}
+        paths.update(
+            write_grid_report(
+                rows, out, config_path, swept=list(spec.parameters), environment=environment, variants=variants
+            )
+        )
         print(paths["grid"].read_text())
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return SweepResult(rows, trained, paths)
