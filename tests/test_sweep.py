@@ -68,6 +68,13 @@ def test_repo_sweep_file_is_a_wandb_grid_whose_args_match_the_agent():
         ({"method": "grid"}, "`parameters` must map"),
         ([0.5, 0.7], "not a W&B sweep file"),
         ({"method": "grid", "parameters": {KEY: {"values": [0.5]}}, "command": "python cli.py"}, "list of strings"),
+        # 0.7 twice (or 0.70 beside 0.7): one folder, so one trained point reported as two.
+        (
+            {"method": "grid", "parameters": {KEY: {"values": [0.7, 0.5, 0.7]}}},
+            "would share the folder 'keep_ratio_0.7'",
+        ),
+        # Names keep letters, digits and _.+-, so "a b" and "a-b" would both be folder "…a-b".
+        ({"method": "grid", "parameters": {"trainer.logger": {"values": ["a b", "a-b"]}}}, "would share the folder"),
     ],
 )
 def test_sweep_files_not_in_wandb_grid_format_are_refused(tmp_path, content, match):

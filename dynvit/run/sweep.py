@@ -122,7 +122,23 @@ def load_sweep(path: str | Path) -> SweepSpec:
     command = data.get("command")
     if command is not None and not (isinstance(command, list) and all(isinstance(c, str) for c in command)):
         raise SweepError(f"{path}: `command` must be a list of strings (W&B's format), got {command!r}")
-    return SweepSpec(path=path, parameters=parameters, name=data.get("name"))
+    spec = SweepSpec(path=path, parameters=parameters, name=data.get("name"))
+    check_distinct_points(spec)
+    return spec
+
+
+def check_distinct_points(spec: SweepSpec) -> None:
+    """Raise :class:`SweepError` if two points would share a folder: the second would be skipped as done and
+    its row be the first's, counted twice (as two seeds of one result in the grid report)."""
+    first: dict[str, dict[str, Any]] = {}
+    for point in grid(spec):
+        name = point_name(point)
+        if name in first:
+            raise SweepError(
+                f"{spec.path}: sweep points {first[name]} and {point} would share the folder {name!r}: list each "
+                "value once, and give parameters values (and last key parts) that differ in letters, digits or _.+-"
+            )
+        first[name] = point
 
 
 def grid(spec: SweepSpec) -> list[dict[str, Any]]:
