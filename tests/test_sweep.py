@@ -14,7 +14,7 @@ import yaml
 
 from dynvit.measure.allocator import allocator
 from dynvit.run.cli import DynViTCLI
-from dynvit.run.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name
+from dynvit.run.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name, prepare_folder
 from tests.test_callbacks import wandb_records
 from tests.tiny_config import tiny_config, write_config
 
@@ -176,3 +176,19 @@ def test_two_point_sweep_summarises_and_reruns_without_training(tmp_path):
     # The folder belongs to this config: another one is refused before any training.
     with pytest.raises(SweepError, match="holds a sweep of another config"):
         run_cli_sweep(tmp_path, sweep, max_epochs=2)
+
+
+def test_a_config_write_cut_short_leaves_no_half_config_to_turn_the_rerun_away(tmp_path, monkeypatch):
+    out, text = tmp_path / "sweep", "trainer:\n  max_epochs: 1\n" * 50
+    write_text = Path.write_text
+
+    def cut_short(self, data, *args, **kwargs):
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        prepare_folder(out, text)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert not (out / "config.yaml").exists() and not list(out.iterdir())
+    assert prepare_folder(out, text).read_text() == text

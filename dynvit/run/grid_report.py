@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from dynvit.files import staged
 from dynvit.measure.throughput import format_speedup
 from dynvit.run.report import ResultRow
 
@@ -298,7 +299,8 @@ def plot_grid(records: Sequence[dict[str, Any]], path: Path, teacher: ResultRow 
     axes[1].legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
     fig.suptitle("token reduction: training-free (hollow) and fine-tuned (filled)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with staged(path) as staging:  # the format named, as the staging file's suffix names none
+        fig.savefig(staging, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -347,15 +349,18 @@ def write_grid_report(
         f"- top-1 vs measured speedup: {', '.join(front_labels(records, 'speedup', False)) or '–'}",
         "",
     ]
-    paths["grid"].write_text("\n".join(text))
+    # Staged, as write_report's files are: a rerun rewrites them, and one cut short would lose the last.
+    with staged(paths["grid"]) as staging:
+        staging.write_text("\n".join(text))
     columns = list(dict.fromkeys(k for r in records for k in r))
-    with paths["grid_csv"].open("w", newline="") as f:
+    with staged(paths["grid_csv"]) as staging, staging.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    paths["grid_json"].write_text(
-        json.dumps({"environment": environment or {}, "budgets": budget_lines, "rows": records}, indent=2) + "\n"
-    )
+    with staged(paths["grid_json"]) as staging:
+        staging.write_text(
+            json.dumps({"environment": environment or {}, "budgets": budget_lines, "rows": records}, indent=2) + "\n"
+        )
     plot_grid(records, paths["grid_figure"], teacher)
     return paths
 

@@ -244,7 +244,9 @@ def prepare_folder(out: Path, config_text: str) -> Path:
             f"{out} holds a sweep of another config ({path} differs from this one): pass another --out, or "
             "delete the folder to start over"
         )
-    path.write_text(config_text)
+    # Staged: a config.yaml cut short would read as "another config" and turn the next run of this sweep away.
+    with staged(path) as staging:
+        staging.write_text(config_text)
     return path
 
 
