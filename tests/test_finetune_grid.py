@@ -139,6 +139,17 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
     assert json.loads((cut / "done.json").read_text())["top1"] == whole.rows[-1].top1
 
 
+def test_a_point_that_finished_training_but_not_its_marker_is_timed_when_resumed(tmp_path):
+    grid = {METHOD: {"values": ["tome"]}, TRACK: {"values": [True]}}
+    (whole,) = [r for r in run_grid(tmp_path, grid).sweep_result.rows if r.track]
+    # Stopped after its last checkpoint, before done.json (in the end-of-fit timing, say): the rerun trains nothing.
+    (tmp_path / "grid" / whole.run / "done.json").unlink()
+    again = run_grid(tmp_path, grid).sweep_result
+    (resumed,) = [r for r in again.rows if r.track]
+    assert again.trained == [whole.run] and resumed.top1 == whole.top1 and resumed.gflops == whole.gflops
+    assert resumed.images_per_s > 0 and resumed.speedup > 0 and resumed.latency_ms > 0
+
+
 @pytest.mark.parametrize(
     ("parameters", "match"),
     [

@@ -349,6 +349,12 @@ def fit_point(
             # The point had already trained to the end (it stopped before writing done.json): fit trained
             # nothing and did no validation, so validate its last checkpoint.
             cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.finished, verbose=False)
+        if cli.finished is not None:
+            # Nor did fit end, where the throughput callback times the point: time it now, or its row would
+            # have no images/s, speedup or latency where the uninterrupted point's has them.
+            for callback in cli.trainer.callbacks:
+                if isinstance(callback, ThroughputCallback):
+                    callback.on_fit_end(cli.trainer, cli.model)
         return point_row(cli.trainer, cli.model, run_dir.name)
     finally:
         import wandb
