@@ -154,6 +154,7 @@ def test_a_point_that_finished_training_but_not_its_marker_is_timed_when_resumed
     ("parameters", "match"),
     [
         ({METHOD: {"values": ["tome", "tomee"]}}, "unknown token-reduction method 'tomee'"),
+        ({METHOD: {"values": ["tome", ["evit"]]}}, r"method names are strings, got \['evit'\]"),
         ({RHO: {"values": [0.7, 1.5]}}, r"keep ratios must be in \(0, 1\]"),
         # Passes (0, 1] but keeps no token of this 64-patch ViT by its third stage (int(64 · 0.05³) = 0).
         ({RHO: {"values": [0.7, 0.05]}}, "sweep point .*0.05"),

@@ -169,6 +169,11 @@ def check_parameters(spec: SweepSpec, config: Namespace, student: torch.nn.Modul
             raise SweepError(f"{spec.path}: parameter {key!r} is not a key of the config{hint}")
         if key.rsplit(".", 1)[-1] == "method":
             for value in values:
+                if not isinstance(value, str):  # a list or mapping would fail the registry's lookup with a traceback
+                    raise SweepError(
+                        f"{spec.path}: parameter {key!r}: method names are strings, got {value!r}: list one name per "
+                        "value, e.g. values: [tome, evit]"
+                    )
                 try:
                     registry.get(value)
                 except ValueError as e:
