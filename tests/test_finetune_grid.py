@@ -20,7 +20,7 @@ from dynvit.run import finetune_configs
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.grid_report import best_at_budgets, pareto_front
 from dynvit.run.report import ResultRow
-from dynvit.run.sweep import SweepError, load_sweep, run_sweep
+from dynvit.run.sweep import SweepError, SweepInterrupted, load_sweep, run_sweep
 from tests.test_sweep import sweep_file
 from tests.tiny_config import tiny_config, write_config
 
@@ -126,7 +126,7 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(MethodFineTuning, "training_step", stop_in_second_epoch)
-    with pytest.raises(OSError, match="the machine went down"):
+    with pytest.raises(SweepError, match="every point of .* failed: .*OSError: the machine went down"):
         run_grid(tmp_path, grid, out="cut")
     cut = tmp_path / "cut" / point
     assert not (cut / "done.json").exists()
@@ -218,6 +218,41 @@ def test_points_that_differ_in_another_swept_key_are_separate_lines_not_a_range_
     assert records["distill_weight=0.5"]["seeds_ft"] == 2
     text = result.paths["grid"].read_text()
     assert "| tome (distill_weight=0.5) | 0.7 |" in text and "**tome (distill_weight=0.5)** 92.00 %" in text
+
+
+def test_a_failing_point_costs_only_itself_and_is_retried_by_the_rerun(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path / "s.yaml", {METHOD: {"values": ["sit", "tome", "evit"]}}))
+    config = write_config(tmp_path / "config.yaml", grid_config(tmp_path / "run"))
+    top1 = {"sit": 0.3, "tome": 0.5, "evit": 0.4}
+
+    def diverges(point):
+        if point[METHOD] == "sit":
+            raise FloatingPointError("train/loss is nan")
+        return top1[point[METHOD]]
+
+    out = tmp_path / "out"
+    with pytest.raises(SweepError, match=r"1 of 3 points failed.*method_sit \(FloatingPointError: train/loss is nan\)"):
+        run_sweep(sweep, out, config, stand_in_fit(diverges), teacher=lambda: None)
+    # The points after it trained, and the summary holds them.
+    assert "FloatingPointError" in (out / "method_sit" / "failed.txt").read_text()
+    assert not (out / "method_sit" / "done.json").exists()
+    assert [r["method"] for r in json.loads((out / "summary.json").read_text())["rows"]] == ["tome", "evit"]
+    # The rerun trains the failed point only.
+    again = run_sweep(sweep, out, config, stand_in_fit(lambda point: top1[point[METHOD]]), teacher=lambda: None)
+    assert again.trained == ["method_sit"] and not (out / "method_sit" / "failed.txt").exists()
+    assert [r.method for r in again.rows] == ["sit", "tome", "evit"]
+
+
+def test_an_interrupted_point_stops_the_sweep_at_once(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path / "s.yaml", {METHOD: {"values": ["sit", "tome"]}}))
+    config = write_config(tmp_path / "config.yaml", grid_config(tmp_path / "run"))
+
+    def interrupted(point):
+        raise SweepInterrupted("training of method_sit was interrupted")
+
+    with pytest.raises(SweepInterrupted):
+        run_sweep(sweep, tmp_path / "out", config, stand_in_fit(interrupted), teacher=lambda: None)
+    assert not (tmp_path / "out" / "method_tome").exists()
 
 
 def test_the_digits_grid_names_every_registered_method_at_two_budgets_and_both_tracks():

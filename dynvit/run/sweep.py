@@ -3,14 +3,17 @@
 The same file drives ``wandb sweep``/``wandb agent`` (online, W&B schedules the runs) and
 ``python cli.py sweep`` (here, no server): every point is the ``fit`` W&B's agent would start,
 ``fit --config <config> --<key>=<value> …``. Runs happen one after another in this process, so the
-config is parsed, checked and built once, no interpreter start-up is paid per point, and the
-first error stops the sweep with its traceback.
+config is parsed, checked and built once, and no interpreter start-up is paid per point. A point that
+fails (a method whose loss turns NaN) has its traceback printed and kept in its ``failed.txt``, and the
+grid goes on: the summary holds the other points, and the sweep then stops with an error naming the failed
+ones, which a rerun tries again. An interrupted point (Ctrl-C) stops the sweep at once.
 
 Layout of a sweep folder::
 
     config.yaml            the fit config every point starts from (rerunning with another is an error)
     teacher.json           the teacher row, measured once
     keep_ratio_0.7/        one run: checkpoints/, csv/, wandb/, and done.json when it has finished
+                           (failed.txt, its traceback, when its last try failed)
     summary.csv/.json, tradeoff.png
 """
 
@@ -21,6 +24,7 @@ import difflib
 import itertools
 import json
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ from dynvit.run.grid_report import point_variant, write_grid_report
 from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
+FAILED = "failed.txt"
 TEACHER = "teacher.json"
 CONFIG = "config.yaml"
 
@@ -66,7 +71,11 @@ class SweepSpec:
 
 
 class SweepError(ValueError):
-    """A sweep file or a sweep folder that cannot be run as asked."""
+    """A sweep file or a sweep folder that cannot be run as asked, or points of it that failed."""
+
+
+class SweepInterrupted(RuntimeError):
+    """A point's training was interrupted (Ctrl-C): the sweep stops rather than go on to the next point."""
 
 
 @runtime_checkable
@@ -349,7 +358,7 @@ def fit_point(
         cli = cli_class(args=args)
     try:
         if cli.trainer.interrupted:
-            raise RuntimeError(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
+            raise SweepInterrupted(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
         if cli.finished is not None or "val/top1" not in cli.trainer.callback_metrics:
             # The point had already trained to the end (it stopped before writing done.json): fit trained
             # nothing and did no validation, so validate its last checkpoint.
@@ -404,16 +413,30 @@ def run_sweep(
         top = teacher()
         _write_json_atomic(top.flat() if top else None, teacher_file)
     rows = [top] if top else []
-    trained = []
+    trained, failed = [], []
     for point in grid(spec):
         run_dir = out / point_name(point)
         done = run_dir / DONE
         if not done.is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
-            row = fit(config_path, point, run_dir, group)
+            try:
+                row = fit(config_path, point, run_dir, group)
+            except SweepInterrupted:
+                raise
+            except Exception:
+                # One point's failure (a diverging method, a machine's hiccup) must not cost the rest of the
+                # grid: keep its traceback beside its run and go on; the sweep ends in an error naming it.
+                traceback.print_exc()
+                with staged(run_dir / FAILED) as staging:
+                    staging.write_text(traceback.format_exc())
+                failed.append(run_dir.name)
+                continue
+            (run_dir / FAILED).unlink(missing_ok=True)
             _write_json_atomic(row.flat(), done)
             trained.append(run_dir.name)
         rows.append(ResultRow.from_flat(json.loads(done.read_text())))
+    if not any(row.method != "teacher" for row in rows):
+        raise SweepError(f"every point of {spec.path} failed: {_failures(out, failed)}")
     paths = write_report(rows, out, stem="summary", title=f"sweep {group}", environment=environment)
     print(format_table(rows))
     if any(row.track for row in rows):
@@ -426,4 +449,16 @@ def run_sweep(
         )
         print(paths["grid"].read_text())
     print("\n".join(f"wrote {p}" for p in paths.values()))
+    if failed:
+        raise SweepError(
+            f"{len(failed)} of {len(grid(spec))} points failed, the summary leaves them out: {_failures(out, failed)}"
+        )
     return SweepResult(rows, trained, paths)
+
+
+def _failures(out: Path, failed: Sequence[str]) -> str:
+    """The failed points, each with its error's last line, and what to do."""
+    lines = [f"{name} ({(out / name / FAILED).read_text().strip().splitlines()[-1]})" for name in failed]
+    return (
+        f"{'; '.join(lines)}. Their tracebacks are in <point>/{FAILED}; fix the cause and rerun the sweep to retry them"
+    )
