@@ -114,6 +114,13 @@ def test_bad_sweeps_fail_before_any_training(tmp_path, parameters, match):
     assert not list(tmp_path.rglob("done.json"))
 
 
+def test_an_out_that_is_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "sweep").write_text("notes")
+    with pytest.raises(ValueError, match="--out .*sweep is a file: give a folder"):
+        run_cli_sweep(tmp_path, sweep_file(tmp_path / "s.yaml", {KEY: {"values": [0.7]}}))
+    assert (tmp_path / "sweep").read_text() == "notes"
+
+
 def without_env(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("env_")}
 
