@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 import yaml
 
 import dynvit
@@ -129,6 +130,8 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
     with pytest.raises(SweepError, match="every point of .* failed: .*OSError: the machine went down"):
         run_grid(tmp_path, grid, out="cut")
     cut = tmp_path / "cut" / point
+    # The failed point's W&B run is closed: the next point must not log into it.
+    assert wandb.run is None
     assert not (cut / "done.json").exists()
     assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     monkeypatch.setattr(MethodFineTuning, "training_step", original)

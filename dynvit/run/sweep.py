@@ -352,11 +352,13 @@ def fit_point(
     ]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args.append("--ckpt_path=last")
-    with warnings.catch_warnings():
-        # The sweep's own command line is in sys.argv; the point's arguments are passed explicitly on purpose.
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = cli_class(args=args)
+    finished = False
     try:
+        # Inside the try: building the CLI runs the fit, and a fit that fails must close its W&B run too.
+        with warnings.catch_warnings():
+            # The sweep's own command line is in sys.argv; the point's arguments are passed explicitly on purpose.
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            cli = cli_class(args=args)
         if cli.trainer.interrupted:
             raise SweepInterrupted(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
         if cli.finished is not None or "val/top1" not in cli.trainer.callback_metrics:
@@ -369,13 +371,16 @@ def fit_point(
             for callback in cli.trainer.callbacks:
                 if isinstance(callback, ThroughputCallback):
                     callback.on_fit_end(cli.trainer, cli.model)
-        return point_row(cli.trainer, cli.model, run_dir.name)
+        row = point_row(cli.trainer, cli.model, run_dir.name)
+        finished = True
+        return row
     finally:
         import wandb
 
-        # One W&B run per point: close this one before the next point opens its own.
+        # One W&B run per point: close this one (marked failed if the point failed) before the next point opens
+        # its own, which would otherwise log into it.
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=0 if finished else 1)
 
 
 class SweepResult(NamedTuple):
