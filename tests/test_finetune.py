@@ -257,6 +257,8 @@ def test_training_free_point_fits_nothing(tmp_path):
         ({"method": "tome", "keep_ratio": 0.05}, "keep"),
         ({"method": "tome", "keep_ratio": 0.7, "method_params": {"r": 2}}, "given twice"),
         ({"method": "tome", "distill_weight": -1.0}, "distill_weight"),
+        ({"method": "tome", "distill_weight": float("nan")}, "distill_weight must be >= 0"),
+        ({"method": "tome", "backbone_lr_scale": -0.1}, "backbone_lr_scale must be >= 0"),
     ],
 )
 def test_bad_inputs_are_refused_before_training(kwargs, message):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 import yaml
 
 import dynvit
@@ -19,7 +20,8 @@ from dynvit.lightning import MethodFineTuning
 from dynvit.run import finetune_configs
 from dynvit.run.cli import DynViTCLI
 from dynvit.run.grid_report import best_at_budgets, pareto_front
-from dynvit.run.sweep import SweepError, load_sweep
+from dynvit.run.report import ResultRow
+from dynvit.run.sweep import SweepError, SweepInterrupted, load_sweep, run_sweep
 from tests.test_sweep import sweep_file
 from tests.tiny_config import tiny_config, write_config
 
@@ -125,9 +127,11 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(MethodFineTuning, "training_step", stop_in_second_epoch)
-    with pytest.raises(OSError, match="the machine went down"):
+    with pytest.raises(SweepError, match="every point of .* failed: .*OSError: the machine went down"):
         run_grid(tmp_path, grid, out="cut")
     cut = tmp_path / "cut" / point
+    # The failed point's W&B run is closed: the next point must not log into it.
+    assert wandb.run is None
     assert not (cut / "done.json").exists()
     assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     monkeypatch.setattr(MethodFineTuning, "training_step", original)
@@ -138,10 +142,22 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
     assert json.loads((cut / "done.json").read_text())["top1"] == whole.rows[-1].top1
 
 
+def test_a_point_that_finished_training_but_not_its_marker_is_timed_when_resumed(tmp_path):
+    grid = {METHOD: {"values": ["tome"]}, TRACK: {"values": [True]}}
+    (whole,) = [r for r in run_grid(tmp_path, grid).sweep_result.rows if r.track]
+    # Stopped after its last checkpoint, before done.json (in the end-of-fit timing, say): the rerun trains nothing.
+    (tmp_path / "grid" / whole.run / "done.json").unlink()
+    again = run_grid(tmp_path, grid).sweep_result
+    (resumed,) = [r for r in again.rows if r.track]
+    assert again.trained == [whole.run] and resumed.top1 == whole.top1 and resumed.gflops == whole.gflops
+    assert resumed.images_per_s > 0 and resumed.speedup > 0 and resumed.latency_ms > 0
+
+
 @pytest.mark.parametrize(
     ("parameters", "match"),
     [
         ({METHOD: {"values": ["tome", "tomee"]}}, "unknown token-reduction method 'tomee'"),
+        ({METHOD: {"values": ["tome", ["evit"]]}}, r"method names are strings, got \['evit'\]"),
         ({RHO: {"values": [0.7, 1.5]}}, r"keep ratios must be in \(0, 1\]"),
         # Passes (0, 1] but keeps no token of this 64-patch ViT by its third stage (int(64 · 0.05³) = 0).
         ({RHO: {"values": [0.7, 0.05]}}, "sweep point .*0.05"),
@@ -175,6 +191,71 @@ def test_pareto_front_and_best_method_per_budget():
     assert "**a** 90.00 %" in line and "2.00 points ahead of b" in line and "within (a tie)" in line
     records[1]["top1_ft_high"] = 0.885
     assert "beyond the range over 2 seeds" in best_at_budgets(records)[0]
+
+
+def stand_in_fit(top1):
+    """A sweep's ``fit`` that trains nothing: the point's row, with top-1 ``top1(point)``."""
+
+    def fit(config_path, point, run_dir, group):
+        rho, track = point.get(RHO, 0.7), "fine-tuned" if point.get(TRACK, True) else "training-free"
+        return ResultRow(point[METHOD], rho, 1.0, 1.0, top1=top1(point), run=run_dir.name, track=track)
+
+    return fit
+
+
+def test_points_that_differ_in_another_swept_key_are_separate_lines_not_a_range_over_seeds(tmp_path):
+    # distill_weight swept beside the seed: 0.0 and 0.5 are two recipes, each with its own range over seeds.
+    weight = "model.init_args.distill_weight"
+    sweep = sweep_file(
+        tmp_path / "distill.yaml",
+        {METHOD: {"values": ["tome"]}, weight: {"values": [0.0, 0.5]}, "seed_everything": {"values": [0, 1]}},
+    )
+    top1 = {(0.0, 0): 0.50, (0.0, 1): 0.52, (0.5, 0): 0.90, (0.5, 1): 0.94}
+    fit = stand_in_fit(lambda point: top1[point[weight], point["seed_everything"]])
+    config = write_config(tmp_path / "config.yaml", grid_config(tmp_path / "run"))
+    result = run_sweep(load_sweep(sweep), tmp_path / "out", config, fit, teacher=lambda: None)
+    records = {r["variant"]: r for r in json.loads((tmp_path / "out" / "grid.json").read_text())["rows"]}
+    assert set(records) == {"distill_weight=0.0", "distill_weight=0.5"}
+    assert (records["distill_weight=0.0"]["top1_ft_low"], records["distill_weight=0.0"]["top1_ft_high"]) == (0.5, 0.52)
+    assert records["distill_weight=0.5"]["top1_ft"] == pytest.approx(0.92)
+    assert records["distill_weight=0.5"]["seeds_ft"] == 2
+    text = result.paths["grid"].read_text()
+    assert "| tome (distill_weight=0.5) | 0.7 |" in text and "**tome (distill_weight=0.5)** 92.00 %" in text
+
+
+def test_a_failing_point_costs_only_itself_and_is_retried_by_the_rerun(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path / "s.yaml", {METHOD: {"values": ["sit", "tome", "evit"]}}))
+    config = write_config(tmp_path / "config.yaml", grid_config(tmp_path / "run"))
+    top1 = {"sit": 0.3, "tome": 0.5, "evit": 0.4}
+
+    def diverges(point):
+        if point[METHOD] == "sit":
+            raise FloatingPointError("train/loss is nan")
+        return top1[point[METHOD]]
+
+    out = tmp_path / "out"
+    with pytest.raises(SweepError, match=r"1 of 3 points failed.*method_sit \(FloatingPointError: train/loss is nan\)"):
+        run_sweep(sweep, out, config, stand_in_fit(diverges), teacher=lambda: None)
+    # The points after it trained, and the summary holds them.
+    assert "FloatingPointError" in (out / "method_sit" / "failed.txt").read_text()
+    assert not (out / "method_sit" / "done.json").exists()
+    assert [r["method"] for r in json.loads((out / "summary.json").read_text())["rows"]] == ["tome", "evit"]
+    # The rerun trains the failed point only.
+    again = run_sweep(sweep, out, config, stand_in_fit(lambda point: top1[point[METHOD]]), teacher=lambda: None)
+    assert again.trained == ["method_sit"] and not (out / "method_sit" / "failed.txt").exists()
+    assert [r.method for r in again.rows] == ["sit", "tome", "evit"]
+
+
+def test_an_interrupted_point_stops_the_sweep_at_once(tmp_path):
+    sweep = load_sweep(sweep_file(tmp_path / "s.yaml", {METHOD: {"values": ["sit", "tome"]}}))
+    config = write_config(tmp_path / "config.yaml", grid_config(tmp_path / "run"))
+
+    def interrupted(point):
+        raise SweepInterrupted("training of method_sit was interrupted")
+
+    with pytest.raises(SweepInterrupted):
+        run_sweep(sweep, tmp_path / "out", config, stand_in_fit(interrupted), teacher=lambda: None)
+    assert not (tmp_path / "out" / "method_tome").exists()
 
 
 def test_the_digits_grid_names_every_registered_method_at_two_budgets_and_both_tracks():

@@ -14,7 +14,7 @@ import yaml
 
 from dynvit.measure.allocator import allocator
 from dynvit.run.cli import DynViTCLI
-from dynvit.run.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name
+from dynvit.run.sweep import SweepError, SweepSpec, grid, load_sweep, point_args, point_name, prepare_folder
 from tests.test_callbacks import wandb_records
 from tests.tiny_config import tiny_config, write_config
 
@@ -68,6 +68,13 @@ def test_repo_sweep_file_is_a_wandb_grid_whose_args_match_the_agent():
         ({"method": "grid"}, "`parameters` must map"),
         ([0.5, 0.7], "not a W&B sweep file"),
         ({"method": "grid", "parameters": {KEY: {"values": [0.5]}}, "command": "python cli.py"}, "list of strings"),
+        # 0.7 twice (or 0.70 beside 0.7): one folder, so one trained point reported as two.
+        (
+            {"method": "grid", "parameters": {KEY: {"values": [0.7, 0.5, 0.7]}}},
+            "would share the folder 'keep_ratio_0.7'",
+        ),
+        # Names keep letters, digits and _.+-, so "a b" and "a-b" would both be folder "…a-b".
+        ({"method": "grid", "parameters": {"trainer.logger": {"values": ["a b", "a-b"]}}}, "would share the folder"),
     ],
 )
 def test_sweep_files_not_in_wandb_grid_format_are_refused(tmp_path, content, match):
@@ -105,6 +112,13 @@ def test_bad_sweeps_fail_before_any_training(tmp_path, parameters, match):
         run_cli_sweep(tmp_path, sweep_file(tmp_path / "sweep.yaml", parameters))
     assert not list(tmp_path.rglob("*.ckpt"))
     assert not list(tmp_path.rglob("done.json"))
+
+
+def test_an_out_that_is_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "sweep").write_text("notes")
+    with pytest.raises(ValueError, match="--out .*sweep is a file: give a folder"):
+        run_cli_sweep(tmp_path, sweep_file(tmp_path / "s.yaml", {KEY: {"values": [0.7]}}))
+    assert (tmp_path / "sweep").read_text() == "notes"
 
 
 def without_env(row: dict) -> dict:
@@ -169,3 +183,19 @@ def test_two_point_sweep_summarises_and_reruns_without_training(tmp_path):
     # The folder belongs to this config: another one is refused before any training.
     with pytest.raises(SweepError, match="holds a sweep of another config"):
         run_cli_sweep(tmp_path, sweep, max_epochs=2)
+
+
+def test_a_config_write_cut_short_leaves_no_half_config_to_turn_the_rerun_away(tmp_path, monkeypatch):
+    out, text = tmp_path / "sweep", "trainer:\n  max_epochs: 1\n" * 50
+    write_text = Path.write_text
+
+    def cut_short(self, data, *args, **kwargs):
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        prepare_folder(out, text)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert not (out / "config.yaml").exists() and not list(out.iterdir())
+    assert prepare_folder(out, text).read_text() == text

@@ -336,7 +336,8 @@ class MethodFineTuning(FrozenTeacherModule):
 
     Raises:
         ValueError: unknown method or objective, a refused objective, missing or unknown objective
-            arguments, a ρ outside (0, 1] or keeping no token, the knob given twice.
+            arguments, a ρ outside (0, 1] or keeping no token, the knob given twice, a ``distill_weight`` or
+            ``backbone_lr_scale`` below 0 or no number (NaN).
     """
 
     def __init__(
@@ -372,8 +373,13 @@ class MethodFineTuning(FrozenTeacherModule):
         record = registry.get(method)
         self.objective = objective_of(record, objective)
         own_args = objective_arguments(objective_args, self.objective)
-        if distill_weight < 0:
+        # Written so that NaN fails too: it compares False with everything, and would turn every loss NaN.
+        if not 0 <= distill_weight < math.inf:
             raise ValueError(f"distill_weight must be >= 0 (0 switches distillation off), got {distill_weight}")
+        if not 0 <= backbone_lr_scale < math.inf:
+            raise ValueError(
+                f"backbone_lr_scale must be >= 0 (a share of lr; 0 freezes the backbone), got {backbone_lr_scale}"
+            )
         params = dict(method_params or {})
         if keep_ratio is not None and record.knob.name in params:
             raise ValueError(

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dynvit.data.imagefolder import ImageFolderDataModule, use_stored_preprocessing
+from dynvit.files import check_output_folder
 from dynvit.lightning.base import ImageClassification
 from dynvit.measure.callbacks import FlopsCallback, ThroughputCallback, networks
 from dynvit.models.checkpoint import is_lightning_checkpoint
@@ -311,9 +312,11 @@ class DynViTCLI(LightningCLI):
         config, then train the grid's unfinished points one by one and write the summary, plus, for the
         swept keep ratios, the ToMe r and EViT keep rate of the same GFLOPs (``matched.csv``/``.json``)."""
         spec = load_sweep(sweep)
+        folder = check_output_folder(
+            Path(out) if out else Path(self.trainer.default_root_dir) / spec.path.stem, "--out"
+        )
         check_parameters(spec, self.config["sweep"], networks(model)[0])
         check_points(spec, model)
-        folder = Path(out) if out else Path(self.trainer.default_root_dir) / spec.path.stem
         text = fit_config_text(self._parser("sweep"), self.config["sweep"], self._subcommand_method_arguments["sweep"])
         config_path = prepare_folder(folder, text)
         check_points_parse(self._parser("fit"), config_path, grid(spec))

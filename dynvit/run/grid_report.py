@@ -19,12 +19,13 @@ import itertools
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dynvit.files import staged
 from dynvit.measure.throughput import format_speedup
 from dynvit.run.report import ResultRow
 
@@ -59,16 +60,36 @@ def _spread(values: Sequence[float]) -> tuple[float, float] | None:
     return (min(values), max(values)) if len(values) > 1 else None
 
 
-def grid_records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
-    """One record per method and budget ρ, in first-seen order: cost and speed (of the fine-tuned points where
-    there are any: the cost is the budget's, the speed measured per point), and per track the mean top-1, its range
-    over repeated points (seeds), and the last stage's recall and the purity, as fractions."""
-    groups: dict[tuple[str, float], list[ResultRow]] = {}
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def point_variant(point: Mapping[str, Any]) -> str:
+    """What sets a grid point apart beyond its method, budget, track and seed (``distill_weight=0.5`` in a grid
+    that sweeps it), else ``""``: points of one variant are repeats of each other, averaged over seeds; points of
+    two variants are two lines of the table, never one range."""
+    return " ".join(f"{_leaf(key)}={value}" for key, value in point.items() if _leaf(key) not in GRID_KEYS)
+
+
+def label(record: Mapping[str, Any]) -> str:
+    """A record's method with its variant, if any: ``tome``, ``tome (distill_weight=0.5)``."""
+    return f"{record['method']} ({record['variant']})" if record.get("variant") else record["method"]
+
+
+def grid_records(rows: Sequence[ResultRow], variants: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """One record per method, variant and budget ρ, in first-seen order: cost and speed (of the fine-tuned points
+    where there are any: the cost is the budget's, the speed measured per point), and per track the mean top-1, its
+    range over repeated points (seeds), and the last stage's recall and the purity, as fractions.
+
+    ``variants`` maps a row's ``run`` (its sweep point's folder) to its :func:`point_variant`; rows it does not
+    name have none."""
+    variants = variants or {}
+    groups: dict[tuple[str, str, float], list[ResultRow]] = {}
     for row in rows:
         if row.track in TRACKS:
-            groups.setdefault((row.method, row.keep_ratio), []).append(row)
+            groups.setdefault((row.method, variants.get(row.run or "", ""), row.keep_ratio), []).append(row)
     records = []
-    for (method, rho), points in groups.items():
+    for (method, variant, rho), points in groups.items():
         timed = [r for r in points if r.track == "fine-tuned"] or points
 
         def mean_of(attr: str, pts: Sequence[ResultRow] = timed) -> float | None:
@@ -76,6 +97,7 @@ def grid_records(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
 
         record: dict[str, Any] = {
             "method": method,
+            "variant": variant or None,
             "keep_ratio": rho,
             # Training may replace the knob's setting (DiffRate's searched rates): both tracks' then.
             "param": " / ".join(dict.fromkeys(r.param for r in points if r.param)) or None,
@@ -129,7 +151,7 @@ def front_labels(records: Sequence[dict[str, Any]], x: str, lower_x_is_better: b
     """``method ρ track`` of the points on the Pareto front of top-1 against ``x`` (``gflops`` or ``speedup``)."""
     pts = _points(records, x)
     front = pareto_front([(px, py) for _, _, px, py in pts], lower_x_is_better)
-    return [f"{pts[i][0]['method']} ρ={pts[i][0]['keep_ratio']:g} {pts[i][1]}" for i in front]
+    return [f"{label(pts[i][0])} ρ={pts[i][0]['keep_ratio']:g} {pts[i][1]}" for i in front]
 
 
 def best_at_budgets(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -145,11 +167,11 @@ def best_at_budgets(records: Sequence[dict[str, Any]]) -> list[str]:
             if not ranked:
                 continue
             best = ranked[0]
-            line = f"- ρ={rho:g}, {track}: **{best['method']}** {100 * best[f'top1_{key}']:.2f} %"
+            line = f"- ρ={rho:g}, {track}: **{label(best)}** {100 * best[f'top1_{key}']:.2f} %"
             if len(ranked) > 1:
                 second = ranked[1]
                 margin = 100 * (best[f"top1_{key}"] - second[f"top1_{key}"])
-                line += f", {margin:.2f} points ahead of {second['method']}"
+                line += f", {margin:.2f} points ahead of {label(second)}"
                 low, high = best.get(f"top1_{key}_low"), second.get(f"top1_{key}_high")
                 seeds = min(best[f"seeds_{key}"], second[f"seeds_{key}"])
                 if low is not None and high is not None:
@@ -172,7 +194,7 @@ def budgets(config_path: Path, swept: Sequence[str]) -> list[str]:
     lines.append(f"- optimisation and augmentation: {', '.join(f'{k}={model.get(k)}' for k in BUDGET_MODEL_KEYS)}")
     lines.append(f"- data: {data.get('class_path')} {json.dumps(data.get('init_args') or {}, sort_keys=True)}")
     lines.append(f"- callbacks (model EMA where listed): {callbacks or 'none'}")
-    varied = [k for k in swept if k.rsplit(".", 1)[-1] not in GRID_KEYS]
+    varied = [k for k in swept if _leaf(k) not in GRID_KEYS]
     if varied:
         lines.append(f"- **not equal across points**: the sweep varies {varied}")
     else:
@@ -216,7 +238,7 @@ def format_grid(records: Sequence[dict[str, Any]], teacher: ResultRow | None = N
         ft = _pct(rec["top1_ft"], rec["top1_ft_low"], rec["top1_ft_high"]) + star["fine-tuned"]
         latency = "–" if rec["latency_ms"] is None else f"{rec['latency_ms']:.3g}"
         cells = [
-            rec["method"],
+            label(rec),
             f"{rec['keep_ratio']:g}",
             rec["param"] or "–",
             "–" if rec["gflops"] is None else f"{rec['gflops']:.4g}",
@@ -241,10 +263,10 @@ def plot_grid(records: Sequence[dict[str, Any]], path: Path, teacher: ResultRow 
     from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
-    names = list(dict.fromkeys(r["method"] for r in records))
+    names = list(dict.fromkeys(label(r) for r in records))
     cmap = plt.get_cmap("tab20")
     colours = {name: cmap(i % 20) for i, name in enumerate(names)}
-    for ax, x, lower, label in (
+    for ax, x, lower, axis_label in (
         (axes[0], "gflops", True, "GFLOPs per image"),
         (axes[1], "speedup", False, "measured speedup over the teacher"),
     ):
@@ -256,8 +278,8 @@ def plot_grid(records: Sequence[dict[str, Any]], path: Path, teacher: ResultRow 
                 [100 * py],
                 s=45,
                 marker="o",
-                edgecolors=[colours[rec["method"]]],
-                facecolors=[colours[rec["method"]]] if filled else "none",
+                edgecolors=[colours[label(rec)]],
+                facecolors=[colours[label(rec)]] if filled else "none",
                 linewidths=1.5,
             )
         front = pareto_front([(px, py) for _, _, px, py in pts], lower)
@@ -266,7 +288,7 @@ def plot_grid(records: Sequence[dict[str, Any]], path: Path, teacher: ResultRow 
         if teacher is not None and teacher.top1 is not None:
             tx = teacher.gflops if x == "gflops" else 1.0
             ax.plot([tx], [100 * teacher.top1], "k*", markersize=12, label="teacher")
-        ax.set(xlabel=label, ylabel="validation top-1 (%)")
+        ax.set(xlabel=axis_label, ylabel="validation top-1 (%)")
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], marker="o", linestyle="none", color=colours[n], label=n) for n in names]
     handles += [
@@ -277,7 +299,8 @@ def plot_grid(records: Sequence[dict[str, Any]], path: Path, teacher: ResultRow 
     axes[1].legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
     fig.suptitle("token reduction: training-free (hollow) and fine-tuned (filled)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with staged(path) as staging:  # the format named, as the staging file's suffix names none
+        fig.savefig(staging, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -288,11 +311,13 @@ def write_grid_report(
     config_path: str | Path,
     swept: Sequence[str] = (),
     environment: dict[str, Any] | None = None,
+    variants: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``grid.md`` (budgets, table, best method per budget, Pareto fronts), ``grid.csv``, ``grid.json`` and
-    ``grid.png`` into ``out_dir``; return their paths under ``grid``, ``grid_csv``, ``grid_json``, ``grid_figure``."""
+    ``grid.png`` into ``out_dir``; return their paths under ``grid``, ``grid_csv``, ``grid_json``, ``grid_figure``.
+    ``variants``: as :func:`grid_records` takes them."""
     out = Path(out_dir)
-    records = grid_records(rows)
+    records = grid_records(rows, variants)
     if not records:
         raise ValueError("no grid points to report: rows need a track (training-free or fine-tuned)")
     teacher = next((r for r in rows if r.method == "teacher"), None)
@@ -324,17 +349,29 @@ def write_grid_report(
         f"- top-1 vs measured speedup: {', '.join(front_labels(records, 'speedup', False)) or '–'}",
         "",
     ]
-    paths["grid"].write_text("\n".join(text))
+    # Staged, as write_report's files are: a rerun rewrites them, and one cut short would lose the last.
+    with staged(paths["grid"]) as staging:
+        staging.write_text("\n".join(text))
     columns = list(dict.fromkeys(k for r in records for k in r))
-    with paths["grid_csv"].open("w", newline="") as f:
+    with staged(paths["grid_csv"]) as staging, staging.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    paths["grid_json"].write_text(
-        json.dumps({"environment": environment or {}, "budgets": budget_lines, "rows": records}, indent=2) + "\n"
-    )
+    with staged(paths["grid_json"]) as staging:
+        staging.write_text(
+            json.dumps({"environment": environment or {}, "budgets": budget_lines, "rows": records}, indent=2) + "\n"
+        )
     plot_grid(records, paths["grid_figure"], teacher)
     return paths
 
 
-__all__ = ["best_at_budgets", "format_grid", "grid_records", "pareto_front", "plot_grid", "write_grid_report"]
+__all__ = [
+    "best_at_budgets",
+    "format_grid",
+    "grid_records",
+    "label",
+    "pareto_front",
+    "plot_grid",
+    "point_variant",
+    "write_grid_report",
+]

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynvit.files import staged
 from dynvit.measure.throughput import format_speedup
 
 
@@ -249,7 +250,8 @@ def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None
     if title:
         fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with staged(path) as staging:  # the format named, as the staging file's suffix names none
+        fig.savefig(staging, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -274,12 +276,14 @@ def write_report(
     recs = records(rows)
     env = dict(environment or {})
     paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json", "figure": out / "tradeoff.png"}
-    with paths["csv"].open("w", newline="") as f:
+    # Every file staged: a rerun of a sweep or benchmark rewrites them, and one cut short would lose the last.
+    with staged(paths["csv"]) as staging, staging.open("w", newline="") as f:
         columns = list(recs[0]) + [f"env_{k}" for k in env]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({**rec, **{f"env_{k}": v for k, v in env.items()}} for rec in recs)
-    paths["json"].write_text(json.dumps({"environment": env, "rows": recs}, indent=2) + "\n")
+    with staged(paths["json"]) as staging:
+        staging.write_text(json.dumps({"environment": env, "rows": recs}, indent=2) + "\n")
     plot_tradeoff(rows, paths["figure"], title)
     return paths
 
@@ -308,9 +312,10 @@ def write_matches(records: Sequence[dict[str, Any]], out_dir: str | Path, stem: 
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for record in records for key in record))
     paths = {"csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
-    with paths["csv"].open("w", newline="") as f:
+    with staged(paths["csv"]) as staging, staging.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    paths["json"].write_text(json.dumps(list(records), indent=2) + "\n")
+    with staged(paths["json"]) as staging:
+        staging.write_text(json.dumps(list(records), indent=2) + "\n")
     return paths

@@ -3,14 +3,17 @@
 The same file drives ``wandb sweep``/``wandb agent`` (online, W&B schedules the runs) and
 ``python cli.py sweep`` (here, no server): every point is the ``fit`` W&B's agent would start,
 ``fit --config <config> --<key>=<value> …``. Runs happen one after another in this process, so the
-config is parsed, checked and built once, no interpreter start-up is paid per point, and the
-first error stops the sweep with its traceback.
+config is parsed, checked and built once, and no interpreter start-up is paid per point. A point that
+fails (a method whose loss turns NaN) has its traceback printed and kept in its ``failed.txt``, and the
+grid goes on: the summary holds the other points, and the sweep then stops with an error naming the failed
+ones, which a rerun tries again. An interrupted point (Ctrl-C) stops the sweep at once.
 
 Layout of a sweep folder::
 
     config.yaml            the fit config every point starts from (rerunning with another is an error)
     teacher.json           the teacher row, measured once
     keep_ratio_0.7/        one run: checkpoints/, csv/, wandb/, and done.json when it has finished
+                           (failed.txt, its traceback, when its last try failed)
     summary.csv/.json, tradeoff.png
 """
 
@@ -21,6 +24,7 @@ import difflib
 import itertools
 import json
 import re
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,10 +46,11 @@ from dynvit.measure.flops import count_flops, count_params
 from dynvit.measure.throughput import keep_rng, time_model
 from dynvit.reducers.matching import student_at
 from dynvit.run.benchmark import check_ratios
-from dynvit.run.grid_report import write_grid_report
+from dynvit.run.grid_report import point_variant, write_grid_report
 from dynvit.run.report import ResultRow, format_table, write_report
 
 DONE = "done.json"
+FAILED = "failed.txt"
 TEACHER = "teacher.json"
 CONFIG = "config.yaml"
 
@@ -66,7 +71,11 @@ class SweepSpec:
 
 
 class SweepError(ValueError):
-    """A sweep file or a sweep folder that cannot be run as asked."""
+    """A sweep file or a sweep folder that cannot be run as asked, or points of it that failed."""
+
+
+class SweepInterrupted(RuntimeError):
+    """A point's training was interrupted (Ctrl-C): the sweep stops rather than go on to the next point."""
 
 
 @runtime_checkable
@@ -122,7 +131,23 @@ def load_sweep(path: str | Path) -> SweepSpec:
     command = data.get("command")
     if command is not None and not (isinstance(command, list) and all(isinstance(c, str) for c in command)):
         raise SweepError(f"{path}: `command` must be a list of strings (W&B's format), got {command!r}")
-    return SweepSpec(path=path, parameters=parameters, name=data.get("name"))
+    spec = SweepSpec(path=path, parameters=parameters, name=data.get("name"))
+    check_distinct_points(spec)
+    return spec
+
+
+def check_distinct_points(spec: SweepSpec) -> None:
+    """Raise :class:`SweepError` if two points would share a folder: the second would be skipped as done and
+    its row be the first's, counted twice (as two seeds of one result in the grid report)."""
+    first: dict[str, dict[str, Any]] = {}
+    for point in grid(spec):
+        name = point_name(point)
+        if name in first:
+            raise SweepError(
+                f"{spec.path}: sweep points {first[name]} and {point} would share the folder {name!r}: list each "
+                "value once, and give parameters values (and last key parts) that differ in letters, digits or _.+-"
+            )
+        first[name] = point
 
 
 def grid(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -153,6 +178,11 @@ def check_parameters(spec: SweepSpec, config: Namespace, student: torch.nn.Modul
             raise SweepError(f"{spec.path}: parameter {key!r} is not a key of the config{hint}")
         if key.rsplit(".", 1)[-1] == "method":
             for value in values:
+                if not isinstance(value, str):  # a list or mapping would fail the registry's lookup with a traceback
+                    raise SweepError(
+                        f"{spec.path}: parameter {key!r}: method names are strings, got {value!r}: list one name per "
+                        "value, e.g. values: [tome, evit]"
+                    )
                 try:
                     registry.get(value)
                 except ValueError as e:
@@ -228,7 +258,9 @@ def prepare_folder(out: Path, config_text: str) -> Path:
             f"{out} holds a sweep of another config ({path} differs from this one): pass another --out, or "
             "delete the folder to start over"
         )
-    path.write_text(config_text)
+    # Staged: a config.yaml cut short would read as "another config" and turn the next run of this sweep away.
+    with staged(path) as staging:
+        staging.write_text(config_text)
     return path
 
 
@@ -320,24 +352,35 @@ def fit_point(
     ]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args.append("--ckpt_path=last")
-    with warnings.catch_warnings():
-        # The sweep's own command line is in sys.argv; the point's arguments are passed explicitly on purpose.
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = cli_class(args=args)
+    finished = False
     try:
+        # Inside the try: building the CLI runs the fit, and a fit that fails must close its W&B run too.
+        with warnings.catch_warnings():
+            # The sweep's own command line is in sys.argv; the point's arguments are passed explicitly on purpose.
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            cli = cli_class(args=args)
         if cli.trainer.interrupted:
-            raise RuntimeError(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
+            raise SweepInterrupted(f"training of {run_dir.name} was interrupted; rerun the sweep to resume it")
         if cli.finished is not None or "val/top1" not in cli.trainer.callback_metrics:
             # The point had already trained to the end (it stopped before writing done.json): fit trained
             # nothing and did no validation, so validate its last checkpoint.
             cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.finished, verbose=False)
-        return point_row(cli.trainer, cli.model, run_dir.name)
+        if cli.finished is not None:
+            # Nor did fit end, where the throughput callback times the point: time it now, or its row would
+            # have no images/s, speedup or latency where the uninterrupted point's has them.
+            for callback in cli.trainer.callbacks:
+                if isinstance(callback, ThroughputCallback):
+                    callback.on_fit_end(cli.trainer, cli.model)
+        row = point_row(cli.trainer, cli.model, run_dir.name)
+        finished = True
+        return row
     finally:
         import wandb
 
-        # One W&B run per point: close this one before the next point opens its own.
+        # One W&B run per point: close this one (marked failed if the point failed) before the next point opens
+        # its own, which would otherwise log into it.
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=0 if finished else 1)
 
 
 class SweepResult(NamedTuple):
@@ -375,21 +418,52 @@ def run_sweep(
         top = teacher()
         _write_json_atomic(top.flat() if top else None, teacher_file)
     rows = [top] if top else []
-    trained = []
+    trained, failed = [], []
     for point in grid(spec):
         run_dir = out / point_name(point)
         done = run_dir / DONE
         if not done.is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
-            row = fit(config_path, point, run_dir, group)
+            try:
+                row = fit(config_path, point, run_dir, group)
+            except SweepInterrupted:
+                raise
+            except Exception:
+                # One point's failure (a diverging method, a machine's hiccup) must not cost the rest of the
+                # grid: keep its traceback beside its run and go on; the sweep ends in an error naming it.
+                traceback.print_exc()
+                with staged(run_dir / FAILED) as staging:
+                    staging.write_text(traceback.format_exc())
+                failed.append(run_dir.name)
+                continue
+            (run_dir / FAILED).unlink(missing_ok=True)
             _write_json_atomic(row.flat(), done)
             trained.append(run_dir.name)
         rows.append(ResultRow.from_flat(json.loads(done.read_text())))
+    if not any(row.method != "teacher" for row in rows):
+        raise SweepError(f"every point of {spec.path} failed: {_failures(out, failed)}")
     paths = write_report(rows, out, stem="summary", title=f"sweep {group}", environment=environment)
     print(format_table(rows))
     if any(row.track for row in rows):
         # A fine-tuning grid: both tracks side by side per method and budget, with the budgets they trained on.
-        paths.update(write_grid_report(rows, out, config_path, swept=list(spec.parameters), environment=environment))
+        variants = {point_name(point): point_variant(point) for point in grid(spec)}
+        paths.update(
+            write_grid_report(
+                rows, out, config_path, swept=list(spec.parameters), environment=environment, variants=variants
+            )
+        )
         print(paths["grid"].read_text())
     print("\n".join(f"wrote {p}" for p in paths.values()))
+    if failed:
+        raise SweepError(
+            f"{len(failed)} of {len(grid(spec))} points failed, the summary leaves them out: {_failures(out, failed)}"
+        )
     return SweepResult(rows, trained, paths)
+
+
+def _failures(out: Path, failed: Sequence[str]) -> str:
+    """The failed points, each with its error's last line, and what to do."""
+    lines = [f"{name} ({(out / name / FAILED).read_text().strip().splitlines()[-1]})" for name in failed]
+    return (
+        f"{'; '.join(lines)}. Their tracebacks are in <point>/{FAILED}; fix the cause and rerun the sweep to retry them"
+    )
