@@ -112,3 +112,9 @@ def test_fit_chooses_thresholds_for_the_budget_and_the_checkpoint_keeps_them(tmp
 def test_bad_distill_weight() -> None:
     with pytest.raises(ValueError, match="distill_weight"):
         DVTModule(**ARGS, distill_weight=1.5)
+
+
+def test_a_budget_below_exit_1_is_refused_when_built() -> None:
+    # It was refused only when the first validation epoch ended, after training.
+    with pytest.raises(ValueError, match=r"below exit 1's cost .*give at least that much"):
+        DVTModule(**ARGS, gflops=1e-6)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dynvit.lightning.pruning import FrozenTeacherModule, build_teacher, teacher_record
-from dynvit.models.dvt import create_dvt, search_thresholds
+from dynvit.models.dvt import check_budget, create_dvt, search_thresholds
 from dynvit.objectives.dynamicvit import classification_loss, logit_distillation_loss
 
 
@@ -82,6 +82,9 @@ class DVTModule(FrozenTeacherModule):
             in_chans=in_chans,
             **(model_kwargs or {}),
         )
+        if gflops is not None:
+            # Checked now: the budget is first used when the first validation ends, after a training epoch.
+            check_budget(gflops, self.net.exit_gflops())
         self.teacher: nn.Module | None = None
         if teacher_checkpoint is not None or pretrained:
             if teacher_name is None:
