@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 from dynvit.data import ImageFolderDataModule
 from dynvit.lightning.base import ImageClassification
 from dynvit.models import LVViT, create_teacher, load_checkpoint
+from dynvit.models.factory import family_of
 from dynvit.objectives.token_labeling import (
     CLASS_TARGETS,
     TOKEN_TARGETS,
@@ -123,6 +124,14 @@ class TokenLabelingModule(ImageClassification):
                 "token labeling needs exactly one annotator: annotator_name (with annotator_checkpoint) for a "
                 f"frozen network, or score_map_root for precomputed score maps; got annotator_name={annotator_name!r}"
                 f", score_map_root={score_map_root!r}"
+            )
+        family = family_of(annotator_name) if annotator_name is not None else None
+        if family is not None:
+            # Its tokens are what is labelled; a hierarchical map used to fail inside the model build instead.
+            raise TypeError(
+                f"the annotator labels each patch token with its own per-patch predictions, so it is a timm ViT or "
+                f"LV-ViT; {annotator_name} is a {family.backbone.__name__}: use a ViT annotator, or precomputed "
+                "score maps (score_map_root)"
             )
         if annotator_name is not None and annotator_checkpoint is None and not annotator_pretrained:
             raise ValueError(
