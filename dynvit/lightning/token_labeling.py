@@ -27,7 +27,7 @@ from torchvision.datasets import DatasetFolder
 from torchvision.transforms import functional as TF
 
 from dynvit.data import ImageFolderDataModule
-from dynvit.lightning.base import ImageClassification
+from dynvit.lightning.base import ImageClassification, model_build_args
 from dynvit.models import LVViT, create_teacher, load_checkpoint
 from dynvit.models.factory import family_of
 from dynvit.objectives.token_labeling import (
@@ -146,7 +146,7 @@ class TokenLabelingModule(ImageClassification):
             raise ValueError(f"mixtoken_alpha must be positive, got {mixtoken_alpha}")
 
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans)
-        self.net = create_teacher(model_name, **build, **(model_kwargs or {}))
+        self.net = create_teacher(model_name, **model_build_args(num_classes, img_size, in_chans, model_kwargs))
         if not isinstance(self.net, LVViT):
             raise TypeError(
                 f"token labeling trains a model with dense per-token outputs and MixToken (an LV-ViT such as "
