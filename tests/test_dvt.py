@@ -316,6 +316,8 @@ def test_bad_input() -> None:
         ("vit_tiny_patch16_224", {"reg_tokens": 4}, "has 5 .distillation or register tokens"),
         ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, "no class token"),
         ("vit_tiny_patch16_224", {"img_size": (32, 48)}, r"square images, this ViT takes \(32, 48\)"),
+        # LV-ViT's stem ends in a `proj` convolution too; it used to pass, then fail on set_input_size.
+        ("lvvit_t", {"patch_size": 8, "stem_chans": 8}, "ConvStemEmbed .a convolutional stem.*create_dvt"),
     ],
 )
 def test_the_registry_refuses_vits_it_cannot_cascade(name, kwargs, message) -> None:

@@ -112,3 +112,16 @@ def test_fit_chooses_thresholds_for_the_budget_and_the_checkpoint_keeps_them(tmp
 def test_bad_distill_weight() -> None:
     with pytest.raises(ValueError, match="distill_weight"):
         DVTModule(**ARGS, distill_weight=1.5)
+
+
+def test_a_budget_below_exit_1_is_refused_when_built() -> None:
+    # It was refused only when the first validation epoch ended, after training.
+    with pytest.raises(ValueError, match=r"below exit 1's cost .*give at least that much"):
+        DVTModule(**ARGS, gflops=1e-6)
+
+
+def test_model_kwargs_may_not_give_the_modules_own_arguments() -> None:
+    # in_chans is linked from the DataModule; in model_kwargs too it was "got multiple values for keyword argument".
+    kwargs = dict(ARGS["model_kwargs"], in_chans=1)
+    with pytest.raises(ValueError, match=r"model_kwargs sets in_chans.*model\.init_args\.in_chans"):
+        DVTModule(**{**ARGS, "model_kwargs": kwargs})

@@ -91,6 +91,15 @@ def test_bad_settings_are_refused_clearly(teacher):
         build_dvt(copy.deepcopy(teacher), patches=((16, 0), (8, 0)))
 
 
+def test_benchmark_says_how_a_trained_cascade_is_measured(teacher):
+    from dynvit.reducers.matching import student_at
+
+    # It said "DVT has no threshold to vary" of a cascade whose thresholds were set.
+    cascade = build_dvt(teacher, threshold=0.5)
+    with pytest.raises(TypeError, match=r"trained dvt model.*mean_exit_cost.*--methods dvt"):
+        student_at(cascade)
+
+
 def test_exit_shares_survive_the_flat_record_and_show_in_the_table():
     row = ResultRow("dvt (at init)", 0.7, 1.0, 2.0, param="T=0.5", exit_shares=[0.625, 0.25, 0.125])
     teacher = ResultRow("teacher", 1.0, 2.0, 2.0)

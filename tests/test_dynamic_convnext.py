@@ -118,6 +118,16 @@ def test_other_image_sizes_prune_their_own_map() -> None:
     assert [int(m[0].sum()) for m in masks] == keep_location_counts(36, 0.7, 3) == [25, 17, 10]
 
 
+def test_a_non_square_size_is_built_in_and_reported() -> None:
+    # img_size as (height, width), as create_student documents: it used to raise "tuple % int".
+    model = student(0.7, img_size=(64, 96)).eval()
+    assert model.mask_grid == (4, 6) and model.pretrained_cfg["input_size"] == (3, 64, 96)
+    logits, masks = model.predict_with_masks(torch.randn(2, 3, 64, 96))
+    assert logits.shape == (2, 10) and [int(m[0].sum()) for m in masks] == keep_location_counts(24, 0.7, 3)
+    with pytest.raises(ValueError, match=r"img_size \(64, 70\) is not a multiple of .*stride 32: use e\.g\. 64"):
+        student(img_size=(64, 70))
+
+
 # --- gradients ---------------------------------------------------------------------------------------
 
 

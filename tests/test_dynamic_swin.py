@@ -115,6 +115,14 @@ def test_other_image_sizes_prune_their_own_padded_map() -> None:
     assert out.features.shape == (2, 5, 5, 128) and [d.shape for d in out.decisions] == [(2, 100)] * 3
 
 
+def test_a_non_square_size_is_built_in() -> None:
+    # img_size as (height, width), as create_student documents: it used to raise "tuple % int".
+    model = student(0.7, img_size=(64, 96)).eval()
+    assert model.mask_grid == (8, 12)
+    logits, masks = model.predict_with_masks(torch.randn(2, 1, 64, 96))
+    assert logits.shape == (2, 10) and [int(m[0].sum()) for m in masks] == keep_location_counts(96, 0.7, 3)
+
+
 # --- gradients ---------------------------------------------------------------------------------------
 
 

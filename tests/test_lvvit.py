@@ -79,6 +79,15 @@ def test_stem_gives_one_token_per_patch(images: torch.Tensor) -> None:
         model.forward_features(torch.randn(2, 3, 48, 48))
 
 
+def test_intermediates_are_the_token_grid_as_maps(images: torch.Tensor) -> None:
+    # timm's forward_intermediates asks the embedding for the grid; the conv stem used to lack the method.
+    model = create_teacher("lvvit_s", **TINY_LV).eval()
+    final, maps = model.forward_intermediates(images, indices=2, norm=True)
+    assert [m.shape for m in maps] == [(2, 32, 8, 8)] * 2
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), final[:, 1:])
+    assert model.patch_embed.feat_ratio() == 4
+
+
 def test_eval_prediction_adds_half_the_best_patch(images: torch.Tensor) -> None:
     model = create_teacher("lvvit_s", **TINY_LV).eval()
     tokens = model.forward_features(images)

@@ -99,6 +99,20 @@ def t2t_student() -> dict:
     }
 
 
+def hierarchical_student(name: str, **model_kwargs) -> dict:
+    """A DynamicCNN or DynamicSwin student at 128 px: its masks lie on the 8×8 stage-3 map, not on patches."""
+    return {
+        "class_path": "dynvit.lightning.DynamicViTModule",
+        "init_args": {
+            "model_name": name,
+            "img_size": 128,
+            "pruning_loc": [1, 2, 3],
+            "model_kwargs": {"depths": [1, 1, 4, 1], **model_kwargs},
+            "lr_base_batch_size": None,
+        },
+    }
+
+
 def classifier(**init) -> dict:
     args = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": ARCH, "lr_base_batch_size": None}
     args |= init
@@ -114,12 +128,18 @@ def classifier(**init) -> dict:
             3,
             {"class_path": "dynvit.data.SyntheticDataModule", "init_args": {"val_size": TEST_IMAGES}},
         ),
+        (hierarchical_student("convnext_tiny", dims=[8, 16, 32, 64]), 3, {}),
+        (
+            hierarchical_student("swin_tiny_patch4_window7_224", embed_dim=8, num_heads=[1, 1, 2, 2], window_size=2),
+            3,
+            {},
+        ),
         (classifier(), 0, {}),
         (classifier(reducer="evit", reducer_params={"keep_rate": 0.7, "pruning_loc": [1, 2]}), 2, {}),
         # ToMe merges in each of its 4 blocks: one kept map per merging block.
         (classifier(reducer="tome", reducer_params={"r": 4}), 4, {}),
     ],
-    ids=["lvvit-student", "t2t-student", "teacher", "evit", "tome"],
+    ids=["lvvit-student", "t2t-student", "convnext-student", "swin-student", "teacher", "evit", "tome"],
 )
 def test_predict_works_for_every_kind_of_network(tmp_path, model, stages, data):
     config = digits_config(tmp_path, model)
@@ -131,6 +151,10 @@ def test_predict_works_for_every_kind_of_network(tmp_path, model, stages, data):
     assert kept == [f"kept_s{s}" for s in range(1, stages + 1)]
     assert (out / "masks.pt").is_file() == bool(stages)
     assert len(list((out / "kept_tokens").glob("*.png"))) == (1 if stages else 0)
+    if stages:
+        # The grid the masks lie on: a hierarchical student has no patch_embed, its masks are on its stage-3 map.
+        masks = torch.load(out / "masks.pt", weights_only=True)
+        assert masks["grid"][0] * masks["grid"][1] == masks["masks"].shape[-1]
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,9 @@ def test_backbone_without_dense_outputs_is_refused(annotator_ckpt):
         ("other_arch", CheckpointMismatch, "blocks"),
         ("no_checkpoint", ValueError, "annotator_checkpoint"),
         ("two_annotators", ValueError, "exactly one annotator"),
+        # A ConvNeXt has no patch tokens to label; its build used to fail on the tuple img_size.
+        ("hierarchical", TypeError, "convnext_tiny is a ConvNeXt: use a ViT annotator"),
+        ("model_kwargs_in_chans", ValueError, r"model_kwargs sets in_chans"),
     ],
 )
 def test_bad_annotator_fails_at_construction(tmp_path, problem, error, match):
@@ -217,6 +220,10 @@ def test_bad_annotator_fails_at_construction(tmp_path, problem, error, match):
         path = None
     elif problem == "two_annotators":
         kwargs = {"score_map_root": str(tmp_path)}
+    elif problem == "model_kwargs_in_chans":
+        kwargs = {"model_kwargs": {**LV_KWARGS, "in_chans": 3}}
+    elif problem == "hierarchical":
+        kwargs = {"annotator_name": "convnext_tiny", "annotator_kwargs": {}}
     with pytest.raises(error, match=match):
         tiny_module(path, **kwargs)
 

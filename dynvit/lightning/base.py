@@ -223,6 +223,23 @@ class ImageClassification(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def model_build_args(
+    num_classes: int, img_size: int | None, in_chans: int, model_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A module's backbone arguments: its own ``num_classes``, ``img_size`` and ``in_chans`` (the CLI links the
+    first and last from the DataModule), then ``model_kwargs``, which must not give them a second time (that
+    was a bare "got multiple values for keyword argument" from deep inside the build)."""
+    own = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+    twice = sorted(own.keys() & (model_kwargs or {}).keys())
+    if twice:
+        raise ValueError(
+            f"model_kwargs sets {', '.join(twice)}, which the module takes as its own argument (the CLI links "
+            f"num_classes and in_chans from the DataModule): remove it from model_kwargs, or set "
+            f"{', '.join(f'model.init_args.{k}' for k in twice)}"
+        )
+    return {**own, **(model_kwargs or {})}
+
+
 def check_classification_options(num_classes: int, label_smoothing: float, mixup: float, cutmix: float) -> None:
     """``ValueError`` naming the option for a class count below 2 or a ``label_smoothing``, ``mixup`` or
     ``cutmix`` out of range, before torchmetrics or timm refuse them with a traceback (or accept them:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dynvit.lightning.base import ImageClassification
+from dynvit.lightning.base import ImageClassification, model_build_args
 from dynvit.models import create_teacher, load_checkpoint
 from dynvit.objectives.dynamicvit import classification_loss
 from dynvit.reducers import apply_reducer
@@ -55,12 +55,7 @@ class ClassifierModule(ImageClassification):
         super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
         self.net = create_teacher(
-            model_name,
-            num_classes=num_classes,
-            img_size=img_size,
-            pretrained=pretrained,
-            in_chans=in_chans,
-            **(model_kwargs or {}),
+            model_name, pretrained=pretrained, **model_build_args(num_classes, img_size, in_chans, model_kwargs)
         )
         if checkpoint is not None:
             load_checkpoint(self.net, checkpoint, reset_head=reset_head)

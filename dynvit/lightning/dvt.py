@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynvit.lightning.base import model_build_args
 from dynvit.lightning.pruning import FrozenTeacherModule, build_teacher, teacher_record
-from dynvit.models.dvt import create_dvt, search_thresholds
+from dynvit.models.dvt import check_budget, create_dvt, search_thresholds
 from dynvit.objectives.dynamicvit import classification_loss, logit_distillation_loss
 
 
@@ -75,13 +76,13 @@ class DVTModule(FrozenTeacherModule):
         self.net = create_dvt(
             model_name,
             checkpoint=checkpoint,
-            img_size=img_size,
             patches=None if patches is None else [tuple(p) for p in patches],
             upsample=upsample,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            **(model_kwargs or {}),
+            **model_build_args(num_classes, img_size, in_chans, model_kwargs),
         )
+        if gflops is not None:
+            # Checked now: the budget is first used when the first validation ends, after a training epoch.
+            check_budget(gflops, self.net.exit_gflops())
         self.teacher: nn.Module | None = None
         if teacher_checkpoint is not None or pretrained:
             if teacher_name is None:

@@ -30,6 +30,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from dynvit import methods as registry
+from dynvit.lightning.base import model_build_args
 from dynvit.lightning.pruning import FrozenTeacherModule, build_teacher, teacher_record
 from dynvit.measure.flops import count_flops
 from dynvit.measure.recall import source_purity, stage_recall
@@ -386,7 +387,7 @@ class MethodFineTuning(FrozenTeacherModule):
                 f"{method}'s {record.knob.name} is given twice: by keep_ratio={keep_ratio} (a GFLOPs budget) and by "
                 f"method_params.{record.knob.name}; set keep_ratio to null to give the knob itself"
             )
-        build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        build = model_build_args(num_classes, img_size, in_chans, model_kwargs)
         self.teacher = build_teacher(model_name, pretrained, teacher_checkpoint, build)
         self.teacher_record = teacher_record(teacher_checkpoint, model_name if pretrained else None)
         self.teacher.requires_grad_(False).eval()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from dynvit.lightning.base import ImageClassification
+from dynvit.lightning.base import ImageClassification, model_build_args
 from dynvit.measure.recall import stage_recall
 from dynvit.models import create_student, create_teacher, forward_with_tokens, load_checkpoint, load_weights
 from dynvit.models.checkpoint import CheckpointMismatch, file_sha256
@@ -125,7 +125,7 @@ class DynamicViTModule(FrozenTeacherModule):
     ) -> None:
         super().__init__(num_classes, label_smoothing, mixup, cutmix)
         self.save_hyperparameters()
-        build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        build = model_build_args(num_classes, img_size, in_chans, model_kwargs)
         self.teacher = build_teacher(model_name, pretrained, teacher_checkpoint, build)
         # Which teacher every checkpoint was distilled from (hashed once, here): see teacher_record.
         self.teacher_record = teacher_record(teacher_checkpoint, model_name if pretrained else None)

@@ -27,8 +27,9 @@ from torchvision.datasets import DatasetFolder
 from torchvision.transforms import functional as TF
 
 from dynvit.data import ImageFolderDataModule
-from dynvit.lightning.base import ImageClassification
+from dynvit.lightning.base import ImageClassification, model_build_args
 from dynvit.models import LVViT, create_teacher, load_checkpoint
+from dynvit.models.factory import family_of
 from dynvit.objectives.token_labeling import (
     CLASS_TARGETS,
     TOKEN_TARGETS,
@@ -124,6 +125,14 @@ class TokenLabelingModule(ImageClassification):
                 f"frozen network, or score_map_root for precomputed score maps; got annotator_name={annotator_name!r}"
                 f", score_map_root={score_map_root!r}"
             )
+        family = family_of(annotator_name) if annotator_name is not None else None
+        if family is not None:
+            # Its tokens are what is labelled; a hierarchical map used to fail inside the model build instead.
+            raise TypeError(
+                f"the annotator labels each patch token with its own per-patch predictions, so it is a timm ViT or "
+                f"LV-ViT; {annotator_name} is a {family.backbone.__name__}: use a ViT annotator, or precomputed "
+                "score maps (score_map_root)"
+            )
         if annotator_name is not None and annotator_checkpoint is None and not annotator_pretrained:
             raise ValueError(
                 f"the annotator {annotator_name} would label tokens with random weights: set annotator_checkpoint "
@@ -137,7 +146,7 @@ class TokenLabelingModule(ImageClassification):
             raise ValueError(f"mixtoken_alpha must be positive, got {mixtoken_alpha}")
 
         build = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans)
-        self.net = create_teacher(model_name, **build, **(model_kwargs or {}))
+        self.net = create_teacher(model_name, **model_build_args(num_classes, img_size, in_chans, model_kwargs))
         if not isinstance(self.net, LVViT):
             raise TypeError(
                 f"token labeling trains a model with dense per-token outputs and MixToken (an LV-ViT such as "

@@ -60,6 +60,13 @@ def networks(pl_module: L.LightningModule) -> tuple[nn.Module, nn.Module | None]
     return net, teacher if isinstance(teacher, nn.Module) else None
 
 
+def mask_grid(net: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of the grid a network's kept-token masks and patch groups lie on, row-major: a
+    hierarchical student's stage-3 map (``mask_grid``), a ViT's patch grid otherwise."""
+    grid = getattr(net, "mask_grid", None) or net.patch_embed.grid_size
+    return tuple(grid)
+
+
 def log_to_all(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """Send ``metrics`` to every logger of the trainer at the current global step."""
     for logger in trainer.loggers:
@@ -374,9 +381,7 @@ class KeptTokensCallback(L.Callback):
             net.train(was_training)
         dataset = getattr(trainer.val_dataloaders, "dataset", None)
         mean, std = dataset_normalisation(trainer.datamodule, dataset)
-        # Hierarchical students mask their stage-3 map, ViTs their patch grid.
-        mask_grid = getattr(net, "mask_grid", None) or tuple(net.patch_embed.grid_size)
-        grid = kept_tokens_grid(to_display(x, mean, std), stages, tuple(mask_grid), target)
+        grid = kept_tokens_grid(to_display(x, mean, std), stages, mask_grid(net), target)
         path = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
@@ -911,10 +911,14 @@ def check_buildable(vit: nn.Module) -> None:
             f"class token; this ViT has {vit.num_prefix_tokens} (distillation or register tokens): use a ViT with "
             "a class token only"
         )
-    if not isinstance(vit.patch_embed.proj, nn.Conv2d):
+    embed = vit.patch_embed
+    # timm's PatchEmbed is what set_input_size resamples; a stem of its own (LV-ViT's ConvStemEmbed) may also end
+    # in a `proj` convolution, but that alone is not the patch embedding, and the stem cannot be resampled.
+    if not isinstance(embed, PatchEmbed) or not isinstance(embed.proj, nn.Conv2d):
+        stem = embed.proj if isinstance(embed, PatchEmbed) else embed
         raise TypeError(
-            "DVT builds its coarser exits by resampling the patch embedding, which must be one convolution; this "
-            f"ViT's is a {type(vit.patch_embed.proj).__name__} (a convolutional stem): build a cascade of its own "
+            "DVT builds its coarser exits by resampling the patch embedding, which must be timm's PatchEmbed with one "
+            f"convolution; this ViT's is a {type(stem).__name__} (a convolutional stem): build a cascade of its own "
             "with dynvit.create_dvt instead"
         )
     img_size = vit.patch_embed.img_size

@@ -18,14 +18,14 @@ from collections.abc import Sequence
 
 import timm
 import torch
-from timm.layers import Mlp, NormMlpClassifierHead
+from timm.layers import Mlp, NormMlpClassifierHead, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage, _create_convnext, checkpoint_filter_fn
 from torch import nn
 
 from dynvit.models.checkpoint import CheckpointMismatch, register_layout
 from dynvit.models.dynamic_vit import init_predictor, input_size
-from dynvit.models.factory import Family, register_family
+from dynvit.models.factory import Family, check_img_size, register_family
 from dynvit.models.spatial_pruning import SpatialPruningStage, SpatialPruningStudent, split_apply
 
 # The stage that is pruned: the third (index 2), the longest in every ConvNeXt.
@@ -184,19 +184,18 @@ def check_convertible(model: nn.Module) -> None:
         )
 
 
-def build_convnext(name: str, pretrained: bool, num_classes: int, img_size: int | None, **timm_kwargs) -> ConvNeXt:
-    """The timm ConvNeXt ``name``; an ``img_size`` other than ``None`` (its own pretrained size) is
-    recorded as its ``pretrained_cfg["input_size"]``, which is where the DataModule reads the size."""
+def build_convnext(
+    name: str, pretrained: bool, num_classes: int, img_size: int | Sequence[int] | None, **timm_kwargs
+) -> ConvNeXt:
+    """The timm ConvNeXt ``name``; an ``img_size`` (one side or (height, width)) other than ``None`` (its own
+    pretrained size) is recorded as its ``pretrained_cfg["input_size"]``, which is where the DataModule reads
+    the size."""
     if img_size is not None:
         in_chans = timm_kwargs.get("in_chans", 3)
-        timm_kwargs["pretrained_cfg_overlay"] = dict(input_size=(in_chans, img_size, img_size))
+        timm_kwargs["pretrained_cfg_overlay"] = dict(input_size=(in_chans, *to_2tuple(img_size)))
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     stride = model.feature_info[-1]["reduction"]
-    if img_size is not None and img_size % stride:
-        raise ValueError(
-            f"img_size {img_size} is not a multiple of {name}'s total stride {stride}: use e.g. "
-            f"{max(stride, img_size // stride * stride)}"
-        )
+    check_img_size(name, img_size, stride, f"total stride {stride}")
     return model
 
 

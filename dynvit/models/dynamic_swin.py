@@ -31,7 +31,7 @@ from torch import nn
 
 from dynvit.models.checkpoint import CheckpointMismatch, register_layout
 from dynvit.models.dynamic_vit import init_predictor
-from dynvit.models.factory import Family, register_family
+from dynvit.models.factory import Family, check_img_size, register_family
 from dynvit.models.spatial_pruning import SpatialPruningStage, SpatialPruningStudent, split_apply
 
 # The stage that is pruned: the third (index 2), the longest in every Swin.
@@ -183,18 +183,17 @@ def check_convertible(model: nn.Module) -> None:
             )
 
 
-def build_swin(name: str, pretrained: bool, num_classes: int, img_size: int | None, **timm_kwargs) -> SwinTransformer:
-    """The timm Swin ``name`` at ``img_size`` (None: its own pretrained size), which must be a multiple of
-    its patch size. Swin's window geometry is fixed at construction, so the size is built in."""
+def build_swin(
+    name: str, pretrained: bool, num_classes: int, img_size: int | Sequence[int] | None, **timm_kwargs
+) -> SwinTransformer:
+    """The timm Swin ``name`` at ``img_size`` (one side or (height, width); None: its own pretrained size),
+    which must be a multiple of its patch size. Swin's window geometry is fixed at construction, so the
+    size is built in."""
     if img_size is not None:
         timm_kwargs["img_size"] = img_size
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     patch = tuple(model.patch_embed.patch_size)
-    if img_size is not None and (img_size % patch[0] or img_size % patch[1]):
-        raise ValueError(
-            f"img_size {img_size} is not a multiple of {name}'s patch size {patch}: use e.g. "
-            f"{max(patch[0], img_size // patch[0] * patch[0])}"
-        )
+    check_img_size(name, img_size, patch, f"patch size {patch}")
     return model
 
 

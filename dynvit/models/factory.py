@@ -17,6 +17,7 @@ from typing import NamedTuple
 import timm
 import torch
 from timm.data import resolve_model_data_config
+from timm.layers import to_2tuple
 from timm.models import FeatureListNet
 from torch import nn
 
@@ -282,14 +283,26 @@ def _check_token_model(model: nn.Module, name: str, img_size: int | Sequence[int
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or not hasattr(model, "num_prefix_tokens"):
         raise TypeError(_not_a_vit(name))
-    if img_size is None:
-        return
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     patch = tuple(patch_embed.patch_size)
-    if any(s % p for s, p in zip(size, patch, strict=True)):
+    check_img_size(name, img_size, patch, f"patch size {patch}")
+
+
+def check_img_size(
+    name: str, img_size: int | Sequence[int] | None, step: int | Sequence[int], what: str
+) -> tuple[int, int] | None:
+    """``img_size`` as (height, width) (None stays None); ``ValueError`` naming a size that fits unless each side
+    is a multiple of ``step``, which ``what`` names (a ViT's patch size, a hierarchical backbone's stride)."""
+    if img_size is None:
+        return None
+    size, step = tuple(to_2tuple(img_size)), tuple(to_2tuple(step))
+    if len(size) != 2:
+        raise ValueError(f"img_size is one side or (height, width), got {img_size!r}")
+    if any(s % p for s, p in zip(size, step, strict=True)):
+        fit = tuple(max(p, s // p * p) for s, p in zip(size, step, strict=True))
         raise ValueError(
-            f"img_size {size} is not a multiple of {name}'s patch size {patch}: use e.g. {size[0] // patch[0] * patch[0]}"
+            f"img_size {size} is not a multiple of {name}'s {what}: use e.g. {fit[0] if fit[0] == fit[1] else fit}"
         )
+    return size
 
 
 class DataConfig(NamedTuple):

@@ -104,6 +104,14 @@ class ConvStemEmbed(nn.Module):
         half = (self.patch_size[0] // 2, self.patch_size[1] // 2)
         self.proj = nn.Conv2d(stem_chans, embed_dim, half, stride=half, bias=bias, **dd)
 
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        """The stem's total stride, as timm's ``PatchEmbed`` reports it (its feature and intermediate APIs ask)."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid of ``img_size`` images: timm's ``forward_intermediates`` asks it to reshape tokens to maps."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-3:]) != (self.in_chans, *self.img_size):
             raise ValueError(

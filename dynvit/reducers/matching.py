@@ -246,6 +246,16 @@ def student_at(student: nn.Module) -> Callable[[float], nn.Module]:
             "(dynvit.lightning.MethodFineTuning) is timed against its teacher by its own fit (throughput/speedup "
             "in its run's metrics) and in the grid `cli.py sweep` writes"
         )
+    if method.cost == "images":
+        # Its knob is a threshold on each image's confidence, not a share of tokens: "no threshold to vary"
+        # (what the check below said of a trained DVT, whose thresholds are set) sent users looking for one.
+        raise TypeError(
+            f"{type(student).__name__} is a trained {method.name} model, whose cost differs per image: `benchmark` "
+            "varies a keep-ratio student and matches every method to it. Measure the trained cascade at its "
+            "thresholds with DVT.mean_exit_cost and DVT.leaving_shares (benchmarks/dvt_digits.py does so on the "
+            f"digits), or give a keep-ratio student's checkpoint with --methods {method.name} to build one from its "
+            "teacher"
+        )
     if not method.learned or getattr(student, method.knob.name, None) is None:
         raise TypeError(
             f"{type(student).__name__} has no {method.knob.name} to vary: the comparison needs a trained student "

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import save_image
 
-from dynvit.measure.callbacks import dataset_normalisation, kept_tokens_grid, networks, to_display
+from dynvit.measure.callbacks import dataset_normalisation, kept_tokens_grid, mask_grid, networks, to_display
 from dynvit.models.checkpoint import save_atomic
 
 TOP_K = 5
@@ -139,7 +139,7 @@ class PredictionWriter(BasePredictionWriter):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         target = batch[2] if isinstance(batch, (tuple, list)) and len(batch) > 2 else None
         net, _ = networks(pl_module)
-        grid = tuple(net.patch_embed.grid_size)
+        grid = mask_grid(net)
         mean, std = dataset_normalisation(trainer.datamodule, dataset)
         display = to_display(images[:wanted], mean, std)
         folder = self.folder / "kept_tokens"
@@ -170,7 +170,7 @@ class PredictionWriter(BasePredictionWriter):
                     "masks": masks,
                     "kept": masks.sum(dim=-1),
                     "images": [row["image"] for row in self.rows],
-                    "grid": list(net.patch_embed.grid_size),
+                    "grid": list(mask_grid(net)),
                 },
                 self.paths["masks"],
             )
@@ -181,7 +181,7 @@ class PredictionWriter(BasePredictionWriter):
                 {
                     "groups": torch.cat(self.groups),
                     "images": [row["image"] for row in self.rows],
-                    "grid": list(net.patch_embed.grid_size),
+                    "grid": list(mask_grid(net)),
                 },
                 self.paths["groups"],
             )
