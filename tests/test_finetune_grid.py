@@ -103,6 +103,18 @@ def test_two_point_grid_writes_both_tracks_into_one_table(tmp_path):
     again = run_grid(tmp_path, {METHOD: {"values": ["tome"]}, TRACK: {"values": [False, True]}}).sweep_result
     assert again.trained == []
     assert list(csv.DictReader((out / "grid.csv").open())) == [record]
+    # Stopped after its last checkpoint, before done.json (in the end-of-fit timing, say): the rerun trains
+    # nothing, and times the point again, or its row would have no images/s, speedup or latency.
+    (out / "fine_tune_True__method_tome" / "done.json").unlink()
+    again = run_grid(tmp_path, {METHOD: {"values": ["tome"]}, TRACK: {"values": [False, True]}}).sweep_result
+    (resumed,) = [r for r in again.rows if r.track == "fine-tuned"]
+    assert again.trained == ["fine_tune_True__method_tome"]
+    assert resumed.top1 == rows["fine-tuned"].top1 and resumed.gflops == rows["fine-tuned"].gflops
+    assert resumed.images_per_s > 0 and resumed.speedup > 0 and resumed.latency_ms > 0
+    assert (
+        torch.load(out / "fine_tune_True__method_tome" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        == 4
+    )
 
 
 def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -140,17 +152,6 @@ def test_an_interrupted_point_resumes_to_the_uninterrupted_result(tmp_path, monk
     got = weights(cut / "checkpoints" / "last.ckpt")
     assert all(torch.equal(v, got[k]) for k, v in expected.items())
     assert json.loads((cut / "done.json").read_text())["top1"] == whole.rows[-1].top1
-
-
-def test_a_point_that_finished_training_but_not_its_marker_is_timed_when_resumed(tmp_path):
-    grid = {METHOD: {"values": ["tome"]}, TRACK: {"values": [True]}}
-    (whole,) = [r for r in run_grid(tmp_path, grid).sweep_result.rows if r.track]
-    # Stopped after its last checkpoint, before done.json (in the end-of-fit timing, say): the rerun trains nothing.
-    (tmp_path / "grid" / whole.run / "done.json").unlink()
-    again = run_grid(tmp_path, grid).sweep_result
-    (resumed,) = [r for r in again.rows if r.track]
-    assert again.trained == [whole.run] and resumed.top1 == whole.top1 and resumed.gflops == whole.gflops
-    assert resumed.images_per_s > 0 and resumed.speedup > 0 and resumed.latency_ms > 0
 
 
 @pytest.mark.parametrize(
