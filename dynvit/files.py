@@ -99,3 +99,11 @@ def staged(path: str | Path) -> Iterator[Path]:
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`staged`: the file is whole, or as it was."""
+    path = Path(path)
+    with staged(path) as staging:
+        staging.write_text(text)
+    return path

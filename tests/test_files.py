@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynvit.files import check_output_file, check_output_folder, staged
+from dynvit.files import check_output_file, check_output_folder, staged, write_text
 from dynvit.models.checkpoint import save_atomic
-from dynvit.run.sweep import _write_json_atomic
 
 
 @pytest.fixture
@@ -29,12 +28,12 @@ def _writers(folder: Path):
     return {
         "staged": (staged_bytes, folder / "model.onnx"),
         "save_atomic": (lambda path: save_atomic({"w": torch.ones(2)}, path), folder / "predictions.pt"),
-        "sweep marker": (lambda path: _write_json_atomic({"done": True}, path), folder / "done.json"),
+        "write_text": (lambda path: write_text(path, '{"done": true}'), folder / "done.json"),
     }
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
-@pytest.mark.parametrize("writer", ["staged", "save_atomic", "sweep marker"])
+@pytest.mark.parametrize("writer", ["staged", "save_atomic", "write_text"])
 def test_files_written_through_a_temporary_file_get_the_mode_open_would_give(tmp_path, umask, mask, writer):
     umask(mask)
     write, path = _writers(tmp_path)[writer]

@@ -48,7 +48,7 @@ from torch import nn
 from dynvit.deploy.hardware import CpuInfo, SlowPrecisionWarning, detect_cpu
 from dynvit.deploy.onnx import INPUT, export_onnx, onnx_session, quantize_onnx, run_onnx
 from dynvit.deploy.quantize import TORCH_AO_DEPRECATION, check_inference_ready, quantize
-from dynvit.files import staged
+from dynvit.files import staged, write_text
 from dynvit.measure.environment import environment
 from dynvit.measure.throughput import (
     SpeedSettings,
@@ -394,8 +394,7 @@ class Choice:
             else:
                 torch.save(self.runner.module, staging)
         record = {"artifact": artifact.name, **self.record()}
-        with staged(record_file) as staging:
-            staging.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_text(record_file, json.dumps(record, indent=2, default=str) + "\n")
         if (
             earlier is not None
             and earlier != artifact

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from dynvit.files import staged
+from dynvit.files import staged, write_text
 from dynvit.measure.throughput import format_speedup
-from dynvit.run.report import ResultRow
+from dynvit.run.report import ResultRow, save_figure
 
 TRACKS = ("training-free", "fine-tuned")
 # Sweep keys that make points of one grid, not different training budgets.
@@ -298,11 +298,7 @@ def plot_grid(records: Sequence[dict[str, Any]], path: Path, teacher: ResultRow 
     ]
     axes[1].legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
     fig.suptitle("token reduction: training-free (hollow) and fine-tuned (filled)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged(path) as staging:  # the format named, as the staging file's suffix names none
-        fig.savefig(staging, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_grid_report(
@@ -350,17 +346,16 @@ def write_grid_report(
         "",
     ]
     # Staged, as write_report's files are: a rerun rewrites them, and one cut short would lose the last.
-    with staged(paths["grid"]) as staging:
-        staging.write_text("\n".join(text))
+    write_text(paths["grid"], "\n".join(text))
     columns = list(dict.fromkeys(k for r in records for k in r))
     with staged(paths["grid_csv"]) as staging, staging.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    with staged(paths["grid_json"]) as staging:
-        staging.write_text(
-            json.dumps({"environment": environment or {}, "budgets": budget_lines, "rows": records}, indent=2) + "\n"
-        )
+    write_text(
+        paths["grid_json"],
+        json.dumps({"environment": environment or {}, "budgets": budget_lines, "rows": records}, indent=2) + "\n",
+    )
     plot_grid(records, paths["grid_figure"], teacher)
     return paths
 

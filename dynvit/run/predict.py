@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import save_image
 
+from dynvit.files import write_text
 from dynvit.measure.callbacks import dataset_normalisation, kept_tokens_grid, mask_grid, networks, to_display
 from dynvit.models.checkpoint import save_atomic
 
@@ -159,7 +159,7 @@ class PredictionWriter(BasePredictionWriter):
         self.paths["csv"] = write_csv(self.rows, self.folder / "predictions.csv")
         meta = {"checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, "model": type(pl_module).__name__}
         self.paths["json"] = write_text(
-            json.dumps({**meta, "predictions": self.rows}, indent=1), self.folder / "predictions.json"
+            self.folder / "predictions.json", json.dumps({**meta, "predictions": self.rows}, indent=1)
         )
         if self.masks:
             masks = torch.cat(self.masks)
@@ -225,12 +225,4 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     writer = csv.DictWriter(text, fieldnames=list(flat[0]) if flat else ["image"])
     writer.writeheader()
     writer.writerows(flat)
-    return write_text(text.getvalue(), path)
-
-
-def write_text(text: str, path: Path) -> Path:
-    """Write through a temporary file and a rename: the file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text.getvalue())

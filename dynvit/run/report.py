@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynvit.files import staged
+from dynvit.files import staged, write_text
 from dynvit.measure.throughput import format_speedup
 
 
@@ -249,9 +249,15 @@ def plot_tradeoff(rows: Sequence[ResultRow], path: str | Path, title: str | None
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure to ``path`` through :func:`~dynvit.files.staged`, then close it."""
+    import matplotlib.pyplot as plt
+
     with staged(path) as staging:  # the format named, as the staging file's suffix names none
-        fig.savefig(staging, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+        fig.savefig(staging, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -282,8 +288,7 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({**rec, **{f"env_{k}": v for k, v in env.items()}} for rec in recs)
-    with staged(paths["json"]) as staging:
-        staging.write_text(json.dumps({"environment": env, "rows": recs}, indent=2) + "\n")
+    write_text(paths["json"], json.dumps({"environment": env, "rows": recs}, indent=2) + "\n")
     plot_tradeoff(rows, paths["figure"], title)
     return paths
 
@@ -316,6 +321,5 @@ def write_matches(records: Sequence[dict[str, Any]], out_dir: str | Path, stem: 
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(records)
-    with staged(paths["json"]) as staging:
-        staging.write_text(json.dumps(list(records), indent=2) + "\n")
+    write_text(paths["json"], json.dumps(list(records), indent=2) + "\n")
     return paths

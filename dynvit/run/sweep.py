@@ -37,7 +37,7 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 
 from dynvit import methods as registry
-from dynvit.files import staged
+from dynvit.files import write_text
 from dynvit.measure.allocator import keep_freed_memory
 from dynvit.measure.callbacks import ThroughputCallback, networks, precision_dtype
 from dynvit.measure.environment import environment
@@ -234,12 +234,6 @@ def check_points_parse(parser: ArgumentParser, config_path: Path, points: Sequen
         parser.exit_on_error = exit_on_error
 
 
-def _write_json_atomic(data: Any, path: Path) -> None:
-    """Write through a temporary file and rename, so a marker is either complete or absent."""
-    with staged(path) as staging:
-        staging.write_text(json.dumps(data, indent=2))
-
-
 def fit_config_text(parser: ArgumentParser, config: Namespace, drop: Sequence[str]) -> str:
     """The parsed config as ``fit`` YAML: ``config`` dumped by its subcommand ``parser``, less the keys in
     ``drop`` (the sweep subcommand's own arguments)."""
@@ -259,9 +253,7 @@ def prepare_folder(out: Path, config_text: str) -> Path:
             "delete the folder to start over"
         )
     # Staged: a config.yaml cut short would read as "another config" and turn the next run of this sweep away.
-    with staged(path) as staging:
-        staging.write_text(config_text)
-    return path
+    return write_text(path, config_text)
 
 
 def teacher_row(
@@ -416,7 +408,7 @@ def run_sweep(
         top = ResultRow.from_flat(cached) if cached else None
     else:
         top = teacher()
-        _write_json_atomic(top.flat() if top else None, teacher_file)
+        write_text(teacher_file, json.dumps(top.flat() if top else None, indent=2))
     rows = [top] if top else []
     trained, failed = [], []
     for point in grid(spec):
@@ -432,12 +424,11 @@ def run_sweep(
                 # One point's failure (a diverging method, a machine's hiccup) must not cost the rest of the
                 # grid: keep its traceback beside its run and go on; the sweep ends in an error naming it.
                 traceback.print_exc()
-                with staged(run_dir / FAILED) as staging:
-                    staging.write_text(traceback.format_exc())
+                write_text(run_dir / FAILED, traceback.format_exc())
                 failed.append(run_dir.name)
                 continue
             (run_dir / FAILED).unlink(missing_ok=True)
-            _write_json_atomic(row.flat(), done)
+            write_text(done, json.dumps(row.flat(), indent=2))
             trained.append(run_dir.name)
         rows.append(ResultRow.from_flat(json.loads(done.read_text())))
     if not any(row.method != "teacher" for row in rows):

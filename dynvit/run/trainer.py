@@ -10,7 +10,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -20,7 +20,7 @@ from dynvit import methods as registry
 from dynvit.deploy import Choice, Tolerance, export_onnx, fastest, speedup_over
 from dynvit.deploy.fastest import RECORD_SUFFIX, choice_path
 from dynvit.deploy.onnx import TOLERANCE, ExportError, OnnxCheck, check_onnx
-from dynvit.files import check_output_file, check_output_folder, staged
+from dynvit.files import check_output_file, check_output_folder, staged, write_text
 from dynvit.measure.callbacks import networks
 from dynvit.measure.evaluate import LimitedLoader
 from dynvit.measure.throughput import SpeedSettings, check_device, check_speed_settings, random_images
@@ -120,11 +120,9 @@ class DynViTTrainer(L.Trainer):
             )
         if calibration_images < 1:
             raise ValueError(f"--calibration_images must be >= 1, got {calibration_images}")
-        check_speed_settings(
-            "--", batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time, threads=threads
+        _check_timing_options(
+            device, batch_size=batch_size, pairs=pairs, block_time=block_time, warmup_time=warmup_time, threads=threads
         )
-        if device is not None:
-            check_device(device, "--device")
         out_dir = Path(out) if out else Path(self.default_root_dir) / "benchmark"
         check_output_folder(out_dir, "--out")
         student, teacher = networks(model)
@@ -196,7 +194,7 @@ class DynViTTrainer(L.Trainer):
                 over = speedup_over(teacher, choice, images, settings)
                 record = out_dir / f"rho_{ratio:g}{RECORD_SUFFIX}"
                 data = {**choice.record(), "over_teacher": dataclasses.asdict(over)}
-                record.write_text(json.dumps(data, indent=2, default=str) + "\n")
+                write_text(record, json.dumps(data, indent=2, default=str) + "\n")
                 print(f"\nρ = {ratio:g}, checked on {choice.checked_on}; chosen: {choice.chosen.path.name}")
                 print(choice.table())
                 print(f"{choice.chosen.path.name} over the float32 eager teacher: {over}")
@@ -357,14 +355,20 @@ class DynViTTrainer(L.Trainer):
         raise RuntimeError("a sweep builds one training run per point from the config: run `python cli.py sweep`")
 
 
+def _check_timing_options(device: str | None, **settings: Any) -> None:
+    """The timing options ``benchmark`` and ``export --auto`` take (``settings``: :class:`SpeedSettings` fields) and
+    ``--device``, each error naming its option, before anything is loaded or measured."""
+    check_speed_settings("--", **settings)
+    if device is not None:
+        check_device(device, "--device")
+
+
 def _check_auto_options(
     batch_size: int, pairs: int, agreement: float, agreement_images: int, device: str | None
 ) -> Tolerance:
     """``export --auto``'s options checked before anything is loaded or measured (each error names its
     option); returns the tolerance ``--agreement`` sets."""
-    check_speed_settings("--", batch_size=batch_size, pairs=pairs)
-    if device is not None:
-        check_device(device, "--device")
+    _check_timing_options(device, batch_size=batch_size, pairs=pairs)
     if agreement_images < 1:
         raise ValueError(f"--agreement_images must be >= 1, got {agreement_images}")
     try:
